@@ -1,0 +1,38 @@
+// Op schemas. Kernels register per device in cpu/ and cuda/; fake kernels and
+// autograd are registered in Python (fusedrnn/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import fusedrnn._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fusedrnn, m) {
+  // One layer, one direction. x_proj = x W_ih^T + b_ih for all steps:
+  // [T, B, 4H], or packed [N, 4H] with batch_sizes (int64, CPU).
+  // Returns (output, h_n, c_n, gates, cells); gates/cells are what backward
+  // needs, empty unless train.
+  m.def(
+      "lstm_forward(Tensor x_proj, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, "
+      "Tensor? b_hh, Tensor? batch_sizes, bool reverse, bool train) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns (d_x_proj, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh).
+  m.def(
+      "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor output, "
+      "Tensor gates, Tensor cells, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, "
+      "Tensor? batch_sizes, bool reverse, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // x_proj [T, B, 3H] or packed [N, 3H]. Returns (output, h_n, gates).
+  m.def(
+      "gru_forward(Tensor x_proj, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? batch_sizes, "
+      "bool reverse, bool reset_after, bool train) -> (Tensor, Tensor, Tensor)");
+  // Returns (d_x_proj, d_h0, d_w_hh, d_b_hh).
+  m.def(
+      "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, Tensor gates, "
+      "Tensor h0, Tensor w_hh, Tensor? batch_sizes, bool reverse, bool reset_after, "
+      "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,137 @@
+"""Loads the compiled ops and gives them fake (meta) kernels and autograd.
+
+The ops (schemas in csrc/ops.cpp) each run one layer in one direction:
+
+    lstm_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train)
+        -> output, h_n, c_n, gates, cells
+    gru_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train)
+        -> output, h_n, gates
+
+x_proj = x @ w_ih.T + b_ih for all steps, [T, B, G*H] or packed [N, G*H] with
+`batch_sizes` (PackedSequence layout, int64 on the CPU). `gates`/`cells` are
+what backward needs; they are empty unless `train`.
+"""
+import torch
+
+from . import _C  # noqa: F401  (registers the ops)
+
+ops = torch.ops.fusedrnn
+
+LSTM_GATES = 4
+GRU_GATES = 3
+GRU_SAVED = 4  # r, z, n and W_hn h + b_hn
+
+
+def _acc_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ------------------------------------------------------------------ fake kernels
+@torch.library.register_fake("fusedrnn::lstm_forward")
+def _lstm_forward_fake(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train):
+    H, P = w_hh.shape[0] // LSTM_GATES, w_hh.shape[1]
+    N = x_proj.shape[:-1].numel()
+    out = x_proj.new_empty((*x_proj.shape[:-1], P))
+    gates = x_proj.new_empty((N if train else 0, LSTM_GATES * H))
+    cells = x_proj.new_empty((N if train else 0, H), dtype=_acc_dtype(x_proj.dtype))
+    return out, h0.new_empty(h0.shape), c0.new_empty(c0.shape), gates, cells
+
+
+@torch.library.register_fake("fusedrnn::lstm_backward")
+def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh,
+                        w_hr, batch_sizes, reverse, has_bias):
+    G = w_hh.shape[0]
+    return (grad_output.new_empty((*grad_output.shape[:-1], G)),
+            h0.new_empty(h0.shape), c0.new_empty(c0.shape), w_hh.new_empty(w_hh.shape),
+            w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty((0,)),
+            w_hh.new_empty((G if has_bias else 0,)))
+
+
+@torch.library.register_fake("fusedrnn::gru_forward")
+def _gru_forward_fake(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train):
+    H = w_hh.shape[1]
+    N = x_proj.shape[:-1].numel()
+    out = x_proj.new_empty((*x_proj.shape[:-1], H))
+    gates = x_proj.new_empty((N if train else 0, GRU_SAVED * H))
+    return out, h0.new_empty(h0.shape), gates
+
+
+@torch.library.register_fake("fusedrnn::gru_backward")
+def _gru_backward_fake(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes, reverse,
+                       reset_after, has_bias):
+    G = w_hh.shape[0]
+    return (grad_output.new_empty((*grad_output.shape[:-1], G)), h0.new_empty(h0.shape),
+            w_hh.new_empty(w_hh.shape), w_hh.new_empty((G if has_bias else 0,)))
+
+
+# ------------------------------------------------------------------ autograd
+def _lstm_setup_context(ctx, inputs, output):
+    x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train = inputs
+    out, _, _, gates, cells = output
+    ctx.save_for_backward(out, gates, cells, h0, c0, w_hh, w_hr, batch_sizes)
+    ctx.reverse = reverse
+    ctx.train = train
+    ctx.has_bias = b_hh is not None
+
+
+def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    out, gates, cells, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors
+    if not ctx.train:
+        raise RuntimeError(
+            "fusedrnn::lstm_forward was called with train=False, so nothing was saved for "
+            "backward; call it with train=True when a gradient is needed")
+    d_x, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh = ops.lstm_backward(
+        grad_out, grad_h_n, grad_c_n, out, gates, cells, h0, c0, w_hh, w_hr, batch_sizes,
+        ctx.reverse, ctx.has_bias)
+    return (d_x, d_h0, d_c0, d_w_hh, d_w_hr if w_hr is not None else None,
+            d_b_hh if ctx.has_bias else None, None, None, None)
+
+
+def _gru_setup_context(ctx, inputs, output):
+    x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train = inputs
+    out, _, gates = output
+    ctx.save_for_backward(out, gates, h0, w_hh, batch_sizes)
+    ctx.reverse = reverse
+    ctx.reset_after = reset_after
+    ctx.train = train
+    ctx.has_bias = b_hh is not None
+
+
+def _gru_backward(ctx, grad_out, grad_h_n, _grad_gates):
+    out, gates, h0, w_hh, batch_sizes = ctx.saved_tensors
+    if not ctx.train:
+        raise RuntimeError(
+            "fusedrnn::gru_forward was called with train=False, so nothing was saved for "
+            "backward; call it with train=True when a gradient is needed")
+    d_x, d_h0, d_w_hh, d_b_hh = ops.gru_backward(
+        grad_out, grad_h_n, out, gates, h0, w_hh, batch_sizes, ctx.reverse, ctx.reset_after,
+        ctx.has_bias)
+    return d_x, d_h0, d_w_hh, d_b_hh if ctx.has_bias else None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fusedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
+torch.library.register_autograd(
+    "fusedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
+
+
+def needs_grad(*tensors):
+    """Whether autograd will want a backward through these tensors."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+
+
+def lstm_layer(x_proj, h0, c0, w_hh, w_hr=None, b_hh=None, batch_sizes=None, reverse=False):
+    """One LSTM layer and direction. Returns (output, h_n, c_n)."""
+    train = needs_grad(x_proj, h0, c0, w_hh, w_hr, b_hh)
+    out, h_n, c_n, _, _ = ops.lstm_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes,
+                                           reverse, train)
+    return out, h_n, c_n
+
+
+def gru_layer(x_proj, h0, w_hh, b_hh=None, batch_sizes=None, reverse=False, reset_after=True):
+    """One GRU layer and direction. Returns (output, h_n)."""
+    train = needs_grad(x_proj, h0, w_hh, b_hh)
+    out, h_n, _ = ops.gru_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
+                                  train)
+    return out, h_n

@@ -1,0 +1,128 @@
+"""Builds fusedrnn._C: the CPU kernels always, the CUDA kernels when a CUDA
+toolchain and a CUDA build of torch are present (a visible GPU is not needed).
+
+Knobs (environment):
+  FUSEDRNN_CUDA=auto|0|1   auto (default): build CUDA when nvcc and torch.version.cuda exist
+  TORCH_CUDA_ARCH_LIST     CUDA architectures; default: the visible GPU's, else "8.0;9.0+PTX"
+  CUDA_HOME                the toolkit root, when it cannot be found from nvcc
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _is_toolkit_root(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and bool(
+        glob.glob(os.path.join(path, "lib64", "libcudart.so*"))
+        or glob.glob(os.path.join(path, "lib", "libcudart.so*"))
+    )
+
+
+def find_cuda_home():
+    """The folder holding bin/nvcc and lib64/libcudart.so.
+
+    `nvcc` on PATH may be a wrapper script outside the toolkit, which makes
+    torch guess a wrong CUDA_HOME; nvcc itself reports where it lives (_HERE_)
+    in a dry run.
+    """
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if _is_toolkit_root(env):
+        return env
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        try:
+            dry = subprocess.run(
+                [nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60
+            )
+            m = re.search(r"_HERE_=(\S+)", dry.stdout + dry.stderr)
+            if m:
+                candidates.append(os.path.dirname(m.group(1)))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for c in candidates:
+        if _is_toolkit_root(c):
+            return os.path.realpath(c)
+    return None
+
+
+def nvidia_pip_includes():
+    """cuBLAS & co. headers shipped by the nvidia-* wheels that CUDA torch pulls in."""
+    site = sysconfig.get_paths()["purelib"]
+    return sorted(
+        d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d)
+    )
+
+
+def want_cuda(torch_cuda, cuda_home):
+    mode = os.environ.get("FUSEDRNN_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"FUSEDRNN_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False
+    have = torch_cuda is not None and cuda_home is not None
+    if mode == "1" and not have:
+        sys.exit(
+            "FUSEDRNN_CUDA=1 but no CUDA build is possible: "
+            + ("torch is a CPU-only build" if torch_cuda is None else "nvcc was not found")
+        )
+    if not have:
+        why = "torch is a CPU-only build" if torch_cuda is None else "nvcc was not found"
+        print(f"fusedrnn: {why}; this is a CPU-only build.")
+    return have
+
+
+def extensions():
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        # Must be set before torch.utils.cpp_extension is imported: it reads
+        # CUDA_HOME once, at import.
+        os.environ["CUDA_HOME"] = cuda_home
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    use_cuda = want_cuda(torch.version.cuda, cuda_home)
+    sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp"]
+    cxx = ["-O3"]
+    if not use_cuda:
+        return [CppExtension("fusedrnn._C", sources, extra_compile_args={"cxx": cxx})], None
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    print(f"fusedrnn: building CUDA kernels with {cuda_home} "
+          f"for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPU')}")
+    ext = CUDAExtension(
+        "fusedrnn._C",
+        sources + ["csrc/cuda/rnn_cuda.cu"],
+        include_dirs=nvidia_pip_includes(),
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+    )
+    return [ext], cuda_home
+
+
+def main():
+    exts, _ = extensions()
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        name="fusedrnn",
+        version="0.1.0",
+        packages=["fusedrnn"],
+        ext_modules=exts,
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()

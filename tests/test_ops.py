@@ -1,0 +1,244 @@
+"""The ops against the reference: values, gradients, opcheck, torch.compile, errors."""
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import reference as ref
+from fusedrnn._ops import ops
+
+from helpers import B, H, P, T, layer_inputs, rel_err
+
+KINDS = ["lstm", "gru"]
+LAYOUTS = [pytest.param(False, id="padded"), pytest.param(True, id="packed")]
+DIRECTIONS = [pytest.param(False, id="fwd"), pytest.param(True, id="rev")]
+
+
+def run_op(kind, d, reverse):
+    if kind == "lstm":
+        return fusedrnn.lstm_layer(d["x_proj"], d["h0"], d["c0"], d["w_hh"], d["w_hr"],
+                                   d["b_hh"], d["batch_sizes"], reverse)
+    return fusedrnn.gru_layer(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], d["batch_sizes"],
+                              reverse)
+
+
+def run_ref(kind, d, reverse):
+    if kind == "lstm":
+        return ref.lstm_layer(d["x_proj"], d["h0"], d["c0"], d["w_hh"], d["w_hr"], d["b_hh"],
+                              d["batch_sizes"], reverse)
+    return ref.gru_layer(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], d["batch_sizes"], reverse)
+
+
+def variants():
+    for kind in KINDS:
+        for proj in ([False, True] if kind == "lstm" else [False]):
+            for bias in [True, False]:
+                if proj and not bias:
+                    continue
+                yield pytest.param(kind, proj, bias, id=f"{kind}-{'proj' if proj else 'noproj'}-"
+                                   f"{'bias' if bias else 'nobias'}")
+
+
+def grad_tensors(d):
+    return {k: v for k, v in d.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+
+
+@pytest.mark.parametrize("kind,proj,bias", variants())
+@pytest.mark.parametrize("packed", LAYOUTS)
+@pytest.mark.parametrize("reverse", DIRECTIONS)
+def test_float64_matches_reference(device, kind, proj, bias, packed, reverse):
+    d = layer_inputs(kind, packed, device, torch.float64, proj=proj, bias=bias,
+                     requires_grad=True)
+    got, want = run_op(kind, d, reverse), run_ref(kind, d, reverse)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert rel_err(g, w) < 1e-10
+    # All gradients, from a random weighting of every output.
+    weights = [torch.randn_like(w) for w in want]
+    leaves = grad_tensors(d)
+    gg = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, weights)), list(leaves.values()))
+    gw = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, weights)), list(leaves.values()))
+    for name, a, e in zip(leaves, gg, gw):
+        assert rel_err(a, e) < 1e-10, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_error_within_torch_error(device, kind, dtype):
+    """Error against a float64 reference at most a small multiple of the error
+    torch's own ops make at the same dtype (and fp32 within 1e-5 outright)."""
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 matmul on the CPU is emulated; covered on CUDA")
+    T_, B_, H_ = 20, 8, 32
+    d64 = layer_inputs(kind, False, device, torch.float64, T=T_, B=B_, H=H_, requires_grad=True)
+    d = {k: (v.detach().to(dtype).requires_grad_(True) if isinstance(v, torch.Tensor)
+             and v.is_floating_point() else v) for k, v in d64.items()}
+    want = run_ref(kind, d64, False)
+    torch_low = run_ref(kind, d, False)
+    got = run_op(kind, d, False)
+    weights = [torch.randn_like(w) for w in want]
+
+    def grads(outs, leaves):
+        loss = sum((o.double() * c).sum() for o, c in zip(outs, weights))
+        return torch.autograd.grad(loss, list(grad_tensors(leaves).values()))
+
+    for g, t, w in zip(list(got) + list(grads(got, d)), list(torch_low) + list(grads(torch_low, d)),
+                       list(want) + list(grads(want, d64))):
+        assert g.dtype == dtype
+        ours, theirs = rel_err(g, w), rel_err(t, w)
+        assert ours <= 4 * theirs + 1e-6, (ours, theirs)
+        if dtype == torch.float32:
+            assert ours < 1e-5
+
+
+@pytest.mark.parametrize("kind,proj,bias", variants())
+@pytest.mark.parametrize("packed", LAYOUTS)
+@pytest.mark.parametrize("reverse", DIRECTIONS)
+def test_gradcheck(device, kind, proj, bias, packed, reverse):
+    d = layer_inputs(kind, packed, device, torch.float64, proj=proj, bias=bias,
+                     requires_grad=True)
+    names = list(grad_tensors(d))
+
+    def f(*tensors):
+        dd = dict(d, **dict(zip(names, tensors)))
+        return run_op(kind, dd, reverse)
+
+    assert torch.autograd.gradcheck(f, [d[n] for n in names])
+
+
+def op_calls(device, train):
+    for kind in KINDS:
+        for packed in (False, True):
+            for reverse in (False, True):
+                d = layer_inputs(kind, packed, device, torch.float32, proj=(kind == "lstm" and packed),
+                                 requires_grad=True)
+                if kind == "lstm":
+                    args = (d["x_proj"], d["h0"], d["c0"], d["w_hh"], d["w_hr"], d["b_hh"],
+                            d["batch_sizes"], reverse, train)
+                    yield ops.lstm_forward, args
+                else:
+                    args = (d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], d["batch_sizes"], reverse,
+                            True, train)
+                    yield ops.gru_forward, args
+
+
+def test_opcheck_forward(device):
+    for op, args in op_calls(device, train=True):
+        torch.library.opcheck(op, args)
+    for op, args in op_calls(device, train=False):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_backward(device):
+    for op, args in op_calls(device, train=True):
+        outs = op(*args)
+        if op is ops.lstm_forward:
+            x_proj, h0, c0, w_hh, w_hr, b_hh, bs, rev, _ = args
+            out, h_n, c_n, gates, cells = outs
+            bargs = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n),
+                     out.detach(), gates.detach(), cells.detach(), h0.detach(), c0.detach(),
+                     w_hh.detach(), None if w_hr is None else w_hr.detach(), bs, rev, True)
+            torch.library.opcheck(ops.lstm_backward, bargs)
+        else:
+            x_proj, h0, w_hh, b_hh, bs, rev, ra, _ = args
+            out, h_n, gates = outs
+            bargs = (torch.randn_like(out), torch.randn_like(h_n), out.detach(), gates.detach(),
+                     h0.detach(), w_hh.detach(), bs, rev, ra, True)
+            torch.library.opcheck(ops.gru_backward, bargs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("packed", LAYOUTS)
+def test_compile_fullgraph_matches_eager(device, kind, packed):
+    d = layer_inputs(kind, packed, device, torch.float32, requires_grad=True)
+    leaves = grad_tensors(d)
+
+    def f(**kw):
+        outs = run_op(kind, kw, reverse=True)
+        return sum(o.square().sum() for o in outs), outs[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_e, out_e = f(**d)
+    loss_c, out_c = compiled(**d)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-6)
+    ge = torch.autograd.grad(loss_e, list(leaves.values()))
+    gc = torch.autograd.grad(loss_c, list(leaves.values()))
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_no_saved_state_without_grad():
+    d = layer_inputs("lstm", False, "cpu", torch.float32)
+    *_, gates, cells = ops.lstm_forward(d["x_proj"], d["h0"], d["c0"], d["w_hh"], None, d["b_hh"],
+                                        None, False, False)
+    assert gates.numel() == 0 and cells.numel() == 0
+    dg = layer_inputs("gru", False, "cpu", torch.float32)
+    _, _, gates = ops.gru_forward(dg["x_proj"], dg["h0"], dg["w_hh"], dg["b_hh"], None, False,
+                                  True, False)
+    assert gates.numel() == 0
+
+
+def test_long_sequence_and_wide_batch_reverse_packed():
+    """Packed reverse with many distinct lengths, against the reference."""
+    lengths = sorted(torch.randint(1, 40, (11,)).tolist(), reverse=True)
+    for kind in KINDS:
+        d = layer_inputs(kind, True, "cpu", torch.float64, lengths=lengths)
+        for g, w in zip(run_op(kind, d, True), run_ref(kind, d, True)):
+            assert rel_err(g, w) < 1e-10
+
+
+# ------------------------------------------------------------------ errors
+def lstm_args(**over):
+    d = layer_inputs("lstm", False, "cpu", torch.float32)
+    d.update(over)
+    return (d["x_proj"], d["h0"], d["c0"], d["w_hh"], d["w_hr"], d["b_hh"], d["batch_sizes"],
+            False, False)
+
+
+BAD_LSTM = [
+    (dict(x_proj=torch.randn(T, B, 4 * H + 1)), "x_proj.size(-1) must be"),
+    (dict(x_proj=torch.randn(T * B, 4 * H)), "x_proj must be 3-D"),
+    (dict(h0=torch.randn(B + 1, H)), "h0 must have shape"),
+    (dict(c0=torch.randn(B, H, 1)), "c0 must have shape"),
+    (dict(h0=torch.randn(B, H, dtype=torch.float64)), "h0 has dtype"),
+    (dict(w_hh=torch.randn(4 * H + 1, H)), "w_hh must be 2-D"),
+    (dict(w_hh=torch.randn(4 * H, P)), "w_hh must have shape"),
+    (dict(b_hh=torch.randn(4 * H - 1)), "b_hh must have shape"),
+    (dict(x_proj=torch.randn(T, B, 4 * H).int()), "x_proj must be float32"),
+    (dict(x_proj=torch.randn(10, 4 * H), batch_sizes=torch.tensor([4, 3, 2])),
+     "batch_sizes sum to 9"),
+    (dict(x_proj=torch.randn(9, 4 * H), batch_sizes=torch.tensor([3, 4, 2])),
+     "non-increasing"),
+    (dict(x_proj=torch.randn(9, 4 * H), batch_sizes=torch.tensor([3., 4, 2])), "int64 CPU"),
+    (dict(x_proj=torch.randn(3, 4 * H), h0=torch.randn(3, H), c0=torch.randn(3, H),
+          batch_sizes=torch.tensor([3, 0])), "must be positive"),
+]
+
+
+@pytest.mark.parametrize("over,msg", BAD_LSTM)
+def test_bad_input_is_rejected_with_argument_name(over, msg):
+    with pytest.raises(RuntimeError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        ops.lstm_forward(*lstm_args(**over))
+
+
+def test_bad_gru_input():
+    d = layer_inputs("gru", False, "cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
+        ops.gru_forward(d["x_proj"], d["h0"][:-1], d["w_hh"], d["b_hh"], None, False, True, False)
+    with pytest.raises(RuntimeError, match="w_hh must be 2-D"):
+        ops.gru_forward(d["x_proj"], d["h0"], d["w_hh"][:-1], d["b_hh"], None, False, True, False)
+    with pytest.raises(RuntimeError, match="b_hh has dtype"):
+        ops.gru_forward(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"].double(), None, False, True,
+                        False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for a device mismatch")
+def test_device_mismatch_is_rejected():
+    d = layer_inputs("gru", False, "cuda", torch.float32)
+    with pytest.raises(RuntimeError, match="h0 is on cpu"):
+        ops.gru_forward(d["x_proj"], d["h0"].cpu(), d["w_hh"], d["b_hh"], None, False, True, False)
+
+
+def test_backends_reports_cpu():
+    b = fusedrnn.backends()
+    assert b["cpu"] is True and set(b) == {"cpu", "cuda"}
