@@ -95,16 +95,19 @@ def extensions():
 
     use_cuda = want_cuda(torch.version.cuda, cuda_home)
     sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp"]
+    # Compiled for AVX-512 and linked last: see Note [AVX-512 translation unit].
+    avx512_sources = ["csrc/cpu/fused_cpu.cpp"]
     cxx = ["-O3"]
     if not use_cuda:
-        return [CppExtension("fusedrnn._C", sources, extra_compile_args={"cxx": cxx})], None
+        return [CppExtension("fusedrnn._C", sources + avx512_sources,
+                             extra_compile_args={"cxx": cxx})], None
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
     print(f"fusedrnn: building CUDA kernels with {cuda_home} "
           f"for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPU')}")
     ext = CUDAExtension(
         "fusedrnn._C",
-        sources + ["csrc/cuda/rnn_cuda.cu"],
+        sources + ["csrc/cuda/rnn_cuda.cu"] + avx512_sources,
         include_dirs=nvidia_pip_includes(),
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
     )

@@ -1,6 +1,8 @@
 // Pointwise LSTM and GRU math, forward and backward, written once for the CPU
 // and the GPU. Kernels only index, convert to the accumulation type `acc_t`,
-// call these functions and store.
+// call these functions and store. `acc_t` may also be a SIMD vector type
+// (cpu/vec16.h) that brings its own exp_/tanh_, found by argument-dependent
+// lookup: the calls below are unqualified on purpose.
 //
 // Gate order is torch's: LSTM (i, f, g, o), GRU (r, z, n). Arguments named
 // `*_pre` are pre-activations; others are activated values.
@@ -100,12 +102,14 @@ template <typename acc_t>
 FUSEDRNN_HOST_DEVICE void lstm_forward_point(
     acc_t i_pre, acc_t f_pre, acc_t g_pre, acc_t o_pre, acc_t c_prev,
     acc_t& i, acc_t& f, acc_t& g, acc_t& o, acc_t& c, acc_t& h) {
-  i = math::sigmoid(i_pre);
-  f = math::sigmoid(f_pre);
-  g = math::tanh_(g_pre);
-  o = math::sigmoid(o_pre);
+  using math::sigmoid;
+  using math::tanh_;
+  i = sigmoid(i_pre);
+  f = sigmoid(f_pre);
+  g = tanh_(g_pre);
+  o = sigmoid(o_pre);
   c = f * c_prev + i * g;
-  h = o * math::tanh_(c);
+  h = o * tanh_(c);
 }
 
 // Backward for one hidden unit. dh: total gradient reaching h_t; dc: gradient
@@ -116,7 +120,8 @@ FUSEDRNN_HOST_DEVICE void lstm_backward_point(
     acc_t i, acc_t f, acc_t g, acc_t o, acc_t c, acc_t c_prev, acc_t dh,
     acc_t dc, acc_t& di_pre, acc_t& df_pre, acc_t& dg_pre, acc_t& do_pre,
     acc_t& dc_prev) {
-  const acc_t tc = math::tanh_(c);
+  using math::tanh_;
+  const acc_t tc = tanh_(c);
   const acc_t dct = dc + dh * o * (acc_t(1) - tc * tc);
   di_pre = dct * g * i * (acc_t(1) - i);
   df_pre = dct * c_prev * f * (acc_t(1) - f);
@@ -132,15 +137,17 @@ FUSEDRNN_HOST_DEVICE void lstm_backward_point(
 template <typename acc_t>
 FUSEDRNN_HOST_DEVICE void gru_gates_point(acc_t xr, acc_t xz, acc_t hr,
                                           acc_t hz, acc_t& r, acc_t& z) {
-  r = math::sigmoid(xr + hr);
-  z = math::sigmoid(xz + hz);
+  using math::sigmoid;
+  r = sigmoid(xr + hr);
+  z = sigmoid(xz + hz);
 }
 
 template <typename acc_t>
 FUSEDRNN_HOST_DEVICE void gru_output_point(acc_t xn, acc_t hn, acc_t r,
                                            acc_t z, acc_t h_prev, acc_t& n,
                                            acc_t& h) {
-  n = math::tanh_(xn + r * hn);
+  using math::tanh_;
+  n = tanh_(xn + r * hn);
   h = (acc_t(1) - z) * n + z * h_prev;
 }
 

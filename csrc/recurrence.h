@@ -80,16 +80,10 @@ inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
 }  // namespace detail
 
 // ------------------------------------------------------------------ LSTM
-// x_proj [T, B, 4H] or packed [N, 4H]; h0 [B, P]; c0 [B, H]; w_hh [4H, P];
-// w_hr [P, H] (proj_size) or none, then P == H; b_hh [4H] or none.
-// Returns output [T, B, P] / [N, P], h_n [B, P], c_n [B, H], and for backward
-// (empty unless train) gates [N, 4H] (i, f, g, o) and cells [N, H] in the
-// accumulation dtype.
-template <typename K>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(
+// Checks the arguments of lstm_forward; returns the schedule, H and P.
+inline std::tuple<Schedule, int64_t, int64_t> lstm_check_forward(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes,
-    bool reverse, bool train) {
+    const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse) {
   constexpr const char* op = "fusedrnn::lstm_forward";
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % kLstmGates == 0 && w_hh.size(0) > 0, op,
               ": w_hh must be 2-D [4*hidden_size, hidden_size or proj_size], got shape ",
@@ -115,6 +109,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(
     check_shape(*b_hh, {kLstmGates * H}, op, "b_hh");
   }
 
+  return {s, H, P};
+}
+
+// x_proj [T, B, 4H] or packed [N, 4H]; h0 [B, P]; c0 [B, H]; w_hh [4H, P];
+// w_hr [P, H] (proj_size) or none, then P == H; b_hh [4H] or none.
+// Returns output [T, B, P] / [N, P], h_n [B, P], c_n [B, H], and for backward
+// (empty unless train) gates [N, 4H] (i, f, g, o) and cells [N, H] in the
+// accumulation dtype.
+template <typename K>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(
+    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes,
+    bool reverse, bool train) {
+  // (No structured bindings: C++17 lambdas, as on torch < 2.13, cannot capture them.)
+  const auto checked =
+      lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
+  const Schedule& s = std::get<0>(checked);
+  const int64_t H = std::get<1>(checked), P = std::get<2>(checked);
+  const bool proj = w_hr.has_value();
   const auto acc = acc_dtype(x_proj.scalar_type());
   const Tensor x = x_proj.contiguous();
   const Tensor w = w_hh.contiguous();
@@ -236,13 +249,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(
 }
 
 // ------------------------------------------------------------------ GRU
-// x_proj [T, B, 3H] or packed [N, 3H]; h0 [B, H]; w_hh [3H, H]; b_hh [3H] or
-// none. Returns output [T, B, H] / [N, H], h_n [B, H], and for backward
-// (empty unless train) gates [N, 4H] = r, z, n, W_hn h + b_hn.
-template <typename K>
-std::tuple<Tensor, Tensor, Tensor> gru_forward_impl(
+// Checks the arguments of gru_forward; returns the schedule and H.
+inline std::tuple<Schedule, int64_t> gru_check_forward(
     const Tensor& x_proj, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
-    const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
+    const OptTensor& batch_sizes, bool reverse, bool reset_after) {
   constexpr const char* op = "fusedrnn::gru_forward";
   TORCH_CHECK(reset_after, op, ": only reset_after=True (torch's GRU form) is implemented");
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) > 0 && w_hh.size(0) == kGruGates * w_hh.size(1),
@@ -257,6 +267,19 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_impl(
     check_shape(*b_hh, {kGruGates * H}, op, "b_hh");
   }
 
+  return {s, H};
+}
+
+// x_proj [T, B, 3H] or packed [N, 3H]; h0 [B, H]; w_hh [3H, H]; b_hh [3H] or
+// none. Returns output [T, B, H] / [N, H], h_n [B, H], and for backward
+// (empty unless train) gates [N, 4H] = r, z, n, W_hn h + b_hn.
+template <typename K>
+std::tuple<Tensor, Tensor, Tensor> gru_forward_impl(
+    const Tensor& x_proj, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
+    const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
+  const auto checked = gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
+  const Schedule& s = std::get<0>(checked);
+  const int64_t H = std::get<1>(checked);
   const Tensor x = x_proj.contiguous();
   const Tensor w_t = w_hh.contiguous().t();
   const Tensor bias = detail::defined_or_zeros(b_hh, kGruGates * H, x);

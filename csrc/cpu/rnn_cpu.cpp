@@ -3,7 +3,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../recurrence.h"
+#include "fused_cpu.h"
 
 namespace fusedrnn {
 namespace {
@@ -133,13 +137,90 @@ struct CpuKernels {
   }
 };
 
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
+}  // namespace
+
+namespace cpu {
+// FUSEDRNN_CPU_PATH=generic forces the generic loop (tests compare the two).
+bool fused_path_ok(const at::Tensor& x_proj, bool packed, bool proj) {
+  const char* knob = std::getenv("FUSEDRNN_CPU_PATH");
+  if (knob != nullptr && std::string(knob) == "generic") return false;
+  return x_proj.scalar_type() == at::kFloat && !packed && !proj && has_avx512();
+}
+}  // namespace cpu
+
+namespace {
+
+// Float32 padded input without projection takes the fused AVX-512 path
+// (fused_cpu.h) where the CPU has it; everything else the generic loop.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
+    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
+    bool train) {
+  const auto checked = lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
+  if (cpu::fused_path_ok(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
+    const int64_t G = kLstmGates * std::get<1>(checked);
+    return cpu::lstm_forward_fused(x_proj, h0, c0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
+                                   reverse, train);
+  }
+  return lstm_forward_impl<CpuKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
+                                       train);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                  const at::Tensor& grad_c_n, const at::Tensor& output, const at::Tensor& gates,
+                  const at::Tensor& cells, const at::Tensor& h0, const at::Tensor& c0,
+                  const at::Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+                  bool reverse, bool has_bias) {
+  if (cpu::fused_path_ok(grad_output, batch_sizes.has_value(), w_hr.has_value()) &&
+      grad_output.dim() == 3) {
+    return cpu::lstm_backward_fused(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
+                                    w_hh, reverse, has_bias);
+  }
+  return lstm_backward_impl<CpuKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
+                                        c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
+    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh, const OptTensor& b_hh,
+    const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
+  const auto checked =
+      gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
+  if (cpu::fused_path_ok(x_proj, batch_sizes.has_value(), false)) {
+    const int64_t G = kGruGates * std::get<1>(checked);
+    return cpu::gru_forward_fused(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
+                                  reverse, train);
+  }
+  return gru_forward_impl<CpuKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
+                                      train);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output,
+    const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh,
+    const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
+  if (reset_after && cpu::fused_path_ok(grad_output, batch_sizes.has_value(), false) &&
+      grad_output.dim() == 3) {
+    return cpu::gru_backward_fused(grad_output, grad_h_n, output, gates, h0, w_hh, reverse,
+                                   has_bias);
+  }
+  return gru_backward_impl<CpuKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
+                                       batch_sizes, reverse, reset_after, has_bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
-  m.impl("lstm_forward", &lstm_forward_impl<CpuKernels>);
-  m.impl("lstm_backward", &lstm_backward_impl<CpuKernels>);
-  m.impl("gru_forward", &gru_forward_impl<CpuKernels>);
-  m.impl("gru_backward", &gru_backward_impl<CpuKernels>);
+  m.impl("lstm_forward", &lstm_forward_cpu);
+  m.impl("lstm_backward", &lstm_backward_cpu);
+  m.impl("gru_forward", &gru_forward_cpu);
+  m.impl("gru_backward", &gru_backward_cpu);
 }
 
 }  // namespace fusedrnn

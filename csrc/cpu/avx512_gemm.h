@@ -1,0 +1,92 @@
+// A small AVX-512 GEMM for the recurrent step on the CPU. Include only from
+// code compiled for AVX-512 (see Note [AVX-512 translation unit]).
+//
+// Note [why our own GEMM]
+// On the 2-core AMD machines we are measured on, MKL's SGEMM reaches about
+// half of what a plain register-blocked AVX-512 kernel does on the per-step
+// shapes ([B, H] x [H, 4H]); and owning the kernel lets each tile of gate
+// pre-activations go through the pointwise update straight from L1, so it
+// never travels through memory between the matmul and the gate math.
+//
+// Layout: B is packed once per call into panels of kPanel (= NV * 16) columns,
+// each panel stored k-major so the kernel streams it contiguously:
+//
+//   packed[p][k][c] = B[k][p * kPanel + c]     (0 beyond N)
+//
+// A tile of MR rows x NV vectors accumulates in registers (MR * NV <= 24 of
+// the 32 zmm registers), is stored to a small L1 buffer and handed to an
+// epilogue functor, which applies the gate math of gates.h and stores.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+
+namespace fusedrnn {
+namespace cpu {
+
+constexpr int kLanes = 16;  // floats per zmm register
+
+// tile[MR][NV * 16] = A[MR rows, K] * panel[K][NV * 16]; element (r, k) of A
+// is a[r * sam + k * sak].
+template <int MR, int NV>
+inline void mma_tile(const float* a, int64_t sam, int64_t sak,
+                                     const float* panel, int64_t K, float* tile) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(panel + (k * NV + v) * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * sam + k * sak]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, w[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(tile + (r * NV + v) * kLanes, acc[r][v]);
+}
+
+// mma_tile for a run-time row count mr <= MR.
+template <int MR, int NV>
+inline void mma_rows(int mr, const float* a, int64_t sam, int64_t sak,
+                                     const float* panel, int64_t K, float* tile) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return mma_rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile);
+  }
+  mma_tile<MR, NV>(a, sam, sak, panel, K, tile);
+}
+
+// Rows per tile for NV vectors per row: at most 24 accumulators.
+template <int NV>
+constexpr int rows_per_tile() {
+  return NV >= 4 ? 6 : 8;
+}
+
+// For panels [p0, p1) and all M rows: tile, then epi(tile, m0, mr, p).
+template <int NV, typename Epi>
+void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const float* a,
+                                int64_t sam, int64_t sak, const float* packed, const Epi& epi) {
+  constexpr int MR = rows_per_tile<NV>();
+  alignas(64) float tile[MR * NV * kLanes];
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = packed + p * K * NV * kLanes;
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+      mma_rows<MR, NV>(mr, a + m0 * sam, sam, sak, panel, K, tile);
+      epi(tile, NV * kLanes, m0, mr, p);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fusedrnn

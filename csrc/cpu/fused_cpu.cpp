@@ -1,0 +1,403 @@
+// The fused float32 CPU path: per time step, one parallel pass over panels of
+// hidden units; each tile of gate pre-activations comes out of the AVX-512
+// GEMM (avx512_gemm.h) and goes through gates.h while still in L1.
+//
+// Forward, LSTM (GRU alike with 3 gates, 8 rows per tile):
+//
+//   packed W_hh panel p: [K = H][i 16 | f 16 | g 16 | o 16]  (units 16p..16p+15)
+//   tile (6 rows x 64)  = h_{t-1}[rows] @ panel  -> + x_proj + b_hh -> c_t, h_t
+//
+// Backward fuses the other way round: the tile of dh_{t-1} = dG_t @ W_hh
+// (64 units per panel) goes straight into the pointwise backward of step t-1.
+// Panels are split into one contiguous range per thread, so each thread keeps
+// re-reading the same part of the weights from its own L2.
+//
+// Note [AVX-512 translation unit]
+// This whole file is compiled for AVX-512 (the pragma below, before any
+// include) and is entered only after has_avx512() said yes (rnn_cpu.cpp).
+// Inline functions it shares with other files (ATen's, gates.h's) also get an
+// AVX-512 copy here; setup.py links this object last, so the linker keeps the
+// generic copies from the files before it.
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+
+#include "fused_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include "../checks.h"
+#include "../gates.h"
+#include "avx512_gemm.h"
+#include "vec16.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int kGateNV = 1;       // vectors per gate in a forward panel: 16 units
+constexpr int kUnitsNV = 4;      // vectors per backward panel: 64 units
+constexpr int kUnitsPerPanel = kUnitsNV * kLanes;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Forward panels: packed[p][k][g * 16 + j] = w[g * H + 16 p + j][k].   w: [G*H, K]
+Tensor pack_gate_panels(const Tensor& w, int64_t G) {
+  const int64_t H = w.size(0) / G, K = w.size(1), P = ceil_div(H, kLanes);
+  const int64_t width = G * kGateNV * kLanes;
+  Tensor packed = at::zeros({P, K, width}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < kLanes && p * kLanes + j < H; ++j) {
+          const float* row = src + (g * H + p * kLanes + j) * K;
+          for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * width + g * kLanes + j] = row[k];
+        }
+  });
+  return packed;
+}
+
+// Backward panels of b [K, N]: packed[q][k][c] = b[k][64 q + c].
+Tensor pack_column_panels(const Tensor& b) {
+  const int64_t K = b.size(0), N = b.size(1), Q = ceil_div(N, kUnitsPerPanel);
+  Tensor packed = at::zeros({Q, K, kUnitsPerPanel}, b.options());
+  const float* src = b.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n = std::min<int64_t>(kUnitsPerPanel, N - q * kUnitsPerPanel);
+      for (int64_t k = 0; k < K; ++k)
+        std::copy(src + k * N + q * kUnitsPerPanel, src + k * N + q * kUnitsPerPanel + n,
+                  dst + (q * K + k) * kUnitsPerPanel);
+    }
+  });
+  return packed;
+}
+
+// One contiguous range of panels per thread; the GEMM of every panel runs
+// over all M rows, then the epilogue.
+template <int NV, typename Epi>
+void parallel_panels(int64_t P, int64_t M, int64_t K, const float* a, int64_t sam,
+                     const float* packed, const Epi& epi) {
+  const int64_t grain = ceil_div(P, at::get_num_threads());
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    run_panels<NV>(p0, p1, M, K, a, sam, 1, packed, epi);
+  });
+}
+
+// The epilogue alone, with the recurrent term read from rec [M, ldr].
+template <typename Epi>
+void epilogue_only(int64_t p0, int64_t p1, int64_t M, const float* rec,
+                                   int64_t ldr, int64_t units_per_panel, const Epi& epi) {
+  for (int64_t p = p0; p < p1; ++p) epi(rec ? rec + p * units_per_panel : nullptr, ldr, 0, M, p);
+}
+
+template <typename Epi>
+void parallel_epilogue(int64_t P, int64_t M, const float* rec, int64_t ldr,
+                       int64_t units_per_panel, const Epi& epi) {
+  const int64_t grain = ceil_div(P, at::get_num_threads());
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    epilogue_only(p0, p1, M, rec, ldr, units_per_panel, epi);
+  });
+}
+
+// ------------------------------------------------------------------ epilogues
+// Each gets rec: a tile (or matrix) of recurrent terms, rows m0..m0+mr, row
+// stride ldr, and the panel index p; it indexes step-local buffers [B, ...]
+// and runs the gate math of gates.h on 16 hidden units at a time.
+using simd::Vec16;
+
+inline __mmask16 lanes(int64_t n) {
+  return n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+struct LstmForwardEpi {
+  int64_t H;
+  const float *x, *bias;  // [B, 4H], [4H]
+  float *c, *h;           // [B, H] running cell state, h_t
+  float *gates, *cells;   // [B, 4H], [B, H] or null
+  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    const int64_t u0 = p * kLanes;
+    const __mmask16 m = lanes(H - u0);
+    const float* bb = bias + u0;
+    const Vec16 bi = Vec16::load(bb, m), bf = Vec16::load(bb + H, m),
+                bg = Vec16::load(bb + 2 * H, m), bo = Vec16::load(bb + 3 * H, m);
+    for (int r = 0; r < mr; ++r) {
+      const int64_t b = m0 + r;
+      const float* t = rec + r * ldr;
+      const float* xb = x + b * 4 * H + u0;
+      float* cb = c + b * H + u0;
+      Vec16 i, f, g, o, c_new, h_new;
+      lstm_forward_point<Vec16>(
+          Vec16::load(t, m) + Vec16::load(xb, m) + bi,
+          Vec16::load(t + kLanes, m) + Vec16::load(xb + H, m) + bf,
+          Vec16::load(t + 2 * kLanes, m) + Vec16::load(xb + 2 * H, m) + bg,
+          Vec16::load(t + 3 * kLanes, m) + Vec16::load(xb + 3 * H, m) + bo,
+          Vec16::load(cb, m), i, f, g, o, c_new, h_new);
+      c_new.store(cb, m);
+      h_new.store(h + b * H + u0, m);
+      if (gates) {
+        float* gb = gates + b * 4 * H + u0;
+        i.store(gb, m);
+        f.store(gb + H, m);
+        g.store(gb + 2 * H, m);
+        o.store(gb + 3 * H, m);
+        c_new.store(cells + b * H + u0, m);
+      }
+    }
+  }
+};
+
+struct GruForwardEpi {
+  int64_t H;
+  const float *x, *bias, *h_prev;  // [B, 3H], [3H], [B, H]
+  float* h;                        // [B, H] h_t
+  float* gates;                    // [B, 4H] or null
+  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    const int64_t u0 = p * kLanes;
+    const __mmask16 m = lanes(H - u0);
+    const float* bb = bias + u0;
+    const Vec16 br = Vec16::load(bb, m), bz = Vec16::load(bb + H, m),
+                bn = Vec16::load(bb + 2 * H, m);
+    for (int r = 0; r < mr; ++r) {
+      const int64_t b = m0 + r;
+      const float* t = rec + r * ldr;
+      const float* xb = x + b * 3 * H + u0;
+      const Vec16 hn = Vec16::load(t + 2 * kLanes, m) + bn;
+      Vec16 rr, z, nn, h_new;
+      gru_forward_point<Vec16>(Vec16::load(xb, m), Vec16::load(xb + H, m),
+                               Vec16::load(xb + 2 * H, m), Vec16::load(t, m) + br,
+                               Vec16::load(t + kLanes, m) + bz, hn,
+                               Vec16::load(h_prev + b * H + u0, m), rr, z, nn, h_new);
+      h_new.store(h + b * H + u0, m);
+      if (gates) {
+        float* gb = gates + b * kGruSaved * H + u0;
+        rr.store(gb, m);
+        z.store(gb + H, m);
+        nn.store(gb + 2 * H, m);
+        hn.store(gb + 3 * H, m);
+      }
+    }
+  }
+};
+
+struct LstmBackwardEpi {
+  int64_t H;
+  const float *grad_out, *gates, *cells, *c_prev;  // [B, H], [B, 4H], [B, H], [B, H]
+  float *dc, *dgates;                              // [B, H] in/out, [B, 4H]
+  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    const int64_t u0 = p * kUnitsPerPanel;
+    for (int r = 0; r < mr; ++r) {
+      const int64_t b = m0 + r;
+      for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
+        const __mmask16 m = lanes(H - u0 - j);
+        const int64_t u = u0 + j;
+        const float* gs = gates + b * 4 * H + u;
+        Vec16 di, df, dgg, d_o, dcp;
+        lstm_backward_point<Vec16>(
+            Vec16::load(gs, m), Vec16::load(gs + H, m), Vec16::load(gs + 2 * H, m),
+            Vec16::load(gs + 3 * H, m), Vec16::load(cells + b * H + u, m),
+            Vec16::load(c_prev + b * H + u, m),
+            Vec16::load(grad_out + b * H + u, m) + Vec16::load(rec + r * ldr + j, m),
+            Vec16::load(dc + b * H + u, m), di, df, dgg, d_o, dcp);
+        float* dg = dgates + b * 4 * H + u;
+        di.store(dg, m);
+        df.store(dg + H, m);
+        dgg.store(dg + 2 * H, m);
+        d_o.store(dg + 3 * H, m);
+        dcp.store(dc + b * H + u, m);
+      }
+    }
+  }
+};
+
+struct GruBackwardEpi {
+  int64_t H;
+  const float *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
+  float* dh;                               // [B, H] dh * z of the step after, then of this one
+  float *dx, *dhh;                         // [B, 3H] each
+  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    const int64_t u0 = p * kUnitsPerPanel;
+    for (int r = 0; r < mr; ++r) {
+      const int64_t b = m0 + r;
+      for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
+        const __mmask16 m = lanes(H - u0 - j);
+        const int64_t u = u0 + j;
+        const float* gs = gates + b * kGruSaved * H + u;
+        Vec16 d = Vec16::load(grad_out + b * H + u, m) + Vec16::load(dh + b * H + u, m);
+        if (rec) d = d + Vec16::load(rec + r * ldr + j, m);
+        Vec16 dr, dz, dn, dhn, dh_direct;
+        gru_backward_point<Vec16>(Vec16::load(gs, m), Vec16::load(gs + H, m),
+                                  Vec16::load(gs + 2 * H, m), Vec16::load(gs + 3 * H, m),
+                                  Vec16::load(h_prev + b * H + u, m), d, dr, dz, dn, dhn,
+                                  dh_direct);
+        float* dxb = dx + b * 3 * H + u;
+        float* dhhb = dhh + b * 3 * H + u;
+        dr.store(dxb, m);
+        dr.store(dhhb, m);
+        dz.store(dxb + H, m);
+        dz.store(dhhb + H, m);
+        dn.store(dxb + 2 * H, m);
+        dhn.store(dhhb + 2 * H, m);
+        dh_direct.store(dh + b * H + u, m);
+      }
+    }
+  }
+};
+
+// dst = rec (+ add): the gradient for the initial hidden state.
+struct StoreEpi {
+  int64_t H;
+  const float* add;  // [B, H] or null
+  float* dst;        // [B, H]
+  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    const int64_t u0 = p * kUnitsPerPanel;
+    for (int r = 0; r < mr; ++r) {
+      const int64_t b = m0 + r;
+      for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
+        const __mmask16 m = lanes(H - u0 - j);
+        Vec16 v = Vec16::load(rec + r * ldr + j, m);
+        if (add) v = v + Vec16::load(add + b * H + u0 + j, m);
+        v.store(dst + b * H + u0 + j, m);
+      }
+    }
+  }
+};
+
+struct Steps {
+  int64_t T;
+  bool reverse;
+  int64_t time_at(int64_t s) const { return reverse ? T - 1 - s : s; }
+};
+
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused(
+    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const Tensor& b_hh, bool reverse, bool train) {
+  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
+  const Steps st{T, reverse};
+  const Tensor x = x_proj.contiguous(), bias = b_hh.contiguous(), h0c = h0.contiguous();
+  const Tensor packed = pack_gate_panels(w_hh.contiguous(), kLstmGates);
+  Tensor out = at::empty({T, B, H}, x.options());
+  Tensor c = c0.contiguous().clone();
+  Tensor gates = at::empty({train ? T * B : 0, kLstmGates * H}, x.options());
+  Tensor cells = at::empty({train ? T * B : 0, H}, x.options());
+  float* o = out.data_ptr<float>();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = st.time_at(s);
+    const float* a = s == 0 ? h0c.data_ptr<float>() : o + st.time_at(s - 1) * B * H;
+    LstmForwardEpi epi{H, x.data_ptr<float>() + t * B * 4 * H, bias.data_ptr<float>(),
+                       c.data_ptr<float>(), o + t * B * H,
+                       train ? gates.data_ptr<float>() + t * B * 4 * H : nullptr,
+                       train ? cells.data_ptr<float>() + t * B * H : nullptr};
+    parallel_panels<kLstmGates * kGateNV>(ceil_div(H, kLanes), B, H, a, H,
+                                          packed.data_ptr<float>(), epi);
+  }
+  Tensor h_n = out[st.time_at(T - 1)].clone();
+  return {out, h_n, c, gates, cells};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const Tensor& h0,
+                                                     const Tensor& w_hh, const Tensor& b_hh,
+                                                     bool reverse, bool train) {
+  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
+  const Steps st{T, reverse};
+  const Tensor x = x_proj.contiguous(), bias = b_hh.contiguous(), h0c = h0.contiguous();
+  const Tensor packed = pack_gate_panels(w_hh.contiguous(), kGruGates);
+  Tensor out = at::empty({T, B, H}, x.options());
+  Tensor gates = at::empty({train ? T * B : 0, kGruSaved * H}, x.options());
+  float* o = out.data_ptr<float>();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = st.time_at(s);
+    const float* a = s == 0 ? h0c.data_ptr<float>() : o + st.time_at(s - 1) * B * H;
+    GruForwardEpi epi{H, x.data_ptr<float>() + t * B * 3 * H, bias.data_ptr<float>(), a,
+                      o + t * B * H, train ? gates.data_ptr<float>() + t * B * 4 * H : nullptr};
+    parallel_panels<kGruGates * kGateNV>(ceil_div(H, kLanes), B, H, a, H,
+                                         packed.data_ptr<float>(), epi);
+  }
+  Tensor h_n = out[st.time_at(T - 1)].clone();
+  return {out, h_n, gates};
+}
+
+// The hidden state each step read, [T*B, H] (time-major like out).
+static Tensor states_before(const Tensor& out, const Tensor& h0, bool reverse) {
+  const int64_t T = out.size(0), B = out.size(1), H = out.size(2);
+  const Tensor o = out.reshape({T * B, H});
+  const int64_t BT = B * (T - 1);
+  return reverse ? at::cat({o.narrow(0, B, BT), h0}) : at::cat({h0, o.narrow(0, 0, BT)});
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias) {
+  const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
+  const int64_t G = kLstmGates * H, Q = ceil_div(H, kUnitsPerPanel);
+  const Steps st{T, reverse};
+  const Tensor go = grad_output.contiguous(), gts = gates.contiguous(), cls = cells.contiguous();
+  const Tensor c0c = c0.contiguous(), ghn = grad_h_n.contiguous();
+  const Tensor packed = pack_column_panels(w_hh.contiguous());
+  Tensor dg = at::empty({T * B, G}, go.options());
+  Tensor dc = grad_c_n.contiguous().clone();
+  Tensor d_h0 = at::empty({B, H}, go.options());
+  auto epi_at = [&](int64_t s) {
+    const int64_t t = st.time_at(s);
+    const float* c_prev =
+        s == 0 ? c0c.data_ptr<float>() : cls.data_ptr<float>() + st.time_at(s - 1) * B * H;
+    return LstmBackwardEpi{H, go.data_ptr<float>() + t * B * H,
+                           gts.data_ptr<float>() + t * B * G, cls.data_ptr<float>() + t * B * H,
+                           c_prev, dc.data_ptr<float>(), dg.data_ptr<float>() + t * B * G};
+  };
+  parallel_epilogue(Q, B, ghn.data_ptr<float>(), H, kUnitsPerPanel, epi_at(T - 1));
+  for (int64_t s = T - 1; s >= 1; --s) {
+    const float* a = dg.data_ptr<float>() + st.time_at(s) * B * G;
+    parallel_panels<kUnitsNV>(Q, B, G, a, G, packed.data_ptr<float>(), epi_at(s - 1));
+  }
+  parallel_panels<kUnitsNV>(Q, B, G, dg.data_ptr<float>() + st.time_at(0) * B * G, G,
+                            packed.data_ptr<float>(), StoreEpi{H, nullptr, d_h0.data_ptr<float>()});
+  Tensor d_w_hh = at::mm(dg.t(), states_before(output, h0.contiguous(), reverse));
+  Tensor d_b_hh = has_bias ? dg.sum(0) : at::empty({0}, go.options());
+  return {dg.view({T, B, G}), d_h0, dc, d_w_hh, at::empty({0}, go.options()), d_b_hh};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
+    const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias) {
+  const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
+  const int64_t G = kGruGates * H, Q = ceil_div(H, kUnitsPerPanel);
+  const Steps st{T, reverse};
+  const Tensor go = grad_output.contiguous(), gts = gates.contiguous(), h0c = h0.contiguous();
+  const Tensor out = output.contiguous();
+  const Tensor packed = pack_column_panels(w_hh.contiguous());
+  Tensor dx = at::empty({T * B, G}, go.options());
+  Tensor dhh = at::empty({T * B, G}, go.options());
+  Tensor dh = grad_h_n.contiguous().clone();
+  Tensor d_h0 = at::empty({B, H}, go.options());
+  auto epi_at = [&](int64_t s) {
+    const int64_t t = st.time_at(s);
+    const float* h_prev =
+        s == 0 ? h0c.data_ptr<float>() : out.data_ptr<float>() + st.time_at(s - 1) * B * H;
+    return GruBackwardEpi{H, go.data_ptr<float>() + t * B * H,
+                          gts.data_ptr<float>() + t * B * kGruSaved * H, h_prev,
+                          dh.data_ptr<float>(), dx.data_ptr<float>() + t * B * G,
+                          dhh.data_ptr<float>() + t * B * G};
+  };
+  parallel_epilogue(Q, B, nullptr, H, kUnitsPerPanel, epi_at(T - 1));
+  for (int64_t s = T - 1; s >= 1; --s) {
+    const float* a = dhh.data_ptr<float>() + st.time_at(s) * B * G;
+    parallel_panels<kUnitsNV>(Q, B, G, a, G, packed.data_ptr<float>(), epi_at(s - 1));
+  }
+  parallel_panels<kUnitsNV>(Q, B, G, dhh.data_ptr<float>() + st.time_at(0) * B * G, G,
+                            packed.data_ptr<float>(),
+                            StoreEpi{H, dh.data_ptr<float>(), d_h0.data_ptr<float>()});
+  Tensor d_w_hh = at::mm(dhh.t(), states_before(out, h0c, reverse));
+  Tensor d_b_hh = has_bias ? dhh.sum(0) : at::empty({0}, go.options());
+  return {dx.view({T, B, G}), d_h0, d_w_hh, d_b_hh};
+}
+
+}  // namespace cpu
+}  // namespace fusedrnn
