@@ -1,0 +1,1 @@
+"""Benchmarks of fusedrnn against torch.nn (run: python -m benchmarks.bench)."""

@@ -1,0 +1,331 @@
+"""fusedrnn against torch.nn: LSTM and GRU, inference and training, on every
+device present (CPU always, CUDA when a GPU is visible).
+
+    python -m benchmarks.bench              # --quick: a representative subset, minutes on 2 cores
+    python -m benchmarks.bench --full       # every DESIGN.md section 3 config
+    python -m benchmarks.bench --smoke      # CI: the smallest configs, short timing
+    python -m benchmarks.bench --markdown   # the latest results as a markdown table
+    python -m benchmarks.bench --plot-only  # redraw the plots of the latest results
+
+Each row: same weights (fusedrnn.from_torch), same inputs, same dtype and TF32
+setting, input projection included in both. Before timing, a parity check
+against a float64 oracle (benchmarks/cases.py, Note [parity tolerance]); a row
+that fails it is marked failed and not timed. Timing: benchmarks/timing.py.
+Results: benchmarks/results/<device>-<date>.json, <device>-latest.json and a PNG
+of each. Exit status 1 when any row failed (parity or error).
+"""
+import os
+import sys
+
+# Note [OMP_WAIT_POLICY]
+# OpenMP threads that spin-wait make small ops ~1000x slower when the 2 cores
+# are shared with other work (DESIGN.md section 4). The OpenMP runtime reads the
+# variable once, when torch is loaded, so it is set here and the process
+# re-executed before anything imports torch. An explicit setting is respected
+# (and recorded with the results). scripts/main.sh sets it as well.
+if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/bench.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import fusedrnn  # noqa: E402
+from benchmarks import cases, configs, report, timing  # noqa: E402
+
+# (rounds, min_run_time in s per function per round) of each set and device.
+# GPU rows are short and steady, and GPU time is scarce: shorter runs there.
+TIMING = {("smoke", "cpu"): (2, 0.01), ("quick", "cpu"): (3, 0.1), ("full", "cpu"): (5, 0.5),
+          ("smoke", "cuda"): (2, 0.01), ("quick", "cuda"): (3, 0.05), ("full", "cuda"): (3, 0.1)}
+# The pure-Python reference runs on the CPU only; in the full set it is skipped
+# above this hidden size (minutes per row, and nothing the smaller rows do not show).
+REFERENCE_MAX_H = {"smoke": None, "quick": None, "full": 1024}
+ERROR_TEXT_CHARS = 300
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_argument_group("which configs (--smoke wins over --full, --full over --quick)")
+    s.add_argument("--quick", action="store_true", help="representative subset (default)")
+    s.add_argument("--full", action="store_true", help="every DESIGN.md section 3 config")
+    s.add_argument("--smoke", action="store_true",
+                   help="smallest quick configs, very short timing (CI)")
+    s.add_argument("--config", action="append", metavar="T,B,I,H",
+                   help="run this config instead of the set's (repeatable)")
+    w = p.add_argument_group("what to run")
+    w.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
+                   help="all: CPU, and CUDA when a GPU is visible (default)")
+    w.add_argument("--dtype", help="comma list of " + ",".join(configs.PRECISIONS)
+                   + " (tf32 = float32 with TF32 on; CUDA only). Default: CPU float32; "
+                   "CUDA float32,tf32,bfloat16")
+    w.add_argument("--models", default="LSTM,GRU")
+    w.add_argument("--modes", default="inference,training")
+    w.add_argument("--no-reference", action="store_true",
+                   help="do not time the pure-Python reference")
+    w.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    w.add_argument("--rounds", type=int, help="interleaved timing rounds (set's default)")
+    w.add_argument("--min-run-time", type=float,
+                   help="seconds per function per round (set's default)")
+    w.add_argument("--seed", type=int, default=0)
+    o = p.add_argument_group("output")
+    o.add_argument("--out-dir", type=Path, default=report.RESULTS_DIR)
+    o.add_argument("--no-plot", action="store_true")
+    o.add_argument("--plot-only", nargs="*", metavar="JSON",
+                   help="redraw the PNG of these results (default: each device's latest) and exit")
+    o.add_argument("--markdown", nargs="*", metavar="JSON",
+                   help="print these results (default: each device's latest) as markdown and exit")
+    args = p.parse_args(argv)
+    args.set = "smoke" if args.smoke else "full" if args.full else "quick"
+    # The set's name goes into the results; --config runs are labelled 'custom'.
+    args.label = "custom" if args.config and not args.smoke else args.set
+    for name in ("models", "modes"):
+        setattr(args, name, [v.strip() for v in getattr(args, name).split(",") if v.strip()])
+    bad = [m for m in args.models if m not in cases.MODELS] + \
+        [m for m in args.modes if m not in cases.MODES]
+    if args.dtype:
+        bad += [d for d in args.dtype.split(",") if d not in configs.PRECISIONS]
+    if bad:
+        p.error(f"unknown value(s): {', '.join(bad)}")
+    return args
+
+
+def devices(choice):
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if choice == "all":
+        return have
+    if choice not in have:
+        raise SystemExit(f"--device {choice}: no such device visible here")
+    return [choice]
+
+
+def precisions(device, args, notes):
+    names = args.dtype.split(",") if args.dtype else configs.DEFAULT_PRECISIONS[device]
+    if device != "cuda" and any(n in configs.CUDA_ONLY_PRECISIONS for n in names):
+        notes.append("tf32 asked for but skipped on the CPU (TF32 is a CUDA setting)")
+        names = [n for n in names if n not in configs.CUDA_ONLY_PRECISIONS]
+    return [configs.PRECISIONS[n] for n in names]
+
+
+def _error_text(exc):
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:ERROR_TEXT_CHARS]
+
+
+def run_row(case, mode, oracle, reference, rounds, min_run_time, threads):
+    """Parity, then (when it holds) interleaved timing. Returns the row's fields."""
+    row = {}
+    par = case.parity(mode, oracle)
+    row["parity"] = par
+    if not par["passed"]:
+        row["status"] = "parity-failed"
+        return row
+    fns = {"torch": case.step("torch", mode), "fused": case.step("fused", mode)}
+    if reference is True:
+        fns["reference"] = case.step("reference", mode)
+    stats = timing.measure(fns, rounds, min_run_time, threads)
+    t, f = stats["torch"]["median_ms"], stats["fused"]["median_ms"]
+    row.update(status="ok", torch_ms=t, fused_ms=f, speedup=t / f,
+               speedup_round_range=timing.ratio_range(stats["torch"], stats["fused"]))
+    if "reference" in stats:
+        r = stats["reference"]["median_ms"]
+        row.update(reference_ms=r, fused_vs_reference=r / f)
+    else:
+        row.update(reference_ms=None, fused_vs_reference=None,
+                   reference_note=None if reference is False else reference)
+    row["timing"] = stats
+    return row
+
+
+def reference_plan(device, cfg, args):
+    """True to time the reference; otherwise False (not applicable) or a note."""
+    if args.no_reference:
+        return "off"
+    if device != "cpu":
+        return False
+    cap = REFERENCE_MAX_H[args.set]
+    if cap is not None and cfg.H > cap:
+        return f"skipped (H>{cap})"
+    return True
+
+
+def precision_rows(device, model, cfg, prec, args, oracles, timing_args):
+    """Yields the rows (one per mode) of one model, config and precision, each
+    run under that precision's TF32 setting. Errors are recorded in the row."""
+    oracle_mode = "training" if "training" in args.modes else "inference"
+    ref_plan = reference_plan(device, cfg, args)
+    with cases.tf32_setting(device, prec.tf32):
+        case, build_error = None, None
+        try:
+            case = cases.Case(model, cfg, prec, device, args.seed)
+            if prec.dtype not in oracles:
+                oracles[prec.dtype] = case.oracle(oracle_mode)
+        except Exception as exc:  # noqa: BLE001 (recorded in the rows, the run goes on)
+            build_error = exc
+        for mode in args.modes:
+            row = {"model": model, "config": cfg.as_dict(), "precision": prec.name,
+                   "dtype": str(prec.dtype).replace("torch.", ""),
+                   "tf32": prec.tf32 if device == "cuda" else None, "mode": mode}
+            if device == "cuda":
+                row["tf32_flags"] = report.tf32_flags()  # as set for this row
+            try:
+                if build_error is not None:
+                    raise build_error
+                row.update(run_row(case, mode, oracles[prec.dtype], ref_plan, *timing_args))
+            except Exception as exc:  # noqa: BLE001 (recorded in the row, the run goes on)
+                row.update(status="error", error=_error_text(exc),
+                           traceback=traceback.format_exc(limit=4))
+            yield row
+
+
+def run_device(device, args, cfgs):
+    notes = []
+    precs = precisions(device, args, notes)
+    rounds, min_run_time = TIMING[args.set, device]
+    rounds = args.rounds or rounds
+    min_run_time = args.min_run_time or min_run_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        notes.append(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (not PASSIVE): "
+                     "CPU timings may suffer from spin-waiting under contention")
+    if device == "cuda":
+        notes.append("float32 rows run with TF32 off, tf32 rows are float32 with TF32 on, for "
+                     "cuBLAS and cuDNN alike (torch.backends.cuda.matmul.allow_tf32 and "
+                     "torch.backends.cudnn.allow_tf32); bfloat16 rows with TF32 off")
+    if not args.no_reference:
+        cap = REFERENCE_MAX_H[args.set]
+        notes.append("reference = fusedrnn.reference (plain torch ops, one Python step per time "
+                     "step, input projection as one GEMM), timed on the CPU only"
+                     + (f"; skipped for H > {cap} in this set" if cap else ""))
+    started = time.time()
+    stamp = report.timestamp()
+    path, latest = report.result_paths(args.out_dir, device, args.label, stamp)
+    doc = {
+        "schema": report.SCHEMA_VERSION, "device": device, "set": args.label,
+        "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "complete": False,
+        "env": report.environment(device, threads),
+        "load_average_start": report.load_average(),
+        "timing": {
+            "method": "after warm-up, one torch.utils.benchmark.Timer.blocked_autorange per "
+                      "function per round; rounds interleaved, the order of the functions "
+                      "reversed every round",
+            "rounds": rounds, "min_run_time_s": min_run_time,
+            "warmup_calls": timing.WARMUP_CALLS,
+            "statistic": "median of per-call times over all blocks of all rounds",
+            "speedup": "torch.nn median / fusedrnn median (same process)",
+            "training": "forward + backward of (output * fixed random weights).sum(); grads of "
+                        "x, h0, (c0) and all weights; grads set to None before each step",
+            "inference": "torch.inference_mode(), modules in eval()",
+        },
+        "parity": {
+            "oracle": "torch.nn in float64 with the same (rounded) weights and inputs",
+            "metric": "per tensor max|y - y64| / max|y64|; outputs, h_n, c_n, and in training "
+                      "the grads of x, h0, c0 and every weight",
+            "rule": "err(fusedrnn) <= max(multiple * err(torch.nn), floor[precision])",
+            "multiple": cases.PARITY_MULTIPLE, "floor": cases.PARITY_FLOOR,
+        },
+        "notes": notes,
+        "rows": [],
+    }
+    if device == "cuda" and not fusedrnn.backends().get("cuda"):
+        doc["error"] = "a GPU is visible but this fusedrnn build has no CUDA kernels"
+        report.say(f"cuda: {doc['error']}")
+        _finish(doc, path, latest, started, args)
+        return doc
+
+    n_rows = len(cfgs) * len(args.models) * len(precs) * len(args.modes)
+    timing_args = (rounds, min_run_time, threads)
+    bar = tqdm(total=n_rows, desc=device, unit="row", file=sys.stderr, dynamic_ncols=True)
+    for model in args.models:
+        for cfg in cfgs:
+            oracles = {}  # by storage dtype: float32 and tf32 rows share one
+            for prec in precs:
+                bar.set_postfix_str(f"{model} {cfg.name} {prec.name}")
+                for row in precision_rows(device, model, cfg, prec, args, oracles, timing_args):
+                    doc["rows"].append(row)
+                    bar.update(1)
+                    report.write_json(path, doc)  # partial results survive an interruption
+                _free(device)
+    bar.close()
+    _finish(doc, path, latest, started, args)
+    return doc
+
+
+def _free(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _finish(doc, path, latest, started, args):
+    doc.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               wall_s=round(time.time() - started, 1), load_average_end=report.load_average())
+    report.write_json(path, doc)
+    report.copy_latest(path, latest)
+    report.say(f"{doc['device']}: results in {_rel(path)}"
+               + (f" and {_rel(latest)}" if latest != path else ""))
+    if not args.no_plot and doc["rows"]:
+        for p in dict.fromkeys([path, latest]):
+            report.plot(doc, p.with_suffix(".png"))
+        report.say(f"{doc['device']}: plot in {_rel(latest.with_suffix('.png'))}")
+
+
+def _rel(p):
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _inputs(paths, out_dir):
+    paths = [Path(p) for p in paths] or report.latest_results(out_dir)
+    if not paths:
+        raise SystemExit(f"no results (*-latest.json) under {out_dir}")
+    return paths
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.markdown is not None:
+        for p in _inputs(args.markdown, args.out_dir):
+            print(report.markdown_table(json.loads(p.read_text())) + "\n")
+        return 0
+    if args.plot_only is not None:
+        for p in _inputs(args.plot_only, args.out_dir):
+            png = report.plot(json.loads(p.read_text()), p.with_suffix(".png"))
+            report.say(f"plot: {_rel(png)}")
+        return 0
+    cfgs = [configs.parse_config(c) for c in args.config] if args.label == "custom" \
+        else configs.config_set(args.set)
+    failed = 0
+    for device in devices(args.device):
+        doc = run_device(device, args, cfgs)
+        env = doc["env"]
+        where = env.get("gpu") or f"{env['cpu_model']}, {env['torch_threads']} threads"
+        print(f"\n{device.upper()} ({where}); torch {env['torch']}; {args.label} set; "
+              f"speed-up = torch.nn / fusedrnn; {doc['wall_s']} s")
+        for note in doc["notes"]:
+            print(f"note: {note}")
+        print(report.text_table(doc["rows"]))
+        bad = [r for r in doc["rows"] if r["status"] != "ok"] + ([doc] if "error" in doc else [])
+        if bad:
+            print(f"{len(bad)} row(s) FAILED on {device}")
+        failed += len(bad)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
