@@ -151,18 +151,38 @@ FUSEDRNN_HOST_DEVICE void gru_output_point(acc_t xn, acc_t hn, acc_t r,
   h = (acc_t(1) - z) * n + z * h_prev;
 }
 
+// reset_after=false (classic form): hn already is W_hn (r*h) + b_hn, so r
+// does not enter n again.
 template <typename acc_t>
 FUSEDRNN_HOST_DEVICE void gru_forward_point(
     acc_t xr, acc_t xz, acc_t xn, acc_t hr, acc_t hz, acc_t hn, acc_t h_prev,
-    acc_t& r, acc_t& z, acc_t& n, acc_t& h) {
+    acc_t& r, acc_t& z, acc_t& n, acc_t& h, bool reset_after = true) {
   gru_gates_point(xr, xz, hr, hz, r, z);
-  gru_output_point(xn, hn, r, z, h_prev, n, h);
+  gru_output_point(xn, hn, reset_after ? r : acc_t(1), z, h_prev, n, h);
+}
+
+// Classic form, before the W_hn matmul: r * h_prev.
+template <typename acc_t>
+FUSEDRNN_HOST_DEVICE acc_t gru_reset_point(acc_t xr, acc_t hr, acc_t h_prev) {
+  using math::sigmoid;
+  return sigmoid(xr + hr) * h_prev;
+}
+
+// Classic form, backward through r * h_prev given d(r h) = drh: the r
+// pre-activation gradient and the part of dh_{t-1} through r * h.
+template <typename acc_t>
+FUSEDRNN_HOST_DEVICE void gru_reset_backward_point(acc_t r, acc_t h_prev, acc_t drh,
+                                                   acc_t& dr_pre, acc_t& dh_prev) {
+  dr_pre = drh * h_prev * r * (acc_t(1) - r);
+  dh_prev = drh * r;
 }
 
 // Backward for one hidden unit. dh: total gradient reaching h_t.
 // dn_pre is the gradient of the tanh argument (= d x_n); dhn = dn_pre * r is
 // the gradient of W_hn h + b_hn; dh_direct is the part of dh_{t-1} that does
-// not go through the matmul (dh * z).
+// not go through the matmul (dh * z). For the classic form the caller passes
+// r = 1 (then dhn = dn_pre and dr_pre = 0) and finishes r with
+// gru_reset_backward_point once d(r h) = dhn W_hn is known.
 template <typename acc_t>
 FUSEDRNN_HOST_DEVICE void gru_backward_point(
     acc_t r, acc_t z, acc_t n, acc_t hn, acc_t h_prev, acc_t dh,

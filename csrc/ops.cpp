@@ -30,6 +30,12 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def(
       "gru_forward(Tensor x_proj, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? batch_sizes, "
       "bool reverse, bool reset_after, bool train) -> (Tensor, Tensor, Tensor)");
+  // x [..., K] w[N, K]^T + b: the input projection of all steps at once.
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  // Returns (d_input, d_weight, d_bias); each [0] when not asked for.
+  m.def(
+      "linear_backward(Tensor grad, Tensor input, Tensor weight, bool input_grad, "
+      "bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
   // Returns (d_x_proj, d_h0, d_w_hh, d_b_hh).
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, Tensor gates, "

@@ -254,7 +254,6 @@ inline std::tuple<Schedule, int64_t> gru_check_forward(
     const Tensor& x_proj, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after) {
   constexpr const char* op = "fusedrnn::gru_forward";
-  TORCH_CHECK(reset_after, op, ": only reset_after=True (torch's GRU form) is implemented");
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) > 0 && w_hh.size(0) == kGruGates * w_hh.size(1),
               op, ": w_hh must be 2-D [3*hidden_size, hidden_size], got shape ", w_hh.sizes());
   const int64_t H = w_hh.size(1);
@@ -287,12 +286,30 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_impl(
   Tensor out = at::empty({s.N, H}, x.options());
   Tensor gates = at::empty({train ? s.N : 0, kGruSaved * H}, x.options());
   Tensor hh = at::empty({s.B, kGruGates * H}, x.options());
+  // Classic form: r * h_{t-1}, the input of the W_hn matmul.
+  Tensor rh = reset_after ? Tensor() : at::empty({s.B, H}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gru_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for (int64_t step = 0; step < s.T; ++step) {
       const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
-      detail::mm_to(hh.narrow(0, 0, bt), h.narrow(0, 0, bt), w_t);
+      if (reset_after) {
+        detail::mm_to(hh.narrow(0, 0, bt), h.narrow(0, 0, bt), w_t);
+      } else {
+        // hh[:, :2H] = h W_rz^T; rh = r * h; hh[:, 2H:] = rh W_n^T.
+        const Tensor hh_rows = hh.narrow(0, 0, bt);
+        hh_rows.narrow(1, 0, 2 * H).copy_(at::mm(h.narrow(0, 0, bt), w_t.narrow(1, 0, 2 * H)));
+        GruResetStep<scalar_t, acc_t> r;
+        r.rows = bt;
+        r.H = H;
+        r.x = x.data_ptr<scalar_t>() + off * kGruGates * H;
+        r.hh = hh.data_ptr<scalar_t>();
+        r.b_hh = bias.data_ptr<scalar_t>();
+        r.h = h.data_ptr<scalar_t>();
+        r.rh = rh.data_ptr<scalar_t>();
+        K::gru_reset_step(r);
+        hh_rows.narrow(1, 2 * H, H).copy_(at::mm(rh.narrow(0, 0, bt), w_t.narrow(1, 2 * H, H)));
+      }
       GruForwardStep<scalar_t, acc_t> a;
       a.rows = bt;
       a.H = H;
@@ -302,6 +319,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_impl(
       a.h = h.data_ptr<scalar_t>();
       a.out = out.data_ptr<scalar_t>() + off * H;
       a.gates = train ? gates.data_ptr<scalar_t>() + off * kGruSaved * H : nullptr;
+      a.reset_after = reset_after;
       K::gru_forward_step(a);
     }
   });
@@ -309,6 +327,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_impl(
   return {out, h, gates};
 }
 
+// reset_after=false is the classic form (Cho et al.): n = tanh(x_n + W_hn (r*h) + b_hn),
+// two GEMMs per step; gates then saves W_hn (r*h) + b_hn as its fourth part.
 // Returns d_x_proj (like x_proj), d_h0, d_w_hh, d_b_hh ([0] without bias).
 template <typename K>
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_impl(
@@ -316,7 +336,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_impl(
     const Tensor& gates, const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes,
     bool reverse, bool reset_after, bool has_bias) {
   constexpr const char* op = "fusedrnn::gru_backward";
-  TORCH_CHECK(reset_after, op, ": only reset_after=True (torch's GRU form) is implemented");
   const int64_t H = w_hh.size(1);
   const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
   check_shape(gates, {s.N, kGruSaved * H}, op, "gates");
@@ -332,6 +351,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_impl(
   Tensor dh = grad_h_n.to(acc_dtype(dtype)).contiguous().clone();
   Tensor dx = at::empty({s.N, kGruGates * H}, opts);
   Tensor dhh = at::empty({s.N, kGruGates * H}, opts);
+  Tensor drh = reset_after ? Tensor() : at::empty({s.B, H}, opts);
+  const Tensor w_rz = w.narrow(0, 0, 2 * H), w_n = w.narrow(0, 2 * H, H);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gru_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -349,13 +370,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_impl(
       a.dh = dh.data_ptr<acc_t>();
       a.dx = dx.data_ptr<scalar_t>() + off * kGruGates * H;
       a.dhh = dhh.data_ptr<scalar_t>() + off * kGruGates * H;
+      a.reset_after = reset_after;
       K::gru_backward_step(a);
-      detail::mm_into(dh.narrow(0, 0, bt), dhh.narrow(0, off, bt), w, /*accumulate=*/true);
+      const Tensor dhh_rows = dhh.narrow(0, off, bt);
+      if (reset_after) {
+        detail::mm_into(dh.narrow(0, 0, bt), dhh_rows, w, /*accumulate=*/true);
+        continue;
+      }
+      // Classic form: d(r h) = dhn W_n, then r's gradient, then through W_rz.
+      detail::mm_to(drh.narrow(0, 0, bt), dhh_rows.narrow(1, 2 * H, H), w_n);
+      GruResetBackwardStep<scalar_t, acc_t> r;
+      r.rows = bt;
+      r.H = H;
+      r.gates = a.gates;
+      r.h_prev = a.h_prev;
+      r.prev_rows = prow;
+      r.h0 = a.h0;
+      r.drh = drh.data_ptr<scalar_t>();
+      r.dh = a.dh;
+      r.dx = a.dx;
+      r.dhh = a.dhh;
+      K::gru_reset_backward_step(r);
+      detail::mm_into(dh.narrow(0, 0, bt), dhh_rows.narrow(1, 0, 2 * H), w_rz,
+                      /*accumulate=*/true);
     }
   });
 
   const Tensor hp = detail::gather_prev(out, h0c, s, batch_sizes.has_value());
-  Tensor d_w_hh = at::mm(dhh.t(), hp);
+  Tensor d_w_hh;
+  if (reset_after) {
+    d_w_hh = at::mm(dhh.t(), hp);
+  } else {
+    // W_rz saw h_{t-1}; W_n saw r * h_{t-1}.
+    const Tensor r = gts.narrow(1, 0, H);
+    d_w_hh = at::cat({at::mm(dhh.narrow(1, 0, 2 * H).t(), hp),
+                      at::mm(dhh.narrow(1, 2 * H, H).t(), r * hp)});
+  }
   Tensor d_b_hh =
       has_bias ? dhh.sum(0, false, acc_dtype(dtype)).to(dtype) : at::empty({0}, opts);
   Tensor d_x = dx.view(detail::with_last(grad_output.sizes(), kGruGates * H));

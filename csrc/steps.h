@@ -44,6 +44,32 @@ struct GruForwardStep {
   scalar_t* h = nullptr;           // [rows, H] h_{t-1} in, h_t out
   scalar_t* out = nullptr;         // [rows, H] output rows
   scalar_t* gates = nullptr;       // [rows, 4H] saved r, z, n, hn, or null
+  bool reset_after = true;         // false: hh's n part already is W_hn (r*h)
+};
+
+// Classic GRU, before the W_hn matmul.
+template <typename scalar_t, typename acc_t>
+struct GruResetStep {
+  int64_t rows = 0, H = 0;
+  const scalar_t* x = nullptr;     // [rows, 3H] input projection (+ b_ih)
+  const scalar_t* hh = nullptr;    // [rows, 3H] h_{t-1} @ W_hh^T (r, z parts)
+  const scalar_t* b_hh = nullptr;  // [3H]
+  const scalar_t* h = nullptr;     // [rows, H] h_{t-1}
+  scalar_t* rh = nullptr;          // [rows, H] r * h_{t-1}
+};
+
+// Classic GRU backward through r * h_{t-1}.
+template <typename scalar_t, typename acc_t>
+struct GruResetBackwardStep {
+  int64_t rows = 0, H = 0;
+  const scalar_t* gates = nullptr;   // [rows, 4H] r, z, n, hn
+  const scalar_t* h_prev = nullptr;  // [prev_rows, H] or null
+  int64_t prev_rows = 0;
+  const scalar_t* h0 = nullptr;      // [B, H]
+  const scalar_t* drh = nullptr;     // [rows, H] d(r h) = dhn W_hn
+  acc_t* dh = nullptr;               // [rows, H] += drh * r
+  scalar_t* dx = nullptr;            // [rows, 3H] r part written
+  scalar_t* dhh = nullptr;           // [rows, 3H] r part written
 };
 
 template <typename scalar_t, typename acc_t>
@@ -57,6 +83,7 @@ struct GruBackwardStep {
   acc_t* dh = nullptr;               // [rows, H] from step t+1 in, dh * z out
   scalar_t* dx = nullptr;            // [rows, 3H] d x_proj: dr_pre, dz_pre, dn_pre
   scalar_t* dhh = nullptr;           // [rows, 3H] d(h W_hh^T + b_hh): dr_pre, dz_pre, dn_pre*r
+  bool reset_after = true;           // false: r part left for GruResetBackwardStep
 };
 
 }  // namespace fusedrnn

@@ -76,6 +76,22 @@ Tensor pack_column_panels(const Tensor& b) {
   return packed;
 }
 
+// Panels of w [N, K] read as B = w^T: packed[p][k][c] = w[64 p + c][k].
+Tensor pack_transposed_panels(const Tensor& w) {
+  const int64_t N = w.size(0), K = w.size(1), P = ceil_div(N, kUnitsPerPanel);
+  Tensor packed = at::zeros({P, K, kUnitsPerPanel}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < kUnitsPerPanel && p * kUnitsPerPanel + c < N; ++c) {
+        const float* row = src + (p * kUnitsPerPanel + c) * K;
+        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * kUnitsPerPanel + c] = row[k];
+      }
+  });
+  return packed;
+}
+
 // One contiguous range of panels per thread; the GEMM of every panel runs
 // over all M rows, then the epilogue.
 template <int NV, typename Epi>
@@ -266,6 +282,42 @@ struct StoreEpi {
   }
 };
 
+// y[m][64 p + c] = tile (+ bias): a plain GEMM output.
+struct StoreRowsEpi {
+  int64_t N;
+  const float* bias;  // [N] or null
+  float* y;           // [M, N]
+  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    const int64_t n0 = p * kUnitsPerPanel;
+    for (int r = 0; r < mr; ++r) {
+      for (int64_t j = 0; j < kUnitsPerPanel && n0 + j < N; j += kLanes) {
+        const __mmask16 m = lanes(N - n0 - j);
+        Vec16 v = Vec16::load(rec + r * ldr + j, m);
+        if (bias) v = v + Vec16::load(bias + n0 + j, m);
+        v.store(y + (m0 + r) * N + n0 + j, m);
+      }
+    }
+  }
+};
+
+// Rows per block of a large GEMM: a block of A stays in L2 while each
+// thread runs its panels over it.
+constexpr int64_t kRowBlock = 192;
+
+// y [M, N] = a [M, K] @ B with B packed (packed_panels layout, 64 wide).
+void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, const Tensor& packed,
+               const float* bias, float* y) {
+  const int64_t P = ceil_div(N, kUnitsPerPanel);
+  const int64_t grain = ceil_div(P, at::get_num_threads());
+  const float* bp = packed.data_ptr<float>();
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t mc = 0; mc < M; mc += kRowBlock) {
+      const StoreRowsEpi epi{N, bias, y + mc * N};
+      run_panels<kUnitsNV>(p0, p1, std::min(kRowBlock, M - mc), K, a + mc * K, K, 1, bp, epi);
+    }
+  });
+}
+
 struct Steps {
   int64_t T;
   bool reverse;
@@ -397,6 +449,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
   Tensor d_w_hh = at::mm(dhh.t(), states_before(out, h0c, reverse));
   Tensor d_b_hh = has_bias ? dhh.sum(0) : at::empty({0}, go.options());
   return {dx.view({T, B, G}), d_h0, d_w_hh, d_b_hh};
+}
+
+Tensor linear_fused(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  Tensor y = at::empty({M, N}, x.options());
+  const Tensor bias = b.has_value() ? b->contiguous() : Tensor();
+  gemm_rows(M, N, K, x.data_ptr<float>(), pack_transposed_panels(w),
+            bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y;
+}
+
+Tensor linear_input_grad_fused(const Tensor& dy, const Tensor& w) {
+  const int64_t M = dy.size(0), N = w.size(0), K = w.size(1);
+  Tensor dx = at::empty({M, K}, dy.options());
+  gemm_rows(M, K, N, dy.data_ptr<float>(), pack_column_panels(w), nullptr, dx.data_ptr<float>());
+  return dx;
 }
 
 }  // namespace cpu

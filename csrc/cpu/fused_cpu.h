@@ -34,5 +34,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_fused(
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh, bool reverse,
     bool has_bias);
 
+// y [M, N] = x [M, K] w [N, K]^T (+ b [N]); float32, contiguous.
+at::Tensor linear_fused(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b);
+
+// dx [M, K] = dy [M, N] w [N, K]; float32, contiguous.
+at::Tensor linear_input_grad_fused(const at::Tensor& dy, const at::Tensor& w);
+
 }  // namespace cpu
 }  // namespace fusedrnn

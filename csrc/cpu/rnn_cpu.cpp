@@ -95,7 +95,7 @@ struct CpuKernels {
           gru_forward_point<acc_t>(acc_t(x[j]), acc_t(x[H + j]), acc_t(x[2 * H + j]),
                                    acc_t(hh[j]) + acc_t(bias[j]),
                                    acc_t(hh[H + j]) + acc_t(bias[H + j]), hn, acc_t(h[j]), r,
-                                   z, n, h_new);
+                                   z, n, h_new, a.reset_after);
           h[j] = scalar_t(h_new);
           out[j] = scalar_t(h_new);
           if (a.gates) {
@@ -123,7 +123,8 @@ struct CpuKernels {
         scalar_t* dhh = a.dhh + b * G;
         for (int64_t j = 0; j < H; ++j) {
           acc_t dr, dz, dn, dhn, dh_direct;
-          gru_backward_point<acc_t>(acc_t(gs[j]), acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
+          const acc_t r = a.reset_after ? acc_t(gs[j]) : acc_t(1);
+          gru_backward_point<acc_t>(r, acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
                                     acc_t(gs[3 * H + j]), acc_t(hp[j]), acc_t(gh[j]) + dh[j],
                                     dr, dz, dn, dhn, dh_direct);
           dx[j] = dhh[j] = scalar_t(dr);
@@ -131,6 +132,35 @@ struct CpuKernels {
           dx[2 * H + j] = scalar_t(dn);
           dhh[2 * H + j] = scalar_t(dhn);
           dh[j] = dh_direct;
+        }
+      }
+    });
+  }
+
+  template <typename scalar_t, typename acc_t>
+  static void gru_reset_step(const GruResetStep<scalar_t, acc_t>& a) {
+    const int64_t H = a.H, G = kGruGates * H;
+    at::parallel_for(0, a.rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t j = 0; j < H; ++j)
+          a.rh[b * H + j] = scalar_t(gru_reset_point<acc_t>(
+              acc_t(a.x[b * G + j]), acc_t(a.hh[b * G + j]) + acc_t(a.b_hh[j]),
+              acc_t(a.h[b * H + j])));
+    });
+  }
+
+  template <typename scalar_t, typename acc_t>
+  static void gru_reset_backward_step(const GruResetBackwardStep<scalar_t, acc_t>& a) {
+    const int64_t H = a.H, G = kGruGates * H;
+    at::parallel_for(0, a.rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* hp = b < a.prev_rows ? a.h_prev + b * H : a.h0 + b * H;
+        for (int64_t j = 0; j < H; ++j) {
+          acc_t dr, dh_prev;
+          gru_reset_backward_point<acc_t>(acc_t(a.gates[b * kGruSaved * H + j]), acc_t(hp[j]),
+                                          acc_t(a.drh[b * H + j]), dr, dh_prev);
+          a.dx[b * G + j] = a.dhh[b * G + j] = scalar_t(dr);
+          a.dh[b * H + j] += dh_prev;
         }
       }
     });
@@ -192,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
   const auto checked =
       gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
-  if (cpu::fused_path_ok(x_proj, batch_sizes.has_value(), false)) {
+  if (reset_after && cpu::fused_path_ok(x_proj, batch_sizes.has_value(), false)) {
     const int64_t G = kGruGates * std::get<1>(checked);
     return cpu::gru_forward_fused(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
                                   reverse, train);
@@ -214,7 +244,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
                                        batch_sizes, reverse, reset_after, has_bias);
 }
 
+bool linear_fused_ok(const at::Tensor& a, const at::Tensor& w) {
+  return a.device().is_cpu() && a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+         has_avx512() && a.numel() > 0;
+}
+
+// The input projection: our GEMM for float32 on AVX-512 CPUs, else ATen's.
+// Any device (registered as CompositeExplicitAutograd).
+at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
+                      const OptTensor& bias) {
+  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
+              "fusedrnn::linear: input [..., ", weight.dim() == 2 ? weight.size(1) : -1,
+              "] and weight [N, K] expected, got ", input.sizes(), " and ", weight.sizes());
+  if (!linear_fused_ok(input, weight) ||
+      (bias.has_value() && bias->scalar_type() != at::kFloat)) {
+    return at::linear(input, weight, bias);
+  }
+  auto out_shape = input.sizes().vec();
+  out_shape.back() = weight.size(0);
+  const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
+  return cpu::linear_fused(x2, weight.contiguous(), bias).view(out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, bool input_grad,
+    bool weight_grad, bool bias_grad) {
+  const at::Tensor g2 = grad.reshape({-1, grad.size(-1)}).contiguous();
+  const at::Tensor x2 = input.reshape({-1, input.size(-1)});
+  const at::Tensor none = at::empty({0}, grad.options());
+  at::Tensor dx = none, dw = none, db = none;
+  if (input_grad) {
+    dx = (linear_fused_ok(g2, weight) ? cpu::linear_input_grad_fused(g2, weight.contiguous())
+                                      : at::mm(g2, weight))
+             .view(input.sizes());
+  }
+  if (weight_grad) dw = at::mm(g2.t(), x2);
+  if (bias_grad) db = g2.sum(0);
+  return {dx, dw, db};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
+  m.impl("linear", &linear_any);
+  m.impl("linear_backward", &linear_backward_any);
+}
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("lstm_forward", &lstm_forward_cpu);

@@ -82,7 +82,7 @@ __global__ void gru_forward_kernel(GruForwardStep<scalar_t, acc_t> a) {
     gru_forward_point<acc_t>(acc_t(x[j]), acc_t(x[H + j]), acc_t(x[2 * H + j]),
                              acc_t(hh[j]) + acc_t(a.b_hh[j]),
                              acc_t(hh[H + j]) + acc_t(a.b_hh[H + j]), hn, acc_t(a.h[k]), r, z,
-                             nn, h);
+                             nn, h, a.reset_after);
     a.h[k] = scalar_t(h);
     a.out[k] = scalar_t(h);
     if (a.gates) {
@@ -104,7 +104,8 @@ __global__ void gru_backward_kernel(GruBackwardStep<scalar_t, acc_t> a) {
     const scalar_t* gs = a.gates + b * kGruSaved * H;
     const acc_t h_prev = acc_t(b < a.prev_rows ? a.h_prev[k] : a.h0[k]);
     acc_t dr, dz, dn, dhn, dh_direct;
-    gru_backward_point<acc_t>(acc_t(gs[j]), acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
+    const acc_t r = a.reset_after ? acc_t(gs[j]) : acc_t(1);
+    gru_backward_point<acc_t>(r, acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
                               acc_t(gs[3 * H + j]), h_prev, acc_t(a.grad_h[k]) + a.dh[k], dr,
                               dz, dn, dhn, dh_direct);
     scalar_t* dx = a.dx + b * G;
@@ -114,6 +115,33 @@ __global__ void gru_backward_kernel(GruBackwardStep<scalar_t, acc_t> a) {
     dx[2 * H + j] = scalar_t(dn);
     dhh[2 * H + j] = scalar_t(dhn);
     a.dh[k] = dh_direct;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void gru_reset_kernel(GruResetStep<scalar_t, acc_t> a) {
+  const int64_t H = a.H, G = kGruGates * H, n = a.rows * H;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = k / H, j = k % H;
+    a.rh[k] = scalar_t(gru_reset_point<acc_t>(acc_t(a.x[b * G + j]),
+                                              acc_t(a.hh[b * G + j]) + acc_t(a.b_hh[j]),
+                                              acc_t(a.h[k])));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void gru_reset_backward_kernel(GruResetBackwardStep<scalar_t, acc_t> a) {
+  const int64_t H = a.H, G = kGruGates * H, n = a.rows * H;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = k / H, j = k % H;
+    const acc_t h_prev = acc_t(b < a.prev_rows ? a.h_prev[k] : a.h0[k]);
+    acc_t dr, dh_prev;
+    gru_reset_backward_point<acc_t>(acc_t(a.gates[b * kGruSaved * H + j]), h_prev,
+                                    acc_t(a.drh[k]), dr, dh_prev);
+    a.dx[b * G + j] = a.dhh[b * G + j] = scalar_t(dr);
+    a.dh[k] += dh_prev;
   }
 }
 
@@ -140,6 +168,17 @@ struct CudaKernels {
   static void gru_backward_step(const GruBackwardStep<scalar_t, acc_t>& a) {
     gru_backward_kernel<<<grid_for(a.rows * a.H), kThreads, 0,
                           at::cuda::getCurrentCUDAStream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename scalar_t, typename acc_t>
+  static void gru_reset_step(const GruResetStep<scalar_t, acc_t>& a) {
+    gru_reset_kernel<<<grid_for(a.rows * a.H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename scalar_t, typename acc_t>
+  static void gru_reset_backward_step(const GruResetBackwardStep<scalar_t, acc_t>& a) {
+    gru_reset_backward_kernel<<<grid_for(a.rows * a.H), kThreads, 0,
+                                at::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
