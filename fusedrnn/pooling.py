@@ -1,0 +1,158 @@
+"""Pooling over time that respects sequence lengths.
+
+Every function and module here reduces a variable-length batch of sequences to one
+vector per sequence, ``(B, F)``, and only the valid steps of each sequence count.
+The input is either
+
+- a ``torch.nn.utils.rnn.PackedSequence`` (sorted or ``enforce_sorted=False``); the
+  result is in the original batch order, as ``pad_packed_sequence`` returns it; or
+- a padded tensor, ``(T, B, F)`` or with ``batch_first=True`` ``(B, T, F)``, with
+  ``lengths`` (``(B,)`` ints, a tensor or a list, each in ``[1, T]``); ``lengths=None``
+  means every sequence has all ``T`` steps.
+
+Note [Padded steps never count]
+Padded steps are replaced (``masked_fill``) before any arithmetic touches them, never
+multiplied by a zero mask: ``0 * nan`` and ``0 * inf`` are ``nan``, so a multiplied
+mask would let whatever the padding holds leak into the result and, through the
+backward of the scorer, into the parameter gradients. With ``masked_fill`` the result
+is the same whatever the padding holds, and the gradient there is exactly zero.
+"""
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+__all__ = ["mean_pool", "max_pool", "attention_pool", "MeanPool", "MaxPool", "AttentionPool"]
+
+
+def _padded_batch_major(x, lengths, batch_first):
+    """Returns ``(x, mask)``: ``x`` as ``(B, T, F)``, ``mask`` ``(B, T)``, True at valid steps."""
+    if isinstance(x, PackedSequence):
+        if lengths is not None:
+            raise ValueError("pooling: a PackedSequence carries its own lengths; pass lengths=None")
+        x, lengths = pad_packed_sequence(x, batch_first=True)
+    else:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(
+                "pooling: expected a PackedSequence or a 3-D tensor "
+                f"({'(B, T, F)' if batch_first else '(T, B, F)'}), got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
+        if not batch_first:
+            x = x.transpose(0, 1)
+    batch, steps = x.shape[:2]
+    if lengths is None:
+        return x, torch.ones(batch, steps, dtype=torch.bool, device=x.device)
+    lengths = torch.as_tensor(lengths, device=x.device)
+    if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex():
+        raise ValueError(
+            f"pooling: lengths must be {batch} integers, one per sequence, got {lengths}"
+        )
+    # Each sequence needs at least one valid step: the mean and the max of nothing are undefined.
+    if bool(((lengths < 1) | (lengths > steps)).any()):
+        raise ValueError(f"pooling: every length must be in [1, {steps}], got {lengths.tolist()}")
+    mask = torch.arange(steps, device=x.device) < lengths.unsqueeze(1)
+    return x, mask
+
+
+def mean_pool(x, lengths=None, batch_first=False):
+    """Mean of the valid steps of each sequence.
+
+    x: PackedSequence, or ``(T, B, F)`` / ``(B, T, F)`` with ``lengths`` ``(B,)``.
+    Returns ``(B, F)``.
+    """
+    x, mask = _padded_batch_major(x, lengths, batch_first)
+    total = x.masked_fill(~mask.unsqueeze(-1), 0).sum(1)
+    return total / mask.sum(1, keepdim=True).to(total.dtype)
+
+
+def max_pool(x, lengths=None, batch_first=False):
+    """Elementwise maximum over the valid steps of each sequence.
+
+    x: PackedSequence, or ``(T, B, F)`` / ``(B, T, F)`` with ``lengths`` ``(B,)``.
+    Returns ``(B, F)``; the gradient goes to the step holding the maximum (split evenly
+    between exact ties, as ``torch.amax``).
+    """
+    x, mask = _padded_batch_major(x, lengths, batch_first)
+    return x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+
+
+def attention_pool(x, score, lengths=None, batch_first=False, return_weights=False):
+    """Softmax-weighted sum of the valid steps of each sequence.
+
+    x: PackedSequence, or ``(T, B, F)`` / ``(B, T, F)`` with ``lengths`` ``(B,)``.
+    score: a callable mapping ``(B, T, F)`` to ``(B, T, 1)`` unnormalised scores.
+    Returns ``(B, F)``, and with ``return_weights`` also the weights ``(B, T)``
+    (batch-major whatever the input layout; they sum to 1 over the valid steps of
+    each sequence and are exactly 0 at padded steps).
+    """
+    x, mask = _padded_batch_major(x, lengths, batch_first)
+    x = x.masked_fill(~mask.unsqueeze(-1), 0)
+    logits = score(x).squeeze(-1).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(logits, dim=1)
+    pooled = torch.einsum("bt,btf->bf", weights, x)
+    return (pooled, weights) if return_weights else pooled
+
+
+class MeanPool(nn.Module):
+    """Module form of :func:`mean_pool`: ``forward(x, lengths=None) -> (B, F)``."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.batch_first = batch_first
+
+    def forward(self, x, lengths=None):
+        return mean_pool(x, lengths, self.batch_first)
+
+    def extra_repr(self):
+        return f"batch_first={self.batch_first}"
+
+
+class MaxPool(nn.Module):
+    """Module form of :func:`max_pool`: ``forward(x, lengths=None) -> (B, F)``."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.batch_first = batch_first
+
+    def forward(self, x, lengths=None):
+        return max_pool(x, lengths, self.batch_first)
+
+    def extra_repr(self):
+        return f"batch_first={self.batch_first}"
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling with a learned score, masked softmax over the valid steps.
+
+    The score of step ``t`` is ``w . x_t`` (a learned vector, ``hidden_size=None``) or,
+    with ``hidden_size``, a small MLP ``v . tanh(W x_t + b)``. No bias on the last
+    layer: softmax ignores a constant shift.
+
+    ``forward(x, lengths=None, return_weights=False)`` returns ``(B, F)`` and, on
+    request, the weights ``(B, T)``; see :func:`attention_pool`.
+    """
+
+    def __init__(self, input_size, hidden_size=None, batch_first=False, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.batch_first = batch_first
+        if hidden_size is None:
+            self.score = nn.Linear(input_size, 1, bias=False, **factory)
+        else:
+            self.score = nn.Sequential(
+                nn.Linear(input_size, hidden_size, **factory),
+                nn.Tanh(),
+                nn.Linear(hidden_size, 1, bias=False, **factory),
+            )
+
+    def forward(self, x, lengths=None, return_weights=False):
+        return attention_pool(x, self.score, lengths, self.batch_first, return_weights)
+
+    def extra_repr(self):
+        return (
+            f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
+            f"batch_first={self.batch_first}"
+        )
