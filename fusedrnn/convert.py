@@ -19,7 +19,8 @@ def _config(m):
 
 def from_torch(module):
     """The fusedrnn twin of an nn.LSTM/GRU/LSTMCell/GRUCell: same configuration,
-    a copy of its weights on the same device and dtype, same train/eval mode."""
+    a copy of its weights on the same device and dtype, the same requires_grad
+    flags and train/eval mode."""
     twin_cls = _TWINS.get(type(module))
     if twin_cls is None:
         if type(module) in _TWINS.values():
@@ -28,7 +29,9 @@ def from_torch(module):
                         f"{type(module).__name__}")
     args, kw = _config(module)
     p = next(module.parameters())
-    twin = twin_cls(*args, **kw, device=p.device, dtype=p.dtype)
+    # Built on the meta device: no initialisation to overwrite, and the global
+    # RNG is left as it was (as if the module had not been converted).
+    twin = twin_cls(*args, **kw, device="meta", dtype=p.dtype).to_empty(device=p.device)
     with torch.no_grad():
         twin.load_state_dict(module.state_dict())
     for name, param in module.named_parameters():
@@ -39,12 +42,20 @@ def from_torch(module):
 def replace_rnns(model):
     """Swaps every nn.LSTM/GRU/LSTMCell/GRUCell inside `model` (at any depth) for
     its fusedrnn twin, in place, and returns `model` (or the twin, when `model`
-    itself is one of them)."""
-    if type(model) in _TWINS:
-        return from_torch(model)
-    for name, child in model.named_children():
-        if type(child) in _TWINS:
-            setattr(model, name, from_torch(child))
-        else:
-            replace_rnns(child)
-    return model
+    itself is one of them). A module registered in several places (shared
+    weights) gets one twin, registered in all of them."""
+    return _replace(model, {})
+
+
+def _replace(module, twins):
+    if type(module) in _TWINS:
+        if module not in twins:
+            twins[module] = from_torch(module)
+        return twins[module]
+    # _modules, not named_children(): that skips a module's second name.
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            new = _replace(child, twins)
+            if new is not child:
+                setattr(module, name, new)
+    return module

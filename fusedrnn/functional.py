@@ -1,31 +1,117 @@
-"""Layer stacking, directions, packed sequences and dropout around the ops.
+"""Layer stacking, directions, packed sequences, dropout and dtypes around the ops.
 
 One op call per layer and direction; no Python loop over time steps. The input
 projection x W_ih^T + b_ih of all steps is one GEMM (F.linear) per layer and
 direction, so autograd forms dW_ih and db_ih with one GEMM/reduction each.
+
+Note [Autocast]
+torch.nn's result dtypes under autocast depend on the implementation it
+dispatches to. What it runs as one library kernel (cuDNN on CUDA, the CUDA
+cells, oneDNN for a CPU LSTM without projection on padded float32/bfloat16
+input) autocast casts as a whole: every result is in the autocast dtype. Its
+unfused ATen loop (CPU GRU, packed or projected CPU LSTM, CPU cells) has only
+its matmuls cast; the pointwise update then promotes them with the state it
+carries (c for LSTM, h for GRU), so the results take promote(autocast dtype,
+state dtype), except the projected h of an LSTM with proj_size, which is a
+matmul's. We return the same dtypes, and where they are wider than the
+autocast dtype we compute in them (more accurate than torch's low-precision
+matmuls). Autocast never casts float64. The same promotion lets torch.nn's
+unfused loop take a c0 of another float dtype without autocast; so do we.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from . import _ops
 
-# Autocast: torch runs whole-sequence RNNs in the autocast dtype on every
-# device, and the cells only on CUDA (on the CPU, lstm_cell/gru_cell are not in
-# autocast's lists and run in the weights' dtype).
-_CELL_AUTOCAST_DEVICES = ("cuda",)
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def autocast_dtype(device_type, cell=False):
-    """The dtype autocast asks for here, or None."""
-    if cell and device_type not in _CELL_AUTOCAST_DEVICES:
-        return None
+def autocast_dtype(device_type):
+    """The dtype autocast asks for on this device, or None."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
 
-def _cast(t, dtype):
-    return t if t is None or dtype is None else t.to(dtype)
+def _torch_fuses(mode, data, packed, proj):
+    """Whether torch.nn runs this whole-sequence call as one cuDNN/oneDNN kernel
+    (Note [Autocast]); mirrors use_cudnn/use_mkldnn in aten/src/ATen/native/RNN.cpp."""
+    if data.numel() == 0:
+        return False
+    if data.device.type == "cuda":
+        return torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+    if data.device.type != "cpu" or mode != "LSTM" or packed or proj:
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if data.dtype == torch.float32:
+        return True
+    if data.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if data.dtype == torch.float16:
+        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def plan_dtypes(name, x, matmul_states, state_name, state, weight, fused, proj=False):
+    """The dtypes torch.nn gives this call (Note [Autocast]), checking its inputs.
+
+    x: the input; matmul_states: (name, tensor) pairs of the states that enter a
+    matmul with the weights; state: the state the pointwise update promotes with
+    (c0 for LSTM, h0 for GRU); weight: any weight; fused: whether torch.nn runs
+    the call as one library kernel (a callable, asked only when it matters).
+    Returns (compute dtype, dtype of output and h_n, dtype of c_n). Raises
+    RuntimeError where torch.nn fails in a matmul or in cuDNN/oneDNN.
+    """
+    ac = autocast_dtype(x.device.type)
+
+    def low(t):  # t's dtype in a matmul under autocast
+        return ac if ac is not None and t.dtype in _AUTOCAST_ELIGIBLE else t.dtype
+
+    w = low(weight)
+    under = "" if ac is None else f" under autocast to {ac}"
+    for what, t in [("input", x)] + matmul_states:
+        if low(t) != w:
+            raise RuntimeError(f"{name}: {what} dtype ({t.dtype}) does not match weight dtype "
+                               f"({weight.dtype}){under}")
+    if ac is None and state.dtype == w:
+        return w, w, w
+    if fused():
+        if torch.promote_types(w, low(state)) != w:
+            raise RuntimeError(
+                f"{name}: {state_name} dtype ({state.dtype}) is wider than the weight dtype "
+                f"({weight.dtype}){under}")
+        return w, w, w
+    s = torch.promote_types(w, state.dtype)
+    return s, (w if proj else s), s
+
+
+def _autocast_off(device_type, ac):
+    # Our casts are explicit (plan_dtypes); F.linear must not recast them.
+    return contextlib.nullcontext() if ac is None else torch.autocast(device_type, enabled=False)
+
+
+def check_devices(name, x, named):
+    """Raises unless every (name, tensor) in `named` is on x's device."""
+    for what, t in named:
+        if t.device != x.device:
+            raise RuntimeError(f"{name}: {what} is on {t.device} but input is on {x.device}")
+
+
+def _layer(lstm, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse):
+    """One op call: (output, h_n) or (output, h_n, c_n)."""
+    if x_proj.numel() == 0:
+        # The op needs B > 0 and torch.nn takes an empty batch. Zero-size results
+        # that still depend on every input, so backward gives torch.nn's zero
+        # gradients rather than None.
+        anchor = sum(t.sum() for t in (x_proj, h0, c0, w_hh, w_hr, b_hh) if t is not None) * 0
+        out = x_proj.new_zeros((*x_proj.shape[:-1], w_hh.size(1))) + anchor
+        return (out, h0 + anchor) + ((c0 + anchor,) if lstm else ())
+    if lstm:
+        return _ops.lstm_layer(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse=reverse)
+    return _ops.gru_layer(x_proj, h0, w_hh, b_hh, batch_sizes, reverse=reverse)
 
 
 def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, training,
@@ -40,27 +126,50 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
     """
     lstm = mode == "LSTM"
     dirs = 2 if bidirectional else 1
-    ac = autocast_dtype(data.device.type)
     h0, c0 = hx if lstm else (hx, None)
-    data, h0, c0 = _cast(data, ac), _cast(h0, ac), _cast(c0, ac)
+    proj = weights[0][4] is not None
+    matmul_states = [("hx[0]" if lstm else "hx", h0)]
+    state_name, state = ("hx[1]", c0) if lstm else ("hx", h0)
+    fused = lambda: _torch_fuses(mode, data, batch_sizes is not None, proj)  # noqa: E731
+    compute, out_dtype, c_dtype = plan_dtypes(mode, data, matmul_states, state_name, state,
+                                              weights[0][0], fused, proj)
+    cast = lambda t: None if t is None else t.to(compute)  # noqa: E731
     h_n, c_n = [], []
-    layer_in = data
-    for layer in range(num_layers):
-        if layer > 0 and dropout > 0 and training:
-            layer_in = F.dropout(layer_in, dropout, True)
-        outs = []
-        for d in range(dirs):
-            k = layer * dirs + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = (_cast(w, ac) for w in weights[k])
-            x_proj = F.linear(layer_in, w_ih, b_ih)
-            if lstm:
-                out, h, c = _ops.lstm_layer(x_proj, h0[k], c0[k], w_hh, w_hr, b_hh,
-                                            batch_sizes, reverse=d == 1)
-                c_n.append(c)
-            else:
-                out, h = _ops.gru_layer(x_proj, h0[k], w_hh, b_hh, batch_sizes, reverse=d == 1)
-            outs.append(out)
-            h_n.append(h)
-        layer_in = outs[0] if dirs == 1 else torch.cat(outs, dim=-1)
-    h_n = torch.stack(h_n)
-    return layer_in, ((h_n, torch.stack(c_n)) if lstm else h_n)
+    with _autocast_off(data.device.type, autocast_dtype(data.device.type)):
+        layer_in, h0, c0 = cast(data), cast(h0), cast(c0)
+        for layer in range(num_layers):
+            if layer > 0 and dropout > 0 and training:
+                layer_in = F.dropout(layer_in, dropout, True)
+            outs = []
+            for d in range(dirs):
+                k = layer * dirs + d
+                w_ih, w_hh, b_ih, b_hh, w_hr = (cast(w) for w in weights[k])
+                res = _layer(lstm, F.linear(layer_in, w_ih, b_ih), h0[k],
+                             c0[k] if lstm else None, w_hh, w_hr, b_hh, batch_sizes, d == 1)
+                outs.append(res[0])
+                h_n.append(res[1])
+                if lstm:
+                    c_n.append(res[2])
+            layer_in = outs[0] if dirs == 1 else torch.cat(outs, dim=-1)
+    h_n = torch.stack(h_n).to(out_dtype)
+    return layer_in.to(out_dtype), ((h_n, torch.stack(c_n).to(c_dtype)) if lstm else h_n)
+
+
+def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh):
+    """One step of LSTMCell or GRUCell: input [B, I], states (h [B, H],) or (h, c).
+    Returns the new states, as a tuple."""
+    lstm = mode == "LSTM"
+    name = f"{mode}Cell"
+    matmul_states = [("hx[0]" if lstm else "hx", states[0])]
+    state_name = "hx[1]" if lstm else "hx"
+    check_devices(name, input, matmul_states + [(state_name, states[-1])])
+    # torch's CUDA cells are fused kernels that autocast casts whole; its CPU cells are unfused.
+    fused = lambda: input.device.type == "cuda"  # noqa: E731
+    compute, out_dtype, c_dtype = plan_dtypes(name, input, matmul_states, state_name, states[-1],
+                                              w_ih, fused)
+    cast = lambda t: None if t is None else t.to(compute)  # noqa: E731
+    with _autocast_off(input.device.type, autocast_dtype(input.device.type)):
+        x_proj = F.linear(cast(input), cast(w_ih), cast(b_ih)).unsqueeze(0)
+        h0, c0 = cast(states[0]), cast(states[-1]) if lstm else None
+        res = _layer(lstm, x_proj, h0, c0, cast(w_hh), None, cast(b_hh), None, False)
+    return (res[1].to(out_dtype), res[2].to(c_dtype)) if lstm else (res[1].to(out_dtype),)

@@ -1,19 +1,38 @@
 """Drop-in replacements for torch.nn.LSTM, GRU, LSTMCell and GRUCell.
 
-Each subclasses its torch.nn counterpart, so constructor arguments and their
-checks, parameter names, shapes, initialisation, state_dict keys, repr and the
-input checks are torch's own; only the computation is ours.
+Constructor arguments and their checks, parameter names, shapes,
+initialisation, state_dict keys, repr and the input checks are torch's own;
+only the computation is ours.
+
+Note [Not a subclass of nn.LSTM]
+LSTM and GRU subclass nn.RNNBase and borrow nn.LSTM's methods rather than
+subclass nn.LSTM and nn.GRU: torch.compile refuses to trace any instance of
+nn.RNN, nn.GRU or nn.LSTM (torch._dynamo.config.allow_rnn), which would rule
+out fullgraph=True. The cells subclass nn.LSTMCell and nn.GRUCell.
 """
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _ops
-from .functional import autocast_dtype, rnn_layers
+from .functional import cell, check_devices, rnn_layers
 
 
-class _FusedRNNBase:
-    """Shared forward of LSTM and GRU (mixed into the torch.nn classes)."""
+def _check_size(t, expected, what, short_rank_error=RuntimeError):
+    """torch.nn's check_hidden_size. Under torch.compile a packed batch size
+    (batch_sizes[0]) is data, so there the comparison is a runtime assert
+    (torch._check) rather than a guard."""
+    msg = lambda: f"Expected {what} size {expected}, got {list(t.size())}"  # noqa: E731
+    if t.dim() != len(expected):
+        raise (short_rank_error if t.dim() < len(expected) else RuntimeError)(msg())
+    if torch.compiler.is_compiling():
+        for got, want in zip(t.shape, expected):
+            torch._check(got == want, lambda: f"Expected {what} size does not match hx")
+    elif t.size() != expected:
+        raise RuntimeError(msg())
+
+
+class _FusedRNNBase(nn.RNNBase):
+    """Shared forward of LSTM and GRU."""
 
     def _layer_weights(self):
         suffixes = ["", "_reverse"] if self.bidirectional else [""]
@@ -25,30 +44,43 @@ class _FusedRNNBase:
                             get("weight_hr") if self.proj_size > 0 else None))
         return out
 
-    def _zeros(self, size, ref):
-        return torch.zeros(size, dtype=ref.dtype, device=ref.device)
-
-    def _check_hidden_dtype(self, input, hx):
-        for i, h in enumerate(hx if isinstance(hx, tuple) else (hx,)):
-            if h.dtype != input.dtype and autocast_dtype(input.device.type) is None:
-                raise RuntimeError(
-                    f"{type(self).__name__}: hx{'[%d]' % i if isinstance(hx, tuple) else ''} "
-                    f"dtype ({h.dtype}) does not match input dtype ({input.dtype})")
-            if h.device != input.device:
-                raise RuntimeError(
-                    f"{type(self).__name__}: hx{'[%d]' % i if isinstance(hx, tuple) else ''} "
-                    f"is on {h.device} but input is on {input.device}")
+    def _check_args(self, data, hx, batch_sizes, max_batch):
+        """torch.nn's check_forward_args, with the packed batch size passed in."""
+        lstm = self.mode == "LSTM"
+        # torch.nn.LSTM runs no Python checks on packed input: its errors come
+        # from ATen, RuntimeError, or IndexError for an hx of too low a rank.
+        # Same types here, with the messages of torch.nn's Python checks.
+        aten_errors = lstm and batch_sizes is not None
+        try:
+            self.check_input(data, batch_sizes)
+        except ValueError as e:
+            if not aten_errors:
+                raise
+            raise RuntimeError(str(e)) from None
+        rank_error = IndexError if aten_errors else RuntimeError
+        expected = (self.num_layers * (2 if self.bidirectional else 1), max_batch,
+                    self.proj_size if self.proj_size > 0 else self.hidden_size)
+        if lstm:
+            _check_size(hx[0], expected, "hidden[0]", rank_error)
+            _check_size(hx[1], expected[:2] + (self.hidden_size,), "hidden[1]", rank_error)
+        else:
+            _check_size(hx, expected, "hidden")
 
     def forward(self, input, hx=None):
+        self._update_flat_weights()
         lstm = self.mode == "LSTM"
-        name = "LSTM" if lstm else "GRU"
+        name = self.mode
         dirs = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            max_batch = int(batch_sizes[0])
+            # sorted_indices.numel() == batch_sizes[0], but is static under torch.compile.
+            max_batch = (sorted_indices.numel() if sorted_indices is not None
+                         else int(batch_sizes[0]))
             is_batched = True
+            if hx is not None:
+                hx = self.permute_hidden(hx, sorted_indices)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -57,29 +89,31 @@ class _FusedRNNBase:
             data = input if is_batched else input.unsqueeze(batch_dim)
             batch_sizes = sorted_indices = unsorted_indices = None
             max_batch = data.size(batch_dim)
+            if hx is not None:
+                hs = (hx[0], hx[1]) if lstm else (hx,)
+                want = 3 if is_batched else 2
+                if any(h.dim() != want for h in hs):
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    if lstm:
+                        raise RuntimeError(
+                            f"For {kind} input, hx and cx should also be {want}-D but got "
+                            f"({hs[0].dim()}-D, {hs[1].dim()}-D) tensors")
+                    raise RuntimeError(
+                        f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
+                if not is_batched:
+                    hx = tuple(h.unsqueeze(1) for h in hs) if lstm else hx.unsqueeze(1)
 
         if hx is None:
-            h0 = self._zeros((self.num_layers * dirs, max_batch, out_size), data)
-            hx = (h0, self._zeros((self.num_layers * dirs, max_batch, self.hidden_size), data)) \
+            opts = dict(dtype=data.dtype, device=data.device)
+            h0 = torch.zeros(self.num_layers * dirs, max_batch, out_size, **opts)
+            hx = (h0, torch.zeros(self.num_layers * dirs, max_batch, self.hidden_size, **opts)) \
                 if lstm else h0
-        elif not packed:
-            hs = hx if lstm else (hx,)
-            want = 3 if is_batched else 2
-            if any(h.dim() != want for h in hs):
-                kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                if lstm:
-                    raise RuntimeError(
-                        f"For {kind} input, hx and cx should also be {want}-D but got "
-                        f"({hs[0].dim()}-D, {hs[1].dim()}-D) tensors")
-                raise RuntimeError(
-                    f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
-            if not is_batched:
-                hx = tuple(h.unsqueeze(1) for h in hs) if lstm else hx.unsqueeze(1)
-        else:
-            hx = self.permute_hidden(hx, sorted_indices)
-
-        self.check_forward_args(data, hx, batch_sizes)
-        self._check_hidden_dtype(data, hx)
+        elif lstm and len(hx) != 2:
+            raise RuntimeError(f"LSTM expects two hidden states (h_0, c_0), got {len(hx)}")
+        self._check_args(data, hx, batch_sizes, max_batch)
+        if not packed and data.size(1 if self.batch_first else 0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        check_devices(name, data, list(zip(("hx[0]", "hx[1]"), hx)) if lstm else [("hx", hx)])
         if not packed and self.batch_first:
             data = data.transpose(0, 1)
         output, hidden = rnn_layers(self.mode, data, batch_sizes, hx, self._layer_weights(),
@@ -91,17 +125,31 @@ class _FusedRNNBase:
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:
-            output = output.squeeze(1)
+            output = output.squeeze(batch_dim)
             hidden = tuple(h.squeeze(1) for h in hidden) if lstm else hidden.squeeze(1)
         return output, hidden
 
 
-class LSTM(_FusedRNNBase, nn.LSTM):
-    """torch.nn.LSTM computed by fusedrnn's kernels (same arguments and outputs)."""
+class LSTM(_FusedRNNBase):
+    """torch.nn.LSTM computed by fusedrnn's kernels (same arguments and outputs).
+    See Note [Not a subclass of nn.LSTM]."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
 
-class GRU(_FusedRNNBase, nn.GRU):
-    """torch.nn.GRU computed by fusedrnn's kernels (same arguments and outputs)."""
+class GRU(_FusedRNNBase):
+    """torch.nn.GRU computed by fusedrnn's kernels (same arguments and outputs).
+    See Note [Not a subclass of nn.LSTM]."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
 
 
 def _cell_inputs(cell, name, input, hx, n_states):
@@ -121,7 +169,9 @@ def _cell_inputs(cell, name, input, hx, n_states):
         zeros = torch.zeros(input.size(0), cell.hidden_size, dtype=input.dtype, device=input.device)
         states = (zeros,) * n_states
     elif not batched:
-        states = tuple(s.unsqueeze(0) for s in states)
+        states = tuple(states[i].unsqueeze(0) for i in range(n_states))
+    if len(states) != n_states:
+        raise RuntimeError("lstm_cell expects two hidden states")
     if input.size(1) != cell.input_size:
         raise RuntimeError(
             f"input has inconsistent input_size: got {input.size(1)} expected {cell.input_size}")
@@ -132,32 +182,16 @@ def _cell_inputs(cell, name, input, hx, n_states):
         if s.size(1) != cell.hidden_size:
             raise RuntimeError(
                 f"hidden{idx} has inconsistent hidden_size: got {s.size(1)}, expected {cell.hidden_size}")
-    for s in states:
-        if s.dtype != input.dtype or input.dtype != cell.weight_ih.dtype:
-            raise RuntimeError(
-                f"mat1 and mat2 must have the same dtype, but got {input.dtype} and "
-                f"{cell.weight_ih.dtype if s.dtype == input.dtype else s.dtype}")
     return input, states, batched
-
-
-def _cell_cast(cell, input, states):
-    ac = autocast_dtype(input.device.type, cell=True)
-    ws = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-    if ac is None:
-        return input, states, ws
-    cast = lambda t: None if t is None else t.to(ac)  # noqa: E731
-    return cast(input), tuple(cast(s) for s in states), tuple(cast(w) for w in ws)
 
 
 class LSTMCell(nn.LSTMCell):
     """torch.nn.LSTMCell computed by fusedrnn's kernels: one op call with T = 1."""
 
     def forward(self, input, hx=None):
-        input, (h0, c0), batched = _cell_inputs(self, "LSTMCell", input, hx, 2)
-        with torch.autocast(input.device.type, enabled=False):
-            input, (h0, c0), (w_ih, w_hh, b_ih, b_hh) = _cell_cast(self, input, (h0, c0))
-            x_proj = torch.nn.functional.linear(input, w_ih, b_ih).unsqueeze(0)
-            _, h, c = _ops.lstm_layer(x_proj, h0, c0, w_hh, None, b_hh)
+        input, states, batched = _cell_inputs(self, "LSTMCell", input, hx, 2)
+        h, c = cell("LSTM", input, states, self.weight_ih, self.weight_hh, self.bias_ih,
+                    self.bias_hh)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -165,9 +199,7 @@ class GRUCell(nn.GRUCell):
     """torch.nn.GRUCell computed by fusedrnn's kernels: one op call with T = 1."""
 
     def forward(self, input, hx=None):
-        input, (h0,), batched = _cell_inputs(self, "GRUCell", input, hx, 1)
-        with torch.autocast(input.device.type, enabled=False):
-            input, (h0,), (w_ih, w_hh, b_ih, b_hh) = _cell_cast(self, input, (h0,))
-            x_proj = torch.nn.functional.linear(input, w_ih, b_ih).unsqueeze(0)
-            _, h = _ops.gru_layer(x_proj, h0, w_hh, b_hh)
+        input, states, batched = _cell_inputs(self, "GRUCell", input, hx, 1)
+        (h,) = cell("GRU", input, states, self.weight_ih, self.weight_hh, self.bias_ih,
+                    self.bias_hh)
         return h if batched else h.squeeze(0)

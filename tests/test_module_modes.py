@@ -1,0 +1,228 @@
+"""The modules under torch.compile(fullgraph=True), torch.no_grad,
+torch.inference_mode and autocast, and backward after an eval-mode forward."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusedrnn
+
+from helpers import B, H, I, P, T, rel_err
+from module_helpers import (fresh_leaves, flat_outputs, outputs_and_grads, rnn_call_args,
+                            rnn_inputs, twins)
+
+F64_TOL = 1e-10
+
+MODULES = [
+    pytest.param("LSTM", dict(num_layers=2, bidirectional=True, proj_size=P), id="lstm-bi-proj"),
+    pytest.param("GRU", dict(num_layers=2, bidirectional=True, batch_first=True), id="gru-bi-bf"),
+]
+
+
+def _cell_call(kind, device, dtype, hx_given=True):
+    leaves = {"x": torch.randn(B, I, device=device, dtype=dtype)}
+    if hx_given:
+        leaves["h0"] = torch.randn(B, H, device=device, dtype=dtype)
+        if kind == "LSTMCell":
+            leaves["c0"] = torch.randn(B, H, device=device, dtype=dtype)
+    return leaves
+
+
+def _cell_args(leaves):
+    if "h0" not in leaves:
+        return (leaves["x"],)
+    return (leaves["x"], (leaves["h0"], leaves["c0"]) if "c0" in leaves else leaves["h0"])
+
+
+# ------------------------------------------------------------------ torch.compile
+# Each layout with and without hx across the two modules (packed with hx is
+# the data-dependent case: batch_sizes[0] against hx's batch).
+COMPILE_CASES = [pytest.param(*m.values, layout, hx_given,
+                              id=f"{m.id}-{layout}-{'hx' if hx_given else 'nohx'}")
+                 for i, m in enumerate(MODULES)
+                 for j, layout in enumerate(["padded", "unbatched", "packed", "packed_unsorted"])
+                 for hx_given in [(i + j) % 2 == 1]]
+
+
+@pytest.mark.parametrize("kind,kw,layout,hx_given", COMPILE_CASES)
+def test_compile_fullgraph_matches_eager(device, kind, kw, layout, hx_given):
+    torch._dynamo.reset()
+    ours = getattr(fusedrnn, kind)(I, H, device=device, **kw)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    leaves = rnn_inputs(ours, layout, hx_given, device, torch.float32)
+    le, lc = fresh_leaves(leaves), fresh_leaves(leaves)
+    _, want, want_g, w = outputs_and_grads(ours, rnn_call_args(ours, layout, le), le)
+    _, got, got_g, _ = outputs_and_grads(compiled, rnn_call_args(ours, layout, lc), lc, weights=w)
+    for a, e in list(zip(got, want)) + [(got_g[n], want_g[n]) for n in want_g]:
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+def test_compile_fullgraph_cells(device, kind):
+    torch._dynamo.reset()
+    ours = getattr(fusedrnn, kind)(I, H, device=device)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    leaves = _cell_call(kind, device, torch.float32)
+    le, lc = fresh_leaves(leaves), fresh_leaves(leaves)
+    _, want, want_g, w = outputs_and_grads(ours, _cell_args(le), le)
+    _, got, got_g, _ = outputs_and_grads(compiled, _cell_args(lc), lc, weights=w)
+    for a, e in list(zip(got, want)) + [(got_g[n], want_g[n]) for n in want_g]:
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_compile_fullgraph_model_with_dropout_in_training():
+    """A model around the modules, in training mode with dropout, in one graph."""
+    torch._dynamo.reset()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = fusedrnn.LSTM(I, H, num_layers=2, dropout=0.5)
+            self.cell = fusedrnn.GRUCell(H, H)
+            self.head = nn.Linear(H, 1)
+
+        def forward(self, x):
+            out, (h, _) = self.rnn(x)
+            return self.head(self.cell(out[-1], h[-1])).sum()
+
+    model = Model()
+    loss = torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(T, B, I))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ no_grad, inference_mode
+ALL_KINDS = [pytest.param("LSTM", dict(num_layers=2, bidirectional=True), id="lstm"),
+             pytest.param("GRU", dict(num_layers=2), id="gru"),
+             pytest.param("LSTMCell", {}, id="lstmcell"), pytest.param("GRUCell", {}, id="grucell")]
+
+
+def _call(module, kind, device, dtype=torch.float64):
+    if kind.endswith("Cell"):
+        return module(*_cell_args(_cell_call(kind, device, dtype)))
+    leaves = rnn_inputs(module, "packed_unsorted", True, device, dtype)
+    return module(*rnn_call_args(module, "packed_unsorted", leaves))
+
+
+@pytest.mark.parametrize("kind,kw", ALL_KINDS)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_grad_and_inference_mode(device, kind, kw, mode):
+    ref, ours = twins(kind, device, torch.float64, **kw)
+    torch.manual_seed(1)
+    want = flat_outputs(_call(ref, kind, device))
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        torch.manual_seed(1)
+        got = flat_outputs(_call(ours, kind, device))
+    for g, w in zip(got, want):
+        assert not g.requires_grad and g.grad_fn is None
+        assert g.is_inference() == (mode == "inference_mode")
+        assert rel_err(g, w.detach()) < F64_TOL
+
+
+# ------------------------------------------------------------------ eval-mode backward
+@pytest.mark.parametrize("kind,kw", ALL_KINDS)
+def test_backward_after_eval_mode_forward(device, kind, kw):
+    ref, ours = twins(kind, device, torch.float64, dropout=0.3, **kw) if not kind.endswith("Cell") \
+        else twins(kind, device, torch.float64)
+    ref.eval(), ours.eval()
+    if kind.endswith("Cell"):
+        leaves = _cell_call(kind, device, torch.float64)
+        args = _cell_args
+    else:
+        leaves = rnn_inputs(ref, "padded", True, device, torch.float64)
+        args = lambda lv: rnn_call_args(ref, "padded", lv)  # noqa: E731
+    lr, lo = fresh_leaves(leaves), fresh_leaves(leaves)
+    _, want, want_g, w = outputs_and_grads(ref, args(lr), lr)
+    _, got, got_g, _ = outputs_and_grads(ours, args(lo), lo, weights=w)
+    for a, e in list(zip(got, want)) + [(got_g[n], want_g[n]) for n in want_g]:
+        assert rel_err(a, e) < F64_TOL
+
+
+# ------------------------------------------------------------------ autocast
+AUTOCAST_CASES = [
+    # (kind, module kwargs, layout, input dtype, states given in this dtype or None)
+    ("LSTM", dict(num_layers=2), "padded", torch.float32, None),
+    ("LSTM", dict(num_layers=2, bidirectional=True), "padded", torch.float32, torch.float32),
+    ("LSTM", dict(num_layers=2), "padded", torch.bfloat16, None),
+    ("LSTM", dict(num_layers=2), "packed_unsorted", torch.float32, None),
+    ("LSTM", dict(num_layers=2), "packed", torch.float32, torch.bfloat16),
+    ("LSTM", dict(proj_size=P), "padded", torch.float32, None),
+    ("LSTM", dict(proj_size=P), "packed", torch.bfloat16, torch.float32),
+    ("GRU", dict(num_layers=2, bidirectional=True), "padded", torch.float32, None),
+    ("GRU", dict(num_layers=2), "padded", torch.float32, torch.bfloat16),
+    ("GRU", dict(num_layers=2), "packed_unsorted", torch.bfloat16, None),
+    ("GRU", dict(), "unbatched", torch.bfloat16, torch.float32),
+    ("LSTMCell", dict(), None, torch.float32, None),
+    ("LSTMCell", dict(), None, torch.bfloat16, torch.float32),
+    ("GRUCell", dict(), None, torch.float32, torch.float32),
+    ("GRUCell", dict(), None, torch.bfloat16, None),
+]
+
+
+def _autocast_leaves(kind, module, layout, x_dtype, h_dtype, device):
+    if kind.endswith("Cell"):
+        leaves = _cell_call(kind, device, torch.float64, hx_given=h_dtype is not None)
+    else:
+        leaves = rnn_inputs(module, layout, h_dtype is not None, device, torch.float64)
+    return {k: v.to(x_dtype if k == "x" else h_dtype) for k, v in leaves.items()}
+
+
+def _autocast_run(module, kind, layout, leaves, weights=None, autocast=True):
+    lv = fresh_leaves(leaves)
+    args = _cell_args(lv) if kind.endswith("Cell") else rnn_call_args(module, layout, lv)
+    with torch.autocast(lv["x"].device.type, dtype=torch.bfloat16, enabled=autocast):
+        return outputs_and_grads(module, args, lv, weights=weights)
+
+
+def _autocast_id(case):
+    kind, kw, layout, x_dtype, h_dtype = case
+    dt = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    return "-".join([kind, *kw, layout or "cell", f"x_{dt(x_dtype)}",
+                     f"hx_{dt(h_dtype)}" if h_dtype else "nohx"])
+
+
+@pytest.mark.parametrize("kind,kw,layout,x_dtype,h_dtype", AUTOCAST_CASES,
+                         ids=[_autocast_id(c) for c in AUTOCAST_CASES])
+def test_autocast_bf16_dtypes_and_values(kind, kw, layout, x_dtype, h_dtype):
+    """CPU autocast to bfloat16: every output in torch.nn's dtype, and outputs and
+    gradients no further from a float64 run than a small multiple of torch.nn's
+    own error under the same autocast."""
+    ref, ours = twins(kind, "cpu", torch.float32, **kw)
+    leaves = _autocast_leaves(kind, ref, layout, x_dtype, h_dtype, "cpu")
+    _, want, want_g, w = _autocast_run(ref, kind, layout, leaves)
+    _, got, got_g, _ = _autocast_run(ours, kind, layout, leaves, weights=w)
+    assert [o.dtype for o in got] == [o.dtype for o in want]
+    ref64 = copy.deepcopy(ref).double()
+    _, exact, exact_g, _ = _autocast_run(
+        ref64, kind, layout, {k: v.double() for k, v in leaves.items()}, weights=w, autocast=False)
+    for g, t, e in list(zip(got, want, exact)) + [(got_g[n], want_g[n], exact_g[n])
+                                                   for n in exact_g]:
+        assert g.dtype == t.dtype
+        ours_err, theirs = rel_err(g, e), rel_err(t, e)
+        # bfloat16 keeps 8 bits: torch's own error here is ~1e-3 to 1e-2.
+        assert ours_err <= 4 * theirs + 2 ** -8, (ours_err, theirs)
+
+
+def test_autocast_leaves_float64_alone():
+    """Autocast never casts float64: a float64 model runs in float64, as torch.nn's."""
+    ref, ours = twins("GRU", "cpu", torch.float64, num_layers=2)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ours(x), ref(x)
+    for g, w in zip(flat_outputs(got), flat_outputs(want)):
+        assert g.dtype == w.dtype == torch.float64
+        assert rel_err(g, w) < F64_TOL
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_autocast_follows_torch_when_onednn_is_off(kind):
+    """torch.nn's CPU LSTM leaves oneDNN (and so its result dtype) with the flag."""
+    ref, ours = twins(kind, "cpu", torch.float32)
+    x = torch.randn(T, B, I)
+    for enabled in (True, False):
+        with torch.backends.mkldnn.flags(enabled=enabled), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = flat_outputs(ours(x)), flat_outputs(ref(x))
+        assert [g.dtype for g in got] == [w.dtype for w in want]
