@@ -1,8 +1,8 @@
 """Layer stacking, directions, packed sequences, dropout and dtypes around the ops.
 
 One op call per layer and direction; no Python loop over time steps. The input
-projection x W_ih^T + b_ih of all steps is one GEMM (F.linear) per layer and
-direction, so autograd forms dW_ih and db_ih with one GEMM/reduction each.
+projection x W_ih^T + b_ih of all steps is one GEMM (fusedrnn::linear) per layer
+and direction, so autograd forms dW_ih and db_ih with one GEMM/reduction each.
 
 Note [Autocast]
 torch.nn's result dtypes under autocast depend on the implementation it
@@ -89,7 +89,7 @@ def plan_dtypes(name, x, matmul_states, state_name, state, weight, fused, proj=F
 
 
 def _autocast_off(device_type, ac):
-    # Our casts are explicit (plan_dtypes); F.linear must not recast them.
+    # Our casts are explicit (plan_dtypes); nothing inside may recast them.
     return contextlib.nullcontext() if ac is None else torch.autocast(device_type, enabled=False)
 
 
@@ -100,7 +100,7 @@ def check_devices(name, x, named):
             raise RuntimeError(f"{name}: {what} is on {t.device} but input is on {x.device}")
 
 
-def _layer(lstm, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse):
+def _layer(lstm, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, reset_after=True):
     """One op call: (output, h_n) or (output, h_n, c_n)."""
     if x_proj.numel() == 0:
         # The op needs B > 0 and torch.nn takes an empty batch. Zero-size results
@@ -111,17 +111,19 @@ def _layer(lstm, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse):
         return (out, h0 + anchor) + ((c0 + anchor,) if lstm else ())
     if lstm:
         return _ops.lstm_layer(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse=reverse)
-    return _ops.gru_layer(x_proj, h0, w_hh, b_hh, batch_sizes, reverse=reverse)
+    return _ops.gru_layer(x_proj, h0, w_hh, b_hh, batch_sizes, reverse=reverse,
+                          reset_after=reset_after)
 
 
 def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, training,
-               bidirectional):
+               bidirectional, reset_after=True):
     """Runs the stack.
 
     mode: "LSTM" or "GRU". data: [T, B, I] (time-major) or packed [N, I] with
     batch_sizes. hx: h0 [L*D, B, P] (and c0 [L*D, B, H] for LSTM, as a tuple).
     weights: one (w_ih, w_hh, b_ih, b_hh, w_hr) tuple per layer and direction,
     in torch's order (layer-major, forward before reverse); absent ones None.
+    reset_after: GRU form (False: the classic one, reference.gru_cell).
     Returns output ([T, B, D*P] or [N, D*P]) and h_n (LSTM: (h_n, c_n)).
     """
     lstm = mode == "LSTM"
@@ -144,8 +146,9 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
             for d in range(dirs):
                 k = layer * dirs + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = (cast(w) for w in weights[k])
-                res = _layer(lstm, F.linear(layer_in, w_ih, b_ih), h0[k],
-                             c0[k] if lstm else None, w_hh, w_hr, b_hh, batch_sizes, d == 1)
+                res = _layer(lstm, _ops.linear(layer_in, w_ih, b_ih), h0[k],
+                             c0[k] if lstm else None, w_hh, w_hr, b_hh, batch_sizes, d == 1,
+                             reset_after)
                 outs.append(res[0])
                 h_n.append(res[1])
                 if lstm:
@@ -155,7 +158,7 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
     return layer_in.to(out_dtype), ((h_n, torch.stack(c_n).to(c_dtype)) if lstm else h_n)
 
 
-def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh):
+def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True):
     """One step of LSTMCell or GRUCell: input [B, I], states (h [B, H],) or (h, c).
     Returns the new states, as a tuple."""
     lstm = mode == "LSTM"
@@ -169,7 +172,8 @@ def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh):
                                               w_ih, fused)
     cast = lambda t: None if t is None else t.to(compute)  # noqa: E731
     with _autocast_off(input.device.type, autocast_dtype(input.device.type)):
-        x_proj = F.linear(cast(input), cast(w_ih), cast(b_ih)).unsqueeze(0)
+        x_proj = _ops.linear(cast(input), cast(w_ih), cast(b_ih)).unsqueeze(0)
         h0, c0 = cast(states[0]), cast(states[-1]) if lstm else None
-        res = _layer(lstm, x_proj, h0, c0, cast(w_hh), None, cast(b_hh), None, False)
+        res = _layer(lstm, x_proj, h0, c0, cast(w_hh), None, cast(b_hh), None, False,
+                     reset_after)
     return (res[1].to(out_dtype), res[2].to(c_dtype)) if lstm else (res[1].to(out_dtype),)

@@ -118,7 +118,7 @@ class _FusedRNNBase(nn.RNNBase):
             data = data.transpose(0, 1)
         output, hidden = rnn_layers(self.mode, data, batch_sizes, hx, self._layer_weights(),
                                     self.num_layers, self.dropout, self.training,
-                                    self.bidirectional)
+                                    self.bidirectional, getattr(self, "reset_after", True))
         if packed:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return output, self.permute_hidden(hidden, unsorted_indices)
@@ -144,12 +144,23 @@ class LSTM(_FusedRNNBase):
 
 class GRU(_FusedRNNBase):
     """torch.nn.GRU computed by fusedrnn's kernels (same arguments and outputs).
-    See Note [Not a subclass of nn.LSTM]."""
+    See Note [Not a subclass of nn.LSTM].
 
-    def __init__(self, *args, **kwargs):
+    reset_after=False (beyond torch.nn) selects the classic form of Cho et al.,
+    n = tanh(W_in x + b_in + W_hn (r * h) + b_hn); the default True is torch's
+    and cuDNN's, n = tanh(W_in x + b_in + r * (W_hn h + b_hn)). Parameters are
+    the same, so a checkpoint loads into either form.
+    """
+
+    def __init__(self, *args, reset_after=True, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
+        self.reset_after = bool(reset_after)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
 
 
 def _cell_inputs(cell, name, input, hx, n_states):
@@ -196,10 +207,20 @@ class LSTMCell(nn.LSTMCell):
 
 
 class GRUCell(nn.GRUCell):
-    """torch.nn.GRUCell computed by fusedrnn's kernels: one op call with T = 1."""
+    """torch.nn.GRUCell computed by fusedrnn's kernels: one op call with T = 1.
+    reset_after=False selects the classic form, as for GRU."""
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None,
+                 reset_after=True):
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.reset_after = bool(reset_after)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
 
     def forward(self, input, hx=None):
         input, states, batched = _cell_inputs(self, "GRUCell", input, hx, 1)
         (h,) = cell("GRU", input, states, self.weight_ih, self.weight_hh, self.bias_ih,
-                    self.bias_hh)
+                    self.bias_hh, getattr(self, "reset_after", True))
         return h if batched else h.squeeze(0)
