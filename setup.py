@@ -97,10 +97,13 @@ def extensions():
     sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp"]
     # Compiled for AVX-512 and linked last: see Note [AVX-512 translation unit].
     avx512_sources = ["csrc/cpu/fused_cpu.cpp"]
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template; without OpenMP in this
+    # build it runs on one thread. libgomp is the one torch already loaded.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if not use_cuda:
         return [CppExtension("fusedrnn._C", sources + avx512_sources,
-                             extra_compile_args={"cxx": cxx})], None
+                             extra_compile_args={"cxx": cxx}, extra_link_args=link)], None
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
     print(f"fusedrnn: building CUDA kernels with {cuda_home} "
@@ -110,6 +113,7 @@ def extensions():
         sources + ["csrc/cuda/rnn_cuda.cu"] + avx512_sources,
         include_dirs=nvidia_pip_includes(),
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        extra_link_args=link,
     )
     return [ext], cuda_home
 
