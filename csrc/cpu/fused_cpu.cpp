@@ -23,6 +23,10 @@
 #include "fused_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <atomic>
+#include <thread>
 
 #include "../checks.h"
 #include "../gates.h"
@@ -92,17 +96,6 @@ Tensor pack_transposed_panels(const Tensor& w) {
   return packed;
 }
 
-// One contiguous range of panels per thread; the GEMM of every panel runs
-// over all M rows, then the epilogue.
-template <int NV, typename Epi>
-void parallel_panels(int64_t P, int64_t M, int64_t K, const float* a, int64_t sam,
-                     const float* packed, const Epi& epi) {
-  const int64_t grain = ceil_div(P, at::get_num_threads());
-  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    run_panels<NV>(p0, p1, M, K, a, sam, 1, packed, epi);
-  });
-}
-
 // The epilogue alone, with the recurrent term read from rec [M, ldr].
 template <typename Epi>
 void epilogue_only(int64_t p0, int64_t p1, int64_t M, const float* rec,
@@ -110,13 +103,61 @@ void epilogue_only(int64_t p0, int64_t p1, int64_t M, const float* rec,
   for (int64_t p = p0; p < p1; ++p) epi(rec ? rec + p * units_per_panel : nullptr, ldr, 0, M, p);
 }
 
-template <typename Epi>
-void parallel_epilogue(int64_t P, int64_t M, const float* rec, int64_t ldr,
-                       int64_t units_per_panel, const Epi& epi) {
-  const int64_t grain = ceil_div(P, at::get_num_threads());
-  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    epilogue_only(p0, p1, M, rec, ldr, units_per_panel, epi);
-  });
+// Note [one parallel region per sequence]
+// A fork/join per time step costs tens of microseconds when idle OpenMP
+// threads sleep (OMP_WAIT_POLICY=PASSIVE), as much as a whole small step. So
+// the time loop runs inside one parallel region, each thread on its own
+// contiguous panel range, with a spin barrier between steps that yields to
+// the OS after a while, so an oversubscribed machine still makes progress.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void wait() {
+    const int gen = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < kSpinsBeforeYield) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSpinsBeforeYield = 1 << 14;
+  const int n_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
+};
+
+// body(step, p0, p1) for step in [0, steps), panels [p0, p1) per thread, a
+// barrier after every step. body must not throw.
+template <typename Body>
+void run_steps(int64_t steps, int64_t P, const Body& body) {
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), P);
+  if (nt <= 1 || at::in_parallel_region()) {
+    for (int64_t s = 0; s < steps; ++s) body(s, 0, P);
+    return;
+  }
+  SpinBarrier barrier(static_cast<int>(nt));
+  // No num_threads clause (GOMP thread-pool trouble, as ATen notes); threads
+  // beyond nt leave at once.
+#pragma omp parallel
+  {
+    const int64_t tid = omp_get_thread_num();
+    if (tid < nt) {
+      const int64_t p0 = P * tid / nt, p1 = P * (tid + 1) / nt;
+      for (int64_t s = 0; s < steps; ++s) {
+        body(s, p0, p1);
+        barrier.wait();
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------ epilogues
@@ -339,16 +380,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused(
   Tensor gates = at::empty({train ? T * B : 0, kLstmGates * H}, x.options());
   Tensor cells = at::empty({train ? T * B : 0, H}, x.options());
   float* o = out.data_ptr<float>();
-  for (int64_t s = 0; s < T; ++s) {
+  const float *xp = x.data_ptr<float>(), *bp = bias.data_ptr<float>(), *wp = packed.data_ptr<float>();
+  float *cp = c.data_ptr<float>(), *gp = train ? gates.data_ptr<float>() : nullptr;
+  float* clp = train ? cells.data_ptr<float>() : nullptr;
+  const float* h0p = h0c.data_ptr<float>();
+  run_steps(T, ceil_div(H, kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
     const int64_t t = st.time_at(s);
-    const float* a = s == 0 ? h0c.data_ptr<float>() : o + st.time_at(s - 1) * B * H;
-    LstmForwardEpi epi{H, x.data_ptr<float>() + t * B * 4 * H, bias.data_ptr<float>(),
-                       c.data_ptr<float>(), o + t * B * H,
-                       train ? gates.data_ptr<float>() + t * B * 4 * H : nullptr,
-                       train ? cells.data_ptr<float>() + t * B * H : nullptr};
-    parallel_panels<kLstmGates * kGateNV>(ceil_div(H, kLanes), B, H, a, H,
-                                          packed.data_ptr<float>(), epi);
-  }
+    const float* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
+    const LstmForwardEpi epi{H, xp + t * B * 4 * H, bp, cp, o + t * B * H,
+                             gp ? gp + t * B * 4 * H : nullptr, clp ? clp + t * B * H : nullptr};
+    run_panels<kLstmGates * kGateNV>(p0, p1, B, H, a, H, 1, wp, epi);
+  });
   Tensor h_n = out[st.time_at(T - 1)].clone();
   return {out, h_n, c, gates, cells};
 }
@@ -363,24 +405,34 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const
   Tensor out = at::empty({T, B, H}, x.options());
   Tensor gates = at::empty({train ? T * B : 0, kGruSaved * H}, x.options());
   float* o = out.data_ptr<float>();
-  for (int64_t s = 0; s < T; ++s) {
+  const float *xp = x.data_ptr<float>(), *bp = bias.data_ptr<float>(), *wp = packed.data_ptr<float>();
+  const float* h0p = h0c.data_ptr<float>();
+  float* gp = train ? gates.data_ptr<float>() : nullptr;
+  run_steps(T, ceil_div(H, kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
     const int64_t t = st.time_at(s);
-    const float* a = s == 0 ? h0c.data_ptr<float>() : o + st.time_at(s - 1) * B * H;
-    GruForwardEpi epi{H, x.data_ptr<float>() + t * B * 3 * H, bias.data_ptr<float>(), a,
-                      o + t * B * H, train ? gates.data_ptr<float>() + t * B * 4 * H : nullptr};
-    parallel_panels<kGruGates * kGateNV>(ceil_div(H, kLanes), B, H, a, H,
-                                         packed.data_ptr<float>(), epi);
-  }
+    const float* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
+    const GruForwardEpi epi{H, xp + t * B * 3 * H, bp, a, o + t * B * H,
+                            gp ? gp + t * B * kGruSaved * H : nullptr};
+    run_panels<kGruGates * kGateNV>(p0, p1, B, H, a, H, 1, wp, epi);
+  });
   Tensor h_n = out[st.time_at(T - 1)].clone();
   return {out, h_n, gates};
 }
 
-// The hidden state each step read, [T*B, H] (time-major like out).
-static Tensor states_before(const Tensor& out, const Tensor& h0, bool reverse) {
-  const int64_t T = out.size(0), B = out.size(1), H = out.size(2);
+// dW_hh = sum over steps of dG_t^T h_{t-1}: one GEMM over the T-1 steps whose
+// h_{t-1} is an output row (read in place, no gathered copy), plus h0's step.
+// dg: [T*B, G], out: [T, B, H], h0: [B, H] -> [G, H]
+static Tensor recurrent_weight_grad(const Tensor& dg, const Tensor& out, const Tensor& h0,
+                                    bool reverse) {
+  const int64_t T = out.size(0), B = out.size(1), H = out.size(2), BT = B * (T - 1);
   const Tensor o = out.reshape({T * B, H});
-  const int64_t BT = B * (T - 1);
-  return reverse ? at::cat({o.narrow(0, B, BT), h0}) : at::cat({h0, o.narrow(0, 0, BT)});
+  // Forward: step t reads out[t-1], step 0 reads h0. Reverse: t reads out[t+1], T-1 reads h0.
+  const Tensor dg_h0 = dg.narrow(0, reverse ? BT : 0, B);
+  Tensor d_w = at::mm(dg_h0.t(), h0);
+  if (T > 1) {
+    d_w.addmm_(dg.narrow(0, reverse ? 0 : B, BT).t(), o.narrow(0, reverse ? B : 0, BT));
+  }
+  return d_w;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
@@ -396,22 +448,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
   Tensor dg = at::empty({T * B, G}, go.options());
   Tensor dc = grad_c_n.contiguous().clone();
   Tensor d_h0 = at::empty({B, H}, go.options());
+  const float *gop = go.data_ptr<float>(), *gtp = gts.data_ptr<float>(), *clp = cls.data_ptr<float>();
+  const float *c0p = c0c.data_ptr<float>(), *wp = packed.data_ptr<float>();
+  float *dcp = dc.data_ptr<float>(), *dgp = dg.data_ptr<float>();
   auto epi_at = [&](int64_t s) {
     const int64_t t = st.time_at(s);
-    const float* c_prev =
-        s == 0 ? c0c.data_ptr<float>() : cls.data_ptr<float>() + st.time_at(s - 1) * B * H;
-    return LstmBackwardEpi{H, go.data_ptr<float>() + t * B * H,
-                           gts.data_ptr<float>() + t * B * G, cls.data_ptr<float>() + t * B * H,
-                           c_prev, dc.data_ptr<float>(), dg.data_ptr<float>() + t * B * G};
+    const float* c_prev = s == 0 ? c0p : clp + st.time_at(s - 1) * B * H;
+    return LstmBackwardEpi{H, gop + t * B * H, gtp + t * B * G, clp + t * B * H, c_prev, dcp,
+                           dgp + t * B * G};
   };
-  parallel_epilogue(Q, B, ghn.data_ptr<float>(), H, kUnitsPerPanel, epi_at(T - 1));
-  for (int64_t s = T - 1; s >= 1; --s) {
-    const float* a = dg.data_ptr<float>() + st.time_at(s) * B * G;
-    parallel_panels<kUnitsNV>(Q, B, G, a, G, packed.data_ptr<float>(), epi_at(s - 1));
-  }
-  parallel_panels<kUnitsNV>(Q, B, G, dg.data_ptr<float>() + st.time_at(0) * B * G, G,
-                            packed.data_ptr<float>(), StoreEpi{H, nullptr, d_h0.data_ptr<float>()});
-  Tensor d_w_hh = at::mm(dg.t(), states_before(output, h0.contiguous(), reverse));
+  // Steps in order: the pointwise backward of the last step (from grad_h_n),
+  // T-1 fused GEMM + pointwise steps, then d_h0 = dG_0 W_hh.
+  const StoreEpi last{H, nullptr, d_h0.data_ptr<float>()};
+  run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
+    if (k == 0) {
+      epilogue_only(p0, p1, B, ghn.data_ptr<float>(), H, kUnitsPerPanel, epi_at(T - 1));
+      return;
+    }
+    const int64_t s = T - k;  // GEMM on dG of step s
+    const float* a = dgp + st.time_at(s) * B * G;
+    if (s >= 1) {
+      run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
+    } else {
+      run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, last);
+    }
+  });
+  Tensor d_w_hh = recurrent_weight_grad(dg, output.contiguous(), h0.contiguous(), reverse);
   Tensor d_b_hh = has_bias ? dg.sum(0) : at::empty({0}, go.options());
   return {dg.view({T, B, G}), d_h0, dc, d_w_hh, at::empty({0}, go.options()), d_b_hh};
 }
@@ -429,24 +491,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
   Tensor dhh = at::empty({T * B, G}, go.options());
   Tensor dh = grad_h_n.contiguous().clone();
   Tensor d_h0 = at::empty({B, H}, go.options());
+  const float *gop = go.data_ptr<float>(), *gtp = gts.data_ptr<float>(), *op = out.data_ptr<float>();
+  const float *h0p = h0c.data_ptr<float>(), *wp = packed.data_ptr<float>();
+  float *dhp = dh.data_ptr<float>(), *dxp = dx.data_ptr<float>(), *dhhp = dhh.data_ptr<float>();
   auto epi_at = [&](int64_t s) {
     const int64_t t = st.time_at(s);
-    const float* h_prev =
-        s == 0 ? h0c.data_ptr<float>() : out.data_ptr<float>() + st.time_at(s - 1) * B * H;
-    return GruBackwardEpi{H, go.data_ptr<float>() + t * B * H,
-                          gts.data_ptr<float>() + t * B * kGruSaved * H, h_prev,
-                          dh.data_ptr<float>(), dx.data_ptr<float>() + t * B * G,
-                          dhh.data_ptr<float>() + t * B * G};
+    const float* h_prev = s == 0 ? h0p : op + st.time_at(s - 1) * B * H;
+    return GruBackwardEpi{H, gop + t * B * H, gtp + t * B * kGruSaved * H, h_prev, dhp,
+                          dxp + t * B * G, dhhp + t * B * G};
   };
-  parallel_epilogue(Q, B, nullptr, H, kUnitsPerPanel, epi_at(T - 1));
-  for (int64_t s = T - 1; s >= 1; --s) {
-    const float* a = dhh.data_ptr<float>() + st.time_at(s) * B * G;
-    parallel_panels<kUnitsNV>(Q, B, G, a, G, packed.data_ptr<float>(), epi_at(s - 1));
-  }
-  parallel_panels<kUnitsNV>(Q, B, G, dhh.data_ptr<float>() + st.time_at(0) * B * G, G,
-                            packed.data_ptr<float>(),
-                            StoreEpi{H, dh.data_ptr<float>(), d_h0.data_ptr<float>()});
-  Tensor d_w_hh = at::mm(dhh.t(), states_before(out, h0c, reverse));
+  // As for the LSTM: last step's pointwise, T-1 fused steps, then d_h0.
+  const StoreEpi last{H, dhp, d_h0.data_ptr<float>()};
+  run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
+    if (k == 0) {
+      epilogue_only(p0, p1, B, nullptr, H, kUnitsPerPanel, epi_at(T - 1));
+      return;
+    }
+    const int64_t s = T - k;
+    const float* a = dhhp + st.time_at(s) * B * G;
+    if (s >= 1) {
+      run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
+    } else {
+      run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, last);
+    }
+  });
+  Tensor d_w_hh = recurrent_weight_grad(dhh, out, h0c, reverse);
   Tensor d_b_hh = has_bias ? dhh.sum(0) : at::empty({0}, go.options());
   return {dx.view({T, B, G}), d_h0, d_w_hh, d_b_hh};
 }
