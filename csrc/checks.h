@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <vector>
 
@@ -29,6 +30,13 @@ struct Schedule {
     const int64_t tp = prev_time(t);
     return (tp >= 0 && tp < T) ? sizes[tp] : 0;
   }
+};
+
+// Every op implementation holds one: the ATen calls inside (GEMMs) must run in
+// the dtypes we chose, even when the caller (or the backward pass) runs under
+// autocast, which would otherwise recast them.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
 inline bool is_supported_dtype(at::ScalarType t) {

@@ -192,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
     bool train) {
+  const NoAutocast no_autocast;
   const auto checked = lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
   if (cpu::fused_path_ok(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
     const int64_t G = kLstmGates * std::get<1>(checked);
@@ -208,6 +209,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& cells, const at::Tensor& h0, const at::Tensor& c0,
                   const at::Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
                   bool reverse, bool has_bias) {
+  const NoAutocast no_autocast;
   if (cpu::fused_path_ok(grad_output, batch_sizes.has_value(), w_hr.has_value()) &&
       grad_output.dim() == 3) {
     return cpu::lstm_backward_fused(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
@@ -220,6 +222,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh, const OptTensor& b_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
+  const NoAutocast no_autocast;
   const auto checked =
       gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
   if (reset_after && cpu::fused_path_ok(x_proj, batch_sizes.has_value(), false)) {
@@ -235,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
+  const NoAutocast no_autocast;
   if (reset_after && cpu::fused_path_ok(grad_output, batch_sizes.has_value(), false) &&
       grad_output.dim() == 3) {
     return cpu::gru_backward_fused(grad_output, grad_h_n, output, gates, h0, w_hh, reverse,
@@ -253,6 +257,7 @@ bool linear_fused_ok(const at::Tensor& a, const at::Tensor& w) {
 // Any device (registered as CompositeExplicitAutograd).
 at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
                       const OptTensor& bias) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
               "fusedrnn::linear: input [..., ", weight.dim() == 2 ? weight.size(1) : -1,
               "] and weight [N, K] expected, got ", input.sizes(), " and ", weight.sizes());
@@ -269,6 +274,7 @@ at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, bool input_grad,
     bool weight_grad, bool bias_grad) {
+  const NoAutocast no_autocast;
   const at::Tensor g2 = grad.reshape({-1, grad.size(-1)}).contiguous();
   const at::Tensor x2 = input.reshape({-1, input.size(-1)});
   const at::Tensor none = at::empty({0}, grad.options());

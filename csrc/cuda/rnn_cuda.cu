@@ -187,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
     bool train) {
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
   return lstm_forward_impl<CudaKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                         train);
@@ -198,6 +199,7 @@ lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                    const at::Tensor& cells, const at::Tensor& h0, const at::Tensor& c0,
                    const at::Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
                    bool reverse, bool has_bias) {
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
   return lstm_backward_impl<CudaKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells,
                                          h0, c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
@@ -206,6 +208,7 @@ lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh, const OptTensor& b_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
   return gru_forward_impl<CudaKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                        train);
@@ -215,6 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
+  const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
   return gru_backward_impl<CudaKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
                                         batch_sizes, reverse, reset_after, has_bias);
