@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 
 namespace fusedrnn {
@@ -29,16 +30,17 @@ namespace cpu {
 
 constexpr int kLanes = 16;  // floats per zmm register
 
-// tile[MR][NV * 16] = A[MR rows, K] * panel[K][NV * 16]; element (r, k) of A
-// is a[r * sam + k * sak].
+// tile[MR][NV * 16] (+)= A[MR rows, K] * panel[K][NV * 16]; element (r, k) of
+// A is a[r * sam + k * sak]. accumulate: add to what tile holds.
 template <int MR, int NV>
-inline void mma_tile(const float* a, int64_t sam, int64_t sak,
-                                     const float* panel, int64_t K, float* tile) {
+inline void mma_tile(const float* a, int64_t sam, int64_t sak, const float* panel, int64_t K,
+                     float* tile, bool accumulate) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(tile + (r * NV + v) * kLanes) : _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m512 w[NV];
 #pragma GCC unroll 4
@@ -58,12 +60,12 @@ inline void mma_tile(const float* a, int64_t sam, int64_t sak,
 
 // mma_tile for a run-time row count mr <= MR.
 template <int MR, int NV>
-inline void mma_rows(int mr, const float* a, int64_t sam, int64_t sak,
-                                     const float* panel, int64_t K, float* tile) {
+inline void mma_rows(int mr, const float* a, int64_t sam, int64_t sak, const float* panel,
+                     int64_t K, float* tile, bool accumulate = false) {
   if constexpr (MR > 1) {
-    if (mr < MR) return mma_rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile);
+    if (mr < MR) return mma_rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate);
   }
-  mma_tile<MR, NV>(a, sam, sak, panel, K, tile);
+  mma_tile<MR, NV>(a, sam, sak, panel, K, tile, accumulate);
 }
 
 // Rows per tile for NV vectors per row: at most 24 accumulators.
@@ -72,18 +74,44 @@ constexpr int rows_per_tile() {
   return NV >= 4 ? 6 : 8;
 }
 
-// For panels [p0, p1) and all M rows: tile, then epi(tile, m0, mr, p).
+// Depth of one pass over a panel: 512 x 64 floats = 128 KiB, which stays in
+// L2 while every row block of A runs over it. Deeper panels (the backward's
+// K = 4H) are cut into such slices, the tiles summed in a buffer.
+constexpr int64_t kDepthBlock = 512;
+
+// For panels [p0, p1) and all M rows: the tile of rows m0..m0+mr, then
+// epi(tile, row stride, m0, mr, p).
 template <int NV, typename Epi>
-void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const float* a,
-                                int64_t sam, int64_t sak, const float* packed, const Epi& epi) {
+void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const float* a, int64_t sam,
+                int64_t sak, const float* packed, const Epi& epi) {
   constexpr int MR = rows_per_tile<NV>();
-  alignas(64) float tile[MR * NV * kLanes];
+  constexpr int64_t W = NV * kLanes;
+  if (K <= kDepthBlock) {
+    alignas(64) float tile[MR * W];
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* panel = packed + p * K * W;
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+        mma_rows<MR, NV>(mr, a + m0 * sam, sam, sak, panel, K, tile);
+        epi(tile, W, m0, mr, p);
+      }
+    }
+    return;
+  }
+  thread_local std::vector<float> sums;
+  sums.resize(static_cast<size_t>(M * W));
   for (int64_t p = p0; p < p1; ++p) {
-    const float* panel = packed + p * K * NV * kLanes;
+    const float* panel = packed + p * K * W;
+    for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) {
+      const int64_t kc = std::min(kDepthBlock, K - k0);
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+        mma_rows<MR, NV>(mr, a + m0 * sam + k0 * sak, sam, sak, panel + k0 * W, kc,
+                         sums.data() + m0 * W, k0 > 0);
+      }
+    }
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
-      const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-      mma_rows<MR, NV>(mr, a + m0 * sam, sam, sak, panel, K, tile);
-      epi(tile, NV * kLanes, m0, mr, p);
+      epi(sums.data() + m0 * W, W, m0, static_cast<int>(std::min<int64_t>(MR, M - m0)), p);
     }
   }
 }
