@@ -3,6 +3,7 @@ one call that returns every output and every gradient."""
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrnn
 
@@ -86,3 +87,15 @@ def outputs_and_grads(module, args, leaves, weights=None):
 def fresh_leaves(leaves, dtype=None):
     """Copies of the leaves (optionally in another dtype) that require grad."""
     return {k: v.detach().to(dtype or v.dtype).requires_grad_(True) for k, v in leaves.items()}
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

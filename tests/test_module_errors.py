@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrnn
 
 from helpers import B, H, I, P, T
-from module_helpers import flat_outputs
+from module_helpers import OpLog, flat_outputs
 
 L = 2  # layers of the RNN modules below
 F64 = torch.float64
@@ -148,16 +147,6 @@ CASES = [
 KERNELS = re.compile(r"^(fusedrnn\.|aten\.(mm|addmm|bmm|matmul|linear|_thnn|lstm|gru|mkldnn))")
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def _raised_in_python(excinfo):
     """Whether the exception was raised by a Python `raise` (not by ATen)."""
     return traceback.extract_tb(excinfo.tb)[-1].line.lstrip().startswith("raise")
@@ -179,7 +168,7 @@ def test_error_matches_torch_nn(case):
     with pytest.raises(Exception) as theirs, ctx():
         ref(*args)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    log = _OpLog()
+    log = OpLog()
     with pytest.raises(Exception) as mine, ctx(), log:
         ours(*args)
     assert type(mine.value) is type(theirs.value), (mine.value, theirs.value)

@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrnn
 
 from helpers import B, H, I, P, T, rel_err
-from module_helpers import (LAYOUTS, fresh_leaves, outputs_and_grads,
+from module_helpers import (OpLog, LAYOUTS, fresh_leaves, outputs_and_grads,
                             rnn_call_args, rnn_inputs, twins)
 
 F64_TOL = 1e-10
@@ -303,18 +302,8 @@ def test_dropout_in_training_changes_only_later_layers(device, kind):
 
 
 # ------------------------------------------------------------------ one op per layer and direction
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def _count(fn):
-    with _OpCounter() as counter:
+    with OpLog() as counter:
         fn()
     return counter.ops
 
