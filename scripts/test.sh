@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_WAIT_POLICY=PASSIVE
-${PYTHON:-python3} -m pytest -q tests "$@"
+${PYTHON:-python3} -m pytest -q -rfE tests "$@"
