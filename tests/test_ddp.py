@@ -64,6 +64,10 @@ def _worker(rank, port, out_dir):
         grads = _grads(ddp, x[:, part], lengths[part], y[part])
         torch.save({n.removeprefix("module."): g for n, g in grads.items()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done with the wire before either tears gloo down: a rank
+        # that destroys the group while its peer is still talking can abort
+        # ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
