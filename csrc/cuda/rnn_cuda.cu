@@ -145,41 +145,38 @@ __global__ void gru_reset_backward_kernel(GruResetBackwardStep<scalar_t, acc_t> 
   }
 }
 
+// One thread per (row, hidden unit) of the step, on the current stream,
+// checked. Every step struct carries rows and H.
+template <typename Step>
+void launch(void (*kernel)(Step), const Step& a) {
+  kernel<<<grid_for(a.rows * a.H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 struct CudaKernels {
   template <typename scalar_t, typename acc_t>
   static void lstm_forward_step(const LstmForwardStep<scalar_t, acc_t>& a) {
-    lstm_forward_kernel<<<grid_for(a.rows * a.H), kThreads, 0,
-                          at::cuda::getCurrentCUDAStream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(lstm_forward_kernel<scalar_t, acc_t>, a);
   }
   template <typename scalar_t, typename acc_t>
   static void lstm_backward_step(const LstmBackwardStep<scalar_t, acc_t>& a) {
-    lstm_backward_kernel<<<grid_for(a.rows * a.H), kThreads, 0,
-                           at::cuda::getCurrentCUDAStream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(lstm_backward_kernel<scalar_t, acc_t>, a);
   }
   template <typename scalar_t, typename acc_t>
   static void gru_forward_step(const GruForwardStep<scalar_t, acc_t>& a) {
-    gru_forward_kernel<<<grid_for(a.rows * a.H), kThreads, 0,
-                         at::cuda::getCurrentCUDAStream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(gru_forward_kernel<scalar_t, acc_t>, a);
   }
   template <typename scalar_t, typename acc_t>
   static void gru_backward_step(const GruBackwardStep<scalar_t, acc_t>& a) {
-    gru_backward_kernel<<<grid_for(a.rows * a.H), kThreads, 0,
-                          at::cuda::getCurrentCUDAStream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(gru_backward_kernel<scalar_t, acc_t>, a);
   }
   template <typename scalar_t, typename acc_t>
   static void gru_reset_step(const GruResetStep<scalar_t, acc_t>& a) {
-    gru_reset_kernel<<<grid_for(a.rows * a.H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(gru_reset_kernel<scalar_t, acc_t>, a);
   }
   template <typename scalar_t, typename acc_t>
   static void gru_reset_backward_step(const GruResetBackwardStep<scalar_t, acc_t>& a) {
-    gru_reset_backward_kernel<<<grid_for(a.rows * a.H), kThreads, 0,
-                                at::cuda::getCurrentCUDAStream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(gru_reset_backward_kernel<scalar_t, acc_t>, a);
   }
 };
 
