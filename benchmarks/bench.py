@@ -4,6 +4,7 @@ device present (CPU always, CUDA when a GPU is visible).
     python -m benchmarks.bench              # --quick: a representative subset, minutes on 2 cores
     python -m benchmarks.bench --full       # every DESIGN.md section 3 config
     python -m benchmarks.bench --smoke      # CI: the smallest configs, short timing
+    python -m benchmarks.bench --persistent # T=100, B 1..64, H 256..1024 (issue 7's table)
     python -m benchmarks.bench --markdown   # the latest results as a markdown table
     python -m benchmarks.bench --plot-only  # redraw the plots of the latest results
 
@@ -46,10 +47,12 @@ from benchmarks import cases, configs, report, timing  # noqa: E402
 # (rounds, min_run_time in s per function per round) of each set and device.
 # GPU rows are short and steady, and GPU time is scarce: shorter runs there.
 TIMING = {("smoke", "cpu"): (2, 0.01), ("quick", "cpu"): (3, 0.1), ("full", "cpu"): (5, 0.5),
-          ("smoke", "cuda"): (2, 0.01), ("quick", "cuda"): (3, 0.05), ("full", "cuda"): (3, 0.1)}
+          ("persistent", "cpu"): (3, 0.1),
+          ("smoke", "cuda"): (2, 0.01), ("quick", "cuda"): (3, 0.05), ("full", "cuda"): (3, 0.1),
+          ("persistent", "cuda"): (3, 0.05)}
 # The pure-Python reference runs on the CPU only; in the full set it is skipped
 # above this hidden size (minutes per row, and nothing the smaller rows do not show).
-REFERENCE_MAX_H = {"smoke": None, "quick": None, "full": 1024}
+REFERENCE_MAX_H = {"smoke": None, "quick": None, "persistent": None, "full": 1024}
 ERROR_TEXT_CHARS = 300
 
 
@@ -57,9 +60,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    s = p.add_argument_group("which configs (--smoke wins over --full, --full over --quick)")
+    s = p.add_argument_group("which configs (--smoke wins over --full, --full over "
+                             "--persistent, --persistent over --quick)")
     s.add_argument("--quick", action="store_true", help="representative subset (default)")
     s.add_argument("--full", action="store_true", help="every DESIGN.md section 3 config")
+    s.add_argument("--persistent", action="store_true",
+                   help="T=100, B in 1,8,16,64, H in 256,512,1024")
     s.add_argument("--smoke", action="store_true",
                    help="smallest quick configs, very short timing (CI)")
     s.add_argument("--config", action="append", metavar="T,B,I,H",
@@ -87,7 +93,8 @@ def parse_args(argv):
     o.add_argument("--markdown", nargs="*", metavar="JSON",
                    help="print these results (default: each device's latest) as markdown and exit")
     args = p.parse_args(argv)
-    args.set = "smoke" if args.smoke else "full" if args.full else "quick"
+    args.set = "smoke" if args.smoke else "full" if args.full else \
+        "persistent" if args.persistent else "quick"
     # The set's name goes into the results; --config runs are labelled 'custom'.
     args.label = "custom" if args.config and not args.smoke else args.set
     for name in ("models", "modes"):

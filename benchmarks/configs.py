@@ -44,8 +44,16 @@ DEEPBENCH = [_square(T, B, H, "deepbench")
 # A representative subset that runs in a few minutes on 2 CPU cores: the
 # fastrnns default, batch 1, a small batch, and a short wide DeepBench row.
 QUICK_KEYS = [(100, 64, 512, 512), (100, 1, 256, 256), (100, 16, 512, 512), (25, 64, 1024, 1024)]
+# Where the persistent CUDA kernel is meant to win (issue 7): T=100,
+# B in {1, 8, 16, 64}, H in {256, 512, 1024}.
+PERSISTENT_KEYS = [(100, B, H, H) for H in (256, 512, 1024) for B in (1, 8, 16, 64)]
 # The smallest quick configs: proves the harness runs and parity holds.
 SMOKE_KEYS = [(100, 1, 256, 256), (100, 16, 512, 512)]
+
+
+def _persistent_set():
+    by_key = {c.key: c for c in full_set()}
+    return [by_key.get(k) or Config(*k, ("persistent",)) for k in PERSISTENT_KEYS]
 
 
 def full_set():
@@ -64,9 +72,9 @@ def _pick(keys):
 
 
 def config_set(name):
-    """'smoke', 'quick' or 'full' -> list of Config."""
+    """'smoke', 'quick', 'persistent' or 'full' -> list of Config."""
     return {"smoke": lambda: _pick(SMOKE_KEYS), "quick": lambda: _pick(QUICK_KEYS),
-            "full": full_set}[name]()
+            "persistent": _persistent_set, "full": full_set}[name]()
 
 
 def parse_config(text):

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The one script for a lent GPU machine (H100/H200, torch 2.11 + CUDA 13, no
-# network): build with all cores, run the CUDA tests, run the CUDA benchmark,
+# network): build with all cores, run the CUDA tests, run the CUDA benchmarks,
 # and write everything under benchmarks/results/ and into OUT_DIR.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default OUT_DIR: benchmarks/results)
 #
-# Sized to finish in under 8 minutes: build ~2 min, tests ~2 min, bench ~3 min.
+# Sized to finish in under 8 minutes; every stage has its own timeout, most
+# important first, and a stage that times out leaves the later ones their time:
+#   build ~2-3 min; the persistent kernel's tests and the CUDA-only tests;
+#   issue 7's table with the dispatcher on auto; the op and module tests on
+#   CUDA under FUSEDRNN_ALGO=persistent and =stepwise; the same table with the
+#   step-wise path; the quick set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
@@ -16,26 +21,40 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 LOG="$OUT/gpu-check-$STAMP.log"
 
+stage() {  # stage NAME TIMEOUT_S CMD...: run, log its exit code, go on
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($(date -u +%T))"
+  timeout "$limit" "$@"
+  echo "$name exit code: $?"
+}
+
 {
   echo "== environment"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-  $PY -c "import json, torch; print(json.dumps({'torch': torch.__version__, \
-'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(), \
-'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  $PY -c "import json, torch; p = torch.cuda.get_device_properties(0); \
+print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, \
+'cudnn': torch.backends.cudnn.version(), 'gpu': p.name, 'sms': p.multi_processor_count, \
+'tf32_matmul': torch.backends.cuda.matmul.allow_tf32}))"
   echo "== build"
   # Offline: nothing is fetched; the installed torch is the one built against.
   time $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
   $PY -c "import fusedrnn; print('backends', fusedrnn.backends())"
-  echo "== tests"
-  timeout 240 $PY -m pytest -q tests/test_cuda.py tests/test_ops.py tests/test_modules.py \
-    --junitxml="$OUT/gpu-tests-$STAMP.xml"
-  echo "tests exit code: $?"
-  echo "== benchmark"
-  timeout 240 $PY -m benchmarks.bench --device cuda --quick --out-dir "$OUT"
-  echo "bench exit code: $?"
+  stage "persistent + cuda tests" 150 $PY -m pytest -q -rfE -x -k "cuda" \
+    tests/test_persistent.py tests/test_cuda.py --junitxml="$OUT/gpu-tests-persistent-$STAMP.xml"
+  stage "bench persistent set, auto" 100 $PY -m benchmarks.bench --device cuda --persistent \
+    --dtype float32,bfloat16 --no-plot --out-dir "$OUT/persistent-auto"
+  for algo in persistent stepwise; do
+    stage "op + module tests, $algo" 60 env FUSEDRNN_ALGO=$algo $PY -m pytest -q -rfE -k "cuda" \
+      tests/test_ops.py tests/test_modules.py --junitxml="$OUT/gpu-tests-$algo-$STAMP.xml"
+  done
+  stage "bench persistent set, stepwise" 80 env FUSEDRNN_ALGO=stepwise $PY -m benchmarks.bench \
+    --device cuda --persistent --dtype float32,bfloat16 --rounds 2 --no-plot \
+    --out-dir "$OUT/persistent-stepwise"
+  stage "bench quick set, auto" 60 $PY -m benchmarks.bench --device cuda --quick --out-dir "$OUT"
 } 2>&1 | tee "$LOG"
 
 # Keep a copy in the repo's results folder as well.
 if [ "$(realpath "$OUT")" != "$(realpath "$RES")" ]; then
-  cp "$OUT"/cuda-* "$OUT"/gpu-* "$RES"/ 2>/dev/null || true
+  cp -r "$OUT"/. "$RES"/ 2>/dev/null || true
 fi

@@ -67,6 +67,7 @@ def environment(device, threads):
         "torch_interop_threads": torch.get_num_interop_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "FUSEDRNN_ALGO": os.environ.get("FUSEDRNN_ALGO", "auto"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
@@ -81,6 +82,7 @@ def environment(device, threads):
         props = torch.cuda.get_device_properties(0)
         env.update({"gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
                     "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                    "gpu_sms": props.multi_processor_count,
                     "gpu_count": torch.cuda.device_count()})
     return env
 

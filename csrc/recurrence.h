@@ -169,6 +169,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(
   return {out, h, c.to(x.scalar_type()), gates, cells};
 }
 
+// The LSTM's weight gradients from the per-step ones, one GEMM or reduction
+// each over all steps: (d_w_hh, d_w_hr ([0] without projection), d_b_hh ([0]
+// without bias)). dg [N, 4H]; dhp [N, P] dL/dh_t (projection only, else
+// undefined); out, gates, cells as saved by forward.
+inline std::tuple<Tensor, Tensor, Tensor> lstm_weight_grads(
+    const Tensor& dg, const Tensor& dhp, const Tensor& out, const Tensor& h0,
+    const Tensor& gates, const Tensor& cells, const Schedule& s, bool packed, bool has_bias) {
+  const int64_t H = cells.size(1);
+  const auto dtype = dg.scalar_type();
+  const auto opts = dg.options();
+  const Tensor hp = detail::gather_prev(out, h0.contiguous(), s, packed);
+  Tensor d_w_hh = at::mm(dg.t(), hp);
+  Tensor d_b_hh = has_bias ? dg.sum(0, false, acc_dtype(dtype)).to(dtype) : at::empty({0}, opts);
+  Tensor d_w_hr = at::empty({0}, opts);
+  if (dhp.defined()) {
+    const Tensor o = gates.narrow(1, 3 * H, H).to(acc_dtype(dtype));
+    const Tensor h_raw = (o * at::tanh(cells)).to(dtype);
+    d_w_hr = at::mm(dhp.t(), h_raw);
+  }
+  return {d_w_hh, d_w_hr, d_b_hh};
+}
+
 // grad_output like output; grad_h_n [B, P]; grad_c_n [B, H]; the rest as
 // saved by lstm_forward. Returns d_x_proj (like x_proj), d_h0, d_c0, d_w_hh,
 // d_w_hr ([0] without w_hr), d_b_hh ([0] without bias).
@@ -235,17 +257,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(
     }
   });
 
-  const Tensor hp = detail::gather_prev(out, h0.contiguous(), s, batch_sizes.has_value());
-  Tensor d_w_hh = at::mm(dg.t(), hp);
-  Tensor d_b_hh = has_bias ? dg.sum(0, false, acc).to(dtype) : at::empty({0}, opts);
-  Tensor d_w_hr = at::empty({0}, opts);
-  if (proj) {
-    const Tensor o = gts.narrow(1, 3 * H, H).to(acc);
-    const Tensor h_raw = (o * at::tanh(cls)).to(dtype);
-    d_w_hr = at::mm(dhp.t(), h_raw);
-  }
+  const auto wg = lstm_weight_grads(dg, dhp, out, h0, gts, cls, s, batch_sizes.has_value(),
+                                    has_bias);
   Tensor d_x = dg.view(detail::with_last(grad_output.sizes(), kLstmGates * H));
-  return {d_x, dh.to(dtype), dc.to(dtype), d_w_hh, d_w_hr, d_b_hh};
+  return {d_x, dh.to(dtype), dc.to(dtype), std::get<0>(wg), std::get<1>(wg), std::get<2>(wg)};
 }
 
 // ------------------------------------------------------------------ GRU
@@ -327,6 +342,29 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_impl(
   return {out, h, gates};
 }
 
+// The GRU's weight gradients from the per-step ones: (d_w_hh, d_b_hh ([0]
+// without bias)). dhh [N, 3H]; out, gates as saved by forward.
+inline std::tuple<Tensor, Tensor> gru_weight_grads(const Tensor& dhh, const Tensor& out,
+                                                   const Tensor& h0, const Tensor& gates,
+                                                   const Schedule& s, bool packed,
+                                                   bool reset_after, bool has_bias) {
+  const int64_t H = out.size(1);
+  const auto dtype = dhh.scalar_type();
+  const Tensor hp = detail::gather_prev(out, h0.contiguous(), s, packed);
+  Tensor d_w_hh;
+  if (reset_after) {
+    d_w_hh = at::mm(dhh.t(), hp);
+  } else {
+    // W_rz saw h_{t-1}; W_n saw r * h_{t-1}.
+    const Tensor r = gates.narrow(1, 0, H);
+    d_w_hh = at::cat({at::mm(dhh.narrow(1, 0, 2 * H).t(), hp),
+                      at::mm(dhh.narrow(1, 2 * H, H).t(), r * hp)});
+  }
+  Tensor d_b_hh = has_bias ? dhh.sum(0, false, acc_dtype(dtype)).to(dtype)
+                           : at::empty({0}, dhh.options());
+  return {d_w_hh, d_b_hh};
+}
+
 // reset_after=false is the classic form (Cho et al.): n = tanh(x_n + W_hn (r*h) + b_hn),
 // two GEMMs per step; gates then saves W_hn (r*h) + b_hn as its fourth part.
 // Returns d_x_proj (like x_proj), d_h0, d_w_hh, d_b_hh ([0] without bias).
@@ -396,18 +434,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_impl(
     }
   });
 
-  const Tensor hp = detail::gather_prev(out, h0c, s, batch_sizes.has_value());
-  Tensor d_w_hh;
-  if (reset_after) {
-    d_w_hh = at::mm(dhh.t(), hp);
-  } else {
-    // W_rz saw h_{t-1}; W_n saw r * h_{t-1}.
-    const Tensor r = gts.narrow(1, 0, H);
-    d_w_hh = at::cat({at::mm(dhh.narrow(1, 0, 2 * H).t(), hp),
-                      at::mm(dhh.narrow(1, 2 * H, H).t(), r * hp)});
-  }
-  Tensor d_b_hh =
-      has_bias ? dhh.sum(0, false, acc_dtype(dtype)).to(dtype) : at::empty({0}, opts);
+  const auto wg = gru_weight_grads(dhh, out, h0c, gts, s, batch_sizes.has_value(), reset_after,
+                                   has_bias);
+  const Tensor& d_w_hh = std::get<0>(wg);
+  const Tensor& d_b_hh = std::get<1>(wg);
   Tensor d_x = dx.view(detail::with_last(grad_output.sizes(), kGruGates * H));
   return {d_x, dh.to(dtype), d_w_hh, d_b_hh};
 }

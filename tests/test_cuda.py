@@ -1,6 +1,8 @@
 """CUDA-only checks: parity with cuDNN (torch.nn on CUDA) at each dtype,
-determinism, very long sequences. The device-generic tests in the other files
-also run on CUDA through the `device` fixture."""
+determinism, very long sequences, each under every FUSEDRNN_ALGO (the
+persistent kernel and the step-wise path), and the dispatcher itself. The
+device-generic tests in the other files also run on CUDA through the `device`
+fixture (gpu_check.sh runs them under each FUSEDRNN_ALGO)."""
 import pytest
 import torch
 
@@ -11,6 +13,13 @@ from helpers import rel_err
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
 
 MODELS = [torch.nn.LSTM, torch.nn.GRU]
+ALGOS = ["auto", "persistent", "stepwise"]
+
+
+@pytest.fixture(params=ALGOS)
+def algo(request, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_ALGO", request.param)
+    return request.param
 
 
 def run(m, x, h0):
@@ -29,7 +38,7 @@ def hidden(cls, L, B, H, dtype):
 @pytest.mark.parametrize("cls", MODELS)
 @pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True),
                                         (torch.bfloat16, False), (torch.float16, False)])
-def test_error_within_cudnn_error(cls, dtype, tf32, monkeypatch):
+def test_error_within_cudnn_error(cls, dtype, tf32, monkeypatch, algo):
     """Our error against a float64 run at most 4x cuDNN's own at the same
     dtype and TF32 setting (plus a floor of 1e-6)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
@@ -52,7 +61,7 @@ def test_error_within_cudnn_error(cls, dtype, tf32, monkeypatch):
 
 @pytest.mark.parametrize("cls", MODELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_deterministic(cls, dtype):
+def test_deterministic(cls, dtype, algo):
     """Same inputs, bitwise the same outputs and gradients (no float atomics)."""
     m = fusedrnn.from_torch(cls(40, 96, num_layers=2).cuda().to(dtype))
     x = torch.randn(50, 16, 40, device="cuda", dtype=dtype, requires_grad=True)
@@ -62,8 +71,9 @@ def test_deterministic(cls, dtype):
 
 
 @pytest.mark.parametrize("cls", MODELS)
-def test_more_than_65535_steps(cls):
-    """The time loop is on the host: no grid dimension limits T."""
+def test_more_than_65535_steps(cls, algo):
+    """No grid dimension limits T (step-wise: the loop is on the host;
+    persistent: the loop is inside the kernel)."""
     T = 70_000
     m = cls(4, 8).cuda().double()
     f = fusedrnn.from_torch(m)
@@ -73,7 +83,7 @@ def test_more_than_65535_steps(cls):
     assert rel_err(got[0], want[0]) < 1e-10
 
 
-def test_packed_sequences_match_cudnn():
+def test_packed_sequences_match_cudnn(algo):
     m = torch.nn.LSTM(12, 20, bidirectional=True).cuda().double()
     f = fusedrnn.from_torch(m)
     x = torch.randn(9, 5, 12, device="cuda", dtype=torch.float64)
@@ -81,3 +91,37 @@ def test_packed_sequences_match_cudnn():
     (pw, (hw, cw)), (pg, (hg, cg)) = m(packed), f(packed)
     for a, b in [(pg.data, pw.data), (hg, hw), (cg, cw)]:
         assert rel_err(a, b) < 1e-10
+
+
+def test_algo_env_is_validated(monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_ALGO", "fastest")
+    m = fusedrnn.GRU(4, 8).cuda()
+    with pytest.raises(RuntimeError, match="FUSEDRNN_ALGO must be auto, persistent or stepwise"):
+        m(torch.randn(3, 2, 4, device="cuda"))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("algo_name,persistent", [("persistent", True), ("auto", True),
+                                                  ("stepwise", False)])
+def test_dispatcher_picks_the_persistent_kernel(kind, algo_name, persistent, monkeypatch):
+    """The public op's results are bitwise the persistent kernel's exactly when
+    the dispatcher takes it (B=8, H=96 fits on any supported GPU; auto takes
+    it at B <= 64). Float32 with TF32 off: SIMT sums in another order than
+    cuBLAS, so the step-wise results differ in the last bits."""
+    monkeypatch.setenv("FUSEDRNN_ALGO", algo_name)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ops = torch.ops.fusedrnn
+    G, H, B, T = (4 if kind == "lstm" else 3), 96, 8, 20
+    x = torch.randn(T, B, G * H, device="cuda")
+    h0 = torch.randn(B, H, device="cuda")
+    w = torch.randn(G * H, H, device="cuda") / H ** 0.5
+    b = torch.randn(G * H, device="cuda")
+    if kind == "lstm":
+        c0 = torch.randn(B, H, device="cuda")
+        public = ops.lstm_forward(x, h0, c0, w, None, b, None, False, True)
+        own = ops._persistent_lstm_forward(x, h0, c0, w, b, None, False, True, 0, -1)
+    else:
+        public = ops.gru_forward(x, h0, w, b, None, False, True, True)
+        own = ops._persistent_gru_forward(x, h0, w, b, None, False, True, 0, -1)
+    assert torch.equal(public[0], own[0]) == persistent
+    assert rel_err(public[0], own[0]) < 1e-5

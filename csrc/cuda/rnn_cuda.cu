@@ -1,4 +1,6 @@
-// CUDA pointwise steps and the CUDA registration of the ops. The per-step
+// CUDA pointwise steps and the CUDA registration of the ops. Where the
+// persistent kernel takes a call (FUSEDRNN_ALGO, cuda/persistent_cuda.h) it
+// runs the whole loop in one launch; otherwise the per-step
 // GEMM (h_{t-1} W_hh^T, cuBLAS through ATen, so TF32 follows
 // torch.backends.cuda.matmul.allow_tf32) and the loop live in recurrence.h;
 // each step here is one launch over rows x hidden units on the current stream.
@@ -7,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../recurrence.h"
+#include "persistent_cuda.h"
 
 namespace fusedrnn {
 namespace {
@@ -186,6 +189,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
+  if (!w_hr.has_value()) {
+    const auto checked =
+        lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
+    if (persistent::use_persistent(std::get<1>(checked), std::get<0>(checked).B, kLstmGates,
+                                   false, x_proj)) {
+      return persistent::cuda_lstm_forward(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse,
+                                           train);
+    }
+  }
   return lstm_forward_impl<CudaKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                         train);
 }
@@ -198,6 +210,11 @@ lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                    bool reverse, bool has_bias) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
+  if (!w_hr.has_value() && w_hh.dim() == 2 && grad_h_n.dim() == 2 &&
+      persistent::use_persistent(w_hh.size(1), grad_h_n.size(0), kLstmGates, true, grad_output)) {
+    return persistent::cuda_lstm_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells,
+                                          h0, c0, w_hh, batch_sizes, reverse, has_bias);
+  }
   return lstm_backward_impl<CudaKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells,
                                          h0, c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
 }
@@ -207,6 +224,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
+  if (reset_after) {
+    const auto checked =
+        gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
+    if (persistent::use_persistent(std::get<1>(checked), std::get<0>(checked).B, kGruGates,
+                                   false, x_proj)) {
+      return persistent::cuda_gru_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train);
+    }
+  }
   return gru_forward_impl<CudaKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                        train);
 }
@@ -217,6 +242,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
+  if (reset_after && w_hh.dim() == 2 && grad_h_n.dim() == 2 &&
+      persistent::use_persistent(w_hh.size(1), grad_h_n.size(0), kGruGates, true, grad_output)) {
+    return persistent::cuda_gru_backward(grad_output, grad_h_n, output, gates, h0, w_hh,
+                                         batch_sizes, reverse, has_bias);
+  }
   return gru_backward_impl<CudaKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
                                         batch_sizes, reverse, reset_after, has_bias);
 }

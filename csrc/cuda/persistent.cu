@@ -1,0 +1,213 @@
+// The persistent kernels (persistent.h): one cooperative launch per layer and
+// direction, W_hh resident in shared memory, one grid barrier per step. Also
+// the CUDA kernels of the _persistent_* ops and the FUSEDRNN_ALGO dispatcher.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../persistent_ops.h"
+#include "persistent_cuda.h"
+
+namespace fusedrnn {
+namespace persistent {
+namespace {
+
+// auto takes the persistent kernel up to this batch; beyond it the per-step
+// GEMM has enough rows to fill the GPU on its own (unmeasured: see
+// benchmarks/NOTES.md).
+constexpr int64_t kAutoMaxBatch = 64;
+
+template <int G, int kMode, typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<T, acc_t> a) {
+  extern __shared__ __align__(kAlign) unsigned char smem[];
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const int tid = threadIdx.x;
+  load_forward_weights<G>(a, blockIdx.x, smem, tid, kThreads);
+  __syncthreads();
+  const int64_t phases = forward_phases(a.L);
+  for (int64_t s = 0; s < a.steps; ++s) {
+    for (int64_t ph = 0; ph < phases; ++ph) {
+      forward_phase<G, kMode>(a, blockIdx.x, smem, s, ph, tid, kThreads);
+      __syncthreads();
+    }
+    if (s + 1 < a.steps) grid.sync();
+  }
+}
+
+template <int G, int kMode, typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<T, acc_t> a) {
+  extern __shared__ __align__(kAlign) unsigned char smem[];
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const int tid = threadIdx.x;
+  load_backward_weights<G>(a, blockIdx.x, smem, tid, kThreads);
+  __syncthreads();
+  for (int64_t i = 0; i <= a.steps; ++i) {
+    const int64_t phases = backward_phases(a.L, i, a.steps);
+    for (int64_t ph = 0; ph < phases; ++ph) {
+      backward_phase<G, kMode>(a, blockIdx.x, smem, i, ph, tid, kThreads);
+      __syncthreads();
+    }
+    if (i < a.steps) grid.sync();
+  }
+}
+
+const cudaDeviceProp& props(const at::Device& d) {
+  return *at::cuda::getDeviceProperties(d.index());
+}
+
+// A cooperative launch on the current stream: every block must be resident
+// at once for the grid barrier, which the runtime checks (and we check first,
+// for a clear message).
+template <typename Args>
+void launch_cooperative(void (*kernel)(Args), const Args& a, const at::Device& d) {
+  const int bytes = static_cast<int>(a.L.bytes);
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
+  TORCH_CHECK(int64_t(per_sm) * props(d).multiProcessorCount >= a.L.blocks,
+              "fusedrnn: the persistent kernel needs ", a.L.blocks,
+              " co-resident blocks of ", bytes, " bytes of shared memory; this GPU holds ",
+              per_sm, " per SM");
+  Args copy = a;
+  void* params[] = {&copy};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                                             dim3(unsigned(a.L.blocks)), dim3(kThreads), params,
+                                             size_t(bytes), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+struct CudaRunner {
+  static int64_t max_blocks(const at::Device& d) { return props(d).multiProcessorCount; }
+  static int64_t smem_bytes(const at::Device& d) { return props(d).sharedMemPerBlockOptin; }
+  static bool tensor_cores(const at::Device& d) { return props(d).major >= 8; }
+
+  template <int G, int kMode, typename T, typename acc_t>
+  static void forward(const ForwardArgs<T, acc_t>& a, const at::Device& d) {
+    launch_cooperative(forward_kernel<G, kMode, T, acc_t>, a, d);
+  }
+  template <int G, int kMode, typename T, typename acc_t>
+  static void backward(const BackwardArgs<T, acc_t>& a, const at::Device& d) {
+    launch_cooperative(backward_kernel<G, kMode, T, acc_t>, a, d);
+  }
+};
+
+bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
+
+enum class Algo { kAuto, kPersistent, kStepwise };
+
+Algo algo_from_env() {
+  const char* v = std::getenv("FUSEDRNN_ALGO");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Algo::kAuto;
+  if (std::strcmp(v, "persistent") == 0) return Algo::kPersistent;
+  if (std::strcmp(v, "stepwise") == 0) return Algo::kStepwise;
+  TORCH_CHECK(false, "FUSEDRNN_ALGO must be auto, persistent or stepwise, got '", v, "'");
+  return Algo::kAuto;
+}
+
+// --- the _persistent_* ops on CUDA: always this kernel, or an error.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
+    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train,
+    int64_t max_blocks, int64_t mode) {
+  const NoAutocast no_autocast;
+  const c10::cuda::CUDAGuard guard(x_proj.device());
+  return lstm_forward<CudaRunner>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train,
+                                  max_blocks, mode, allow_tf32());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
+    bool has_bias, int64_t max_blocks, int64_t mode) {
+  const NoAutocast no_autocast;
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  return lstm_backward<CudaRunner>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
+                                   c0, w_hh, batch_sizes, reverse, has_bias, max_blocks, mode,
+                                   allow_tf32());
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_forward_op(const Tensor& x_proj, const Tensor& h0,
+                                                  const Tensor& w_hh, const OptTensor& b_hh,
+                                                  const OptTensor& batch_sizes, bool reverse,
+                                                  bool train, int64_t max_blocks, int64_t mode) {
+  const NoAutocast no_autocast;
+  const c10::cuda::CUDAGuard guard(x_proj.device());
+  return gru_forward<CudaRunner>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, max_blocks,
+                                 mode, allow_tf32());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
+    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
+    bool has_bias, int64_t max_blocks, int64_t mode) {
+  const NoAutocast no_autocast;
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  return gru_backward<CudaRunner>(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes,
+                                  reverse, has_bias, max_blocks, mode, allow_tf32());
+}
+
+}  // namespace
+
+bool use_persistent(int64_t H, int64_t B, int G, bool backward, const at::Tensor& like) {
+  const Algo algo = algo_from_env();
+  if (algo == Algo::kStepwise) return false;
+  const at::Device d = like.device();
+  if (!props(d).cooperativeLaunch) return false;
+  const int mode =
+      resolve_mode(-1, like.scalar_type(), CudaRunner::tensor_cores(d), allow_tf32(), "");
+  const Layout L = fit_layout<CudaRunner>(H, B, G, backward, mode, like.scalar_type(), 0, d);
+  if (L.blocks == 0) return false;
+  return algo == Algo::kPersistent || B <= kAutoMaxBatch;
+}
+
+// The public ops' persistent path: the caller holds the guard and NoAutocast.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_lstm_forward(
+    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train) {
+  return lstm_forward<CudaRunner>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train, 0, -1,
+                                  allow_tf32());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_lstm_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
+    bool has_bias) {
+  return lstm_backward<CudaRunner>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
+                                   c0, w_hh, batch_sizes, reverse, has_bias, 0, -1,
+                                   allow_tf32());
+}
+
+std::tuple<Tensor, Tensor, Tensor> cuda_gru_forward(const Tensor& x_proj, const Tensor& h0,
+                                                    const Tensor& w_hh, const OptTensor& b_hh,
+                                                    const OptTensor& batch_sizes, bool reverse,
+                                                    bool train) {
+  return gru_forward<CudaRunner>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, 0, -1,
+                                 allow_tf32());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_gru_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
+    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
+    bool has_bias) {
+  return gru_backward<CudaRunner>(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes,
+                                  reverse, has_bias, 0, -1, allow_tf32());
+}
+
+}  // namespace persistent
+
+TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
+  m.impl("_persistent_lstm_forward", &persistent::lstm_forward_op);
+  m.impl("_persistent_lstm_backward", &persistent::lstm_backward_op);
+  m.impl("_persistent_gru_forward", &persistent::gru_forward_op);
+  m.impl("_persistent_gru_backward", &persistent::gru_backward_op);
+}
+
+}  // namespace fusedrnn

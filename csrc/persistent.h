@@ -1,0 +1,552 @@
+// The persistent recurrence: one cooperative launch runs the whole time loop of
+// one layer and direction, with each block's slice of W_hh resident in shared
+// memory for all T steps. Written once for the GPU and for the CPU emulator
+// that tests it where no GPU is visible (cpu/persistent_emulate.cpp).
+//
+// Note [Persistent kernel]
+// Block `blk` owns hidden units [j0, j0 + units). Forward, per step:
+//   1. stage h_{t-1} (all units, all active rows) in K-chunks of kChunk
+//      columns into shared memory and accumulate
+//        acc[b][g*units + jl] = sum_k h_{t-1}[b][k] W_hh[g*H + j0 + jl][k]
+//      against the resident slice (its G*units rows of W_hh);
+//   2. apply the gate math of gates.h to the block's own units and write
+//      h_t's slice to `out` (plus the state and what backward saves);
+//   3. meet every other block at one grid barrier.
+// Backward runs the same pattern in reverse order: the block holds the
+// columns j0..j0+units of W_hh (as rows, [units][G*H]), forms its slice of
+// dh_{t} = dgates_{t+1} W_hh from the pre-activation gradients every block
+// wrote at the step before, then the pointwise backward of its units.
+//
+// h_{t-1} is read from `out` (rows still active at the step before) or h0,
+// never from the running state, which its owner overwrites during the step.
+// Values written by other blocks inside the launch are read with L2-coherent
+// loads (load_coherent): the read-only and L1 paths may hold stale lines.
+//
+// Each step is a fixed list of phases (stage, gemm, ..., pointwise). On the
+// GPU all threads run a phase and meet at __syncthreads(); the emulator runs
+// every thread of a phase in turn, block by block, and the end of a step is
+// the grid barrier. Both call the same phase functions below.
+//
+// Shared memory of one block (byte offsets in Layout, each 128-byte aligned):
+//
+//   | W slice [n_pad][ldw] (T) | A chunk [b_pad][lda] (T) | acc [b_pad][ldacc] (acc_t) |
+//
+// Rows and columns past the valid ones are zero, so the tensor-core tiles
+// (16 x 16 x 8 tf32, 16 x 16 x 16 half/bf16) never need masking.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "gates.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+namespace fusedrnn {
+namespace persistent {
+
+// How a block forms its gate pre-activations.
+enum MathMode : int {
+  kSimt = 0,        // one FMA chain per output, in acc_t: strict fp32, fp64
+  kTensorCore = 1,  // wmma: tf32 for float32 operands, fp16/bf16 natively
+};
+
+constexpr int kThreads = 256;
+constexpr int kWarpSize = 32;
+constexpr int64_t kTile = 16;    // tensor-core tile edge, m and n
+constexpr int64_t kChunk = 64;   // K columns staged per pass
+constexpr int64_t kAlign = 128;  // shared-memory region alignment, bytes
+// Shared memory the emulator assumes: an H100's opt-in limit per block.
+constexpr int64_t kEmulatedSmemBytes = 232448;
+constexpr int64_t kEmulatedBlocks = 132;
+
+FUSEDRNN_HOST_DEVICE int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+FUSEDRNN_HOST_DEVICE int64_t min_(int64_t a, int64_t b) { return a < b ? a : b; }
+
+struct Layout {
+  int64_t blocks = 0;          // grid size
+  int64_t units = 0;           // hidden units per block; the last block may have fewer
+  int64_t n = 0, n_pad = 0;    // slice rows: G*units (forward) or units (backward)
+  int64_t k = 0, k_pad = 0;    // reduction length: H (forward) or G*H (backward)
+  int64_t b_pad = 0;           // staged batch rows
+  int64_t ldw = 0, lda = 0, ldacc = 0;         // row strides, elements
+  int64_t w_off = 0, a_off = 0, acc_off = 0;   // region offsets, bytes
+  int64_t bytes = 0;                           // shared memory per block
+  int mode = kSimt;
+};
+
+// Splits H units over at most max_blocks blocks and lays out one block's
+// shared memory. `elt`/`acc_elt`: sizes of the storage and accumulation types.
+inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, int64_t elt,
+                          int64_t acc_elt, int64_t max_blocks) {
+  const bool tc = mode == kTensorCore;
+  Layout L;
+  L.mode = mode;
+  int64_t u = (H + max_blocks - 1) / max_blocks;
+  // Tensor cores: forward slices of 4 units are 16 LSTM rows; a backward
+  // slice is one tile of units (fewer would be padding, not fewer blocks).
+  if (tc) u = backward ? round_up(u, kTile) : round_up(u, kTile / 4);
+  L.units = u;
+  L.blocks = (H + u - 1) / u;
+  L.n = backward ? u : G * u;
+  L.k = backward ? G * H : H;
+  L.n_pad = tc ? round_up(L.n, kTile) : L.n;
+  L.k_pad = round_up(L.k, kChunk);
+  L.b_pad = tc ? round_up(B, kTile) : B;
+  // SIMT: one element of padding puts consecutive slice rows in different
+  // banks. wmma wants 32-byte aligned tiles, so pad by 32 bytes instead.
+  const int64_t pad = tc ? 32 / elt : 1;
+  L.ldw = L.k_pad + pad;
+  L.lda = kChunk + pad;
+  L.ldacc = L.n_pad + (tc ? 32 / acc_elt : 1);
+  L.w_off = 0;
+  L.a_off = round_up(L.n_pad * L.ldw * elt, kAlign);
+  L.acc_off = L.a_off + round_up(L.b_pad * L.lda * elt, kAlign);
+  L.bytes = L.acc_off + round_up(L.b_pad * L.ldacc * acc_elt, kAlign);
+  return L;
+}
+
+FUSEDRNN_HOST_DEVICE int64_t num_chunks(const Layout& L) { return L.k_pad / kChunk; }
+
+// One time step in processing order: its rows and those of the step whose
+// state it reads (the schedule of checks.h, on the device).
+struct StepInfo {
+  int64_t t, rows, off, prev_rows, prev_off;
+};
+
+FUSEDRNN_HOST_DEVICE StepInfo step_info(const int64_t* sizes, const int64_t* offsets, int64_t T,
+                                        bool reverse, int64_t s) {
+  StepInfo st;
+  st.t = reverse ? T - 1 - s : s;
+  st.rows = sizes[st.t];
+  st.off = offsets[st.t];
+  const int64_t tp = reverse ? st.t + 1 : st.t - 1;
+  const bool has_prev = tp >= 0 && tp < T;
+  st.prev_rows = has_prev ? sizes[tp] : 0;
+  st.prev_off = has_prev ? offsets[tp] : 0;
+  return st;
+}
+
+// A load that sees what other blocks stored before the last grid barrier.
+template <typename T>
+FUSEDRNN_HOST_DEVICE T load_coherent(const T* p) {
+#if defined(__CUDA_ARCH__)
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4 || sizeof(T) == 8, "unsupported element");
+  T v;
+  if constexpr (sizeof(T) == 2) {
+    const unsigned short r = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    memcpy(&v, &r, sizeof(T));
+  } else if constexpr (sizeof(T) == 4) {
+    const unsigned int r = __ldcg(reinterpret_cast<const unsigned int*>(p));
+    memcpy(&v, &r, sizeof(T));
+  } else {
+    const unsigned long long r = __ldcg(reinterpret_cast<const unsigned long long*>(p));
+    memcpy(&v, &r, sizeof(T));
+  }
+  return v;
+#else
+  return *p;
+#endif
+}
+
+// ------------------------------------------------------------------ arguments
+// All pointers row-major, contiguous, on the device the kernel runs on.
+template <typename T, typename acc_t>
+struct ForwardArgs {
+  Layout L;
+  int64_t steps = 0, B = 0, H = 0;
+  bool reverse = false;
+  const int64_t* sizes = nullptr;    // [T] rows per step (batch_sizes)
+  const int64_t* offsets = nullptr;  // [T] first row of each step
+  const T* w_hh = nullptr;           // [G*H, H]
+  const T* x = nullptr;              // [N, G*H] input projection (+ b_ih)
+  const T* b_hh = nullptr;           // [G*H] (zeros without bias)
+  const T* h0 = nullptr;             // [B, H]
+  T* out = nullptr;                  // [N, H]
+  T* h = nullptr;                    // [B, H] running state: h0 in, h_n out
+  acc_t* c = nullptr;                // [B, H] LSTM cell state: c0 in, c_n out
+  T* gates = nullptr;                // [N, 4H] saved for backward, or null
+  acc_t* cells = nullptr;            // [N, H] LSTM saved c_t, or null
+};
+
+template <typename T, typename acc_t>
+struct BackwardArgs {
+  Layout L;
+  int64_t steps = 0, B = 0, H = 0;
+  bool reverse = false;
+  const int64_t* sizes = nullptr;  // [T]
+  const int64_t* offsets = nullptr;
+  const T* w_hh = nullptr;         // [G*H, H]
+  const T* grad_out = nullptr;     // [N, H]
+  const T* gates = nullptr;        // [N, 4H] as saved by forward
+  const acc_t* cells = nullptr;    // [N, H] LSTM
+  const acc_t* c0 = nullptr;       // [B, H] LSTM, accumulation dtype
+  const T* out = nullptr;          // [N, H] GRU: forward output (h_{t-1})
+  const T* h0 = nullptr;           // [B, H] GRU
+  acc_t* dh = nullptr;             // [B, H] grad_h_n in, d h0 out
+  acc_t* dc = nullptr;             // [B, H] LSTM: grad_c_n in, d c0 out
+  T* dg = nullptr;                 // [N, 4H] LSTM: d x_proj, also the next step's A
+  T* dx = nullptr;                 // [N, 3H] GRU: d x_proj
+  T* dhh = nullptr;                // [N, 3H] GRU: d(h W_hh^T + b_hh), the next step's A
+};
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE T* smem_at(unsigned char* smem, int64_t off) {
+  return reinterpret_cast<T*>(smem + off);
+}
+
+// ------------------------------------------------------------------ weights
+// Forward slice: row g*units + jl = W_hh row g*H + j0 + jl.
+template <int G, typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void load_forward_weights(const ForwardArgs<T, acc_t>& a, int64_t blk,
+                                               unsigned char* smem, int tid, int nt) {
+  const Layout& L = a.L;
+  T* w = smem_at<T>(smem, L.w_off);
+  const int64_t j0 = blk * L.units, u = min_(L.units, a.H - j0);
+  for (int64_t i = tid; i < L.n_pad * L.ldw; i += nt) {
+    const int64_t n = i / L.ldw, k = i % L.ldw;
+    const int64_t g = n / L.units, jl = n % L.units;
+    w[i] = (g < G && jl < u && k < a.H) ? a.w_hh[(g * a.H + j0 + jl) * a.H + k] : T(0.f);
+  }
+}
+
+// Backward slice: row jl = W_hh column j0 + jl, over all G*H gate rows.
+template <int G, typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void load_backward_weights(const BackwardArgs<T, acc_t>& a, int64_t blk,
+                                                unsigned char* smem, int tid, int nt) {
+  const Layout& L = a.L;
+  T* w = smem_at<T>(smem, L.w_off);
+  const int64_t j0 = blk * L.units, u = min_(L.units, a.H - j0);
+  // n fastest: neighbouring threads read neighbouring columns of W_hh.
+  for (int64_t i = tid; i < L.n_pad * L.ldw; i += nt) {
+    const int64_t k = i / L.n_pad, n = i % L.n_pad;
+    w[n * L.ldw + k] = (n < u && k < G * a.H) ? a.w_hh[k * a.H + j0 + n] : T(0.f);
+  }
+}
+
+// ------------------------------------------------------------------ gemm
+// Stages columns [k0, k0 + kChunk) of `rows` rows of A into shared memory,
+// zero-padded to b_pad rows; zeroes acc on the first chunk. src(b, k) reads
+// row b, column k < L.k.
+template <typename T, typename acc_t, typename Src>
+FUSEDRNN_HOST_DEVICE void stage_chunk(const Layout& L, unsigned char* smem, int64_t rows,
+                                      int64_t k0, const Src& src, int tid, int nt) {
+  T* A = smem_at<T>(smem, L.a_off);
+  for (int64_t i = tid; i < L.b_pad * kChunk; i += nt) {
+    const int64_t b = i / kChunk, kk = i % kChunk, k = k0 + kk;
+    A[b * L.lda + kk] = (b < rows && k < L.k) ? src(b, k) : T(0.f);
+  }
+  if (k0 == 0) {
+    acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
+    for (int64_t i = tid; i < L.b_pad * L.ldacc; i += nt) acc[i] = acc_t(0);
+  }
+}
+
+// acc[b][n] += sum_kk A[b][kk] * W[n][k0 + kk], one output per thread in turn.
+template <typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void gemm_simt(const Layout& L, unsigned char* smem, int64_t rows,
+                                    int64_t k0, int tid, int nt) {
+  const T* A = smem_at<T>(smem, L.a_off);
+  const T* W = smem_at<T>(smem, L.w_off);
+  acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
+  const int64_t kc = min_(kChunk, L.k - k0);
+  for (int64_t o = tid; o < rows * L.n; o += nt) {
+    const int64_t b = o / L.n, n = o % L.n;
+    const T* ar = A + b * L.lda;
+    const T* wr = W + n * L.ldw + k0;
+    acc_t s = acc_t(0);
+    for (int64_t kk = 0; kk < kc; ++kk) s += acc_t(ar[kk]) * acc_t(wr[kk]);
+    acc[b * L.ldacc + n] += s;
+  }
+}
+
+// Round-to-nearest (ties away) to tf32's 10-bit mantissa, as cvt.rna.tf32.f32.
+inline float round_tf32(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&x, &u, sizeof(u));
+  return x;
+}
+
+#if defined(__CUDACC__)
+// wmma operand types for each storage type.
+template <typename T>
+struct Wmma;
+template <>
+struct Wmma<float> {
+  using frag_t = nvcuda::wmma::precision::tf32;
+  using ptr_t = float;
+  static constexpr int kK = 8;
+};
+template <>
+struct Wmma<c10::Half> {
+  using frag_t = __half;
+  using ptr_t = __half;
+  static constexpr int kK = 16;
+};
+template <>
+struct Wmma<c10::BFloat16> {
+  using frag_t = __nv_bfloat16;
+  using ptr_t = __nv_bfloat16;
+  static constexpr int kK = 16;
+};
+#endif
+
+// The same product on tensor cores: each warp owns 16 x 16 tiles of acc in
+// turn (float accumulators). Only rows < rows are tiled; the emulator runs the
+// tile once per warp (lane 0), rounding float operands to tf32 as the
+// hardware does.
+template <typename T>
+FUSEDRNN_HOST_DEVICE void gemm_tensor_core(const Layout& L, unsigned char* smem, int64_t rows,
+                                           int64_t k0, int tid, int nt) {
+  const int warp = tid / kWarpSize, warps = nt / kWarpSize;
+  const int64_t m_tiles = (rows + kTile - 1) / kTile, n_tiles = L.n_pad / kTile;
+  const T* A = smem_at<T>(smem, L.a_off);
+  const T* W = smem_at<T>(smem, L.w_off);
+  float* acc = smem_at<float>(smem, L.acc_off);
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using W_ = Wmma<T>;
+  using ptr_t = typename W_::ptr_t;
+  for (int64_t tile = warp; tile < m_tiles * n_tiles; tile += warps) {
+    const int64_t m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
+    wmma::fragment<wmma::accumulator, kTile, kTile, W_::kK, float> c;
+    wmma::load_matrix_sync(c, acc + m0 * L.ldacc + n0, unsigned(L.ldacc), wmma::mem_row_major);
+    for (int64_t kk = 0; kk < kChunk; kk += W_::kK) {
+      wmma::fragment<wmma::matrix_a, kTile, kTile, W_::kK, typename W_::frag_t, wmma::row_major>
+          fa;
+      wmma::fragment<wmma::matrix_b, kTile, kTile, W_::kK, typename W_::frag_t, wmma::col_major>
+          fb;
+      wmma::load_matrix_sync(fa, reinterpret_cast<const ptr_t*>(A + m0 * L.lda + kk),
+                             unsigned(L.lda));
+      wmma::load_matrix_sync(fb, reinterpret_cast<const ptr_t*>(W + n0 * L.ldw + k0 + kk),
+                             unsigned(L.ldw));
+      if constexpr (std::is_same<T, float>::value) {
+        for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+        for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+      }
+      wmma::mma_sync(c, fa, fb, c);
+    }
+    wmma::store_matrix_sync(acc + m0 * L.ldacc + n0, c, unsigned(L.ldacc), wmma::mem_row_major);
+  }
+#else
+  __trap();  // the host never picks tensor cores below sm_80
+#endif
+#else
+  if (tid % kWarpSize != 0) return;
+  for (int64_t tile = warp; tile < m_tiles * n_tiles; tile += warps) {
+    const int64_t m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
+    for (int64_t m = m0; m < m0 + kTile; ++m) {
+      for (int64_t n = n0; n < n0 + kTile; ++n) {
+        float s = 0.f;
+        for (int64_t kk = 0; kk < kChunk; ++kk) {
+          float x = float(A[m * L.lda + kk]), y = float(W[n * L.ldw + k0 + kk]);
+          if (std::is_same<T, float>::value) {
+            x = round_tf32(x);
+            y = round_tf32(y);
+          }
+          s += x * y;
+        }
+        acc[m * L.ldacc + n] += s;
+      }
+    }
+  }
+#endif
+}
+
+template <int kMode, typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void gemm(const Layout& L, unsigned char* smem, int64_t rows, int64_t k0,
+                               int tid, int nt) {
+  // (The host never pairs float64 with tensor cores; this keeps it from compiling.)
+  if constexpr (kMode == kTensorCore && !std::is_same<T, double>::value) {
+    gemm_tensor_core<T>(L, smem, rows, k0, tid, nt);
+  } else {
+    gemm_simt<T, acc_t>(L, smem, rows, k0, tid, nt);
+  }
+}
+
+// ------------------------------------------------------------------ forward
+template <int G, typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void pointwise_forward(const ForwardArgs<T, acc_t>& a, int64_t blk,
+                                            unsigned char* smem, const StepInfo& st, int tid,
+                                            int nt) {
+  const Layout& L = a.L;
+  const acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
+  const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
+  for (int64_t i = tid; i < st.rows * u; i += nt) {
+    const int64_t b = i / u, jl = i % u, j = j0 + jl, k = b * H + j;
+    const T* x = a.x + (st.off + b) * G * H;
+    const acc_t* ac = acc + b * L.ldacc;
+    // Recurrent pre-activation of gate g (b_hh included).
+    acc_t rec[G];
+    for (int g = 0; g < G; ++g) rec[g] = ac[g * L.units + jl] + acc_t(a.b_hh[g * H + j]);
+    if constexpr (G == kLstmGates) {
+      acc_t i_, f, g_, o, c, h;
+      lstm_forward_point<acc_t>(acc_t(x[j]) + rec[0], acc_t(x[H + j]) + rec[1],
+                                acc_t(x[2 * H + j]) + rec[2], acc_t(x[3 * H + j]) + rec[3],
+                                a.c[k], i_, f, g_, o, c, h);
+      a.c[k] = c;
+      a.h[k] = T(h);
+      a.out[(st.off + b) * H + j] = T(h);
+      if (a.gates) {
+        T* gs = a.gates + (st.off + b) * G * H;
+        gs[j] = T(i_);
+        gs[H + j] = T(f);
+        gs[2 * H + j] = T(g_);
+        gs[3 * H + j] = T(o);
+        a.cells[(st.off + b) * H + j] = c;
+      }
+    } else {
+      // a.h holds h_{t-1} of every active row (see gru_forward_impl).
+      acc_t r, z, n, h;
+      gru_forward_point<acc_t>(acc_t(x[j]), acc_t(x[H + j]), acc_t(x[2 * H + j]), rec[0],
+                               rec[1], rec[2], acc_t(a.h[k]), r, z, n, h);
+      a.h[k] = T(h);
+      a.out[(st.off + b) * H + j] = T(h);
+      if (a.gates) {
+        T* gs = a.gates + (st.off + b) * kGruSaved * H;
+        gs[j] = T(r);
+        gs[H + j] = T(z);
+        gs[2 * H + j] = T(n);
+        gs[3 * H + j] = T(rec[2]);
+      }
+    }
+  }
+}
+
+// h_{t-1}[b][k]: the output of the step before for rows active there, else h0.
+template <typename T, typename acc_t>
+struct PrevState {
+  const ForwardArgs<T, acc_t>* a;
+  StepInfo st;
+  FUSEDRNN_HOST_DEVICE T operator()(int64_t b, int64_t k) const {
+    return b < st.prev_rows ? load_coherent(a->out + (st.prev_off + b) * a->H + k)
+                            : a->h0[b * a->H + k];
+  }
+};
+
+// Phases of one forward step: (stage, gemm) per chunk, then pointwise.
+FUSEDRNN_HOST_DEVICE int64_t forward_phases(const Layout& L) { return 2 * num_chunks(L) + 1; }
+
+template <int G, int kMode, typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<T, acc_t>& a, int64_t blk,
+                                        unsigned char* smem, int64_t s, int64_t phase, int tid,
+                                        int nt) {
+  const StepInfo st = step_info(a.sizes, a.offsets, a.steps, a.reverse, s);
+  if (phase < 2 * num_chunks(a.L)) {
+    const int64_t k0 = phase / 2 * kChunk;
+    if (phase % 2 == 0) {
+      stage_chunk<T, acc_t>(a.L, smem, st.rows, k0, PrevState<T, acc_t>{&a, st}, tid, nt);
+    } else {
+      gemm<kMode, T, acc_t>(a.L, smem, st.rows, k0, tid, nt);
+    }
+  } else {
+    pointwise_forward<G>(a, blk, smem, st, tid, nt);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+// Iteration i in [0, T] handles processing step T-1-i (when i < T) after
+// forming, from the gradients of step T-i (when i > 0), the block's slice of
+// their product with W_hh.
+template <int G, typename T, typename acc_t>
+struct StepGrad {  // A = the pre-activation gradients of the step handled before
+  const BackwardArgs<T, acc_t>* a;
+  StepInfo st;
+  FUSEDRNN_HOST_DEVICE T operator()(int64_t b, int64_t k) const {
+    const T* src = G == kLstmGates ? a->dg : a->dhh;
+    return load_coherent(src + (st.off + b) * G * a->H + k);
+  }
+};
+
+// dh for the rows of the step handled before: the product (LSTM), or the
+// product added to dh * z, kept there by that step (GRU).
+template <int G, typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void carry_backward(const BackwardArgs<T, acc_t>& a, int64_t blk,
+                                         unsigned char* smem, const StepInfo& st, int tid,
+                                         int nt) {
+  const Layout& L = a.L;
+  const acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
+  const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
+  for (int64_t i = tid; i < st.rows * u; i += nt) {
+    const int64_t b = i / u, jl = i % u;
+    const acc_t m = acc[b * L.ldacc + jl];
+    acc_t& dh = a.dh[b * H + j0 + jl];
+    dh = G == kLstmGates ? m : dh + m;
+  }
+}
+
+template <int G, typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void pointwise_backward(const BackwardArgs<T, acc_t>& a, int64_t blk,
+                                             const StepInfo& st, int tid, int nt) {
+  const Layout& L = a.L;
+  const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
+  for (int64_t i = tid; i < st.rows * u; i += nt) {
+    const int64_t b = i / u, j = j0 + i % u, k = b * H + j, row = st.off + b;
+    const acc_t dh = acc_t(a.grad_out[row * H + j]) + a.dh[k];
+    if constexpr (G == kLstmGates) {
+      const T* gs = a.gates + row * G * H;
+      const acc_t c_prev =
+          b < st.prev_rows ? a.cells[(st.prev_off + b) * H + j] : a.c0[k];
+      acc_t di, df, dg, d_o, dcp;
+      lstm_backward_point<acc_t>(acc_t(gs[j]), acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
+                                 acc_t(gs[3 * H + j]), a.cells[row * H + j], c_prev, dh,
+                                 a.dc[k], di, df, dg, d_o, dcp);
+      T* d = a.dg + row * G * H;
+      d[j] = T(di);
+      d[H + j] = T(df);
+      d[2 * H + j] = T(dg);
+      d[3 * H + j] = T(d_o);
+      a.dc[k] = dcp;
+    } else {
+      const T* gs = a.gates + row * kGruSaved * H;
+      const acc_t h_prev =
+          acc_t(b < st.prev_rows ? a.out[(st.prev_off + b) * H + j] : a.h0[k]);
+      acc_t dr, dz, dn, dhn, dh_direct;
+      gru_backward_point<acc_t>(acc_t(gs[j]), acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
+                                acc_t(gs[3 * H + j]), h_prev, dh, dr, dz, dn, dhn, dh_direct);
+      T* dx = a.dx + row * G * H;
+      T* dhh = a.dhh + row * G * H;
+      dx[j] = dhh[j] = T(dr);
+      dx[H + j] = dhh[H + j] = T(dz);
+      dx[2 * H + j] = T(dn);
+      dhh[2 * H + j] = T(dhn);
+      a.dh[k] = dh_direct;
+    }
+  }
+}
+
+FUSEDRNN_HOST_DEVICE int64_t backward_phases(const Layout& L, int64_t i, int64_t T) {
+  return (i > 0 ? 2 * num_chunks(L) + 1 : 0) + (i < T ? 1 : 0);
+}
+
+template <int G, int kMode, typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<T, acc_t>& a, int64_t blk,
+                                         unsigned char* smem, int64_t i, int64_t phase, int tid,
+                                         int nt) {
+  const int64_t nc = num_chunks(a.L);
+  if (i > 0 && phase <= 2 * nc) {
+    const StepInfo before = step_info(a.sizes, a.offsets, a.steps, a.reverse, a.steps - i);
+    if (phase == 2 * nc) {
+      carry_backward<G>(a, blk, smem, before, tid, nt);
+    } else if (phase % 2 == 0) {
+      stage_chunk<T, acc_t>(a.L, smem, before.rows, phase / 2 * kChunk,
+                            StepGrad<G, T, acc_t>{&a, before}, tid, nt);
+    } else {
+      gemm<kMode, T, acc_t>(a.L, smem, before.rows, phase / 2 * kChunk, tid, nt);
+    }
+    return;
+  }
+  const StepInfo st = step_info(a.sizes, a.offsets, a.steps, a.reverse, a.steps - 1 - i);
+  pointwise_backward<G>(a, blk, st, tid, nt);
+}
+
+}  // namespace persistent
+}  // namespace fusedrnn

@@ -1,0 +1,297 @@
+// Host side of the persistent recurrence (persistent.h): argument checks,
+// outputs, the layout, and the weight gradients, shared by the CUDA launcher
+// and the CPU emulator. `R` runs the time loop:
+//
+//   R::max_blocks(device)              blocks that can be co-resident
+//   R::smem_bytes(device)              shared memory one block may use
+//   R::tensor_cores(device)            whether kTensorCore can run there
+//   R::template forward<G, kMode>(args, device)
+//   R::template backward<G, kMode>(args, device)
+//
+// The ops return exactly what lstm_forward/gru_forward (and their backward)
+// return, so either path's forward pairs with either path's backward.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <tuple>
+#include <vector>
+
+#include "persistent.h"
+#include "recurrence.h"
+
+namespace fusedrnn {
+namespace persistent {
+
+// mode: -1 picks: tensor cores for fp16/bf16, and for fp32 when TF32 is
+// allowed (allow_tf32: the flag that governs cuBLAS's fp32 matmuls too);
+// SIMT for strict fp32 and fp64.
+inline int resolve_mode(int64_t mode, at::ScalarType dtype, bool tensor_cores, bool allow_tf32,
+                        const char* op) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, op, ": mode must be -1 (auto), 0 (SIMT) or 1 ",
+              "(tensor cores), got ", mode);
+  if (mode == -1) {
+    const bool tc = dtype == at::kHalf || dtype == at::kBFloat16 ||
+                    (dtype == at::kFloat && allow_tf32);
+    return tc && tensor_cores ? kTensorCore : kSimt;
+  }
+  TORCH_CHECK(mode == kSimt || dtype != at::kDouble, op,
+              ": tensor cores do not take float64; use mode 0");
+  TORCH_CHECK(mode == kSimt || tensor_cores, op,
+              ": tensor-core mode needs compute capability 8.0 or newer");
+  return int(mode);
+}
+
+// The layout for these sizes on `device`, or an undefined one (blocks == 0)
+// when a block's slice of W_hh does not fit in its shared memory.
+template <typename R>
+Layout fit_layout(int64_t H, int64_t B, int G, bool backward, int mode, at::ScalarType dtype,
+                  int64_t max_blocks, const at::Device& device) {
+  const int64_t blocks = max_blocks > 0 ? std::min<int64_t>(max_blocks, R::max_blocks(device))
+                                        : R::max_blocks(device);
+  const Layout L = make_layout(H, B, G, backward, mode, c10::elementSize(dtype),
+                               c10::elementSize(acc_dtype(dtype)), blocks);
+  return L.bytes <= R::smem_bytes(device) ? L : Layout{};
+}
+
+inline Tensor schedule_tensor(const Schedule& s, const at::Device& device) {
+  std::vector<int64_t> v(s.sizes);
+  v.insert(v.end(), s.offsets.begin(), s.offsets.end());
+  return at::tensor(v, at::kLong).to(device);  // [2, T]: sizes, then offsets
+}
+
+template <typename R>
+Layout checked_layout(int64_t H, int64_t B, int G, bool backward, int mode,
+                      at::ScalarType dtype, int64_t max_blocks, const at::Device& device,
+                      const char* op) {
+  const Layout L = fit_layout<R>(H, B, G, backward, mode, dtype, max_blocks, device);
+  TORCH_CHECK(L.blocks > 0, op, ": a block's slice of W_hh does not fit in shared memory ",
+              "(hidden_size ", H, ", batch ", B, ", ", dtype, "); use the step-wise path");
+  return L;
+}
+
+#define FUSEDRNN_DISPATCH_MODE(mode, ...)        \
+  if (mode == kTensorCore) {                     \
+    constexpr int kMode = kTensorCore;           \
+    __VA_ARGS__();                               \
+  } else {                                       \
+    constexpr int kMode = kSimt;                 \
+    __VA_ARGS__();                               \
+  }
+
+// Same arguments and results as lstm_forward without w_hr.
+template <typename R>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
+    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train,
+    int64_t max_blocks, int64_t mode_arg, bool allow_tf32) {
+  constexpr const char* op = "fusedrnn::_persistent_lstm_forward";
+  const auto checked =
+      lstm_check_forward(x_proj, h0, c0, w_hh, c10::nullopt, b_hh, batch_sizes, reverse);
+  const Schedule& s = std::get<0>(checked);
+  const int64_t H = std::get<1>(checked);
+  const auto dtype = x_proj.scalar_type();
+  const auto device = x_proj.device();
+  const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
+  const Layout L = checked_layout<R>(H, s.B, kLstmGates, false, mode, dtype, max_blocks, device, op);
+
+  const Tensor x = x_proj.contiguous();
+  const Tensor w = w_hh.contiguous();
+  const Tensor bias = detail::defined_or_zeros(b_hh, kLstmGates * H, x);
+  const Tensor sched = schedule_tensor(s, device);
+  Tensor h = h0.contiguous().clone();
+  Tensor c = c0.to(acc_dtype(dtype)).contiguous().clone();
+  Tensor out = at::empty({s.N, H}, x.options());
+  Tensor gates = at::empty({train ? s.N : 0, kLstmGates * H}, x.options());
+  Tensor cells = at::empty({train ? s.N : 0, H}, x.options().dtype(acc_dtype(dtype)));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_lstm_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ForwardArgs<scalar_t, acc_t> a;
+    a.L = L;
+    a.steps = s.T;
+    a.B = s.B;
+    a.H = H;
+    a.reverse = reverse;
+    a.sizes = sched.data_ptr<int64_t>();
+    a.offsets = a.sizes + s.T;
+    a.w_hh = w.data_ptr<scalar_t>();
+    a.x = x.data_ptr<scalar_t>();
+    a.b_hh = bias.data_ptr<scalar_t>();
+    a.h0 = h0.contiguous().data_ptr<scalar_t>();
+    a.out = out.data_ptr<scalar_t>();
+    a.h = h.data_ptr<scalar_t>();
+    a.c = c.data_ptr<acc_t>();
+    a.gates = train ? gates.data_ptr<scalar_t>() : nullptr;
+    a.cells = train ? cells.data_ptr<acc_t>() : nullptr;
+    FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template forward<kLstmGates, kMode>(a, device); });
+  });
+  out = out.view(detail::with_last(x_proj.sizes(), H));
+  return {out, h, c.to(dtype), gates, cells};
+}
+
+// Same arguments and results as lstm_backward without w_hr.
+template <typename R>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
+    bool has_bias, int64_t max_blocks, int64_t mode_arg, bool allow_tf32) {
+  constexpr const char* op = "fusedrnn::_persistent_lstm_backward";
+  const int64_t H = w_hh.size(0) / kLstmGates;
+  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [4H, H] (no projection)");
+  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
+  check_shape(gates, {s.N, kLstmGates * H}, op, "gates");
+  check_shape(cells, {s.N, H}, op, "cells");
+  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
+  check_shape(grad_c_n, {s.B, H}, op, "grad_c_n");
+  const auto dtype = grad_output.scalar_type();
+  const auto acc = acc_dtype(dtype);
+  const auto device = grad_output.device();
+  const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
+  const Layout L = checked_layout<R>(H, s.B, kLstmGates, true, mode, dtype, max_blocks, device, op);
+
+  const Tensor g_out = grad_output.contiguous().view({s.N, H});
+  const Tensor out = output.contiguous().view({s.N, H});
+  const Tensor gts = gates.contiguous();
+  const Tensor cls = cells.contiguous();
+  const Tensor c0a = c0.to(acc).contiguous();
+  const Tensor w = w_hh.contiguous();
+  const Tensor sched = schedule_tensor(s, device);
+  Tensor dh = grad_h_n.to(acc).contiguous().clone();
+  Tensor dc = grad_c_n.to(acc).contiguous().clone();
+  Tensor dg = at::empty({s.N, kLstmGates * H}, grad_output.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_lstm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardArgs<scalar_t, acc_t> a;
+    a.L = L;
+    a.steps = s.T;
+    a.B = s.B;
+    a.H = H;
+    a.reverse = reverse;
+    a.sizes = sched.data_ptr<int64_t>();
+    a.offsets = a.sizes + s.T;
+    a.w_hh = w.data_ptr<scalar_t>();
+    a.grad_out = g_out.data_ptr<scalar_t>();
+    a.gates = gts.data_ptr<scalar_t>();
+    a.cells = cls.data_ptr<acc_t>();
+    a.c0 = c0a.data_ptr<acc_t>();
+    a.dh = dh.data_ptr<acc_t>();
+    a.dc = dc.data_ptr<acc_t>();
+    a.dg = dg.data_ptr<scalar_t>();
+    FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template backward<kLstmGates, kMode>(a, device); });
+  });
+
+  const auto wg = lstm_weight_grads(dg, Tensor(), out, h0, gts, cls, s, batch_sizes.has_value(),
+                                    has_bias);
+  Tensor d_x = dg.view(detail::with_last(grad_output.sizes(), kLstmGates * H));
+  return {d_x, dh.to(dtype), dc.to(dtype), std::get<0>(wg), std::get<1>(wg), std::get<2>(wg)};
+}
+
+// Same arguments and results as gru_forward with reset_after.
+template <typename R>
+std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tensor& h0,
+                                               const Tensor& w_hh, const OptTensor& b_hh,
+                                               const OptTensor& batch_sizes, bool reverse,
+                                               bool train, int64_t max_blocks, int64_t mode_arg,
+                                               bool allow_tf32) {
+  constexpr const char* op = "fusedrnn::_persistent_gru_forward";
+  const auto checked = gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, true);
+  const Schedule& s = std::get<0>(checked);
+  const int64_t H = std::get<1>(checked);
+  const auto dtype = x_proj.scalar_type();
+  const auto device = x_proj.device();
+  const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
+  const Layout L = checked_layout<R>(H, s.B, kGruGates, false, mode, dtype, max_blocks, device, op);
+
+  const Tensor x = x_proj.contiguous();
+  const Tensor w = w_hh.contiguous();
+  const Tensor bias = detail::defined_or_zeros(b_hh, kGruGates * H, x);
+  const Tensor sched = schedule_tensor(s, device);
+  const Tensor h0c = h0.contiguous();
+  Tensor h = h0c.clone();
+  Tensor out = at::empty({s.N, H}, x.options());
+  Tensor gates = at::empty({train ? s.N : 0, kGruSaved * H}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_gru_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ForwardArgs<scalar_t, acc_t> a;
+    a.L = L;
+    a.steps = s.T;
+    a.B = s.B;
+    a.H = H;
+    a.reverse = reverse;
+    a.sizes = sched.data_ptr<int64_t>();
+    a.offsets = a.sizes + s.T;
+    a.w_hh = w.data_ptr<scalar_t>();
+    a.x = x.data_ptr<scalar_t>();
+    a.b_hh = bias.data_ptr<scalar_t>();
+    a.h0 = h0c.data_ptr<scalar_t>();
+    a.out = out.data_ptr<scalar_t>();
+    a.h = h.data_ptr<scalar_t>();
+    a.gates = train ? gates.data_ptr<scalar_t>() : nullptr;
+    FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template forward<kGruGates, kMode>(a, device); });
+  });
+  out = out.view(detail::with_last(x_proj.sizes(), H));
+  return {out, h, gates};
+}
+
+// Same arguments and results as gru_backward with reset_after.
+template <typename R>
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
+    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
+    bool has_bias, int64_t max_blocks, int64_t mode_arg, bool allow_tf32) {
+  constexpr const char* op = "fusedrnn::_persistent_gru_backward";
+  const int64_t H = w_hh.size(1);
+  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
+  check_shape(gates, {s.N, kGruSaved * H}, op, "gates");
+  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
+  const auto dtype = grad_output.scalar_type();
+  const auto device = grad_output.device();
+  const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
+  const Layout L = checked_layout<R>(H, s.B, kGruGates, true, mode, dtype, max_blocks, device, op);
+
+  const Tensor g_out = grad_output.contiguous().view({s.N, H});
+  const Tensor out = output.contiguous().view({s.N, H});
+  const Tensor gts = gates.contiguous();
+  const Tensor h0c = h0.contiguous();
+  const Tensor w = w_hh.contiguous();
+  const Tensor sched = schedule_tensor(s, device);
+  Tensor dh = grad_h_n.to(acc_dtype(dtype)).contiguous().clone();
+  Tensor dx = at::empty({s.N, kGruGates * H}, grad_output.options());
+  Tensor dhh = at::empty({s.N, kGruGates * H}, grad_output.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_gru_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardArgs<scalar_t, acc_t> a;
+    a.L = L;
+    a.steps = s.T;
+    a.B = s.B;
+    a.H = H;
+    a.reverse = reverse;
+    a.sizes = sched.data_ptr<int64_t>();
+    a.offsets = a.sizes + s.T;
+    a.w_hh = w.data_ptr<scalar_t>();
+    a.grad_out = g_out.data_ptr<scalar_t>();
+    a.gates = gts.data_ptr<scalar_t>();
+    a.out = out.data_ptr<scalar_t>();
+    a.h0 = h0c.data_ptr<scalar_t>();
+    a.dh = dh.data_ptr<acc_t>();
+    a.dx = dx.data_ptr<scalar_t>();
+    a.dhh = dhh.data_ptr<scalar_t>();
+    FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template backward<kGruGates, kMode>(a, device); });
+  });
+
+  const auto wg = gru_weight_grads(dhh, out, h0c, gts, s, batch_sizes.has_value(), true, has_bias);
+  Tensor d_x = dx.view(detail::with_last(grad_output.sizes(), kGruGates * H));
+  return {d_x, dh.to(dtype), std::get<0>(wg), std::get<1>(wg)};
+}
+
+#undef FUSEDRNN_DISPATCH_MODE
+
+}  // namespace persistent
+}  // namespace fusedrnn

@@ -1,0 +1,200 @@
+"""The persistent kernel (csrc/persistent.h) through the _persistent_* ops.
+
+On the CPU these run its emulator: the kernel's own phase functions, block by
+block and thread by thread, tensor-core tiles emulated with tf32 rounding. On
+CUDA they run the cooperative kernel. Both are compared with the public ops
+(step-wise path), whose parity with the reference test_ops.py establishes.
+"""
+import pytest
+import torch
+
+import fusedrnn  # noqa: F401  (registers the ops)
+
+from helpers import batch_sizes_for, rel_err
+
+ops = torch.ops.fusedrnn
+SIMT, TENSOR_CORE = 0, 1
+KINDS = ["lstm", "gru"]
+
+
+def inputs(kind, device, dtype, T=5, B=6, H=7, lengths=None, bias=True):
+    """Random op inputs; packed when lengths (sorted, decreasing) are given."""
+    G = 4 if kind == "lstm" else 3
+    opts = dict(device=device, dtype=dtype)
+    if lengths is not None:
+        bs = batch_sizes_for(lengths)
+        B, x = int(bs[0]), torch.randn(int(bs.sum()), G * H, **opts)
+    else:
+        bs, x = None, torch.randn(T, B, G * H, **opts)
+    d = dict(x_proj=x, h0=torch.randn(B, H, **opts))
+    if kind == "lstm":
+        d["c0"] = torch.randn(B, H, **opts)
+    d["w_hh"] = torch.randn(G * H, H, **opts) / H ** 0.5
+    d["b_hh"] = torch.randn(G * H, **opts) if bias else None
+    d["batch_sizes"] = bs
+    return d
+
+
+def forward(kind, d, reverse, persistent, max_blocks=0, mode=SIMT):
+    if kind == "lstm":
+        args = (d["x_proj"], d["h0"], d["c0"], d["w_hh"])
+        if persistent:
+            return ops._persistent_lstm_forward(*args, d["b_hh"], d["batch_sizes"], reverse,
+                                                True, max_blocks, mode)
+        return ops.lstm_forward(*args, None, d["b_hh"], d["batch_sizes"], reverse, True)
+    args = (d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], d["batch_sizes"], reverse)
+    if persistent:
+        return ops._persistent_gru_forward(*args, True, max_blocks, mode)
+    return ops.gru_forward(*args, True, True)
+
+
+def backward(kind, d, fwd, grads, reverse, persistent, max_blocks=0, mode=SIMT):
+    """grads: (grad_output, grad_h_n[, grad_c_n]) for the forward results fwd."""
+    has_bias = d["b_hh"] is not None
+    if kind == "lstm":
+        out, _, _, gates, cells = fwd
+        g_out, g_h, g_c = grads
+        args = (g_out, g_h, g_c, out, gates, cells, d["h0"], d["c0"], d["w_hh"])
+        if persistent:
+            return ops._persistent_lstm_backward(*args, d["batch_sizes"], reverse, has_bias,
+                                                 max_blocks, mode)
+        return ops.lstm_backward(*args, None, d["batch_sizes"], reverse, has_bias)
+    out, _, gates = fwd
+    g_out, g_h = grads
+    args = (g_out, g_h, out, gates, d["h0"], d["w_hh"], d["batch_sizes"], reverse)
+    if persistent:
+        return ops._persistent_gru_backward(*args, has_bias, max_blocks, mode)
+    return ops.gru_backward(*args, True, has_bias)
+
+
+def random_grads(kind, fwd):
+    out, h_n = fwd[0], fwd[1]
+    g = [torch.randn_like(out), torch.randn_like(h_n)]
+    if kind == "lstm":
+        g.append(torch.randn_like(fwd[2]))
+    return g
+
+
+def nonempty(ts):
+    return [t for t in ts if t.numel() > 0]
+
+
+# (T, B, H, lengths, max_blocks): one block; several, H not divisible by the
+# units per block; more than one K chunk (H > 64) and more than one tile of
+# batch rows (B > 16); packed with rows ending at different steps.
+SHAPES = [
+    pytest.param(4, 3, 5, None, 1, id="one-block"),
+    pytest.param(5, 6, 7, None, 3, id="ragged-blocks"),
+    pytest.param(3, 17, 70, None, 4, id="chunks-and-tiles"),
+    pytest.param(None, None, 9, [5, 4, 4, 2, 1], 2, id="packed"),
+    pytest.param(3, 2, 20, None, 0, id="device-blocks"),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,B,H,lengths,max_blocks", SHAPES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_simt_float64_matches_stepwise(device, kind, T, B, H, lengths, max_blocks, reverse):
+    """SIMT path, float64: forward results, saved tensors and every backward
+    result equal the step-wise op's to 1e-10 relative."""
+    d = inputs(kind, device, torch.float64, T=T, B=B, H=H, lengths=lengths)
+    want = forward(kind, d, reverse, persistent=False)
+    got = forward(kind, d, reverse, persistent=True, max_blocks=max_blocks)
+    for g, w in zip(nonempty(got), nonempty(want)):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert rel_err(g, w) < 1e-10
+    grads = random_grads(kind, want)
+    want_b = backward(kind, d, want, grads, reverse, persistent=False)
+    got_b = backward(kind, d, want, grads, reverse, persistent=True, max_blocks=max_blocks)
+    for g, w in zip(nonempty(got_b), nonempty(want_b)):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert rel_err(g, w) < 1e-10
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_bias_and_without_saving(device, kind):
+    d = inputs(kind, device, torch.float64, bias=False)
+    want = forward(kind, d, False, persistent=False)
+    got = forward(kind, d, False, persistent=True, max_blocks=2)
+    for g, w in zip(nonempty(got), nonempty(want)):
+        assert rel_err(g, w) < 1e-10
+    grads = random_grads(kind, want)
+    for g, w in zip(nonempty(backward(kind, d, want, grads, False, True, 2)),
+                    nonempty(backward(kind, d, want, grads, False, False))):
+        assert rel_err(g, w) < 1e-10
+    # train=False saves nothing.
+    if kind == "lstm":
+        res = ops._persistent_lstm_forward(d["x_proj"], d["h0"], d["c0"], d["w_hh"], None, None,
+                                           False, False, 2, SIMT)
+        assert res[3].numel() == 0 and res[4].numel() == 0
+    else:
+        res = ops._persistent_gru_forward(d["x_proj"], d["h0"], d["w_hh"], None, None, False,
+                                          False, 2, SIMT)
+        assert res[2].numel() == 0
+
+
+def errors_vs_float64(kind, d64, grads64, dtype, reverse, persistent, mode=SIMT, max_blocks=3):
+    """Relative error of every forward and backward result of one path at
+    `dtype` (its backward fed its own forward's saved state) against the
+    step-wise op in float64."""
+    def cast(t):
+        return t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t
+
+    d = {k: cast(v) for k, v in d64.items()}
+    want = forward(kind, d64, reverse, persistent=False)
+    want_b = backward(kind, d64, want, grads64, reverse, persistent=False)
+    fwd = forward(kind, d, reverse, persistent, max_blocks, mode)
+    bwd = backward(kind, d, fwd, [cast(g) for g in grads64], reverse, persistent, max_blocks,
+                   mode)
+    n_out = 3 if kind == "lstm" else 2
+    res = list(fwd[:n_out]) + nonempty(bwd)
+    ref = list(want[:n_out]) + nonempty(want_b)
+    return [rel_err(a, b) for a, b in zip(res, ref)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", [SIMT, TENSOR_CORE], ids=["simt", "tensor-core"])
+def test_low_precision_within_stepwise_error(device, kind, dtype, mode):
+    """At each dtype and mode, every result's error against float64 is at most
+    4x the step-wise op's at that dtype plus a floor: 1e-6 for strict fp32;
+    for tf32 operands (tensor cores on fp32) 4x tf32's unit roundoff, 2^-11."""
+    d64 = inputs(kind, device, torch.float64, T=6, B=18, H=40)
+    grads = random_grads(kind, forward(kind, d64, False, persistent=False))
+    ours = errors_vs_float64(kind, d64, grads, dtype, False, persistent=True, mode=mode)
+    theirs = errors_vs_float64(kind, d64, grads, dtype, False, persistent=False)
+    floor = 4 * 2.0 ** -11 if (dtype == torch.float32 and mode == TENSOR_CORE) else 1e-6
+    for o, t in zip(ours, theirs):
+        assert o <= 4 * t + floor, (ours, theirs)
+
+
+def test_tensor_core_tiles_float32_packed_reverse(device):
+    """Tensor-core path with several m and n tiles, packed and reversed:
+    within tf32's error of the float64 result."""
+    d64 = inputs("lstm", device, torch.float64, H=33, lengths=[6, 6, 5, 3, 3, 3, 2, 2, 2, 2, 2,
+                                                            1, 1, 1, 1, 1, 1, 1])
+    grads = random_grads("lstm", forward("lstm", d64, True, persistent=False))
+    errs = errors_vs_float64("lstm", d64, grads, torch.float32, True, persistent=True,
+                             mode=TENSOR_CORE, max_blocks=5)
+    assert max(errs) < 2e-2, errs
+
+
+def test_does_not_fit_is_a_clear_error(device):
+    d = inputs("lstm", device, torch.float64, T=2, B=2, H=2048)
+    with pytest.raises(RuntimeError, match="does not fit in shared memory"):
+        forward("lstm", d, False, persistent=True)
+
+
+def test_bad_mode_is_rejected(device):
+    d = inputs("gru", device, torch.float64)
+    with pytest.raises(RuntimeError, match="tensor cores do not take float64"):
+        forward("gru", d, False, persistent=True, mode=TENSOR_CORE)
+    with pytest.raises(RuntimeError, match="mode must be"):
+        forward("gru", d, False, persistent=True, mode=5)
+
+
+def test_bad_input_is_rejected_before_running(device):
+    d = inputs("lstm", device, torch.float64)
+    d["h0"] = d["h0"][:, :3]
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
+        forward("lstm", d, False, persistent=True)
