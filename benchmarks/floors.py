@@ -64,23 +64,30 @@ def measured(paths):
     return out
 
 
+PRECISIONS = ("float32", "tf32", "bfloat16")
+MODES = ("inference", "training")
+TERM = ("flops", "bytes", "chain")
+
+
 def table(results, args):
-    head = ("| model | T | B | H | precision | mode | flops µs | bytes µs | chain µs | floor µs "
-            "| cuDNN µs | fusedrnn µs | fusedrnn / floor |")
-    lines = [head, "|" + "---|" * 13]
+    """One row per model and config; per precision and mode the floor in µs
+    and its largest term, then (when measured) cuDNN and fusedrnn in µs."""
+    cols = [(p, m) for p in PRECISIONS for m in MODES]
+    head = "| model | T | B | H | " + " | ".join(f"{p} {m[:5]}" for p, m in cols) + " |"
+    lines = [head, "|" + "---|" * (4 + len(cols))]
     for model in ("LSTM", "GRU"):
-        for precision in ("float32", "tf32", "bfloat16"):
-            for mode in ("inference", "training"):
-                for T, B, H in CONFIGS:
-                    f = floors(model, T, B, H, precision, mode == "training",
-                               barrier_us=args.barrier_us, bandwidth=args.bandwidth)
-                    floor = max(f)
-                    t = results.get((model, T, B, H, precision, mode))
-                    cols = ["not measured"] * 3 if t is None else \
-                        [f"{t[0] * 1e3:.0f}", f"{t[1] * 1e3:.0f}", f"{t[1] * 1e3 / floor:.1f}x"]
-                    lines.append(f"| {model} | {T} | {B} | {H} | {precision} | {mode} | "
-                                 f"{f[0]:.1f} | {f[1]:.1f} | {f[2]:.0f} | {floor:.0f} | "
-                                 + " | ".join(cols) + " |")
+        for T, B, H in CONFIGS:
+            cells = []
+            for precision, mode in cols:
+                f = floors(model, T, B, H, precision, mode == "training",
+                           barrier_us=args.barrier_us, bandwidth=args.bandwidth)
+                floor = max(f)
+                cell = f"{floor:.0f} {TERM[f.index(floor)]}"
+                t = results.get((model, T, B, H, precision, mode))
+                if t is not None:
+                    cell += f"; cuDNN {t[0] * 1e3:.0f}, ours {t[1] * 1e3:.0f}"
+                cells.append(cell)
+            lines.append(f"| {model} | {T} | {B} | {H} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

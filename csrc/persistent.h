@@ -22,7 +22,8 @@
 // Values written by other blocks inside the launch are read with L2-coherent
 // loads (load_coherent): the read-only and L1 paths may hold stale lines.
 //
-// Each step is a fixed list of phases (stage, gemm, ..., pointwise). On the
+// Each step is a fixed list of phases (stage, gemm per K-chunk, reduce,
+// pointwise; backward also carry). On the
 // GPU all threads run a phase and meet at __syncthreads(); the emulator runs
 // every thread of a phase in turn, block by block, and the end of a step is
 // the grid barrier. Both call the same phase functions below.
@@ -30,6 +31,7 @@
 // Shared memory of one block (byte offsets in Layout, each 128-byte aligned):
 //
 //   | W slice [n_pad][ldw] (T) | A chunk [b_pad][lda] (T) | acc [b_pad][ldacc] (acc_t) |
+//   | split-K partial sums: [kThreads] (SIMT) or [warps][16][16] (tensor cores) (acc_t) |
 //
 // Rows and columns past the valid ones are zero, so the tensor-core tiles
 // (16 x 16 x 8 tf32, 16 x 16 x 16 half/bf16) never need masking.
@@ -61,6 +63,9 @@ constexpr int kWarpSize = 32;
 constexpr int64_t kTile = 16;    // tensor-core tile edge, m and n
 constexpr int64_t kChunk = 64;   // K columns staged per pass
 constexpr int64_t kAlign = 128;  // shared-memory region alignment, bytes
+// SIMT split-K: with fewer outputs than threads (small batch), up to this
+// many threads share one output's K range; see gemm_simt.
+constexpr int64_t kMaxSplit = 16;
 // Shared memory the emulator assumes: an H100's opt-in limit per block.
 constexpr int64_t kEmulatedSmemBytes = 232448;
 constexpr int64_t kEmulatedBlocks = 132;
@@ -76,6 +81,7 @@ struct Layout {
   int64_t b_pad = 0;           // staged batch rows
   int64_t ldw = 0, lda = 0, ldacc = 0;         // row strides, elements
   int64_t w_off = 0, a_off = 0, acc_off = 0;   // region offsets, bytes
+  int64_t part_off = 0;                        // split-K partial sums
   int64_t bytes = 0;                           // shared memory per block
   int mode = kSimt;
 };
@@ -107,7 +113,10 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
   L.w_off = 0;
   L.a_off = round_up(L.n_pad * L.ldw * elt, kAlign);
   L.acc_off = L.a_off + round_up(L.b_pad * L.lda * elt, kAlign);
-  L.bytes = L.acc_off + round_up(L.b_pad * L.ldacc * acc_elt, kAlign);
+  L.part_off = L.acc_off + round_up(L.b_pad * L.ldacc * acc_elt, kAlign);
+  // Split-K partial sums: one per thread (SIMT), one tile per warp (tensor cores).
+  L.bytes = L.part_off + round_up(tc ? kThreads / kWarpSize * kTile * kTile * acc_elt
+                                     : kThreads * acc_elt, kAlign);
   return L;
 }
 
@@ -247,22 +256,47 @@ FUSEDRNN_HOST_DEVICE void stage_chunk(const Layout& L, unsigned char* smem, int6
   }
 }
 
-// acc[b][n] += sum_kk A[b][kk] * W[n][k0 + kk], one output per thread in turn.
+// Threads that share one output's K range in gemm_simt: a power of two with
+// split * outputs <= nt, so each (output, split) pair has its own thread.
+FUSEDRNN_HOST_DEVICE int64_t simt_split(int64_t outputs, int nt) {
+  int64_t split = 1;
+  while (split * 2 <= kMaxSplit && outputs * split * 2 <= nt) split *= 2;
+  return split;
+}
+
+// acc[b][n] += sum_kk A[b][kk] * W[n][k0 + kk] in acc_t. One FMA chain per
+// output; when the outputs are fewer than the threads, `split` threads take
+// every split-th kk of one output (neighbouring kk: no bank conflicts) and
+// keep their sums in `part` across chunks, for reduce_split to add up in a
+// fixed order.
 template <typename T, typename acc_t>
 FUSEDRNN_HOST_DEVICE void gemm_simt(const Layout& L, unsigned char* smem, int64_t rows,
                                     int64_t k0, int tid, int nt) {
   const T* A = smem_at<T>(smem, L.a_off);
   const T* W = smem_at<T>(smem, L.w_off);
-  acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
-  const int64_t kc = min_(kChunk, L.k - k0);
-  for (int64_t o = tid; o < rows * L.n; o += nt) {
-    const int64_t b = o / L.n, n = o % L.n;
-    const T* ar = A + b * L.lda;
-    const T* wr = W + n * L.ldw + k0;
-    acc_t s = acc_t(0);
-    for (int64_t kk = 0; kk < kc; ++kk) s += acc_t(ar[kk]) * acc_t(wr[kk]);
-    acc[b * L.ldacc + n] += s;
+  const int64_t kc = min_(kChunk, L.k - k0), outputs = rows * L.n;
+  const int64_t split = simt_split(outputs, nt);
+  if (split == 1) {
+    acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
+    for (int64_t o = tid; o < outputs; o += nt) {
+      const int64_t b = o / L.n, n = o % L.n;
+      const T* ar = A + b * L.lda;
+      const T* wr = W + n * L.ldw + k0;
+      acc_t s = acc_t(0);
+      for (int64_t kk = 0; kk < kc; ++kk) s += acc_t(ar[kk]) * acc_t(wr[kk]);
+      acc[b * L.ldacc + n] += s;
+    }
+    return;
   }
+  if (tid >= outputs * split) return;
+  acc_t* part = smem_at<acc_t>(smem, L.part_off);
+  const int64_t o = tid / split, first = tid % split;
+  const int64_t b = o / L.n, n = o % L.n;
+  const T* ar = A + b * L.lda;
+  const T* wr = W + n * L.ldw + k0;
+  acc_t s = acc_t(0);
+  for (int64_t kk = first; kk < kc; kk += split) s += acc_t(ar[kk]) * acc_t(wr[kk]);
+  part[tid] = (k0 == 0 ? acc_t(0) : part[tid]) + s;
 }
 
 // Round-to-nearest (ties away) to tf32's 10-bit mantissa, as cvt.rna.tf32.f32.
@@ -298,67 +332,130 @@ struct Wmma<c10::BFloat16> {
 };
 #endif
 
-// The same product on tensor cores: each warp owns 16 x 16 tiles of acc in
-// turn (float accumulators). Only rows < rows are tiled; the emulator runs the
-// tile once per warp (lane 0), rounding float operands to tf32 as the
-// hardware does.
+// K depth of one tensor-core step: 8 for tf32, 16 for fp16/bf16.
 template <typename T>
-FUSEDRNN_HOST_DEVICE void gemm_tensor_core(const Layout& L, unsigned char* smem, int64_t rows,
-                                           int64_t k0, int tid, int nt) {
-  const int warp = tid / kWarpSize, warps = nt / kWarpSize;
-  const int64_t m_tiles = (rows + kTile - 1) / kTile, n_tiles = L.n_pad / kTile;
-  const T* A = smem_at<T>(smem, L.a_off);
-  const T* W = smem_at<T>(smem, L.w_off);
-  float* acc = smem_at<float>(smem, L.acc_off);
+FUSEDRNN_HOST_DEVICE constexpr int64_t tc_k() {
+  return sizeof(T) == 4 ? 8 : 16;
+}
+
+// Warps that share one tile's K steps of a chunk in gemm_tensor_core: with
+// fewer tiles than warps (small batch) each warp of a tile takes every
+// split-th K step into its own accumulator tile in `part`.
+FUSEDRNN_HOST_DEVICE int64_t tc_split(int64_t tiles, int warps, int64_t ksteps) {
+  int64_t split = 1;
+  while (split * 2 <= ksteps && tiles * split * 2 <= warps) split *= 2;
+  return split;
+}
+
+// One 16 x 16 tile: c (row-major at `out`, stride ld) = (init ? c : 0) +
+// A[m0.., kk] W[n0.., k0 + kk]^T over kk = first, first + step, ... < kChunk.
+// The emulator rounds float operands to tf32 as the hardware does.
+template <typename T>
+FUSEDRNN_HOST_DEVICE void mma_tile(const Layout& L, const T* A, const T* W, int64_t m0,
+                                   int64_t n0, int64_t k0, int64_t first, int64_t step,
+                                   float* out, int64_t ld, bool init, int lane) {
 #if defined(__CUDA_ARCH__)
 #if __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using W_ = Wmma<T>;
   using ptr_t = typename W_::ptr_t;
-  for (int64_t tile = warp; tile < m_tiles * n_tiles; tile += warps) {
-    const int64_t m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
-    wmma::fragment<wmma::accumulator, kTile, kTile, W_::kK, float> c;
-    wmma::load_matrix_sync(c, acc + m0 * L.ldacc + n0, unsigned(L.ldacc), wmma::mem_row_major);
-    for (int64_t kk = 0; kk < kChunk; kk += W_::kK) {
-      wmma::fragment<wmma::matrix_a, kTile, kTile, W_::kK, typename W_::frag_t, wmma::row_major>
-          fa;
-      wmma::fragment<wmma::matrix_b, kTile, kTile, W_::kK, typename W_::frag_t, wmma::col_major>
-          fb;
-      wmma::load_matrix_sync(fa, reinterpret_cast<const ptr_t*>(A + m0 * L.lda + kk),
-                             unsigned(L.lda));
-      wmma::load_matrix_sync(fb, reinterpret_cast<const ptr_t*>(W + n0 * L.ldw + k0 + kk),
-                             unsigned(L.ldw));
-      if constexpr (std::is_same<T, float>::value) {
-        for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
-        for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
-      }
-      wmma::mma_sync(c, fa, fb, c);
-    }
-    wmma::store_matrix_sync(acc + m0 * L.ldacc + n0, c, unsigned(L.ldacc), wmma::mem_row_major);
+  wmma::fragment<wmma::accumulator, kTile, kTile, W_::kK, float> c;
+  if (init) {
+    wmma::load_matrix_sync(c, out, unsigned(ld), wmma::mem_row_major);
+  } else {
+    wmma::fill_fragment(c, 0.f);
   }
+  for (int64_t kk = first; kk < kChunk; kk += step) {
+    wmma::fragment<wmma::matrix_a, kTile, kTile, W_::kK, typename W_::frag_t, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, kTile, kTile, W_::kK, typename W_::frag_t, wmma::col_major> fb;
+    wmma::load_matrix_sync(fa, reinterpret_cast<const ptr_t*>(A + m0 * L.lda + kk),
+                           unsigned(L.lda));
+    wmma::load_matrix_sync(fb, reinterpret_cast<const ptr_t*>(W + n0 * L.ldw + k0 + kk),
+                           unsigned(L.ldw));
+    if constexpr (std::is_same<T, float>::value) {
+      for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+      for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+    }
+    wmma::mma_sync(c, fa, fb, c);
+  }
+  wmma::store_matrix_sync(out, c, unsigned(ld), wmma::mem_row_major);
 #else
   __trap();  // the host never picks tensor cores below sm_80
 #endif
 #else
-  if (tid % kWarpSize != 0) return;
-  for (int64_t tile = warp; tile < m_tiles * n_tiles; tile += warps) {
-    const int64_t m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
-    for (int64_t m = m0; m < m0 + kTile; ++m) {
-      for (int64_t n = n0; n < n0 + kTile; ++n) {
-        float s = 0.f;
-        for (int64_t kk = 0; kk < kChunk; ++kk) {
-          float x = float(A[m * L.lda + kk]), y = float(W[n * L.ldw + k0 + kk]);
+  if (lane != 0) return;
+  constexpr int64_t kK = tc_k<T>();
+  for (int64_t m = 0; m < kTile; ++m) {
+    for (int64_t n = 0; n < kTile; ++n) {
+      float s = init ? out[m * ld + n] : 0.f;
+      for (int64_t kk = first; kk < kChunk; kk += step) {
+        for (int64_t q = kk; q < kk + kK; ++q) {
+          float x = float(A[(m0 + m) * L.lda + q]), y = float(W[(n0 + n) * L.ldw + k0 + q]);
           if (std::is_same<T, float>::value) {
             x = round_tf32(x);
             y = round_tf32(y);
           }
           s += x * y;
         }
-        acc[m * L.ldacc + n] += s;
       }
+      out[m * ld + n] = s;
     }
   }
 #endif
+}
+
+// The same product on tensor cores, float accumulators: each warp owns 16 x
+// 16 tiles of acc in turn (only rows < rows are tiled), or with few tiles a
+// share of one tile's K steps (tc_split), summed by reduce_split.
+template <typename T>
+FUSEDRNN_HOST_DEVICE void gemm_tensor_core(const Layout& L, unsigned char* smem, int64_t rows,
+                                           int64_t k0, int tid, int nt) {
+  constexpr int64_t kK = tc_k<T>();
+  const int warp = tid / kWarpSize, warps = nt / kWarpSize, lane = tid % kWarpSize;
+  const int64_t m_tiles = (rows + kTile - 1) / kTile, n_tiles = L.n_pad / kTile;
+  const int64_t tiles = m_tiles * n_tiles, split = tc_split(tiles, warps, kChunk / kK);
+  const T* A = smem_at<T>(smem, L.a_off);
+  const T* W = smem_at<T>(smem, L.w_off);
+  if (split == 1) {
+    float* acc = smem_at<float>(smem, L.acc_off);
+    for (int64_t tile = warp; tile < tiles; tile += warps) {
+      const int64_t m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
+      mma_tile(L, A, W, m0, n0, k0, 0, kK, acc + m0 * L.ldacc + n0, L.ldacc, true, lane);
+    }
+    return;
+  }
+  if (warp >= tiles * split) return;
+  const int64_t tile = warp / split, m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
+  float* part = smem_at<float>(smem, L.part_off) + warp * kTile * kTile;
+  mma_tile(L, A, W, m0, n0, k0, warp % split * kK, split * kK, part, kTile, k0 > 0, lane);
+}
+
+// After the last chunk: acc = the sum of the split partial sums, in order.
+template <typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void reduce_split(const Layout& L, unsigned char* smem, int64_t rows,
+                                       int tid, int nt) {
+  acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
+  const acc_t* part = smem_at<acc_t>(smem, L.part_off);
+  if (L.mode == kSimt) {
+    const int64_t outputs = rows * L.n, split = simt_split(outputs, nt);
+    if (split == 1) return;
+    for (int64_t o = tid; o < outputs; o += nt) {
+      acc_t s = acc_t(0);
+      for (int64_t i = 0; i < split; ++i) s += part[o * split + i];
+      acc[o / L.n * L.ldacc + o % L.n] = s;
+    }
+    return;
+  }
+  constexpr int64_t kTileElems = kTile * kTile;
+  const int64_t n_tiles = L.n_pad / kTile, tiles = (rows + kTile - 1) / kTile * n_tiles;
+  const int64_t split = tc_split(tiles, nt / kWarpSize, kChunk / tc_k<T>());
+  if (split == 1) return;
+  for (int64_t e = tid; e < tiles * kTileElems; e += nt) {
+    const int64_t tile = e / kTileElems, r = e % kTileElems / kTile, c = e % kTile;
+    acc_t s = acc_t(0);
+    for (int64_t i = 0; i < split; ++i) s += part[(tile * split + i) * kTileElems + r * kTile + c];
+    acc[(tile / n_tiles * kTile + r) * L.ldacc + tile % n_tiles * kTile + c] = s;
+  }
 }
 
 template <int kMode, typename T, typename acc_t>
@@ -432,8 +529,8 @@ struct PrevState {
   }
 };
 
-// Phases of one forward step: (stage, gemm) per chunk, then pointwise.
-FUSEDRNN_HOST_DEVICE int64_t forward_phases(const Layout& L) { return 2 * num_chunks(L) + 1; }
+// Phases of one forward step: (stage, gemm) per chunk, reduce, pointwise.
+FUSEDRNN_HOST_DEVICE int64_t forward_phases(const Layout& L) { return 2 * num_chunks(L) + 2; }
 
 template <int G, int kMode, typename T, typename acc_t>
 FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<T, acc_t>& a, int64_t blk,
@@ -447,6 +544,8 @@ FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<T, acc_t>& a, int64_t 
     } else {
       gemm<kMode, T, acc_t>(a.L, smem, st.rows, k0, tid, nt);
     }
+  } else if (phase == 2 * num_chunks(a.L)) {
+    reduce_split<T, acc_t>(a.L, smem, st.rows, tid, nt);
   } else {
     pointwise_forward<G>(a, blk, smem, st, tid, nt);
   }
@@ -524,7 +623,7 @@ FUSEDRNN_HOST_DEVICE void pointwise_backward(const BackwardArgs<T, acc_t>& a, in
 }
 
 FUSEDRNN_HOST_DEVICE int64_t backward_phases(const Layout& L, int64_t i, int64_t T) {
-  return (i > 0 ? 2 * num_chunks(L) + 1 : 0) + (i < T ? 1 : 0);
+  return (i > 0 ? 2 * num_chunks(L) + 2 : 0) + (i < T ? 1 : 0);
 }
 
 template <int G, int kMode, typename T, typename acc_t>
@@ -532,10 +631,12 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<T, acc_t>& a, int64_
                                          unsigned char* smem, int64_t i, int64_t phase, int tid,
                                          int nt) {
   const int64_t nc = num_chunks(a.L);
-  if (i > 0 && phase <= 2 * nc) {
+  if (i > 0 && phase <= 2 * nc + 1) {
     const StepInfo before = step_info(a.sizes, a.offsets, a.steps, a.reverse, a.steps - i);
-    if (phase == 2 * nc) {
+    if (phase == 2 * nc + 1) {
       carry_backward<G>(a, blk, smem, before, tid, nt);
+    } else if (phase == 2 * nc) {
+      reduce_split<T, acc_t>(a.L, smem, before.rows, tid, nt);
     } else if (phase % 2 == 0) {
       stage_chunk<T, acc_t>(a.L, smem, before.rows, phase / 2 * kChunk,
                             StepGrad<G, T, acc_t>{&a, before}, tid, nt);
