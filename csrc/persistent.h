@@ -31,7 +31,7 @@
 // Shared memory of one block (byte offsets in Layout, each 128-byte aligned):
 //
 //   | W slice [n_pad][ldw] (T) | A chunk [b_pad][lda] (T) | acc [b_pad][ldacc] (acc_t) |
-//   | split-K partial sums: [kThreads] (SIMT) or [warps][16][16] (tensor cores) (acc_t) |
+//   | split-K partial sums: [kThreads][4][4] (SIMT) or [warps][16][16] (tensor cores) (acc_t) |
 //
 // Rows and columns past the valid ones are zero, so the tensor-core tiles
 // (16 x 16 x 8 tf32, 16 x 16 x 16 half/bf16) never need masking.
@@ -66,6 +66,9 @@ constexpr int64_t kAlign = 128;  // shared-memory region alignment, bytes
 // SIMT split-K: with fewer outputs than threads (small batch), up to this
 // many threads share one output's K range; see gemm_simt.
 constexpr int64_t kMaxSplit = 16;
+// SIMT register tile: 4 batch rows x 4 slice rows per thread, read 4 K
+// columns at a time (one 16-byte load for float).
+constexpr int64_t kSimtTile = 4;
 // Shared memory the emulator assumes: an H100's opt-in limit per block.
 constexpr int64_t kEmulatedSmemBytes = 232448;
 constexpr int64_t kEmulatedBlocks = 132;
@@ -101,12 +104,14 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
   L.blocks = (H + u - 1) / u;
   L.n = backward ? u : G * u;
   L.k = backward ? G * H : H;
-  L.n_pad = tc ? round_up(L.n, kTile) : L.n;
+  const int64_t tile = tc ? kTile : kSimtTile;
+  L.n_pad = round_up(L.n, tile);
   L.k_pad = round_up(L.k, kChunk);
-  L.b_pad = tc ? round_up(B, kTile) : B;
-  // SIMT: one element of padding puts consecutive slice rows in different
-  // banks. wmma wants 32-byte aligned tiles, so pad by 32 bytes instead.
-  const int64_t pad = tc ? 32 / elt : 1;
+  L.b_pad = round_up(B, tile);
+  // Row padding: SIMT reads 4 consecutive elements at once, and 4 elements
+  // of padding put the rows a warp reads at once in different banks; wmma
+  // wants 32-byte aligned tiles, so pad by 32 bytes there.
+  const int64_t pad = tc ? 32 / elt : kSimtTile;
   L.ldw = L.k_pad + pad;
   L.lda = kChunk + pad;
   L.ldacc = L.n_pad + (tc ? 32 / acc_elt : 1);
@@ -114,9 +119,10 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
   L.a_off = round_up(L.n_pad * L.ldw * elt, kAlign);
   L.acc_off = L.a_off + round_up(L.b_pad * L.lda * elt, kAlign);
   L.part_off = L.acc_off + round_up(L.b_pad * L.ldacc * acc_elt, kAlign);
-  // Split-K partial sums: one per thread (SIMT), one tile per warp (tensor cores).
+  // Split-K partial sums: one register tile per thread (SIMT), one tile per
+  // warp (tensor cores).
   L.bytes = L.part_off + round_up(tc ? kThreads / kWarpSize * kTile * kTile * acc_elt
-                                     : kThreads * acc_elt, kAlign);
+                                     : kThreads * kSimtTile * kSimtTile * acc_elt, kAlign);
   return L;
 }
 
@@ -256,47 +262,79 @@ FUSEDRNN_HOST_DEVICE void stage_chunk(const Layout& L, unsigned char* smem, int6
   }
 }
 
-// Threads that share one output's K range in gemm_simt: a power of two with
-// split * outputs <= nt, so each (output, split) pair has its own thread.
-FUSEDRNN_HOST_DEVICE int64_t simt_split(int64_t outputs, int nt) {
+// Threads that share one register tile's K range in gemm_simt: a power of
+// two with split * tiles <= nt, so each (tile, split) pair has its own thread.
+FUSEDRNN_HOST_DEVICE int64_t simt_split(int64_t tiles, int nt) {
   int64_t split = 1;
-  while (split * 2 <= kMaxSplit && outputs * split * 2 <= nt) split *= 2;
+  while (split * 2 <= kMaxSplit && tiles * split * 2 <= nt) split *= 2;
   return split;
 }
 
-// acc[b][n] += sum_kk A[b][kk] * W[n][k0 + kk] in acc_t. One FMA chain per
-// output; when the outputs are fewer than the threads, `split` threads take
-// every split-th kk of one output (neighbouring kk: no bank conflicts) and
-// keep their sums in `part` across chunks, for reduce_split to add up in a
-// fixed order.
+// Four consecutive elements (16-byte aligned for float and double, 8 for
+// half types) in the accumulation type.
+template <typename T, typename acc_t>
+FUSEDRNN_HOST_DEVICE void load4(const T* p, acc_t (&v)[kSimtTile]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<T, float>::value) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else if constexpr (std::is_same<T, double>::value) {
+    const double2 q0 = reinterpret_cast<const double2*>(p)[0];
+    const double2 q1 = reinterpret_cast<const double2*>(p)[1];
+    v[0] = q0.x, v[1] = q0.y, v[2] = q1.x, v[3] = q1.y;
+  } else {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    T t[kSimtTile];
+    memcpy(t, &raw, sizeof(raw));
+    for (int i = 0; i < kSimtTile; ++i) v[i] = acc_t(t[i]);
+  }
+#else
+  for (int i = 0; i < kSimtTile; ++i) v[i] = acc_t(p[i]);
+#endif
+}
+
+// acc[b][n] += sum_kk A[b][kk] * W[n][k0 + kk] in acc_t. Each thread owns a
+// 4 x 4 register tile (batch rows x slice rows): per 4 K columns, 8 loads
+// feed 64 FMAs. With fewer tiles than threads (small batch), `split`
+// threads share a tile, each taking every split-th group of 4 columns and
+// keeping its sums in `part` across chunks; reduce_split adds them up in a
+// fixed order. Padded rows and columns are zero in shared memory.
 template <typename T, typename acc_t>
 FUSEDRNN_HOST_DEVICE void gemm_simt(const Layout& L, unsigned char* smem, int64_t rows,
                                     int64_t k0, int tid, int nt) {
+  constexpr int64_t R = kSimtTile;
   const T* A = smem_at<T>(smem, L.a_off);
   const T* W = smem_at<T>(smem, L.w_off);
-  const int64_t kc = min_(kChunk, L.k - k0), outputs = rows * L.n;
-  const int64_t split = simt_split(outputs, nt);
-  if (split == 1) {
-    acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
-    for (int64_t o = tid; o < outputs; o += nt) {
-      const int64_t b = o / L.n, n = o % L.n;
-      const T* ar = A + b * L.lda;
-      const T* wr = W + n * L.ldw + k0;
-      acc_t s = acc_t(0);
-      for (int64_t kk = 0; kk < kc; ++kk) s += acc_t(ar[kk]) * acc_t(wr[kk]);
-      acc[b * L.ldacc + n] += s;
+  const int64_t tn = L.n_pad / R, tiles = (rows + R - 1) / R * tn;
+  const int64_t split = simt_split(tiles, nt), groups = kChunk / R;
+  for (int64_t item = tid; item < tiles * split; item += nt) {
+    const int64_t tile = item / split, first = item % split;
+    const int64_t b0 = tile / tn * R, n0 = tile % tn * R;
+    acc_t sum[R][R] = {};
+    for (int64_t g = first; g < groups; g += split) {
+      acc_t a[R][R], w[R][R];
+      for (int i = 0; i < R; ++i) load4(A + (b0 + i) * L.lda + g * R, a[i]);
+      for (int j = 0; j < R; ++j) load4(W + (n0 + j) * L.ldw + k0 + g * R, w[j]);
+      for (int q = 0; q < R; ++q) {
+        for (int i = 0; i < R; ++i) {
+          for (int j = 0; j < R; ++j) sum[i][j] += a[i][q] * w[j][q];
+        }
+      }
     }
-    return;
+    if (split == 1) {
+      acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
+      for (int i = 0; i < R; ++i) {
+        for (int j = 0; j < R; ++j) acc[(b0 + i) * L.ldacc + n0 + j] += sum[i][j];
+      }
+    } else {
+      acc_t* part = smem_at<acc_t>(smem, L.part_off) + item * R * R;
+      for (int i = 0; i < R; ++i) {
+        for (int j = 0; j < R; ++j) {
+          part[i * R + j] = (k0 == 0 ? acc_t(0) : part[i * R + j]) + sum[i][j];
+        }
+      }
+    }
   }
-  if (tid >= outputs * split) return;
-  acc_t* part = smem_at<acc_t>(smem, L.part_off);
-  const int64_t o = tid / split, first = tid % split;
-  const int64_t b = o / L.n, n = o % L.n;
-  const T* ar = A + b * L.lda;
-  const T* wr = W + n * L.ldw + k0;
-  acc_t s = acc_t(0);
-  for (int64_t kk = first; kk < kc; kk += split) s += acc_t(ar[kk]) * acc_t(wr[kk]);
-  part[tid] = (k0 == 0 ? acc_t(0) : part[tid]) + s;
 }
 
 // Round-to-nearest (ties away) to tf32's 10-bit mantissa, as cvt.rna.tf32.f32.
@@ -437,12 +475,16 @@ FUSEDRNN_HOST_DEVICE void reduce_split(const Layout& L, unsigned char* smem, int
   acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
   const acc_t* part = smem_at<acc_t>(smem, L.part_off);
   if (L.mode == kSimt) {
-    const int64_t outputs = rows * L.n, split = simt_split(outputs, nt);
+    constexpr int64_t R = kSimtTile;
+    const int64_t tn = L.n_pad / R, tiles = (rows + R - 1) / R * tn;
+    const int64_t split = simt_split(tiles, nt);
     if (split == 1) return;
-    for (int64_t o = tid; o < outputs; o += nt) {
+    for (int64_t o = tid; o < rows * L.n; o += nt) {
+      const int64_t b = o / L.n, n = o % L.n;
+      const int64_t tile = b / R * tn + n / R, e = b % R * R + n % R;
       acc_t s = acc_t(0);
-      for (int64_t i = 0; i < split; ++i) s += part[o * split + i];
-      acc[o / L.n * L.ldacc + o % L.n] = s;
+      for (int64_t i = 0; i < split; ++i) s += part[(tile * split + i) * R * R + e];
+      acc[b * L.ldacc + n] = s;
     }
     return;
   }
