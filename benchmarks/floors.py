@@ -104,7 +104,7 @@ def measure_barrier(steps=2000, H=256):
     w = torch.randn(3 * H, H, device="cuda") / H ** 0.5
 
     def run(T):
-        return ops._persistent_gru_forward(x[:T], h0, w, None, None, False, False, 0, 0)
+        return ops._persistent_gru_forward(x[:T], h0, w, None, None, False, False, 0, 0, 0)
 
     times = {}
     for T in (steps // 2, steps):

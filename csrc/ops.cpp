@@ -44,23 +44,24 @@ TORCH_LIBRARY(fusedrnn, m) {
   // The persistent kernel on its own (cuda/persistent.cu; on the CPU, its
   // emulator): the same arguments and results as the ops above, without
   // w_hr and with reset_after, plus max_blocks (<= 0: as many as the device
-  // holds) and mode (-1 auto, 0 SIMT, 1 tensor cores). Raises where a block's
-  // slice of W_hh does not fit on chip. For tests and benchmarks.
+  // holds), max_chunk (K columns staged per pass; <= 0: as wide as fits) and
+  // mode (-1 auto, 0 SIMT, 1 tensor cores). Raises where a block's slice of
+  // W_hh does not fit on chip. For tests and benchmarks.
   m.def(
       "_persistent_lstm_forward(Tensor x_proj, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
-      "Tensor? batch_sizes, bool reverse, bool train, int max_blocks, int mode) "
+      "Tensor? batch_sizes, bool reverse, bool train, int max_blocks, int max_chunk, int mode) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_persistent_lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor output, Tensor gates, Tensor cells, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor? batch_sizes, bool reverse, bool has_bias, int max_blocks, int mode) "
+      "Tensor? batch_sizes, bool reverse, bool has_bias, int max_blocks, int max_chunk, int mode) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_persistent_gru_forward(Tensor x_proj, Tensor h0, Tensor w_hh, Tensor? b_hh, "
-      "Tensor? batch_sizes, bool reverse, bool train, int max_blocks, int mode) "
+      "Tensor? batch_sizes, bool reverse, bool train, int max_blocks, int max_chunk, int mode) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "_persistent_gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, "
       "Tensor gates, Tensor h0, Tensor w_hh, Tensor? batch_sizes, bool reverse, bool has_bias, "
-      "int max_blocks, int mode) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int max_blocks, int max_chunk, int mode) -> (Tensor, Tensor, Tensor, Tensor)");
 }

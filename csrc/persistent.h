@@ -5,8 +5,8 @@
 //
 // Note [Persistent kernel]
 // Block `blk` owns hidden units [j0, j0 + units). Forward, per step:
-//   1. stage h_{t-1} (all units, all active rows) in K-chunks of kChunk
-//      columns into shared memory and accumulate
+//   1. stage h_{t-1} (all units, all active rows) into shared memory, in
+//      one piece where it fits, else in K-chunks of L.kc columns, and accumulate
 //        acc[b][g*units + jl] = sum_k h_{t-1}[b][k] W_hh[g*H + j0 + jl][k]
 //      against the resident slice (its G*units rows of W_hh);
 //   2. apply the gate math of gates.h to the block's own units and write
@@ -60,11 +60,13 @@ enum MathMode : int {
 
 constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
-constexpr int64_t kTile = 16;    // tensor-core tile edge, m and n
-constexpr int64_t kChunk = 64;   // K columns staged per pass
+constexpr int64_t kTile = 16;  // tensor-core tile edge, m and n
+// K columns staged per pass come in multiples of this; each pass is a round
+// trip to L2, so the layout takes the widest that fits (Layout::kc).
+constexpr int64_t kChunk = 64;
 constexpr int64_t kAlign = 128;  // shared-memory region alignment, bytes
-// SIMT split-K: with fewer outputs than threads (small batch), up to this
-// many threads share one output's K range; see gemm_simt.
+// SIMT split-K: with fewer register tiles than threads (small batch), up to
+// this many threads share one tile's K range; see gemm_simt.
 constexpr int64_t kMaxSplit = 16;
 // SIMT register tile: 4 batch rows x 4 slice rows per thread, read 4 K
 // columns at a time (one 16-byte load for float).
@@ -77,22 +79,26 @@ FUSEDRNN_HOST_DEVICE int64_t round_up(int64_t a, int64_t m) { return (a + m - 1)
 FUSEDRNN_HOST_DEVICE int64_t min_(int64_t a, int64_t b) { return a < b ? a : b; }
 
 struct Layout {
-  int64_t blocks = 0;          // grid size
-  int64_t units = 0;           // hidden units per block; the last block may have fewer
-  int64_t n = 0, n_pad = 0;    // slice rows: G*units (forward) or units (backward)
-  int64_t k = 0, k_pad = 0;    // reduction length: H (forward) or G*H (backward)
-  int64_t b_pad = 0;           // staged batch rows
-  int64_t ldw = 0, lda = 0, ldacc = 0;         // row strides, elements
-  int64_t w_off = 0, a_off = 0, acc_off = 0;   // region offsets, bytes
-  int64_t part_off = 0;                        // split-K partial sums
-  int64_t bytes = 0;                           // shared memory per block
+  int64_t blocks = 0;        // grid size
+  int64_t units = 0;         // hidden units per block; the last block may have fewer
+  int64_t n = 0, n_pad = 0;  // slice rows: G*units (forward) or units (backward)
+  int64_t k = 0, k_pad = 0;  // reduction length: H (forward) or G*H (backward)
+  int64_t kc = 0;            // K columns staged per pass, a multiple of kChunk dividing k_pad
+  int64_t b_pad = 0;         // staged batch rows
+  int64_t ldw = 0, lda = 0, ldacc = 0;        // row strides, elements
+  int64_t w_off = 0, a_off = 0, acc_off = 0;  // region offsets, bytes
+  int64_t part_off = 0;                       // split-K partial sums
+  int64_t bytes = 0;                          // shared memory per block
   int mode = kSimt;
 };
 
 // Splits H units over at most max_blocks blocks and lays out one block's
-// shared memory. `elt`/`acc_elt`: sizes of the storage and accumulation types.
+// shared memory, staging the widest K chunk (at most max_chunk columns when
+// max_chunk > 0) that keeps it within smem_limit bytes. `elt`/`acc_elt`:
+// sizes of the storage and accumulation types. bytes > smem_limit: no fit.
 inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, int64_t elt,
-                          int64_t acc_elt, int64_t max_blocks) {
+                          int64_t acc_elt, int64_t max_blocks, int64_t smem_limit,
+                          int64_t max_chunk = 0) {
   const bool tc = mode == kTensorCore;
   Layout L;
   L.mode = mode;
@@ -113,20 +119,28 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
   // wants 32-byte aligned tiles, so pad by 32 bytes there.
   const int64_t pad = tc ? 32 / elt : kSimtTile;
   L.ldw = L.k_pad + pad;
-  L.lda = kChunk + pad;
   L.ldacc = L.n_pad + (tc ? 32 / acc_elt : 1);
   L.w_off = 0;
   L.a_off = round_up(L.n_pad * L.ldw * elt, kAlign);
-  L.acc_off = L.a_off + round_up(L.b_pad * L.lda * elt, kAlign);
-  L.part_off = L.acc_off + round_up(L.b_pad * L.ldacc * acc_elt, kAlign);
   // Split-K partial sums: one register tile per thread (SIMT), one tile per
   // warp (tensor cores).
-  L.bytes = L.part_off + round_up(tc ? kThreads / kWarpSize * kTile * kTile * acc_elt
-                                     : kThreads * kSimtTile * kSimtTile * acc_elt, kAlign);
+  const int64_t fixed = round_up(L.b_pad * L.ldacc * acc_elt, kAlign) +
+                        round_up(tc ? kThreads / kWarpSize * kTile * kTile * acc_elt
+                                    : kThreads * kSimtTile * kSimtTile * acc_elt,
+                                 kAlign);
+  const int64_t widest = max_chunk > 0 ? min_(round_up(max_chunk, kChunk), L.k_pad) : L.k_pad;
+  for (L.kc = widest; L.kc > kChunk; L.kc -= kChunk) {
+    const int64_t a_bytes = round_up(L.b_pad * (L.kc + pad) * elt, kAlign);
+    if (L.k_pad % L.kc == 0 && L.a_off + a_bytes + fixed <= smem_limit) break;
+  }
+  L.lda = L.kc + pad;
+  L.acc_off = L.a_off + round_up(L.b_pad * L.lda * elt, kAlign);
+  L.part_off = L.acc_off + round_up(L.b_pad * L.ldacc * acc_elt, kAlign);
+  L.bytes = L.acc_off + fixed;
   return L;
 }
 
-FUSEDRNN_HOST_DEVICE int64_t num_chunks(const Layout& L) { return L.k_pad / kChunk; }
+FUSEDRNN_HOST_DEVICE int64_t num_chunks(const Layout& L) { return L.k_pad / L.kc; }
 
 // One time step in processing order: its rows and those of the step whose
 // state it reads (the schedule of checks.h, on the device).
@@ -196,18 +210,18 @@ struct BackwardArgs {
   bool reverse = false;
   const int64_t* sizes = nullptr;  // [T]
   const int64_t* offsets = nullptr;
-  const T* w_hh = nullptr;         // [G*H, H]
-  const T* grad_out = nullptr;     // [N, H]
-  const T* gates = nullptr;        // [N, 4H] as saved by forward
-  const acc_t* cells = nullptr;    // [N, H] LSTM
-  const acc_t* c0 = nullptr;       // [B, H] LSTM, accumulation dtype
-  const T* out = nullptr;          // [N, H] GRU: forward output (h_{t-1})
-  const T* h0 = nullptr;           // [B, H] GRU
-  acc_t* dh = nullptr;             // [B, H] grad_h_n in, d h0 out
-  acc_t* dc = nullptr;             // [B, H] LSTM: grad_c_n in, d c0 out
-  T* dg = nullptr;                 // [N, 4H] LSTM: d x_proj, also the next step's A
-  T* dx = nullptr;                 // [N, 3H] GRU: d x_proj
-  T* dhh = nullptr;                // [N, 3H] GRU: d(h W_hh^T + b_hh), the next step's A
+  const T* w_hh = nullptr;       // [G*H, H]
+  const T* grad_out = nullptr;   // [N, H]
+  const T* gates = nullptr;      // [N, 4H] as saved by forward
+  const acc_t* cells = nullptr;  // [N, H] LSTM
+  const acc_t* c0 = nullptr;     // [B, H] LSTM, accumulation dtype
+  const T* out = nullptr;        // [N, H] GRU: forward output (h_{t-1})
+  const T* h0 = nullptr;         // [B, H] GRU
+  acc_t* dh = nullptr;           // [B, H] grad_h_n in, d h0 out
+  acc_t* dc = nullptr;           // [B, H] LSTM: grad_c_n in, d c0 out
+  T* dg = nullptr;               // [N, 4H] LSTM: d x_proj, also the next step's A
+  T* dx = nullptr;               // [N, 3H] GRU: d x_proj
+  T* dhh = nullptr;              // [N, 3H] GRU: d(h W_hh^T + b_hh), the next step's A
 };
 
 template <typename T>
@@ -245,15 +259,15 @@ FUSEDRNN_HOST_DEVICE void load_backward_weights(const BackwardArgs<T, acc_t>& a,
 }
 
 // ------------------------------------------------------------------ gemm
-// Stages columns [k0, k0 + kChunk) of `rows` rows of A into shared memory,
+// Stages columns [k0, k0 + kc) of `rows` rows of A into shared memory,
 // zero-padded to b_pad rows; zeroes acc on the first chunk. src(b, k) reads
 // row b, column k < L.k.
 template <typename T, typename acc_t, typename Src>
 FUSEDRNN_HOST_DEVICE void stage_chunk(const Layout& L, unsigned char* smem, int64_t rows,
                                       int64_t k0, const Src& src, int tid, int nt) {
   T* A = smem_at<T>(smem, L.a_off);
-  for (int64_t i = tid; i < L.b_pad * kChunk; i += nt) {
-    const int64_t b = i / kChunk, kk = i % kChunk, k = k0 + kk;
+  for (int64_t i = tid; i < L.b_pad * L.kc; i += nt) {
+    const int64_t b = i / L.kc, kk = i % L.kc, k = k0 + kk;
     A[b * L.lda + kk] = (b < rows && k < L.k) ? src(b, k) : T(0.f);
   }
   if (k0 == 0) {
@@ -300,13 +314,13 @@ FUSEDRNN_HOST_DEVICE void load4(const T* p, acc_t (&v)[kSimtTile]) {
 // keeping its sums in `part` across chunks; reduce_split adds them up in a
 // fixed order. Padded rows and columns are zero in shared memory.
 template <typename T, typename acc_t>
-FUSEDRNN_HOST_DEVICE void gemm_simt(const Layout& L, unsigned char* smem, int64_t rows,
-                                    int64_t k0, int tid, int nt) {
+FUSEDRNN_HOST_DEVICE void gemm_simt(const Layout& L, unsigned char* smem, int64_t rows, int64_t k0,
+                                    int tid, int nt) {
   constexpr int64_t R = kSimtTile;
   const T* A = smem_at<T>(smem, L.a_off);
   const T* W = smem_at<T>(smem, L.w_off);
   const int64_t tn = L.n_pad / R, tiles = (rows + R - 1) / R * tn;
-  const int64_t split = simt_split(tiles, nt), groups = kChunk / R;
+  const int64_t split = simt_split(tiles, nt), groups = L.kc / R;
   for (int64_t item = tid; item < tiles * split; item += nt) {
     const int64_t tile = item / split, first = item % split;
     const int64_t b0 = tile / tn * R, n0 = tile % tn * R;
@@ -386,12 +400,12 @@ FUSEDRNN_HOST_DEVICE int64_t tc_split(int64_t tiles, int warps, int64_t ksteps) 
 }
 
 // One 16 x 16 tile: c (row-major at `out`, stride ld) = (init ? c : 0) +
-// A[m0.., kk] W[n0.., k0 + kk]^T over kk = first, first + step, ... < kChunk.
+// A[m0.., kk] W[n0.., k0 + kk]^T over kk = first, first + step, ... < L.kc.
 // The emulator rounds float operands to tf32 as the hardware does.
 template <typename T>
-FUSEDRNN_HOST_DEVICE void mma_tile(const Layout& L, const T* A, const T* W, int64_t m0,
-                                   int64_t n0, int64_t k0, int64_t first, int64_t step,
-                                   float* out, int64_t ld, bool init, int lane) {
+FUSEDRNN_HOST_DEVICE void mma_tile(const Layout& L, const T* A, const T* W, int64_t m0, int64_t n0,
+                                   int64_t k0, int64_t first, int64_t step, float* out, int64_t ld,
+                                   bool init, int lane) {
 #if defined(__CUDA_ARCH__)
 #if __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
@@ -403,7 +417,7 @@ FUSEDRNN_HOST_DEVICE void mma_tile(const Layout& L, const T* A, const T* W, int6
   } else {
     wmma::fill_fragment(c, 0.f);
   }
-  for (int64_t kk = first; kk < kChunk; kk += step) {
+  for (int64_t kk = first; kk < L.kc; kk += step) {
     wmma::fragment<wmma::matrix_a, kTile, kTile, W_::kK, typename W_::frag_t, wmma::row_major> fa;
     wmma::fragment<wmma::matrix_b, kTile, kTile, W_::kK, typename W_::frag_t, wmma::col_major> fb;
     wmma::load_matrix_sync(fa, reinterpret_cast<const ptr_t*>(A + m0 * L.lda + kk),
@@ -426,7 +440,7 @@ FUSEDRNN_HOST_DEVICE void mma_tile(const Layout& L, const T* A, const T* W, int6
   for (int64_t m = 0; m < kTile; ++m) {
     for (int64_t n = 0; n < kTile; ++n) {
       float s = init ? out[m * ld + n] : 0.f;
-      for (int64_t kk = first; kk < kChunk; kk += step) {
+      for (int64_t kk = first; kk < L.kc; kk += step) {
         for (int64_t q = kk; q < kk + kK; ++q) {
           float x = float(A[(m0 + m) * L.lda + q]), y = float(W[(n0 + n) * L.ldw + k0 + q]);
           if (std::is_same<T, float>::value) {
@@ -451,7 +465,7 @@ FUSEDRNN_HOST_DEVICE void gemm_tensor_core(const Layout& L, unsigned char* smem,
   constexpr int64_t kK = tc_k<T>();
   const int warp = tid / kWarpSize, warps = nt / kWarpSize, lane = tid % kWarpSize;
   const int64_t m_tiles = (rows + kTile - 1) / kTile, n_tiles = L.n_pad / kTile;
-  const int64_t tiles = m_tiles * n_tiles, split = tc_split(tiles, warps, kChunk / kK);
+  const int64_t tiles = m_tiles * n_tiles, split = tc_split(tiles, warps, L.kc / kK);
   const T* A = smem_at<T>(smem, L.a_off);
   const T* W = smem_at<T>(smem, L.w_off);
   if (split == 1) {
@@ -470,8 +484,8 @@ FUSEDRNN_HOST_DEVICE void gemm_tensor_core(const Layout& L, unsigned char* smem,
 
 // After the last chunk: acc = the sum of the split partial sums, in order.
 template <typename T, typename acc_t>
-FUSEDRNN_HOST_DEVICE void reduce_split(const Layout& L, unsigned char* smem, int64_t rows,
-                                       int tid, int nt) {
+FUSEDRNN_HOST_DEVICE void reduce_split(const Layout& L, unsigned char* smem, int64_t rows, int tid,
+                                       int nt) {
   acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
   const acc_t* part = smem_at<acc_t>(smem, L.part_off);
   if (L.mode == kSimt) {
@@ -490,7 +504,7 @@ FUSEDRNN_HOST_DEVICE void reduce_split(const Layout& L, unsigned char* smem, int
   }
   constexpr int64_t kTileElems = kTile * kTile;
   const int64_t n_tiles = L.n_pad / kTile, tiles = (rows + kTile - 1) / kTile * n_tiles;
-  const int64_t split = tc_split(tiles, nt / kWarpSize, kChunk / tc_k<T>());
+  const int64_t split = tc_split(tiles, nt / kWarpSize, L.kc / tc_k<T>());
   if (split == 1) return;
   for (int64_t e = tid; e < tiles * kTileElems; e += nt) {
     const int64_t tile = e / kTileElems, r = e % kTileElems / kTile, c = e % kTile;
@@ -529,8 +543,8 @@ FUSEDRNN_HOST_DEVICE void pointwise_forward(const ForwardArgs<T, acc_t>& a, int6
     if constexpr (G == kLstmGates) {
       acc_t i_, f, g_, o, c, h;
       lstm_forward_point<acc_t>(acc_t(x[j]) + rec[0], acc_t(x[H + j]) + rec[1],
-                                acc_t(x[2 * H + j]) + rec[2], acc_t(x[3 * H + j]) + rec[3],
-                                a.c[k], i_, f, g_, o, c, h);
+                                acc_t(x[2 * H + j]) + rec[2], acc_t(x[3 * H + j]) + rec[3], a.c[k],
+                                i_, f, g_, o, c, h);
       a.c[k] = c;
       a.h[k] = T(h);
       a.out[(st.off + b) * H + j] = T(h);
@@ -545,8 +559,8 @@ FUSEDRNN_HOST_DEVICE void pointwise_forward(const ForwardArgs<T, acc_t>& a, int6
     } else {
       // a.h holds h_{t-1} of every active row (see gru_forward_impl).
       acc_t r, z, n, h;
-      gru_forward_point<acc_t>(acc_t(x[j]), acc_t(x[H + j]), acc_t(x[2 * H + j]), rec[0],
-                               rec[1], rec[2], acc_t(a.h[k]), r, z, n, h);
+      gru_forward_point<acc_t>(acc_t(x[j]), acc_t(x[H + j]), acc_t(x[2 * H + j]), rec[0], rec[1],
+                               rec[2], acc_t(a.h[k]), r, z, n, h);
       a.h[k] = T(h);
       a.out[(st.off + b) * H + j] = T(h);
       if (a.gates) {
@@ -580,7 +594,7 @@ FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<T, acc_t>& a, int64_t 
                                         int nt) {
   const StepInfo st = step_info(a.sizes, a.offsets, a.steps, a.reverse, s);
   if (phase < 2 * num_chunks(a.L)) {
-    const int64_t k0 = phase / 2 * kChunk;
+    const int64_t k0 = phase / 2 * a.L.kc;
     if (phase % 2 == 0) {
       stage_chunk<T, acc_t>(a.L, smem, st.rows, k0, PrevState<T, acc_t>{&a, st}, tid, nt);
     } else {
@@ -611,8 +625,7 @@ struct StepGrad {  // A = the pre-activation gradients of the step handled befor
 // product added to dh * z, kept there by that step (GRU).
 template <int G, typename T, typename acc_t>
 FUSEDRNN_HOST_DEVICE void carry_backward(const BackwardArgs<T, acc_t>& a, int64_t blk,
-                                         unsigned char* smem, const StepInfo& st, int tid,
-                                         int nt) {
+                                         unsigned char* smem, const StepInfo& st, int tid, int nt) {
   const Layout& L = a.L;
   const acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
   const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
@@ -634,12 +647,11 @@ FUSEDRNN_HOST_DEVICE void pointwise_backward(const BackwardArgs<T, acc_t>& a, in
     const acc_t dh = acc_t(a.grad_out[row * H + j]) + a.dh[k];
     if constexpr (G == kLstmGates) {
       const T* gs = a.gates + row * G * H;
-      const acc_t c_prev =
-          b < st.prev_rows ? a.cells[(st.prev_off + b) * H + j] : a.c0[k];
+      const acc_t c_prev = b < st.prev_rows ? a.cells[(st.prev_off + b) * H + j] : a.c0[k];
       acc_t di, df, dg, d_o, dcp;
       lstm_backward_point<acc_t>(acc_t(gs[j]), acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
-                                 acc_t(gs[3 * H + j]), a.cells[row * H + j], c_prev, dh,
-                                 a.dc[k], di, df, dg, d_o, dcp);
+                                 acc_t(gs[3 * H + j]), a.cells[row * H + j], c_prev, dh, a.dc[k],
+                                 di, df, dg, d_o, dcp);
       T* d = a.dg + row * G * H;
       d[j] = T(di);
       d[H + j] = T(df);
@@ -648,8 +660,7 @@ FUSEDRNN_HOST_DEVICE void pointwise_backward(const BackwardArgs<T, acc_t>& a, in
       a.dc[k] = dcp;
     } else {
       const T* gs = a.gates + row * kGruSaved * H;
-      const acc_t h_prev =
-          acc_t(b < st.prev_rows ? a.out[(st.prev_off + b) * H + j] : a.h0[k]);
+      const acc_t h_prev = acc_t(b < st.prev_rows ? a.out[(st.prev_off + b) * H + j] : a.h0[k]);
       acc_t dr, dz, dn, dhn, dh_direct;
       gru_backward_point<acc_t>(acc_t(gs[j]), acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
                                 acc_t(gs[3 * H + j]), h_prev, dh, dr, dz, dn, dhn, dh_direct);
@@ -680,10 +691,10 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<T, acc_t>& a, int64_
     } else if (phase == 2 * nc) {
       reduce_split<T, acc_t>(a.L, smem, before.rows, tid, nt);
     } else if (phase % 2 == 0) {
-      stage_chunk<T, acc_t>(a.L, smem, before.rows, phase / 2 * kChunk,
+      stage_chunk<T, acc_t>(a.L, smem, before.rows, phase / 2 * a.L.kc,
                             StepGrad<G, T, acc_t>{&a, before}, tid, nt);
     } else {
-      gemm<kMode, T, acc_t>(a.L, smem, before.rows, phase / 2 * kChunk, tid, nt);
+      gemm<kMode, T, acc_t>(a.L, smem, before.rows, phase / 2 * a.L.kc, tid, nt);
     }
     return;
   }

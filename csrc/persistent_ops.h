@@ -33,8 +33,8 @@ inline int resolve_mode(int64_t mode, at::ScalarType dtype, bool tensor_cores, b
   TORCH_CHECK(mode >= -1 && mode <= 1, op, ": mode must be -1 (auto), 0 (SIMT) or 1 ",
               "(tensor cores), got ", mode);
   if (mode == -1) {
-    const bool tc = dtype == at::kHalf || dtype == at::kBFloat16 ||
-                    (dtype == at::kFloat && allow_tf32);
+    const bool tc =
+        dtype == at::kHalf || dtype == at::kBFloat16 || (dtype == at::kFloat && allow_tf32);
     return tc && tensor_cores ? kTensorCore : kSimt;
   }
   TORCH_CHECK(mode == kSimt || dtype != at::kDouble, op,
@@ -48,12 +48,13 @@ inline int resolve_mode(int64_t mode, at::ScalarType dtype, bool tensor_cores, b
 // when a block's slice of W_hh does not fit in its shared memory.
 template <typename R>
 Layout fit_layout(int64_t H, int64_t B, int G, bool backward, int mode, at::ScalarType dtype,
-                  int64_t max_blocks, const at::Device& device) {
-  const int64_t blocks = max_blocks > 0 ? std::min<int64_t>(max_blocks, R::max_blocks(device))
-                                        : R::max_blocks(device);
+                  int64_t max_blocks, const at::Device& device, int64_t max_chunk = 0) {
+  const int64_t blocks =
+      max_blocks > 0 ? std::min<int64_t>(max_blocks, R::max_blocks(device)) : R::max_blocks(device);
+  const int64_t limit = R::smem_bytes(device);
   const Layout L = make_layout(H, B, G, backward, mode, c10::elementSize(dtype),
-                               c10::elementSize(acc_dtype(dtype)), blocks);
-  return L.bytes <= R::smem_bytes(device) ? L : Layout{};
+                               c10::elementSize(acc_dtype(dtype)), blocks, limit, max_chunk);
+  return L.bytes <= limit ? L : Layout{};
 }
 
 inline Tensor schedule_tensor(const Schedule& s, const at::Device& device) {
@@ -63,22 +64,22 @@ inline Tensor schedule_tensor(const Schedule& s, const at::Device& device) {
 }
 
 template <typename R>
-Layout checked_layout(int64_t H, int64_t B, int G, bool backward, int mode,
-                      at::ScalarType dtype, int64_t max_blocks, const at::Device& device,
+Layout checked_layout(int64_t H, int64_t B, int G, bool backward, int mode, at::ScalarType dtype,
+                      int64_t max_blocks, int64_t max_chunk, const at::Device& device,
                       const char* op) {
-  const Layout L = fit_layout<R>(H, B, G, backward, mode, dtype, max_blocks, device);
+  const Layout L = fit_layout<R>(H, B, G, backward, mode, dtype, max_blocks, device, max_chunk);
   TORCH_CHECK(L.blocks > 0, op, ": a block's slice of W_hh does not fit in shared memory ",
               "(hidden_size ", H, ", batch ", B, ", ", dtype, "); use the step-wise path");
   return L;
 }
 
-#define FUSEDRNN_DISPATCH_MODE(mode, ...)        \
-  if (mode == kTensorCore) {                     \
-    constexpr int kMode = kTensorCore;           \
-    __VA_ARGS__();                               \
-  } else {                                       \
-    constexpr int kMode = kSimt;                 \
-    __VA_ARGS__();                               \
+#define FUSEDRNN_DISPATCH_MODE(mode, ...) \
+  if (mode == kTensorCore) {              \
+    constexpr int kMode = kTensorCore;    \
+    __VA_ARGS__();                        \
+  } else {                                \
+    constexpr int kMode = kSimt;          \
+    __VA_ARGS__();                        \
   }
 
 // Same arguments and results as lstm_forward without w_hr.
@@ -86,7 +87,7 @@ template <typename R>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train,
-    int64_t max_blocks, int64_t mode_arg, bool allow_tf32) {
+    int64_t max_blocks, int64_t max_chunk, int64_t mode_arg, bool allow_tf32) {
   constexpr const char* op = "fusedrnn::_persistent_lstm_forward";
   const auto checked =
       lstm_check_forward(x_proj, h0, c0, w_hh, c10::nullopt, b_hh, batch_sizes, reverse);
@@ -95,7 +96,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const auto dtype = x_proj.scalar_type();
   const auto device = x_proj.device();
   const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
-  const Layout L = checked_layout<R>(H, s.B, kLstmGates, false, mode, dtype, max_blocks, device, op);
+  const Layout L =
+      checked_layout<R>(H, s.B, kLstmGates, false, mode, dtype, max_blocks, max_chunk, device, op);
 
   const Tensor x = x_proj.contiguous();
   const Tensor w = w_hh.contiguous();
@@ -135,10 +137,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
 // Same arguments and results as lstm_backward without w_hr.
 template <typename R>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
-    const Tensor& c0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
-    bool has_bias, int64_t max_blocks, int64_t mode_arg, bool allow_tf32) {
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& output,
+    const Tensor& gates, const Tensor& cells, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias,
+    int64_t max_blocks, int64_t max_chunk, int64_t mode_arg, bool allow_tf32) {
   constexpr const char* op = "fusedrnn::_persistent_lstm_backward";
   const int64_t H = w_hh.size(0) / kLstmGates;
   TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [4H, H] (no projection)");
@@ -151,7 +153,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
   const auto acc = acc_dtype(dtype);
   const auto device = grad_output.device();
   const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
-  const Layout L = checked_layout<R>(H, s.B, kLstmGates, true, mode, dtype, max_blocks, device, op);
+  const Layout L =
+      checked_layout<R>(H, s.B, kLstmGates, true, mode, dtype, max_blocks, max_chunk, device, op);
 
   const Tensor g_out = grad_output.contiguous().view({s.N, H});
   const Tensor out = output.contiguous().view({s.N, H});
@@ -185,8 +188,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
     FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template backward<kLstmGates, kMode>(a, device); });
   });
 
-  const auto wg = lstm_weight_grads(dg, Tensor(), out, h0, gts, cls, s, batch_sizes.has_value(),
-                                    has_bias);
+  const auto wg =
+      lstm_weight_grads(dg, Tensor(), out, h0, gts, cls, s, batch_sizes.has_value(), has_bias);
   Tensor d_x = dg.view(detail::with_last(grad_output.sizes(), kLstmGates * H));
   return {d_x, dh.to(dtype), dc.to(dtype), std::get<0>(wg), std::get<1>(wg), std::get<2>(wg)};
 }
@@ -196,8 +199,8 @@ template <typename R>
 std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tensor& h0,
                                                const Tensor& w_hh, const OptTensor& b_hh,
                                                const OptTensor& batch_sizes, bool reverse,
-                                               bool train, int64_t max_blocks, int64_t mode_arg,
-                                               bool allow_tf32) {
+                                               bool train, int64_t max_blocks, int64_t max_chunk,
+                                               int64_t mode_arg, bool allow_tf32) {
   constexpr const char* op = "fusedrnn::_persistent_gru_forward";
   const auto checked = gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, true);
   const Schedule& s = std::get<0>(checked);
@@ -205,7 +208,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tenso
   const auto dtype = x_proj.scalar_type();
   const auto device = x_proj.device();
   const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
-  const Layout L = checked_layout<R>(H, s.B, kGruGates, false, mode, dtype, max_blocks, device, op);
+  const Layout L =
+      checked_layout<R>(H, s.B, kGruGates, false, mode, dtype, max_blocks, max_chunk, device, op);
 
   const Tensor x = x_proj.contiguous();
   const Tensor w = w_hh.contiguous();
@@ -243,8 +247,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tenso
 template <typename R>
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
-    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
-    bool has_bias, int64_t max_blocks, int64_t mode_arg, bool allow_tf32) {
+    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias,
+    int64_t max_blocks, int64_t max_chunk, int64_t mode_arg, bool allow_tf32) {
   constexpr const char* op = "fusedrnn::_persistent_gru_backward";
   const int64_t H = w_hh.size(1);
   const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
@@ -253,7 +257,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
   const auto dtype = grad_output.scalar_type();
   const auto device = grad_output.device();
   const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
-  const Layout L = checked_layout<R>(H, s.B, kGruGates, true, mode, dtype, max_blocks, device, op);
+  const Layout L =
+      checked_layout<R>(H, s.B, kGruGates, true, mode, dtype, max_blocks, max_chunk, device, op);
 
   const Tensor g_out = grad_output.contiguous().view({s.N, H});
   const Tensor out = output.contiguous().view({s.N, H});

@@ -119,9 +119,9 @@ def test_dispatcher_picks_the_persistent_kernel(kind, algo_name, persistent, mon
     if kind == "lstm":
         c0 = torch.randn(B, H, device="cuda")
         public = ops.lstm_forward(x, h0, c0, w, None, b, None, False, True)
-        own = ops._persistent_lstm_forward(x, h0, c0, w, b, None, False, True, 0, -1)
+        own = ops._persistent_lstm_forward(x, h0, c0, w, b, None, False, True, 0, 0, -1)
     else:
         public = ops.gru_forward(x, h0, w, b, None, False, True, True)
-        own = ops._persistent_gru_forward(x, h0, w, b, None, False, True, 0, -1)
+        own = ops._persistent_gru_forward(x, h0, w, b, None, False, True, 0, 0, -1)
     assert torch.equal(public[0], own[0]) == persistent
     assert rel_err(public[0], own[0]) < 1e-5

@@ -35,20 +35,20 @@ def inputs(kind, device, dtype, T=5, B=6, H=7, lengths=None, bias=True):
     return d
 
 
-def forward(kind, d, reverse, persistent, max_blocks=0, mode=SIMT):
+def forward(kind, d, reverse, persistent, max_blocks=0, mode=SIMT, max_chunk=0):
     if kind == "lstm":
         args = (d["x_proj"], d["h0"], d["c0"], d["w_hh"])
         if persistent:
             return ops._persistent_lstm_forward(*args, d["b_hh"], d["batch_sizes"], reverse,
-                                                True, max_blocks, mode)
+                                                True, max_blocks, max_chunk, mode)
         return ops.lstm_forward(*args, None, d["b_hh"], d["batch_sizes"], reverse, True)
     args = (d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], d["batch_sizes"], reverse)
     if persistent:
-        return ops._persistent_gru_forward(*args, True, max_blocks, mode)
+        return ops._persistent_gru_forward(*args, True, max_blocks, max_chunk, mode)
     return ops.gru_forward(*args, True, True)
 
 
-def backward(kind, d, fwd, grads, reverse, persistent, max_blocks=0, mode=SIMT):
+def backward(kind, d, fwd, grads, reverse, persistent, max_blocks=0, mode=SIMT, max_chunk=0):
     """grads: (grad_output, grad_h_n[, grad_c_n]) for the forward results fwd."""
     has_bias = d["b_hh"] is not None
     if kind == "lstm":
@@ -57,13 +57,13 @@ def backward(kind, d, fwd, grads, reverse, persistent, max_blocks=0, mode=SIMT):
         args = (g_out, g_h, g_c, out, gates, cells, d["h0"], d["c0"], d["w_hh"])
         if persistent:
             return ops._persistent_lstm_backward(*args, d["batch_sizes"], reverse, has_bias,
-                                                 max_blocks, mode)
+                                                 max_blocks, max_chunk, mode)
         return ops.lstm_backward(*args, None, d["batch_sizes"], reverse, has_bias)
     out, _, gates = fwd
     g_out, g_h = grads
     args = (g_out, g_h, out, gates, d["h0"], d["w_hh"], d["batch_sizes"], reverse)
     if persistent:
-        return ops._persistent_gru_backward(*args, has_bias, max_blocks, mode)
+        return ops._persistent_gru_backward(*args, has_bias, max_blocks, max_chunk, mode)
     return ops.gru_backward(*args, True, has_bias)
 
 
@@ -79,33 +79,37 @@ def nonempty(ts):
     return [t for t in ts if t.numel() > 0]
 
 
-# (T, B, H, lengths, max_blocks): one block; several, H not divisible by the
-# units per block; more than one K chunk (H > 64) and more than one tile of
-# batch rows (B > 16); packed with rows ending at different steps.
+# (T, B, H, lengths, max_blocks, max_chunk): one block; several, H not
+# divisible by the units per block; several K chunks (H > 64, chunks of 64)
+# and several register tiles of batch rows; packed with rows ending at
+# different steps; as many blocks as the device holds.
 SHAPES = [
-    pytest.param(4, 3, 5, None, 1, id="one-block"),
-    pytest.param(5, 6, 7, None, 3, id="ragged-blocks"),
-    pytest.param(3, 17, 70, None, 4, id="chunks-and-tiles"),
-    pytest.param(None, None, 9, [5, 4, 4, 2, 1], 2, id="packed"),
-    pytest.param(3, 2, 20, None, 0, id="device-blocks"),
+    pytest.param(4, 3, 5, None, 1, 0, id="one-block"),
+    pytest.param(5, 6, 7, None, 3, 0, id="ragged-blocks"),
+    pytest.param(3, 17, 70, None, 4, 64, id="chunks-and-tiles"),
+    pytest.param(3, 17, 70, None, 4, 0, id="one-chunk"),
+    pytest.param(None, None, 9, [5, 4, 4, 2, 1], 2, 0, id="packed"),
+    pytest.param(3, 2, 20, None, 0, 0, id="device-blocks"),
 ]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("T,B,H,lengths,max_blocks", SHAPES)
+@pytest.mark.parametrize("T,B,H,lengths,max_blocks,max_chunk", SHAPES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_simt_float64_matches_stepwise(device, kind, T, B, H, lengths, max_blocks, reverse):
+def test_simt_float64_matches_stepwise(device, kind, T, B, H, lengths, max_blocks, max_chunk,
+                                       reverse):
     """SIMT path, float64: forward results, saved tensors and every backward
     result equal the step-wise op's to 1e-10 relative."""
     d = inputs(kind, device, torch.float64, T=T, B=B, H=H, lengths=lengths)
     want = forward(kind, d, reverse, persistent=False)
-    got = forward(kind, d, reverse, persistent=True, max_blocks=max_blocks)
+    got = forward(kind, d, reverse, persistent=True, max_blocks=max_blocks, max_chunk=max_chunk)
     for g, w in zip(nonempty(got), nonempty(want)):
         assert g.shape == w.shape and g.dtype == w.dtype
         assert rel_err(g, w) < 1e-10
     grads = random_grads(kind, want)
     want_b = backward(kind, d, want, grads, reverse, persistent=False)
-    got_b = backward(kind, d, want, grads, reverse, persistent=True, max_blocks=max_blocks)
+    got_b = backward(kind, d, want, grads, reverse, persistent=True, max_blocks=max_blocks,
+                     max_chunk=max_chunk)
     for g, w in zip(nonempty(got_b), nonempty(want_b)):
         assert g.shape == w.shape and g.dtype == w.dtype
         assert rel_err(g, w) < 1e-10
@@ -125,15 +129,16 @@ def test_without_bias_and_without_saving(device, kind):
     # train=False saves nothing.
     if kind == "lstm":
         res = ops._persistent_lstm_forward(d["x_proj"], d["h0"], d["c0"], d["w_hh"], None, None,
-                                           False, False, 2, SIMT)
+                                           False, False, 2, 0, SIMT)
         assert res[3].numel() == 0 and res[4].numel() == 0
     else:
         res = ops._persistent_gru_forward(d["x_proj"], d["h0"], d["w_hh"], None, None, False,
-                                          False, 2, SIMT)
+                                          False, 2, 0, SIMT)
         assert res[2].numel() == 0
 
 
-def errors_vs_float64(kind, d64, grads64, dtype, reverse, persistent, mode=SIMT, max_blocks=3):
+def errors_vs_float64(kind, d64, grads64, dtype, reverse, persistent, mode=SIMT, max_blocks=3,
+                      max_chunk=0):
     """Relative error of every forward and backward result of one path at
     `dtype` (its backward fed its own forward's saved state) against the
     step-wise op in float64."""
@@ -143,9 +148,9 @@ def errors_vs_float64(kind, d64, grads64, dtype, reverse, persistent, mode=SIMT,
     d = {k: cast(v) for k, v in d64.items()}
     want = forward(kind, d64, reverse, persistent=False)
     want_b = backward(kind, d64, want, grads64, reverse, persistent=False)
-    fwd = forward(kind, d, reverse, persistent, max_blocks, mode)
+    fwd = forward(kind, d, reverse, persistent, max_blocks, mode, max_chunk)
     bwd = backward(kind, d, fwd, [cast(g) for g in grads64], reverse, persistent, max_blocks,
-                   mode)
+                   mode, max_chunk)
     n_out = 3 if kind == "lstm" else 2
     res = list(fwd[:n_out]) + nonempty(bwd)
     ref = list(want[:n_out]) + nonempty(want_b)
@@ -155,13 +160,15 @@ def errors_vs_float64(kind, d64, grads64, dtype, reverse, persistent, mode=SIMT,
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", [SIMT, TENSOR_CORE], ids=["simt", "tensor-core"])
-def test_low_precision_within_stepwise_error(device, kind, dtype, mode):
+@pytest.mark.parametrize("max_chunk", [0, 64], ids=["one-chunk", "chunks"])
+def test_low_precision_within_stepwise_error(device, kind, dtype, mode, max_chunk):
     """At each dtype and mode, every result's error against float64 is at most
     4x the step-wise op's at that dtype plus a floor: 1e-6 for strict fp32;
     for tf32 operands (tensor cores on fp32) 4x tf32's unit roundoff, 2^-11."""
     d64 = inputs(kind, device, torch.float64, T=6, B=18, H=40)
     grads = random_grads(kind, forward(kind, d64, False, persistent=False))
-    ours = errors_vs_float64(kind, d64, grads, dtype, False, persistent=True, mode=mode)
+    ours = errors_vs_float64(kind, d64, grads, dtype, False, persistent=True, mode=mode,
+                             max_chunk=max_chunk)
     theirs = errors_vs_float64(kind, d64, grads, dtype, False, persistent=False)
     floor = 4 * 2.0 ** -11 if (dtype == torch.float32 and mode == TENSOR_CORE) else 1e-6
     for o, t in zip(ours, theirs):
@@ -175,7 +182,7 @@ def test_tensor_core_tiles_float32_packed_reverse(device):
                                                             1, 1, 1, 1, 1, 1, 1])
     grads = random_grads("lstm", forward("lstm", d64, True, persistent=False))
     errs = errors_vs_float64("lstm", d64, grads, torch.float32, True, persistent=True,
-                             mode=TENSOR_CORE, max_blocks=5)
+                             mode=TENSOR_CORE, max_blocks=5, max_chunk=64)
     assert max(errs) < 2e-2, errs
 
 

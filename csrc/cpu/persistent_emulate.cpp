@@ -68,33 +68,36 @@ struct Emulator {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_emulated(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train,
-    int64_t max_blocks, int64_t mode) {
-  return lstm_forward<Emulator>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train,
-                                max_blocks, mode, false);
+    int64_t max_blocks, int64_t max_chunk, int64_t mode) {
+  return lstm_forward<Emulator>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train, max_blocks,
+                                max_chunk, mode, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_emulated(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
-    const Tensor& c0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
-    bool has_bias, int64_t max_blocks, int64_t mode) {
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& output,
+    const Tensor& gates, const Tensor& cells, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias,
+    int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   return lstm_backward<Emulator>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
-                                 w_hh, batch_sizes, reverse, has_bias, max_blocks, mode, false);
+                                 w_hh, batch_sizes, reverse, has_bias, max_blocks, max_chunk, mode,
+                                 false);
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_forward_emulated(
-    const Tensor& x_proj, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
-    const OptTensor& batch_sizes, bool reverse, bool train, int64_t max_blocks, int64_t mode) {
+std::tuple<Tensor, Tensor, Tensor> gru_forward_emulated(const Tensor& x_proj, const Tensor& h0,
+                                                        const Tensor& w_hh, const OptTensor& b_hh,
+                                                        const OptTensor& batch_sizes, bool reverse,
+                                                        bool train, int64_t max_blocks,
+                                                        int64_t max_chunk, int64_t mode) {
   return gru_forward<Emulator>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, max_blocks,
-                               mode, false);
+                               max_chunk, mode, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_emulated(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
-    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
-    bool has_bias, int64_t max_blocks, int64_t mode) {
+    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias,
+    int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   return gru_backward<Emulator>(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes,
-                                reverse, has_bias, max_blocks, mode, false);
+                                reverse, has_bias, max_blocks, max_chunk, mode, false);
 }
 
 }  // namespace

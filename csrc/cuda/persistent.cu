@@ -66,14 +66,12 @@ const cudaDeviceProp& props(const at::Device& d) {
 template <typename Args>
 void launch_cooperative(void (*kernel)(Args), const Args& a, const at::Device& d) {
   const int bytes = static_cast<int>(a.L.bytes);
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
   TORCH_CHECK(int64_t(per_sm) * props(d).multiProcessorCount >= a.L.blocks,
-              "fusedrnn: the persistent kernel needs ", a.L.blocks,
-              " co-resident blocks of ", bytes, " bytes of shared memory; this GPU holds ",
-              per_sm, " per SM");
+              "fusedrnn: the persistent kernel needs ", a.L.blocks, " co-resident blocks of ",
+              bytes, " bytes of shared memory; this GPU holds ", per_sm, " per SM");
   Args copy = a;
   void* params[] = {&copy};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
@@ -114,43 +112,44 @@ Algo algo_from_env() {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train,
-    int64_t max_blocks, int64_t mode) {
+    int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
   return lstm_forward<CudaRunner>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train,
-                                  max_blocks, mode, allow_tf32());
+                                  max_blocks, max_chunk, mode, allow_tf32());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
-    const Tensor& c0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
-    bool has_bias, int64_t max_blocks, int64_t mode) {
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& output,
+    const Tensor& gates, const Tensor& cells, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias,
+    int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  return lstm_backward<CudaRunner>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
-                                   c0, w_hh, batch_sizes, reverse, has_bias, max_blocks, mode,
-                                   allow_tf32());
+  return lstm_backward<CudaRunner>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
+                                   w_hh, batch_sizes, reverse, has_bias, max_blocks, max_chunk,
+                                   mode, allow_tf32());
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_forward_op(const Tensor& x_proj, const Tensor& h0,
                                                   const Tensor& w_hh, const OptTensor& b_hh,
                                                   const OptTensor& batch_sizes, bool reverse,
-                                                  bool train, int64_t max_blocks, int64_t mode) {
+                                                  bool train, int64_t max_blocks, int64_t max_chunk,
+                                                  int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
   return gru_forward<CudaRunner>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, max_blocks,
-                                 mode, allow_tf32());
+                                 max_chunk, mode, allow_tf32());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
-    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
-    bool has_bias, int64_t max_blocks, int64_t mode) {
+    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias,
+    int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
   return gru_backward<CudaRunner>(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes,
-                                  reverse, has_bias, max_blocks, mode, allow_tf32());
+                                  reverse, has_bias, max_blocks, max_chunk, mode, allow_tf32());
 }
 
 }  // namespace
@@ -171,25 +170,23 @@ bool use_persistent(int64_t H, int64_t B, int G, bool backward, const at::Tensor
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_lstm_forward(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train) {
-  return lstm_forward<CudaRunner>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train, 0, -1,
+  return lstm_forward<CudaRunner>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train, 0, 0, -1,
                                   allow_tf32());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_lstm_backward(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
-    const Tensor& c0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
-    bool has_bias) {
-  return lstm_backward<CudaRunner>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
-                                   c0, w_hh, batch_sizes, reverse, has_bias, 0, -1,
-                                   allow_tf32());
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& output,
+    const Tensor& gates, const Tensor& cells, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias) {
+  return lstm_backward<CudaRunner>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
+                                   w_hh, batch_sizes, reverse, has_bias, 0, 0, -1, allow_tf32());
 }
 
 std::tuple<Tensor, Tensor, Tensor> cuda_gru_forward(const Tensor& x_proj, const Tensor& h0,
                                                     const Tensor& w_hh, const OptTensor& b_hh,
                                                     const OptTensor& batch_sizes, bool reverse,
                                                     bool train) {
-  return gru_forward<CudaRunner>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, 0, -1,
+  return gru_forward<CudaRunner>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, 0, 0, -1,
                                  allow_tf32());
 }
 
@@ -198,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_gru_backward(
     const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
     bool has_bias) {
   return gru_backward<CudaRunner>(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes,
-                                  reverse, has_bias, 0, -1, allow_tf32());
+                                  reverse, has_bias, 0, 0, -1, allow_tf32());
 }
 
 }  // namespace persistent

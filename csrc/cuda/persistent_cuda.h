@@ -18,9 +18,9 @@ namespace persistent {
 bool use_persistent(int64_t H, int64_t B, int G, bool backward, const at::Tensor& like);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_lstm_forward(
-    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
-    const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool train);
+    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& batch_sizes,
+    bool reverse, bool train);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cuda_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
