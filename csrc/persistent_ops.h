@@ -57,10 +57,14 @@ Layout fit_layout(int64_t H, int64_t B, int G, bool backward, int mode, at::Scal
   return L.bytes <= limit ? L : Layout{};
 }
 
+// [2, T] int64 on `device`: batch sizes, then offsets. On CUDA the copy comes
+// from pinned memory without a stream sync (a pageable copy would make the
+// host wait for all queued GPU work at every call).
 inline Tensor schedule_tensor(const Schedule& s, const at::Device& device) {
   std::vector<int64_t> v(s.sizes);
   v.insert(v.end(), s.offsets.begin(), s.offsets.end());
-  return at::tensor(v, at::kLong).to(device);  // [2, T]: sizes, then offsets
+  const Tensor host = at::tensor(v, at::kLong);
+  return device.is_cpu() ? host : host.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 template <typename R>
