@@ -148,14 +148,22 @@ struct StepInfo {
   int64_t t, rows, off, prev_rows, prev_off;
 };
 
+// sizes/offsets null: padded input, every step has all B rows.
 FUSEDRNN_HOST_DEVICE StepInfo step_info(const int64_t* sizes, const int64_t* offsets, int64_t T,
-                                        bool reverse, int64_t s) {
+                                        int64_t B, bool reverse, int64_t s) {
   StepInfo st;
   st.t = reverse ? T - 1 - s : s;
-  st.rows = sizes[st.t];
-  st.off = offsets[st.t];
   const int64_t tp = reverse ? st.t + 1 : st.t - 1;
   const bool has_prev = tp >= 0 && tp < T;
+  if (sizes == nullptr) {
+    st.rows = B;
+    st.off = st.t * B;
+    st.prev_rows = has_prev ? B : 0;
+    st.prev_off = has_prev ? tp * B : 0;
+    return st;
+  }
+  st.rows = sizes[st.t];
+  st.off = offsets[st.t];
   st.prev_rows = has_prev ? sizes[tp] : 0;
   st.prev_off = has_prev ? offsets[tp] : 0;
   return st;
@@ -190,8 +198,8 @@ struct ForwardArgs {
   Layout L;
   int64_t steps = 0, B = 0, H = 0;
   bool reverse = false;
-  const int64_t* sizes = nullptr;    // [T] rows per step (batch_sizes)
-  const int64_t* offsets = nullptr;  // [T] first row of each step
+  const int64_t* sizes = nullptr;    // [T] rows per step (batch_sizes); null: padded
+  const int64_t* offsets = nullptr;  // [T] first row of each step; null: padded
   const T* w_hh = nullptr;           // [G*H, H]
   const T* x = nullptr;              // [N, G*H] input projection (+ b_ih)
   const T* b_hh = nullptr;           // [G*H] (zeros without bias)
@@ -208,7 +216,7 @@ struct BackwardArgs {
   Layout L;
   int64_t steps = 0, B = 0, H = 0;
   bool reverse = false;
-  const int64_t* sizes = nullptr;  // [T]
+  const int64_t* sizes = nullptr;  // [T], or null: padded
   const int64_t* offsets = nullptr;
   const T* w_hh = nullptr;       // [G*H, H]
   const T* grad_out = nullptr;   // [N, H]
@@ -592,7 +600,7 @@ template <int G, int kMode, typename T, typename acc_t>
 FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<T, acc_t>& a, int64_t blk,
                                         unsigned char* smem, int64_t s, int64_t phase, int tid,
                                         int nt) {
-  const StepInfo st = step_info(a.sizes, a.offsets, a.steps, a.reverse, s);
+  const StepInfo st = step_info(a.sizes, a.offsets, a.steps, a.B, a.reverse, s);
   if (phase < 2 * num_chunks(a.L)) {
     const int64_t k0 = phase / 2 * a.L.kc;
     if (phase % 2 == 0) {
@@ -685,7 +693,7 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<T, acc_t>& a, int64_
                                          int nt) {
   const int64_t nc = num_chunks(a.L);
   if (i > 0 && phase <= 2 * nc + 1) {
-    const StepInfo before = step_info(a.sizes, a.offsets, a.steps, a.reverse, a.steps - i);
+    const StepInfo before = step_info(a.sizes, a.offsets, a.steps, a.B, a.reverse, a.steps - i);
     if (phase == 2 * nc + 1) {
       carry_backward<G>(a, blk, smem, before, tid, nt);
     } else if (phase == 2 * nc) {
@@ -698,7 +706,7 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<T, acc_t>& a, int64_
     }
     return;
   }
-  const StepInfo st = step_info(a.sizes, a.offsets, a.steps, a.reverse, a.steps - 1 - i);
+  const StepInfo st = step_info(a.sizes, a.offsets, a.steps, a.B, a.reverse, a.steps - 1 - i);
   pointwise_backward<G>(a, blk, st, tid, nt);
 }
 

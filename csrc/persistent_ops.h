@@ -57,14 +57,25 @@ Layout fit_layout(int64_t H, int64_t B, int G, bool backward, int mode, at::Scal
   return L.bytes <= limit ? L : Layout{};
 }
 
-// [2, T] int64 on `device`: batch sizes, then offsets. On CUDA the copy comes
+// Packed input: [2, T] int64 on `device`, batch sizes then offsets, copied
 // from pinned memory without a stream sync (a pageable copy would make the
-// host wait for all queued GPU work at every call).
-inline Tensor schedule_tensor(const Schedule& s, const at::Device& device) {
+// host wait for all queued GPU work at every call). Padded input needs none
+// (step_info's null schedule), so nothing is copied and the call stays
+// capturable in a CUDA graph.
+inline Tensor schedule_tensor(const Schedule& s, bool packed, const at::Device& device) {
+  if (!packed) return Tensor();
   std::vector<int64_t> v(s.sizes);
   v.insert(v.end(), s.offsets.begin(), s.offsets.end());
   const Tensor host = at::tensor(v, at::kLong);
   return device.is_cpu() ? host : host.pin_memory().to(device, /*non_blocking=*/true);
+}
+
+inline const int64_t* sizes_ptr(const Tensor& sched) {
+  return sched.defined() ? sched.data_ptr<int64_t>() : nullptr;
+}
+
+inline const int64_t* offsets_ptr(const Tensor& sched, const Schedule& s) {
+  return sched.defined() ? sched.data_ptr<int64_t>() + s.T : nullptr;
 }
 
 template <typename R>
@@ -106,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const Tensor x = x_proj.contiguous();
   const Tensor w = w_hh.contiguous();
   const Tensor bias = detail::defined_or_zeros(b_hh, kLstmGates * H, x);
-  const Tensor sched = schedule_tensor(s, device);
+  const Tensor sched = schedule_tensor(s, batch_sizes.has_value(), device);
   Tensor h = h0.contiguous().clone();
   Tensor c = c0.to(acc_dtype(dtype)).contiguous().clone();
   Tensor out = at::empty({s.N, H}, x.options());
@@ -121,8 +132,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     a.B = s.B;
     a.H = H;
     a.reverse = reverse;
-    a.sizes = sched.data_ptr<int64_t>();
-    a.offsets = a.sizes + s.T;
+    a.sizes = sizes_ptr(sched);
+    a.offsets = offsets_ptr(sched, s);
     a.w_hh = w.data_ptr<scalar_t>();
     a.x = x.data_ptr<scalar_t>();
     a.b_hh = bias.data_ptr<scalar_t>();
@@ -166,7 +177,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
   const Tensor cls = cells.contiguous();
   const Tensor c0a = c0.to(acc).contiguous();
   const Tensor w = w_hh.contiguous();
-  const Tensor sched = schedule_tensor(s, device);
+  const Tensor sched = schedule_tensor(s, batch_sizes.has_value(), device);
   Tensor dh = grad_h_n.to(acc).contiguous().clone();
   Tensor dc = grad_c_n.to(acc).contiguous().clone();
   Tensor dg = at::empty({s.N, kLstmGates * H}, grad_output.options());
@@ -179,8 +190,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
     a.B = s.B;
     a.H = H;
     a.reverse = reverse;
-    a.sizes = sched.data_ptr<int64_t>();
-    a.offsets = a.sizes + s.T;
+    a.sizes = sizes_ptr(sched);
+    a.offsets = offsets_ptr(sched, s);
     a.w_hh = w.data_ptr<scalar_t>();
     a.grad_out = g_out.data_ptr<scalar_t>();
     a.gates = gts.data_ptr<scalar_t>();
@@ -218,7 +229,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tenso
   const Tensor x = x_proj.contiguous();
   const Tensor w = w_hh.contiguous();
   const Tensor bias = detail::defined_or_zeros(b_hh, kGruGates * H, x);
-  const Tensor sched = schedule_tensor(s, device);
+  const Tensor sched = schedule_tensor(s, batch_sizes.has_value(), device);
   const Tensor h0c = h0.contiguous();
   Tensor h = h0c.clone();
   Tensor out = at::empty({s.N, H}, x.options());
@@ -232,8 +243,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tenso
     a.B = s.B;
     a.H = H;
     a.reverse = reverse;
-    a.sizes = sched.data_ptr<int64_t>();
-    a.offsets = a.sizes + s.T;
+    a.sizes = sizes_ptr(sched);
+    a.offsets = offsets_ptr(sched, s);
     a.w_hh = w.data_ptr<scalar_t>();
     a.x = x.data_ptr<scalar_t>();
     a.b_hh = bias.data_ptr<scalar_t>();
@@ -269,7 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
   const Tensor gts = gates.contiguous();
   const Tensor h0c = h0.contiguous();
   const Tensor w = w_hh.contiguous();
-  const Tensor sched = schedule_tensor(s, device);
+  const Tensor sched = schedule_tensor(s, batch_sizes.has_value(), device);
   Tensor dh = grad_h_n.to(acc_dtype(dtype)).contiguous().clone();
   Tensor dx = at::empty({s.N, kGruGates * H}, grad_output.options());
   Tensor dhh = at::empty({s.N, kGruGates * H}, grad_output.options());
@@ -282,8 +293,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
     a.B = s.B;
     a.H = H;
     a.reverse = reverse;
-    a.sizes = sched.data_ptr<int64_t>();
-    a.offsets = a.sizes + s.T;
+    a.sizes = sizes_ptr(sched);
+    a.offsets = offsets_ptr(sched, s);
     a.w_hh = w.data_ptr<scalar_t>();
     a.grad_out = g_out.data_ptr<scalar_t>();
     a.gates = gts.data_ptr<scalar_t>();

@@ -205,3 +205,32 @@ def test_bad_input_is_rejected_before_running(device):
     d["h0"] = d["h0"][:, :3]
     with pytest.raises(RuntimeError, match="h0 must have shape"):
         forward("lstm", d, False, persistent=True)
+
+
+@pytest.mark.parametrize("kind,dtype,mode", [
+    pytest.param("lstm", torch.float32, SIMT, id="lstm-fp32-simt"),
+    pytest.param("gru", torch.bfloat16, TENSOR_CORE, id="gru-bf16-tensor-core"),
+])
+def test_full_size_layout(kind, dtype, mode):
+    """B=64, H=1024 with as many blocks as an H100 has SMs (the emulator's
+    device): 128 blocks, several K chunks where shared memory runs short
+    (fp32: 4 forward, 16 backward), full-size tiles. On the CPU only: the
+    point is the layout an H100 gets, which the CUDA tests reach through
+    the dispatcher."""
+    d64 = inputs(kind, "cpu", torch.float64, T=2, B=64, H=1024)
+    grads = random_grads(kind, forward(kind, d64, False, persistent=False))
+    ours = errors_vs_float64(kind, d64, grads, dtype, False, persistent=True, mode=mode,
+                             max_blocks=0)
+    theirs = errors_vs_float64(kind, d64, grads, dtype, False, persistent=False)
+    for o, t in zip(ours, theirs):
+        assert o <= 4 * t + 1e-6, (ours, theirs)
+
+
+def test_tf32_lstm_backward_at_h1024_does_not_fit():
+    """The tf32 LSTM backward slice at H=1024 (16 units x 4096 x 4 bytes) is
+    over an H100's 227 KB: the forward runs, the backward says why not."""
+    d = inputs("lstm", "cpu", torch.float32, T=2, B=4, H=1024)
+    fwd = forward("lstm", d, False, persistent=True, mode=TENSOR_CORE)
+    with pytest.raises(RuntimeError, match="does not fit in shared memory"):
+        backward("lstm", d, fwd, random_grads("lstm", fwd), False, persistent=True,
+                 mode=TENSOR_CORE)
