@@ -83,7 +83,8 @@ struct Layout {
   int64_t units = 0;         // hidden units per block; the last block may have fewer
   int64_t n = 0, n_pad = 0;  // slice rows: G*units (forward) or units (backward)
   int64_t k = 0, k_pad = 0;  // reduction length: H (forward) or G*H (backward)
-  int64_t kc = 0;            // K columns staged per pass, a multiple of kChunk dividing k_pad
+  int64_t kc = 0;            // K columns staged per pass: kChunk * 2^j, dividing k_pad
+  int kc_shift = 0;          // log2(kc)
   int64_t b_pad = 0;         // staged batch rows
   int64_t ldw = 0, lda = 0, ldacc = 0;        // row strides, elements
   int64_t w_off = 0, a_off = 0, acc_off = 0;  // region offsets, bytes
@@ -115,9 +116,10 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
   L.k_pad = round_up(L.k, kChunk);
   L.b_pad = round_up(B, tile);
   // Row padding: SIMT reads 4 consecutive elements at once, and 4 elements
-  // of padding put the rows a warp reads at once in different banks; wmma
-  // wants 32-byte aligned tiles, so pad by 32 bytes there.
-  const int64_t pad = tc ? 32 / elt : kSimtTile;
+  // of padding put the rows a warp reads at once in different banks (16
+  // bytes for half types, for 16-byte staging stores); wmma wants 32-byte
+  // aligned tiles, so pad by 32 bytes there.
+  const int64_t pad = tc ? 32 / elt : (elt < 4 ? 16 / elt : kSimtTile);
   L.ldw = L.k_pad + pad;
   L.ldacc = L.n_pad + (tc ? 32 / acc_elt : 1);
   L.w_off = 0;
@@ -128,11 +130,15 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
                         round_up(tc ? kThreads / kWarpSize * kTile * kTile * acc_elt
                                     : kThreads * kSimtTile * kSimtTile * acc_elt,
                                  kAlign);
-  const int64_t widest = max_chunk > 0 ? min_(round_up(max_chunk, kChunk), L.k_pad) : L.k_pad;
-  for (L.kc = widest; L.kc > kChunk; L.kc -= kChunk) {
-    const int64_t a_bytes = round_up(L.b_pad * (L.kc + pad) * elt, kAlign);
-    if (L.k_pad % L.kc == 0 && L.a_off + a_bytes + fixed <= smem_limit) break;
+  // Powers of two only, so that the staging loop's index split is a shift.
+  const int64_t widest = max_chunk > 0 ? min_(max_chunk, L.k_pad) : L.k_pad;
+  L.kc = kChunk;
+  while (L.kc * 2 <= widest && L.k_pad % (L.kc * 2) == 0 &&
+         L.a_off + round_up(L.b_pad * (L.kc * 2 + pad) * elt, kAlign) + fixed <= smem_limit) {
+    L.kc *= 2;
   }
+  L.kc_shift = 0;
+  while ((int64_t(1) << L.kc_shift) < L.kc) ++L.kc_shift;
   L.lda = L.kc + pad;
   L.acc_off = L.a_off + round_up(L.b_pad * L.lda * elt, kAlign);
   L.part_off = L.acc_off + round_up(L.b_pad * L.ldacc * acc_elt, kAlign);
@@ -198,6 +204,7 @@ struct ForwardArgs {
   Layout L;
   int64_t steps = 0, B = 0, H = 0;
   bool reverse = false;
+  bool vec = false;  // stage 16 bytes at a time: rows of out and h0 16-byte aligned
   const int64_t* sizes = nullptr;    // [T] rows per step (batch_sizes); null: padded
   const int64_t* offsets = nullptr;  // [T] first row of each step; null: padded
   const T* w_hh = nullptr;           // [G*H, H]
@@ -216,6 +223,7 @@ struct BackwardArgs {
   Layout L;
   int64_t steps = 0, B = 0, H = 0;
   bool reverse = false;
+  bool vec = false;  // stage 16 bytes at a time: rows of dg / dhh 16-byte aligned
   const int64_t* sizes = nullptr;  // [T], or null: padded
   const int64_t* offsets = nullptr;
   const T* w_hh = nullptr;       // [G*H, H]
@@ -267,16 +275,43 @@ FUSEDRNN_HOST_DEVICE void load_backward_weights(const BackwardArgs<T, acc_t>& a,
 }
 
 // ------------------------------------------------------------------ gemm
+// 16 bytes from global memory, coherent with other blocks' stores (see
+// load_coherent), into shared memory.
+FUSEDRNN_HOST_DEVICE void copy16_coherent(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<int4*>(dst) = __ldcg(reinterpret_cast<const int4*>(src));
+#else
+  std::memcpy(dst, src, 16);
+#endif
+}
+
 // Stages columns [k0, k0 + kc) of `rows` rows of A into shared memory,
-// zero-padded to b_pad rows; zeroes acc on the first chunk. src(b, k) reads
-// row b, column k < L.k.
+// zero-padded to b_pad rows and past column L.k; zeroes acc on the first
+// chunk. src.row(b) points at row b of A (L.k elements). With `vec` (rows and
+// their starts 16-byte aligned) each thread moves 16 bytes at a time.
 template <typename T, typename acc_t, typename Src>
 FUSEDRNN_HOST_DEVICE void stage_chunk(const Layout& L, unsigned char* smem, int64_t rows,
-                                      int64_t k0, const Src& src, int tid, int nt) {
+                                      int64_t k0, const Src& src, bool vec, int tid, int nt) {
   T* A = smem_at<T>(smem, L.a_off);
-  for (int64_t i = tid; i < L.b_pad * L.kc; i += nt) {
-    const int64_t b = i / L.kc, kk = i % L.kc, k = k0 + kk;
-    A[b * L.lda + kk] = (b < rows && k < L.k) ? src(b, k) : T(0.f);
+  if (vec) {
+    constexpr int64_t V = 16 / sizeof(T);
+    int shift = 0;  // log2(kc / V), so that i splits into (b, column) by shifts
+    while ((int64_t(V) << shift) < L.kc) ++shift;
+    const int64_t per_row = L.kc / V;
+    for (int64_t i = tid; i < L.b_pad * per_row; i += nt) {
+      const int64_t b = i >> shift, kk = (i & (per_row - 1)) * V, k = k0 + kk;
+      T* dst = A + b * L.lda + kk;
+      if (b < rows && k < L.k) {
+        copy16_coherent(dst, src.row(b) + k);
+      } else {
+        for (int64_t e = 0; e < V; ++e) dst[e] = T(0.f);
+      }
+    }
+  } else {
+    for (int64_t i = tid; i < L.b_pad * L.kc; i += nt) {
+      const int64_t b = i >> L.kc_shift, kk = i & (L.kc - 1), k = k0 + kk;
+      A[b * L.lda + kk] = (b < rows && k < L.k) ? load_coherent(src.row(b) + k) : T(0.f);
+    }
   }
   if (k0 == 0) {
     acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
@@ -582,14 +617,14 @@ FUSEDRNN_HOST_DEVICE void pointwise_forward(const ForwardArgs<T, acc_t>& a, int6
   }
 }
 
-// h_{t-1}[b][k]: the output of the step before for rows active there, else h0.
+// Row b of h_{t-1}: the output of the step before where b was active there,
+// else h0.
 template <typename T, typename acc_t>
 struct PrevState {
   const ForwardArgs<T, acc_t>* a;
   StepInfo st;
-  FUSEDRNN_HOST_DEVICE T operator()(int64_t b, int64_t k) const {
-    return b < st.prev_rows ? load_coherent(a->out + (st.prev_off + b) * a->H + k)
-                            : a->h0[b * a->H + k];
+  FUSEDRNN_HOST_DEVICE const T* row(int64_t b) const {
+    return b < st.prev_rows ? a->out + (st.prev_off + b) * a->H : a->h0 + b * a->H;
   }
 };
 
@@ -604,7 +639,8 @@ FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<T, acc_t>& a, int64_t 
   if (phase < 2 * num_chunks(a.L)) {
     const int64_t k0 = phase / 2 * a.L.kc;
     if (phase % 2 == 0) {
-      stage_chunk<T, acc_t>(a.L, smem, st.rows, k0, PrevState<T, acc_t>{&a, st}, tid, nt);
+      stage_chunk<T, acc_t>(a.L, smem, st.rows, k0, PrevState<T, acc_t>{&a, st}, a.vec, tid,
+                            nt);
     } else {
       gemm<kMode, T, acc_t>(a.L, smem, st.rows, k0, tid, nt);
     }
@@ -623,9 +659,8 @@ template <int G, typename T, typename acc_t>
 struct StepGrad {  // A = the pre-activation gradients of the step handled before
   const BackwardArgs<T, acc_t>* a;
   StepInfo st;
-  FUSEDRNN_HOST_DEVICE T operator()(int64_t b, int64_t k) const {
-    const T* src = G == kLstmGates ? a->dg : a->dhh;
-    return load_coherent(src + (st.off + b) * G * a->H + k);
+  FUSEDRNN_HOST_DEVICE const T* row(int64_t b) const {
+    return (G == kLstmGates ? a->dg : a->dhh) + (st.off + b) * G * a->H;
   }
 };
 
@@ -700,7 +735,7 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<T, acc_t>& a, int64_
       reduce_split<T, acc_t>(a.L, smem, before.rows, tid, nt);
     } else if (phase % 2 == 0) {
       stage_chunk<T, acc_t>(a.L, smem, before.rows, phase / 2 * a.L.kc,
-                            StepGrad<G, T, acc_t>{&a, before}, tid, nt);
+                            StepGrad<G, T, acc_t>{&a, before}, a.vec, tid, nt);
     } else {
       gemm<kMode, T, acc_t>(a.L, smem, before.rows, phase / 2 * a.L.kc, tid, nt);
     }

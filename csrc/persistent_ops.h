@@ -16,6 +16,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <tuple>
 #include <vector>
 
@@ -70,6 +72,16 @@ inline Tensor schedule_tensor(const Schedule& s, bool packed, const at::Device& 
   return device.is_cpu() ? host : host.pin_memory().to(device, /*non_blocking=*/true);
 }
 
+// Rows of row_elems elements, starting at each of ptrs, can be staged 16
+// bytes at a time (ForwardArgs::vec, BackwardArgs::vec).
+inline bool vec_ok(int64_t row_elems, int64_t elt, std::initializer_list<const void*> ptrs) {
+  if (row_elems * elt % 16 != 0) return false;
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
 inline const int64_t* sizes_ptr(const Tensor& sched) {
   return sched.defined() ? sched.data_ptr<int64_t>() : nullptr;
 }
@@ -118,7 +130,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const Tensor w = w_hh.contiguous();
   const Tensor bias = detail::defined_or_zeros(b_hh, kLstmGates * H, x);
   const Tensor sched = schedule_tensor(s, batch_sizes.has_value(), device);
-  Tensor h = h0.contiguous().clone();
+  const Tensor h0c = h0.contiguous();
+  Tensor h = h0c.clone();
   Tensor c = c0.to(acc_dtype(dtype)).contiguous().clone();
   Tensor out = at::empty({s.N, H}, x.options());
   Tensor gates = at::empty({train ? s.N : 0, kLstmGates * H}, x.options());
@@ -137,12 +150,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     a.w_hh = w.data_ptr<scalar_t>();
     a.x = x.data_ptr<scalar_t>();
     a.b_hh = bias.data_ptr<scalar_t>();
-    a.h0 = h0.contiguous().data_ptr<scalar_t>();
+    a.h0 = h0c.data_ptr<scalar_t>();
     a.out = out.data_ptr<scalar_t>();
     a.h = h.data_ptr<scalar_t>();
     a.c = c.data_ptr<acc_t>();
     a.gates = train ? gates.data_ptr<scalar_t>() : nullptr;
     a.cells = train ? cells.data_ptr<acc_t>() : nullptr;
+    a.vec = vec_ok(H, sizeof(scalar_t), {a.out, a.h0});
     FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template forward<kLstmGates, kMode>(a, device); });
   });
   out = out.view(detail::with_last(x_proj.sizes(), H));
@@ -200,6 +214,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
     a.dh = dh.data_ptr<acc_t>();
     a.dc = dc.data_ptr<acc_t>();
     a.dg = dg.data_ptr<scalar_t>();
+    a.vec = vec_ok(kLstmGates * H, sizeof(scalar_t), {a.dg});
     FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template backward<kLstmGates, kMode>(a, device); });
   });
 
@@ -252,6 +267,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tenso
     a.out = out.data_ptr<scalar_t>();
     a.h = h.data_ptr<scalar_t>();
     a.gates = train ? gates.data_ptr<scalar_t>() : nullptr;
+    a.vec = vec_ok(H, sizeof(scalar_t), {a.out, a.h0});
     FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template forward<kGruGates, kMode>(a, device); });
   });
   out = out.view(detail::with_last(x_proj.sizes(), H));
@@ -303,6 +319,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
     a.dh = dh.data_ptr<acc_t>();
     a.dx = dx.data_ptr<scalar_t>();
     a.dhh = dhh.data_ptr<scalar_t>();
+    a.vec = vec_ok(kGruGates * H, sizeof(scalar_t), {a.dhh});
     FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template backward<kGruGates, kMode>(a, device); });
   });
 

@@ -234,3 +234,20 @@ def test_tf32_lstm_backward_at_h1024_does_not_fit():
     with pytest.raises(RuntimeError, match="does not fit in shared memory"):
         backward("lstm", d, fwd, random_grads("lstm", fwd), False, persistent=True,
                  mode=TENSOR_CORE)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["strided", "offset"])
+def test_strided_and_misaligned_h0(device, kind, layout):
+    """h0 as a strided view, or contiguous but starting one element into its
+    storage (so the 16-byte staging path must not be taken for it)."""
+    d = inputs(kind, device, torch.float32, T=4, B=5, H=8)
+    B, H = d["h0"].shape
+    if layout == "strided":
+        d["h0"] = torch.randn(B, H + 3, device=device)[:, 1:H + 1]
+    else:
+        d["h0"] = torch.randn(B * H + 1, device=device)[1:].view(B, H)
+    want = forward(kind, d, False, persistent=False)
+    got = forward(kind, d, False, persistent=True, max_blocks=2)
+    for g, w in zip(nonempty(got), nonempty(want)):
+        assert rel_err(g, w) < 1e-5
