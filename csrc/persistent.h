@@ -79,14 +79,14 @@ FUSEDRNN_HOST_DEVICE int64_t round_up(int64_t a, int64_t m) { return (a + m - 1)
 FUSEDRNN_HOST_DEVICE int64_t min_(int64_t a, int64_t b) { return a < b ? a : b; }
 
 struct Layout {
-  int64_t blocks = 0;        // grid size
-  int64_t units = 0;         // hidden units per block; the last block may have fewer
-  int64_t n = 0, n_pad = 0;  // slice rows: G*units (forward) or units (backward)
-  int64_t k = 0, k_pad = 0;  // reduction length: H (forward) or G*H (backward)
-  int64_t kc = 0;            // K columns staged per pass: kChunk * 2^j, dividing k_pad
-  int kc_shift = 0;          // log2(kc)
-  int64_t b_pad = 0;         // staged batch rows
-  int64_t ldw = 0, lda = 0, ldacc = 0;        // row strides, elements
+  int64_t blocks = 0;                   // grid size
+  int64_t units = 0;                    // hidden units per block; the last block may have fewer
+  int64_t n = 0, n_pad = 0;             // slice rows: G*units (forward) or units (backward)
+  int64_t k = 0, k_pad = 0;             // reduction length: H (forward) or G*H (backward)
+  int64_t kc = 0;                       // K columns staged per pass: kChunk * 2^j, dividing k_pad
+  int kc_shift = 0;                     // log2(kc)
+  int64_t b_pad = 0;                    // staged batch rows
+  int64_t ldw = 0, lda = 0, ldacc = 0;  // row strides, elements
   int64_t w_off = 0, a_off = 0, acc_off = 0;  // region offsets, bytes
   int64_t part_off = 0;                       // split-K partial sums
   int64_t bytes = 0;                          // shared memory per block
@@ -146,7 +146,7 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
   return L;
 }
 
-FUSEDRNN_HOST_DEVICE int64_t num_chunks(const Layout& L) { return L.k_pad / L.kc; }
+FUSEDRNN_HOST_DEVICE int64_t num_chunks(const Layout& L) { return L.k_pad >> L.kc_shift; }
 
 // One time step in processing order: its rows and those of the step whose
 // state it reads (the schedule of checks.h, on the device).
@@ -204,7 +204,7 @@ struct ForwardArgs {
   Layout L;
   int64_t steps = 0, B = 0, H = 0;
   bool reverse = false;
-  bool vec = false;  // stage 16 bytes at a time: rows of out and h0 16-byte aligned
+  bool vec = false;                  // stage 16 bytes at a time: rows of out and h0 16-byte aligned
   const int64_t* sizes = nullptr;    // [T] rows per step (batch_sizes); null: padded
   const int64_t* offsets = nullptr;  // [T] first row of each step; null: padded
   const T* w_hh = nullptr;           // [G*H, H]
@@ -223,7 +223,7 @@ struct BackwardArgs {
   Layout L;
   int64_t steps = 0, B = 0, H = 0;
   bool reverse = false;
-  bool vec = false;  // stage 16 bytes at a time: rows of dg / dhh 16-byte aligned
+  bool vec = false;                // stage 16 bytes at a time: rows of dg / dhh 16-byte aligned
   const int64_t* sizes = nullptr;  // [T], or null: padded
   const int64_t* offsets = nullptr;
   const T* w_hh = nullptr;       // [G*H, H]
@@ -246,30 +246,41 @@ FUSEDRNN_HOST_DEVICE T* smem_at(unsigned char* smem, int64_t off) {
 }
 
 // ------------------------------------------------------------------ weights
-// Forward slice: row g*units + jl = W_hh row g*H + j0 + jl.
+// Forward slice: row g*units + jl = W_hh row g*H + j0 + jl. Row by row,
+// threads along the row (coalesced), no division per element.
 template <int G, typename T, typename acc_t>
 FUSEDRNN_HOST_DEVICE void load_forward_weights(const ForwardArgs<T, acc_t>& a, int64_t blk,
                                                unsigned char* smem, int tid, int nt) {
   const Layout& L = a.L;
   T* w = smem_at<T>(smem, L.w_off);
   const int64_t j0 = blk * L.units, u = min_(L.units, a.H - j0);
-  for (int64_t i = tid; i < L.n_pad * L.ldw; i += nt) {
-    const int64_t n = i / L.ldw, k = i % L.ldw;
+  for (int64_t n = 0; n < L.n_pad; ++n) {
     const int64_t g = n / L.units, jl = n % L.units;
-    w[i] = (g < G && jl < u && k < a.H) ? a.w_hh[(g * a.H + j0 + jl) * a.H + k] : T(0.f);
+    const bool valid = g < G && jl < u;
+    const T* src = a.w_hh + (g * a.H + j0 + jl) * a.H;
+    for (int64_t k = tid; k < L.ldw; k += nt) {
+      w[n * L.ldw + k] = (valid && k < a.H) ? src[k] : T(0.f);
+    }
   }
 }
 
 // Backward slice: row jl = W_hh column j0 + jl, over all G*H gate rows.
+// Element i = k * n_pad + n (n fastest: neighbouring threads read
+// neighbouring columns of W_hh); (k, n) advance by counters, not division.
 template <int G, typename T, typename acc_t>
 FUSEDRNN_HOST_DEVICE void load_backward_weights(const BackwardArgs<T, acc_t>& a, int64_t blk,
                                                 unsigned char* smem, int tid, int nt) {
   const Layout& L = a.L;
   T* w = smem_at<T>(smem, L.w_off);
   const int64_t j0 = blk * L.units, u = min_(L.units, a.H - j0);
-  // n fastest: neighbouring threads read neighbouring columns of W_hh.
-  for (int64_t i = tid; i < L.n_pad * L.ldw; i += nt) {
-    const int64_t k = i / L.n_pad, n = i % L.n_pad;
+  const int64_t dk = nt / L.n_pad, dn = nt % L.n_pad;
+  int64_t k = tid / L.n_pad, n = tid % L.n_pad;
+  for (; k < L.ldw; k += dk, n += dn) {
+    if (n >= L.n_pad) {
+      n -= L.n_pad;
+      ++k;
+      if (k >= L.ldw) break;
+    }
     w[n * L.ldw + k] = (n < u && k < G * a.H) ? a.w_hh[k * a.H + j0 + n] : T(0.f);
   }
 }
@@ -364,9 +375,11 @@ FUSEDRNN_HOST_DEVICE void gemm_simt(const Layout& L, unsigned char* smem, int64_
   const T* W = smem_at<T>(smem, L.w_off);
   const int64_t tn = L.n_pad / R, tiles = (rows + R - 1) / R * tn;
   const int64_t split = simt_split(tiles, nt), groups = L.kc / R;
-  for (int64_t item = tid; item < tiles * split; item += nt) {
-    const int64_t tile = item / split, first = item % split;
-    const int64_t b0 = tile / tn * R, n0 = tile % tn * R;
+  // Block-local indices in 32 bits: 64-bit division is a long subroutine on the GPU.
+  const int tn32 = int(tn), split32 = int(split);
+  for (int item = tid; item < int(tiles * split); item += nt) {
+    const int tile = item / split32, first = item % split32;
+    const int64_t b0 = tile / tn32 * R, n0 = tile % tn32 * R;
     acc_t sum[R][R] = {};
     for (int64_t g = first; g < groups; g += split) {
       acc_t a[R][R], w[R][R];
@@ -513,14 +526,15 @@ FUSEDRNN_HOST_DEVICE void gemm_tensor_core(const Layout& L, unsigned char* smem,
   const T* W = smem_at<T>(smem, L.w_off);
   if (split == 1) {
     float* acc = smem_at<float>(smem, L.acc_off);
-    for (int64_t tile = warp; tile < tiles; tile += warps) {
-      const int64_t m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
+    for (int tile = warp; tile < int(tiles); tile += warps) {
+      const int64_t m0 = tile / int(n_tiles) * kTile, n0 = tile % int(n_tiles) * kTile;
       mma_tile(L, A, W, m0, n0, k0, 0, kK, acc + m0 * L.ldacc + n0, L.ldacc, true, lane);
     }
     return;
   }
   if (warp >= tiles * split) return;
-  const int64_t tile = warp / split, m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
+  const int tile = warp / int(split);
+  const int64_t m0 = tile / int(n_tiles) * kTile, n0 = tile % int(n_tiles) * kTile;
   float* part = smem_at<float>(smem, L.part_off) + warp * kTile * kTile;
   mma_tile(L, A, W, m0, n0, k0, warp % split * kK, split * kK, part, kTile, k0 > 0, lane);
 }
@@ -536,8 +550,9 @@ FUSEDRNN_HOST_DEVICE void reduce_split(const Layout& L, unsigned char* smem, int
     const int64_t tn = L.n_pad / R, tiles = (rows + R - 1) / R * tn;
     const int64_t split = simt_split(tiles, nt);
     if (split == 1) return;
-    for (int64_t o = tid; o < rows * L.n; o += nt) {
-      const int64_t b = o / L.n, n = o % L.n;
+    const int n32 = int(L.n);
+    for (int o = tid; o < int(rows * L.n); o += nt) {
+      const int b = o / n32, n = o % n32;
       const int64_t tile = b / R * tn + n / R, e = b % R * R + n % R;
       acc_t s = acc_t(0);
       for (int64_t i = 0; i < split; ++i) s += part[(tile * split + i) * R * R + e];
@@ -549,8 +564,8 @@ FUSEDRNN_HOST_DEVICE void reduce_split(const Layout& L, unsigned char* smem, int
   const int64_t n_tiles = L.n_pad / kTile, tiles = (rows + kTile - 1) / kTile * n_tiles;
   const int64_t split = tc_split(tiles, nt / kWarpSize, L.kc / tc_k<T>());
   if (split == 1) return;
-  for (int64_t e = tid; e < tiles * kTileElems; e += nt) {
-    const int64_t tile = e / kTileElems, r = e % kTileElems / kTile, c = e % kTile;
+  for (int e = tid; e < int(tiles * kTileElems); e += nt) {
+    const int tile = e / int(kTileElems), r = e % int(kTileElems) / int(kTile), c = e % int(kTile);
     acc_t s = acc_t(0);
     for (int64_t i = 0; i < split; ++i) s += part[(tile * split + i) * kTileElems + r * kTile + c];
     acc[(tile / n_tiles * kTile + r) * L.ldacc + tile % n_tiles * kTile + c] = s;
@@ -576,8 +591,9 @@ FUSEDRNN_HOST_DEVICE void pointwise_forward(const ForwardArgs<T, acc_t>& a, int6
   const Layout& L = a.L;
   const acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
   const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
-  for (int64_t i = tid; i < st.rows * u; i += nt) {
-    const int64_t b = i / u, jl = i % u, j = j0 + jl, k = b * H + j;
+  const int u32 = int(u);  // 32-bit: see gemm_simt
+  for (int i = tid; i < int(st.rows * u); i += nt) {
+    const int64_t b = i / u32, jl = i % u32, j = j0 + jl, k = b * H + j;
     const T* x = a.x + (st.off + b) * G * H;
     const acc_t* ac = acc + b * L.ldacc;
     // Recurrent pre-activation of gate g (b_hh included).
@@ -639,8 +655,7 @@ FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<T, acc_t>& a, int64_t 
   if (phase < 2 * num_chunks(a.L)) {
     const int64_t k0 = phase / 2 * a.L.kc;
     if (phase % 2 == 0) {
-      stage_chunk<T, acc_t>(a.L, smem, st.rows, k0, PrevState<T, acc_t>{&a, st}, a.vec, tid,
-                            nt);
+      stage_chunk<T, acc_t>(a.L, smem, st.rows, k0, PrevState<T, acc_t>{&a, st}, a.vec, tid, nt);
     } else {
       gemm<kMode, T, acc_t>(a.L, smem, st.rows, k0, tid, nt);
     }
@@ -672,8 +687,9 @@ FUSEDRNN_HOST_DEVICE void carry_backward(const BackwardArgs<T, acc_t>& a, int64_
   const Layout& L = a.L;
   const acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
   const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
-  for (int64_t i = tid; i < st.rows * u; i += nt) {
-    const int64_t b = i / u, jl = i % u;
+  const int u32 = int(u);
+  for (int i = tid; i < int(st.rows * u); i += nt) {
+    const int64_t b = i / u32, jl = i % u32;
     const acc_t m = acc[b * L.ldacc + jl];
     acc_t& dh = a.dh[b * H + j0 + jl];
     dh = G == kLstmGates ? m : dh + m;
@@ -685,8 +701,9 @@ FUSEDRNN_HOST_DEVICE void pointwise_backward(const BackwardArgs<T, acc_t>& a, in
                                              const StepInfo& st, int tid, int nt) {
   const Layout& L = a.L;
   const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
-  for (int64_t i = tid; i < st.rows * u; i += nt) {
-    const int64_t b = i / u, j = j0 + i % u, k = b * H + j, row = st.off + b;
+  const int u32 = int(u);
+  for (int i = tid; i < int(st.rows * u); i += nt) {
+    const int64_t b = i / u32, j = j0 + i % u32, k = b * H + j, row = st.off + b;
     const acc_t dh = acc_t(a.grad_out[row * H + j]) + a.dh[k];
     if constexpr (G == kLstmGates) {
       const T* gs = a.gates + row * G * H;
