@@ -6,7 +6,7 @@
 
 For each config three floors, in microseconds:
   flops  the FLOPs over the rate of the unit that does them (SIMT fp32, TF32 or
-         bf16 tensor cores);
+         bf16 tensor cores; RATES);
   bytes  each input read once and each output written once, over HBM bandwidth;
   chain  T dependent steps (forward; 2T with backward), each at least one grid
          barrier (persistent) or kernel launch (step-wise), times its latency.
@@ -17,10 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-# H100 SXM5 datasheet rates (dense). Replace with measured ceilings where known
-# (METHOD.md): --bandwidth, --rate, --barrier-us.
-HBM_BYTES_PER_S = 3.35e12
-RATES = {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12, "float16": 989.4e12}
+# Ceilings of the lent H100 (80GB HBM3, 132 SMs), as this workplace measured them
+# (device/KINDS.md, 2026-11-13): a device-to-device copy at ~3.0 TB/s counting bytes
+# read and written; an 8192^3 bf16 matmul at 798 TFLOP/s. Not measured there: fp32
+# SIMT and TF32, scaled here from the datasheet's dense rates by bf16's measured
+# fraction (798 / 989). --bandwidth and --barrier-us override.
+HBM_BYTES_PER_S = 3.0e12
+_MEASURED_FRACTION = 798 / 989.4
+RATES = {"float32": 67e12 * _MEASURED_FRACTION, "tf32": 494.7e12 * _MEASURED_FRACTION,
+         "bfloat16": 798e12, "float16": 798e12}
 BYTES = {"float32": 4, "tf32": 4, "bfloat16": 2, "float16": 2}
 # Latency of one grid-wide barrier with ~132 blocks, assumed until measured
 # (--measure-barrier); a dependent kernel launch costs about as much or more.
