@@ -30,7 +30,7 @@
 //
 // Shared memory of one block (byte offsets in Layout, each 128-byte aligned):
 //
-//   | W slice [n_pad][ldw] (T) | A chunk [b_pad][lda] (T) | acc [b_pad][ldacc] (acc_t) |
+//   | W slice [n_pad][ldw] (T) | A chunk [b_pad][lda] (T) x buffers | acc [b_pad][ldacc] (acc_t) |
 //   | split-K partial sums: [kThreads][4][4] (SIMT) or [warps][16][16] (tensor cores) (acc_t) |
 //
 // Rows and columns past the valid ones are zero, so the tensor-core tiles
@@ -46,6 +46,7 @@
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 #endif
 
@@ -79,17 +80,20 @@ FUSEDRNN_HOST_DEVICE int64_t round_up(int64_t a, int64_t m) { return (a + m - 1)
 FUSEDRNN_HOST_DEVICE int64_t min_(int64_t a, int64_t b) { return a < b ? a : b; }
 
 struct Layout {
-  int64_t blocks = 0;                   // grid size
-  int64_t units = 0;                    // hidden units per block; the last block may have fewer
-  int64_t n = 0, n_pad = 0;             // slice rows: G*units (forward) or units (backward)
-  int64_t k = 0, k_pad = 0;             // reduction length: H (forward) or G*H (backward)
-  int64_t kc = 0;                       // K columns staged per pass: kChunk * 2^j, dividing k_pad
-  int kc_shift = 0;                     // log2(kc)
-  int64_t b_pad = 0;                    // staged batch rows
-  int64_t ldw = 0, lda = 0, ldacc = 0;  // row strides, elements
+  int64_t blocks = 0;        // grid size
+  int64_t units = 0;         // hidden units per block; the last block may have fewer
+  int64_t n = 0, n_pad = 0;  // slice rows: G*units (forward) or units (backward)
+  int64_t k = 0, k_pad = 0;  // reduction length: H (forward) or G*H (backward)
+  int64_t kc = 0;            // K columns staged per pass: all of k_pad, or kChunk * 2^j dividing it
+  int64_t chunks = 0;        // k_pad / kc
+  int kc_shift = 0;          // ceil(log2(kc)): rows of a chunk are split off by this shift
+  int64_t b_pad = 0;         // staged batch rows
+  int64_t ldw = 0, lda = 0, ldacc = 0;        // row strides, elements
   int64_t w_off = 0, a_off = 0, acc_off = 0;  // region offsets, bytes
-  int64_t part_off = 0;                       // split-K partial sums
-  int64_t bytes = 0;                          // shared memory per block
+  int64_t a_bytes = 0;                        // one A chunk buffer, bytes
+  int buffers = 1;       // 2: chunk c+1 is copied in while chunk c is multiplied
+  int64_t part_off = 0;  // split-K partial sums
+  int64_t bytes = 0;     // shared memory per block
   int mode = kSimt;
 };
 
@@ -130,23 +134,35 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
                         round_up(tc ? kThreads / kWarpSize * kTile * kTile * acc_elt
                                     : kThreads * kSimtTile * kSimtTile * acc_elt,
                                  kAlign);
-  // Powers of two only, so that the staging loop's index split is a shift.
+  // Chunks: powers of two, so that the staging loop's index split is a shift.
+  // All of K in one buffer where it fits; else two buffers (the next chunk's
+  // copies fly during this chunk's product) of the widest chunk that fits;
+  // else one buffer of kChunk columns.
   const int64_t widest = max_chunk > 0 ? min_(max_chunk, L.k_pad) : L.k_pad;
+  auto chunk_bytes = [&](int64_t kc) { return round_up(L.b_pad * (kc + pad) * elt, kAlign); };
+  auto fits = [&](int64_t kc, int buffers) {
+    return L.a_off + buffers * chunk_bytes(kc) + fixed <= smem_limit;
+  };
   L.kc = kChunk;
-  while (L.kc * 2 <= widest && L.k_pad % (L.kc * 2) == 0 &&
-         L.a_off + round_up(L.b_pad * (L.kc * 2 + pad) * elt, kAlign) + fixed <= smem_limit) {
-    L.kc *= 2;
+  if (widest == L.k_pad && fits(L.k_pad, 1)) {
+    L.kc = L.k_pad;
+  } else if (fits(kChunk, 2)) {
+    L.buffers = 2;
+    while (L.kc * 2 <= widest && L.k_pad % (L.kc * 2) == 0 && fits(L.kc * 2, 2)) L.kc *= 2;
   }
+  if (L.kc == L.k_pad) L.buffers = 1;
+  L.chunks = L.k_pad / L.kc;
   L.kc_shift = 0;
   while ((int64_t(1) << L.kc_shift) < L.kc) ++L.kc_shift;
   L.lda = L.kc + pad;
-  L.acc_off = L.a_off + round_up(L.b_pad * L.lda * elt, kAlign);
+  L.a_bytes = chunk_bytes(L.kc);
+  L.acc_off = L.a_off + L.buffers * L.a_bytes;
   L.part_off = L.acc_off + round_up(L.b_pad * L.ldacc * acc_elt, kAlign);
   L.bytes = L.acc_off + fixed;
   return L;
 }
 
-FUSEDRNN_HOST_DEVICE int64_t num_chunks(const Layout& L) { return L.k_pad >> L.kc_shift; }
+FUSEDRNN_HOST_DEVICE int64_t num_chunks(const Layout& L) { return L.chunks; }
 
 // One time step in processing order: its rows and those of the step whose
 // state it reads (the schedule of checks.h, on the device).
@@ -286,45 +302,89 @@ FUSEDRNN_HOST_DEVICE void load_backward_weights(const BackwardArgs<T, acc_t>& a,
 }
 
 // ------------------------------------------------------------------ gemm
-// 16 bytes from global memory, coherent with other blocks' stores (see
-// load_coherent), into shared memory.
-FUSEDRNN_HOST_DEVICE void copy16_coherent(void* dst, const void* src) {
+// The A buffer that holds the chunk starting at column k0 (with two buffers
+// kc is a power of two).
+template <typename T>
+FUSEDRNN_HOST_DEVICE T* chunk_buffer(const Layout& L, unsigned char* smem, int64_t k0) {
+  return smem_at<T>(smem, L.a_off + ((k0 >> L.kc_shift) & (L.buffers - 1)) * L.a_bytes);
+}
+
+// 16 bytes from global memory into shared memory, asynchronously where the
+// hardware can (cp.async.cg: through L2 only, so it sees other blocks' stores
+// like load_coherent). Complete after async_wait and a block barrier.
+FUSEDRNN_HOST_DEVICE void copy16_async(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__)
-  *reinterpret_cast<int4*>(dst) = __ldcg(reinterpret_cast<const int4*>(src));
+  __pipeline_memcpy_async(dst, src, 16);
 #else
   std::memcpy(dst, src, 16);
 #endif
 }
 
-// Stages columns [k0, k0 + kc) of `rows` rows of A into shared memory,
-// zero-padded to b_pad rows and past column L.k; zeroes acc on the first
-// chunk. src.row(b) points at row b of A (L.k elements). With `vec` (rows and
-// their starts 16-byte aligned) each thread moves 16 bytes at a time.
-template <typename T, typename acc_t, typename Src>
-FUSEDRNN_HOST_DEVICE void stage_chunk(const Layout& L, unsigned char* smem, int64_t rows,
+FUSEDRNN_HOST_DEVICE void async_commit() {
+#if defined(__CUDA_ARCH__)
+  __pipeline_commit();
+#endif
+}
+
+// Waits until at most `pending` of this thread's committed copy groups are
+// still in flight.
+FUSEDRNN_HOST_DEVICE void async_wait(int pending) {
+#if defined(__CUDA_ARCH__)
+  __pipeline_wait_prior(pending);
+#else
+  (void)pending;
+#endif
+}
+
+// Issues the copies of columns [k0, k0 + kc) of `rows` rows of A into their
+// buffer, zero-padded to b_pad rows and past column L.k, as one commit group.
+// src.row(b) points at row b of A (L.k elements). With `vec` (rows and their
+// starts 16-byte aligned) each thread moves 16 bytes per copy, asynchronously;
+// otherwise element by element, synchronously.
+template <typename T, typename Src>
+FUSEDRNN_HOST_DEVICE void issue_chunk(const Layout& L, unsigned char* smem, int64_t rows,
                                       int64_t k0, const Src& src, bool vec, int tid, int nt) {
-  T* A = smem_at<T>(smem, L.a_off);
+  T* A = chunk_buffer<T>(L, smem, k0);
+  // i runs over rows of a power-of-two length (>= the chunk's), so that it
+  // splits into (row, column) by shifts; the columns past the chunk idle.
   if (vec) {
     constexpr int64_t V = 16 / sizeof(T);
-    int shift = 0;  // log2(kc / V), so that i splits into (b, column) by shifts
-    while ((int64_t(V) << shift) < L.kc) ++shift;
     const int64_t per_row = L.kc / V;
-    for (int64_t i = tid; i < L.b_pad * per_row; i += nt) {
-      const int64_t b = i >> shift, kk = (i & (per_row - 1)) * V, k = k0 + kk;
+    int shift = 0;
+    while ((int64_t(1) << shift) < per_row) ++shift;
+    for (int64_t i = tid; i < (L.b_pad << shift); i += nt) {
+      const int64_t b = i >> shift, v = i & ((int64_t(1) << shift) - 1);
+      if (v >= per_row) continue;
+      const int64_t kk = v * V, k = k0 + kk;
       T* dst = A + b * L.lda + kk;
       if (b < rows && k < L.k) {
-        copy16_coherent(dst, src.row(b) + k);
+        copy16_async(dst, src.row(b) + k);
       } else {
         for (int64_t e = 0; e < V; ++e) dst[e] = T(0.f);
       }
     }
   } else {
-    for (int64_t i = tid; i < L.b_pad * L.kc; i += nt) {
-      const int64_t b = i >> L.kc_shift, kk = i & (L.kc - 1), k = k0 + kk;
+    for (int64_t i = tid; i < (L.b_pad << L.kc_shift); i += nt) {
+      const int64_t b = i >> L.kc_shift, kk = i & ((int64_t(1) << L.kc_shift) - 1), k = k0 + kk;
+      if (kk >= L.kc) continue;
       A[b * L.lda + kk] = (b < rows && k < L.k) ? load_coherent(src.row(b) + k) : T(0.f);
     }
   }
-  if (k0 == 0) {
+  async_commit();
+}
+
+// The staging phase of chunk c: makes chunk c land in its buffer (issuing it
+// here when it is the first, or with one buffer) and, with two buffers,
+// issues chunk c + 1 into the other, whose product (chunk c - 1) finished at
+// the last barrier; zeroes acc on the first chunk.
+template <typename T, typename acc_t, typename Src>
+FUSEDRNN_HOST_DEVICE void stage_chunk(const Layout& L, unsigned char* smem, int64_t rows, int64_t c,
+                                      const Src& src, bool vec, int tid, int nt) {
+  if (c == 0 || L.buffers == 1) issue_chunk<T>(L, smem, rows, c * L.kc, src, vec, tid, nt);
+  const bool next = L.buffers == 2 && c + 1 < num_chunks(L);
+  if (next) issue_chunk<T>(L, smem, rows, (c + 1) * L.kc, src, vec, tid, nt);
+  async_wait(next ? 1 : 0);
+  if (c == 0) {
     acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
     for (int64_t i = tid; i < L.b_pad * L.ldacc; i += nt) acc[i] = acc_t(0);
   }
@@ -371,7 +431,7 @@ template <typename T, typename acc_t>
 FUSEDRNN_HOST_DEVICE void gemm_simt(const Layout& L, unsigned char* smem, int64_t rows, int64_t k0,
                                     int tid, int nt) {
   constexpr int64_t R = kSimtTile;
-  const T* A = smem_at<T>(smem, L.a_off);
+  const T* A = chunk_buffer<T>(L, smem, k0);
   const T* W = smem_at<T>(smem, L.w_off);
   const int64_t tn = L.n_pad / R, tiles = (rows + R - 1) / R * tn;
   const int64_t split = simt_split(tiles, nt), groups = L.kc / R;
@@ -522,7 +582,7 @@ FUSEDRNN_HOST_DEVICE void gemm_tensor_core(const Layout& L, unsigned char* smem,
   const int warp = tid / kWarpSize, warps = nt / kWarpSize, lane = tid % kWarpSize;
   const int64_t m_tiles = (rows + kTile - 1) / kTile, n_tiles = L.n_pad / kTile;
   const int64_t tiles = m_tiles * n_tiles, split = tc_split(tiles, warps, L.kc / kK);
-  const T* A = smem_at<T>(smem, L.a_off);
+  const T* A = chunk_buffer<T>(L, smem, k0);
   const T* W = smem_at<T>(smem, L.w_off);
   if (split == 1) {
     float* acc = smem_at<float>(smem, L.acc_off);
@@ -655,7 +715,8 @@ FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<T, acc_t>& a, int64_t 
   if (phase < 2 * num_chunks(a.L)) {
     const int64_t k0 = phase / 2 * a.L.kc;
     if (phase % 2 == 0) {
-      stage_chunk<T, acc_t>(a.L, smem, st.rows, k0, PrevState<T, acc_t>{&a, st}, a.vec, tid, nt);
+      stage_chunk<T, acc_t>(a.L, smem, st.rows, phase / 2, PrevState<T, acc_t>{&a, st}, a.vec, tid,
+                            nt);
     } else {
       gemm<kMode, T, acc_t>(a.L, smem, st.rows, k0, tid, nt);
     }
@@ -751,8 +812,8 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<T, acc_t>& a, int64_
     } else if (phase == 2 * nc) {
       reduce_split<T, acc_t>(a.L, smem, before.rows, tid, nt);
     } else if (phase % 2 == 0) {
-      stage_chunk<T, acc_t>(a.L, smem, before.rows, phase / 2 * a.L.kc,
-                            StepGrad<G, T, acc_t>{&a, before}, a.vec, tid, nt);
+      stage_chunk<T, acc_t>(a.L, smem, before.rows, phase / 2, StepGrad<G, T, acc_t>{&a, before},
+                            a.vec, tid, nt);
     } else {
       gemm<kMode, T, acc_t>(a.L, smem, before.rows, phase / 2 * a.L.kc, tid, nt);
     }
