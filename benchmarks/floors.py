@@ -3,6 +3,7 @@
     python -m benchmarks.floors                       # the table, datasheet rates (H100 SXM)
     python -m benchmarks.floors --results DIR ...     # with measured medians from bench JSON
     python -m benchmarks.floors --measure-barrier     # on a GPU: time one persistent step
+    python -m benchmarks.floors --layouts             # the persistent kernel's layouts on an H100
 
 For each config three floors, in microseconds:
   flops  the FLOPs over the rate of the unit that does them (SIMT fp32, TF32 or
@@ -96,6 +97,33 @@ def table(results, args):
     return "\n".join(lines)
 
 
+H100_SMS, H100_SMEM = 132, 232448  # SMs; opt-in shared memory per block, bytes
+LAYOUT_PATHS = (("fp32 SIMT", 0, 4), ("tf32", 1, 4), ("bf16", 1, 2))  # (name, mode, element bytes)
+
+
+def layouts():
+    """The persistent kernel's layout per path and config on an H100, from the
+    kernel's own layout function (csrc/persistent.h, make_layout)."""
+    from fusedrnn._ops import persistent_layout
+
+    def cell(L):
+        if L["bytes"] > H100_SMEM:
+            return f"does not fit ({L['bytes'] / 1024:.0f} KB): step-wise"
+        chunks = f"{L['chunks']}" + (" (2 buffers)" if L["buffers"] == 2 else "")
+        return f"{L['blocks']} × {L['units']}, {chunks}, {L['bytes'] / 1024:.0f}"
+
+    lines = ["| path | model | H | B | forward: blocks × units, chunks, smem KB "
+             "| backward: blocks × units, chunks, smem KB |", "|---|---|---|---|---|---|"]
+    for name, mode, elt in LAYOUT_PATHS:
+        for H in (256, 512, 1024):
+            for B in (1, 64):
+                for model in ("LSTM", "GRU"):
+                    f, b = (persistent_layout(H, B, GATES[model], bwd, mode, elt, 4, H100_SMS,
+                                              H100_SMEM) for bwd in (False, True))
+                    lines.append(f"| {name} | {model} | {H} | {B} | {cell(f)} | {cell(b)} |")
+    return "\n".join(lines)
+
+
 def measure_barrier(steps=2000, H=256):
     """Median time per step of the persistent GRU forward at B=1: the step's
     work is tiny, so this is the grid barrier plus one L2 round trip."""
@@ -136,7 +164,11 @@ def main(argv=None):
     p.add_argument("--barrier-us", type=float, default=BARRIER_US)
     p.add_argument("--bandwidth", type=float, default=HBM_BYTES_PER_S, help="bytes/s")
     p.add_argument("--measure-barrier", action="store_true")
+    p.add_argument("--layouts", action="store_true")
     args = p.parse_args(argv)
+    if args.layouts:
+        print(layouts())
+        return 0
     if args.measure_barrier:
         print(json.dumps(measure_barrier()))
         return 0

@@ -3,6 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "persistent.h"
+
 extern "C" {
 // `import fusedrnn._C` loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
@@ -10,6 +14,23 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+
+namespace {
+
+// The persistent kernel's layout for these sizes, as the ints of
+// fusedrnn.PERSISTENT_LAYOUT_FIELDS (fusedrnn/_ops.py): for tests and notes.
+std::vector<int64_t> persistent_layout(int64_t hidden, int64_t batch, int64_t gates, bool backward,
+                                       int64_t mode, int64_t elt, int64_t acc_elt,
+                                       int64_t max_blocks, int64_t smem_limit, int64_t max_chunk) {
+  using namespace fusedrnn::persistent;
+  const Layout L = make_layout(hidden, batch, int(gates), backward, int(mode), elt, acc_elt,
+                               max_blocks, smem_limit, max_chunk);
+  return {L.blocks, L.units,   L.n,       L.n_pad,    L.k,    L.k_pad, L.kc,
+          L.chunks, L.buffers, L.b_pad,   L.ldw,      L.lda,  L.ldacc, L.w_off,
+          L.a_off,  L.a_bytes, L.acc_off, L.part_off, L.bytes};
+}
+
+}  // namespace
 
 TORCH_LIBRARY(fusedrnn, m) {
   // One layer, one direction. x_proj = x W_ih^T + b_ih for all steps:
@@ -64,4 +85,8 @@ TORCH_LIBRARY(fusedrnn, m) {
       "_persistent_gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, "
       "Tensor gates, Tensor h0, Tensor w_hh, Tensor? batch_sizes, bool reverse, bool has_bias, "
       "int max_blocks, int max_chunk, int mode) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_persistent_layout(int hidden, int batch, int gates, bool backward, int mode, int elt, "
+      "int acc_elt, int max_blocks, int smem_limit, int max_chunk) -> int[]",
+      &persistent_layout);
 }

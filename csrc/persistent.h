@@ -37,6 +37,7 @@
 // (16 x 16 x 8 tf32, 16 x 16 x 16 half/bf16) never need masking.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -134,21 +135,42 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
                         round_up(tc ? kThreads / kWarpSize * kTile * kTile * acc_elt
                                     : kThreads * kSimtTile * kSimtTile * acc_elt,
                                  kAlign);
-  // Chunks: powers of two, so that the staging loop's index split is a shift.
-  // All of K in one buffer where it fits; else two buffers (the next chunk's
-  // copies fly during this chunk's product) of the widest chunk that fits;
-  // else one buffer of kChunk columns.
+  // Chunks: all of K in one buffer where it fits. Otherwise the cheaper, by
+  // the model below, of one buffer of the widest chunk that fits, or two
+  // buffers (the next chunk's copies fly during this chunk's product) of a
+  // narrower one. Both widths are kChunk * 2^j dividing k_pad, so that the
+  // staging loop splits its index by shifts.
   const int64_t widest = max_chunk > 0 ? min_(max_chunk, L.k_pad) : L.k_pad;
   auto chunk_bytes = [&](int64_t kc) { return round_up(L.b_pad * (kc + pad) * elt, kAlign); };
   auto fits = [&](int64_t kc, int buffers) {
     return L.a_off + buffers * chunk_bytes(kc) + fixed <= smem_limit;
   };
+  auto widest_fitting = [&](int buffers) {
+    int64_t kc = kChunk;
+    while (kc * 2 <= widest && L.k_pad % (kc * 2) == 0 && fits(kc * 2, buffers)) kc *= 2;
+    return kc;
+  };
   L.kc = kChunk;
   if (widest == L.k_pad && fits(L.k_pad, 1)) {
     L.kc = L.k_pad;
-  } else if (fits(kChunk, 2)) {
-    L.buffers = 2;
-    while (L.kc * 2 <= widest && L.k_pad % (L.kc * 2) == 0 && fits(L.kc * 2, 2)) L.kc *= 2;
+  } else {
+    L.kc = widest_fitting(1);
+    if (fits(kChunk, 2)) {
+      // Modelled clocks per step: a chunk costs a round trip to L2 plus its
+      // product plus two block barriers; with two buffers only the first
+      // round trip is exposed where the product is longer. Constants
+      // unmeasured (benchmarks/NOTES.md).
+      const int64_t kc2 = widest_fitting(2);
+      const double mac_per_clk = tc ? (elt == 4 ? 512.0 : 1024.0) : (elt == 8 ? 32.0 : 64.0);
+      const double trip = 1000.0, sync = 100.0;
+      auto product = [&](int64_t kc) { return double(L.b_pad * L.n_pad * kc) / mac_per_clk; };
+      const double one = double(L.k_pad / L.kc) * (trip + product(L.kc) + sync);
+      const double two = trip + double(L.k_pad / kc2) * (std::max(trip, product(kc2)) + sync);
+      if (two < one) {
+        L.kc = kc2;
+        L.buffers = 2;
+      }
+    }
   }
   if (L.kc == L.k_pad) L.buffers = 1;
   L.chunks = L.k_pad / L.kc;

@@ -20,6 +20,18 @@ ops = torch.ops.fusedrnn
 LSTM_GATES = 4
 GRU_GATES = 3
 GRU_SAVED = 4  # r, z, n and W_hn h + b_hn
+# What ops._persistent_layout returns, in order (csrc/persistent.h, Layout).
+PERSISTENT_LAYOUT_FIELDS = ("blocks", "units", "n", "n_pad", "k", "k_pad", "kc", "chunks",
+                            "buffers", "b_pad", "ldw", "lda", "ldacc", "w_off", "a_off",
+                            "a_bytes", "acc_off", "part_off", "bytes")
+
+
+def persistent_layout(hidden, batch, gates, backward, mode, elt, acc_elt, max_blocks,
+                      smem_limit, max_chunk=0):
+    """The persistent kernel's shared-memory layout for these sizes, as a dict."""
+    vals = ops._persistent_layout(hidden, batch, gates, backward, mode, elt, acc_elt,
+                                  max_blocks, smem_limit, max_chunk)
+    return dict(zip(PERSISTENT_LAYOUT_FIELDS, vals))
 
 
 def _acc_dtype(dtype):

@@ -251,3 +251,49 @@ def test_strided_and_misaligned_h0(device, kind, layout):
     got = forward(kind, d, False, persistent=True, max_blocks=2)
     for g, w in zip(nonempty(got), nonempty(want)):
         assert rel_err(g, w) < 1e-5
+
+
+H100_SMS, H100_SMEM = 132, 232448  # an H100's SMs and opt-in shared memory per block
+
+
+@pytest.mark.parametrize("mode,elt,acc_elt", [(SIMT, 4, 4), (SIMT, 8, 8), (SIMT, 2, 4),
+                                              (TENSOR_CORE, 4, 4), (TENSOR_CORE, 2, 4)],
+                         ids=["fp32", "fp64", "half-simt", "tf32", "half-tc"])
+def test_layout_invariants(mode, elt, acc_elt):
+    """What the kernel assumes of its layout (csrc/persistent.h), over batch
+    1..128 and hidden sizes with and without padding, both directions, with
+    the chunk forced narrow or not: the regions do not overlap and are
+    128-byte aligned; chunks tile K exactly; two buffers only with a
+    power-of-two chunk; rows of the staged chunk take 16-byte copies; tiles
+    fit their padding; every hidden unit has exactly one block."""
+    from fusedrnn._ops import persistent_layout
+    tile = 16 if mode == TENSOR_CORE else 4
+    for H in (5, 64, 70, 256, 1000, 1024):
+        for B in (1, 7, 64, 128):
+            for G in (3, 4):
+                for backward in (False, True):
+                    for max_chunk in (0, 64):
+                        L = persistent_layout(H, B, G, backward, mode, elt, acc_elt, H100_SMS,
+                                              H100_SMEM, max_chunk)
+                        assert L["blocks"] <= H100_SMS
+                        assert (L["blocks"] - 1) * L["units"] < H <= L["blocks"] * L["units"]
+                        assert L["k"] == (G * H if backward else H)
+                        assert L["chunks"] * L["kc"] == L["k_pad"] >= L["k"]
+                        assert L["kc"] % 64 == 0 and L["buffers"] in (1, 2)
+                        if L["buffers"] == 2:
+                            assert L["chunks"] > 1 and L["kc"] & (L["kc"] - 1) == 0
+                        assert L["n_pad"] % tile == 0 and L["b_pad"] % tile == 0
+                        assert L["b_pad"] >= B and L["n_pad"] >= L["n"]
+                        assert L["lda"] * elt % 16 == 0 and L["ldw"] * elt % 16 == 0
+                        offs = [L["w_off"], L["a_off"], L["acc_off"], L["part_off"]]
+                        assert all(o % 128 == 0 for o in offs)
+                        assert L["a_off"] >= L["n_pad"] * L["ldw"] * elt
+                        assert L["a_bytes"] >= L["b_pad"] * L["lda"] * elt
+                        assert L["acc_off"] >= L["a_off"] + L["buffers"] * L["a_bytes"]
+                        assert L["part_off"] >= L["acc_off"] + L["b_pad"] * L["ldacc"] * acc_elt
+                        assert L["bytes"] > L["part_off"]
+                        if max_chunk == 0 and L["bytes"] <= H100_SMEM and L["chunks"] > 1:
+                            # A single chunk was tried first: it must not have fit.
+                            whole = persistent_layout(H, B, G, backward, mode, elt, acc_elt,
+                                                      H100_SMS, 10 ** 9)
+                            assert whole["chunks"] == 1 and whole["bytes"] > H100_SMEM

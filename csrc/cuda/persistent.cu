@@ -21,9 +21,10 @@ namespace {
 // GEMM has enough rows to fill the GPU on its own (unmeasured: see
 // benchmarks/NOTES.md).
 constexpr int64_t kAutoMaxBatch = 64;
-// ... and up to this many K chunks per step: each is a round trip to L2
-// (~0.5-1 us) that the step-wise path does not pay (also unmeasured).
-constexpr int64_t kAutoMaxChunks = 8;
+// ... and up to this many exposed round trips to L2 per step (~0.5-1 us
+// each, which the step-wise path does not pay; also unmeasured): one per
+// chunk with one buffer, one per step with two.
+constexpr int64_t kAutoMaxRoundTrips = 8;
 
 template <int G, int kMode, typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<T, acc_t> a) {
@@ -166,7 +167,8 @@ bool use_persistent(int64_t H, int64_t B, int G, bool backward, const at::Tensor
       resolve_mode(-1, like.scalar_type(), CudaRunner::tensor_cores(d), allow_tf32(), "");
   const Layout L = fit_layout<CudaRunner>(H, B, G, backward, mode, like.scalar_type(), 0, d);
   if (L.blocks == 0) return false;
-  return algo == Algo::kPersistent || (B <= kAutoMaxBatch && num_chunks(L) <= kAutoMaxChunks);
+  const int64_t round_trips = L.buffers == 2 ? 1 : num_chunks(L);
+  return algo == Algo::kPersistent || (B <= kAutoMaxBatch && round_trips <= kAutoMaxRoundTrips);
 }
 
 // The public ops' persistent path: the caller holds the guard and NoAutocast.

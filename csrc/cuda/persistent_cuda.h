@@ -14,8 +14,9 @@ namespace persistent {
 //   persistent: the persistent kernel wherever it supports the call (no
 //               proj_size, GRU in torch's form, W_hh slice fits on chip),
 //               stepwise elsewhere.
-//   auto:       persistent where supported, batch <= kAutoMaxBatch and h_{t-1}
-//               (backward: dgates) is staged in at most kAutoMaxChunks pieces.
+//   auto:       persistent where supported, batch <= kAutoMaxBatch and staging
+//               h_{t-1} (backward: dgates) exposes at most kAutoMaxRoundTrips
+//               round trips to L2 per step.
 bool use_persistent(int64_t H, int64_t B, int G, bool backward, const at::Tensor& like);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_lstm_forward(
