@@ -100,6 +100,20 @@ Layout checked_layout(int64_t H, int64_t B, int G, bool backward, int mode, at::
   return L;
 }
 
+// The fields every kernel argument struct shares.
+template <typename Args, typename Ptr>
+void fill_common(Args& a, const Layout& L, const Schedule& s, int64_t H, bool reverse,
+                 const Tensor& sched, Ptr w_hh) {
+  a.L = L;
+  a.steps = s.T;
+  a.B = s.B;
+  a.H = H;
+  a.reverse = reverse;
+  a.sizes = sizes_ptr(sched);
+  a.offsets = offsets_ptr(sched, s);
+  a.w_hh = w_hh;
+}
+
 #define FUSEDRNN_DISPATCH_MODE(mode, ...) \
   if (mode == kTensorCore) {              \
     constexpr int kMode = kTensorCore;    \
@@ -140,14 +154,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_lstm_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     ForwardArgs<scalar_t, acc_t> a;
-    a.L = L;
-    a.steps = s.T;
-    a.B = s.B;
-    a.H = H;
-    a.reverse = reverse;
-    a.sizes = sizes_ptr(sched);
-    a.offsets = offsets_ptr(sched, s);
-    a.w_hh = w.data_ptr<scalar_t>();
+    fill_common(a, L, s, H, reverse, sched, w.data_ptr<scalar_t>());
     a.x = x.data_ptr<scalar_t>();
     a.b_hh = bias.data_ptr<scalar_t>();
     a.h0 = h0c.data_ptr<scalar_t>();
@@ -173,11 +180,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
   constexpr const char* op = "fusedrnn::_persistent_lstm_backward";
   const int64_t H = w_hh.size(0) / kLstmGates;
   TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [4H, H] (no projection)");
-  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
-  check_shape(gates, {s.N, kLstmGates * H}, op, "gates");
-  check_shape(cells, {s.N, H}, op, "cells");
-  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
-  check_shape(grad_c_n, {s.B, H}, op, "grad_c_n");
+  const Schedule s = lstm_check_backward(grad_output, grad_h_n, grad_c_n, gates, cells, w_hh,
+                                         batch_sizes, reverse, op);
   const auto dtype = grad_output.scalar_type();
   const auto acc = acc_dtype(dtype);
   const auto device = grad_output.device();
@@ -199,14 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_lstm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BackwardArgs<scalar_t, acc_t> a;
-    a.L = L;
-    a.steps = s.T;
-    a.B = s.B;
-    a.H = H;
-    a.reverse = reverse;
-    a.sizes = sizes_ptr(sched);
-    a.offsets = offsets_ptr(sched, s);
-    a.w_hh = w.data_ptr<scalar_t>();
+    fill_common(a, L, s, H, reverse, sched, w.data_ptr<scalar_t>());
     a.grad_out = g_out.data_ptr<scalar_t>();
     a.gates = gts.data_ptr<scalar_t>();
     a.cells = cls.data_ptr<acc_t>();
@@ -253,14 +250,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_gru_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     ForwardArgs<scalar_t, acc_t> a;
-    a.L = L;
-    a.steps = s.T;
-    a.B = s.B;
-    a.H = H;
-    a.reverse = reverse;
-    a.sizes = sizes_ptr(sched);
-    a.offsets = offsets_ptr(sched, s);
-    a.w_hh = w.data_ptr<scalar_t>();
+    fill_common(a, L, s, H, reverse, sched, w.data_ptr<scalar_t>());
     a.x = x.data_ptr<scalar_t>();
     a.b_hh = bias.data_ptr<scalar_t>();
     a.h0 = h0c.data_ptr<scalar_t>();
@@ -282,9 +272,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
     int64_t max_blocks, int64_t max_chunk, int64_t mode_arg, bool allow_tf32) {
   constexpr const char* op = "fusedrnn::_persistent_gru_backward";
   const int64_t H = w_hh.size(1);
-  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
-  check_shape(gates, {s.N, kGruSaved * H}, op, "gates");
-  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
+  const Schedule s =
+      gru_check_backward(grad_output, grad_h_n, gates, w_hh, batch_sizes, reverse, op);
   const auto dtype = grad_output.scalar_type();
   const auto device = grad_output.device();
   const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
@@ -304,14 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "persistent_gru_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BackwardArgs<scalar_t, acc_t> a;
-    a.L = L;
-    a.steps = s.T;
-    a.B = s.B;
-    a.H = H;
-    a.reverse = reverse;
-    a.sizes = sizes_ptr(sched);
-    a.offsets = offsets_ptr(sched, s);
-    a.w_hh = w.data_ptr<scalar_t>();
+    fill_common(a, L, s, H, reverse, sched, w.data_ptr<scalar_t>());
     a.grad_out = g_out.data_ptr<scalar_t>();
     a.gates = gts.data_ptr<scalar_t>();
     a.out = out.data_ptr<scalar_t>();

@@ -191,6 +191,21 @@ inline std::tuple<Tensor, Tensor, Tensor> lstm_weight_grads(
   return {d_w_hh, d_w_hr, d_b_hh};
 }
 
+// Checks the saved-state shapes lstm_backward gets (P = H without projection);
+// returns the schedule.
+inline Schedule lstm_check_backward(const Tensor& grad_output, const Tensor& grad_h_n,
+                                    const Tensor& grad_c_n, const Tensor& gates,
+                                    const Tensor& cells, const Tensor& w_hh,
+                                    const OptTensor& batch_sizes, bool reverse, const char* op) {
+  const int64_t H = w_hh.size(0) / kLstmGates, P = w_hh.size(1);
+  const Schedule s = make_schedule(grad_output, batch_sizes, P, reverse, op);
+  check_shape(gates, {s.N, kLstmGates * H}, op, "gates");
+  check_shape(cells, {s.N, H}, op, "cells");
+  check_shape(grad_h_n, {s.B, P}, op, "grad_h_n");
+  check_shape(grad_c_n, {s.B, H}, op, "grad_c_n");
+  return s;
+}
+
 // grad_output like output; grad_h_n [B, P]; grad_c_n [B, H]; the rest as
 // saved by lstm_forward. Returns d_x_proj (like x_proj), d_h0, d_c0, d_w_hh,
 // d_w_hr ([0] without w_hr), d_b_hh ([0] without bias).
@@ -204,11 +219,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(
   const int64_t H = w_hh.size(0) / kLstmGates;
   const int64_t P = w_hh.size(1);
   const bool proj = w_hr.has_value();
-  const Schedule s = make_schedule(grad_output, batch_sizes, P, reverse, op);
-  check_shape(gates, {s.N, kLstmGates * H}, op, "gates");
-  check_shape(cells, {s.N, H}, op, "cells");
-  check_shape(grad_h_n, {s.B, P}, op, "grad_h_n");
-  check_shape(grad_c_n, {s.B, H}, op, "grad_c_n");
+  const Schedule s = lstm_check_backward(grad_output, grad_h_n, grad_c_n, gates, cells, w_hh,
+                                         batch_sizes, reverse, op);
   const auto dtype = grad_output.scalar_type();
   const auto acc = acc_dtype(dtype);
   const auto opts = grad_output.options();
@@ -365,6 +377,17 @@ inline std::tuple<Tensor, Tensor> gru_weight_grads(const Tensor& dhh, const Tens
   return {d_w_hh, d_b_hh};
 }
 
+// Checks the saved-state shapes gru_backward gets; returns the schedule.
+inline Schedule gru_check_backward(const Tensor& grad_output, const Tensor& grad_h_n,
+                                   const Tensor& gates, const Tensor& w_hh,
+                                   const OptTensor& batch_sizes, bool reverse, const char* op) {
+  const int64_t H = w_hh.size(1);
+  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
+  check_shape(gates, {s.N, kGruSaved * H}, op, "gates");
+  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
+  return s;
+}
+
 // reset_after=false is the classic form (Cho et al.): n = tanh(x_n + W_hn (r*h) + b_hn),
 // two GEMMs per step; gates then saves W_hn (r*h) + b_hn as its fourth part.
 // Returns d_x_proj (like x_proj), d_h0, d_w_hh, d_b_hh ([0] without bias).
@@ -375,9 +398,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_impl(
     bool reverse, bool reset_after, bool has_bias) {
   constexpr const char* op = "fusedrnn::gru_backward";
   const int64_t H = w_hh.size(1);
-  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
-  check_shape(gates, {s.N, kGruSaved * H}, op, "gates");
-  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
+  const Schedule s =
+      gru_check_backward(grad_output, grad_h_n, gates, w_hh, batch_sizes, reverse, op);
   const auto dtype = grad_output.scalar_type();
   const auto opts = grad_output.options();
 
