@@ -6,6 +6,7 @@
 // test vehicle, not a fast path.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../persistent_ops.h"
@@ -13,6 +14,35 @@
 namespace fusedrnn {
 namespace persistent {
 namespace {
+
+// Every block's shared memory, poisoned (all bits set: NaN in every float
+// type) so that reading what the kernel never wrote shows up in its results,
+// and followed by a guard band that must keep its pattern: a write past a
+// block's Layout::bytes is a bug the emulator would otherwise not see.
+class SharedMemory {
+ public:
+  explicit SharedMemory(const Layout& L)
+      : bytes_(L.bytes), stride_(L.bytes + kGuardBytes), mem_(L.blocks * stride_, kPoison) {
+    for (int64_t b = 0; b < L.blocks; ++b) {
+      std::fill_n(block(b) + bytes_, kGuardBytes, kGuard);
+    }
+  }
+  unsigned char* block(int64_t b) { return mem_.data() + b * stride_; }
+  void check_guards() {
+    for (int64_t b = 0; b * stride_ < int64_t(mem_.size()); ++b) {
+      const unsigned char* g = block(b) + bytes_;
+      TORCH_CHECK(std::all_of(g, g + kGuardBytes, [](unsigned char c) { return c == kGuard; }),
+                  "persistent emulator: block ", b, " wrote past its ", bytes_,
+                  " bytes of shared memory");
+    }
+  }
+
+ private:
+  static constexpr int64_t kGuardBytes = 256;
+  static constexpr unsigned char kPoison = 0xff, kGuard = 0xa5;
+  int64_t bytes_, stride_;
+  std::vector<unsigned char> mem_;
+};
 
 struct Emulator {
   static int64_t max_blocks(const at::Device&) { return kEmulatedBlocks; }
@@ -22,8 +52,8 @@ struct Emulator {
   template <int G, int kMode, typename T, typename acc_t>
   static void forward(const ForwardArgs<T, acc_t>& a, const at::Device&) {
     const Layout& L = a.L;
-    std::vector<unsigned char> smem(L.blocks * L.bytes);
-    auto block = [&](int64_t blk) { return smem.data() + blk * L.bytes; };
+    SharedMemory smem(L);
+    auto block = [&](int64_t blk) { return smem.block(blk); };
     for (int64_t blk = 0; blk < L.blocks; ++blk) {
       for (int tid = 0; tid < kThreads; ++tid) {
         load_forward_weights<G>(a, blk, block(blk), tid, kThreads);
@@ -39,13 +69,14 @@ struct Emulator {
         }
       }
     }
+    smem.check_guards();
   }
 
   template <int G, int kMode, typename T, typename acc_t>
   static void backward(const BackwardArgs<T, acc_t>& a, const at::Device&) {
     const Layout& L = a.L;
-    std::vector<unsigned char> smem(L.blocks * L.bytes);
-    auto block = [&](int64_t blk) { return smem.data() + blk * L.bytes; };
+    SharedMemory smem(L);
+    auto block = [&](int64_t blk) { return smem.block(blk); };
     for (int64_t blk = 0; blk < L.blocks; ++blk) {
       for (int tid = 0; tid < kThreads; ++tid) {
         load_backward_weights<G>(a, blk, block(blk), tid, kThreads);
@@ -61,6 +92,7 @@ struct Emulator {
         }
       }
     }
+    smem.check_guards();
   }
 };
 
