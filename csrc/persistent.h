@@ -6,7 +6,8 @@
 // Note [Persistent kernel]
 // Block `blk` owns hidden units [j0, j0 + units). Forward, per step:
 //   1. stage h_{t-1} (all units, all active rows) into shared memory, in
-//      one piece where it fits, else in K-chunks of L.kc columns, and accumulate
+//      one piece where it fits, else in K-chunks of L.kc columns (with two
+//      buffers, the next chunk's copies in flight meanwhile), and accumulate
 //        acc[b][g*units + jl] = sum_k h_{t-1}[b][k] W_hh[g*H + j0 + jl][k]
 //      against the resident slice (its G*units rows of W_hh);
 //   2. apply the gate math of gates.h to the block's own units and write
@@ -19,14 +20,16 @@
 //
 // h_{t-1} is read from `out` (rows still active at the step before) or h0,
 // never from the running state, which its owner overwrites during the step.
-// Values written by other blocks inside the launch are read with L2-coherent
-// loads (load_coherent): the read-only and L1 paths may hold stale lines.
+// Values written by other blocks inside the launch are read through L2 only
+// (load_coherent, copy16_async): the read-only and L1 paths may hold stale
+// lines.
 //
-// Each step is a fixed list of phases (stage, gemm per K-chunk, reduce,
-// pointwise; backward also carry). On the
-// GPU all threads run a phase and meet at __syncthreads(); the emulator runs
-// every thread of a phase in turn, block by block, and the end of a step is
-// the grid barrier. Both call the same phase functions below.
+// Each step is a fixed list of phases (stage and gemm per K-chunk, reduce,
+// pointwise; backward also carry), none of which reads what another thread
+// writes in the same phase. On the GPU all threads run a phase and meet at
+// __syncthreads(); the emulator runs every thread of a phase in turn, block
+// by block, and the end of a step is the grid barrier. Both call the same
+// phase functions below.
 //
 // Shared memory of one block (byte offsets in Layout, each 128-byte aligned):
 //
@@ -56,7 +59,7 @@ namespace persistent {
 
 // How a block forms its gate pre-activations.
 enum MathMode : int {
-  kSimt = 0,        // one FMA chain per output, in acc_t: strict fp32, fp64
+  kSimt = 0,        // FMAs in acc_t on register tiles: strict fp32, fp64
   kTensorCore = 1,  // wmma: tf32 for float32 operands, fp16/bf16 natively
 };
 
