@@ -97,14 +97,13 @@ def table(results, args):
     return "\n".join(lines)
 
 
-H100_SMS, H100_SMEM = 132, 232448  # SMs; opt-in shared memory per block, bytes
 LAYOUT_PATHS = (("fp32 SIMT", 0, 4), ("tf32", 1, 4), ("bf16", 1, 2))  # (name, mode, element bytes)
 
 
 def layouts():
     """The persistent kernel's layout per path and config on an H100, from the
     kernel's own layout function (csrc/persistent.h, make_layout)."""
-    from fusedrnn._ops import persistent_layout
+    from fusedrnn._ops import H100_SMEM, H100_SMS, persistent_layout
 
     def cell(L):
         if L["bytes"] > H100_SMEM:

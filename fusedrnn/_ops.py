@@ -26,6 +26,12 @@ PERSISTENT_LAYOUT_FIELDS = ("blocks", "units", "n", "n_pad", "k", "k_pad", "kc",
                             "a_bytes", "acc_off", "part_off", "bytes")
 
 
+# The device the CPU emulator of the persistent kernel assumes: an H100's SM
+# count and opt-in shared memory per block (kEmulatedBlocks and
+# kEmulatedSmemBytes in csrc/persistent.h).
+H100_SMS, H100_SMEM = 132, 232448
+
+
 def persistent_layout(hidden, batch, gates, backward, mode, elt, acc_elt, max_blocks,
                       smem_limit, max_chunk=0):
     """The persistent kernel's shared-memory layout for these sizes, as a dict."""

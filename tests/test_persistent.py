@@ -10,7 +10,8 @@ import torch
 
 import fusedrnn  # noqa: F401  (registers the ops)
 
-from helpers import batch_sizes_for, rel_err
+from fusedrnn._ops import H100_SMEM, H100_SMS, persistent_layout
+from helpers import LENGTHS, layer_inputs, rel_err
 
 ops = torch.ops.fusedrnn
 SIMT, TENSOR_CORE = 0, 1
@@ -18,21 +19,11 @@ KINDS = ["lstm", "gru"]
 
 
 def inputs(kind, device, dtype, T=5, B=6, H=7, lengths=None, bias=True):
-    """Random op inputs; packed when lengths (sorted, decreasing) are given."""
-    G = 4 if kind == "lstm" else 3
-    opts = dict(device=device, dtype=dtype)
-    if lengths is not None:
-        bs = batch_sizes_for(lengths)
-        B, x = int(bs[0]), torch.randn(int(bs.sum()), G * H, **opts)
-    else:
-        bs, x = None, torch.randn(T, B, G * H, **opts)
-    d = dict(x_proj=x, h0=torch.randn(B, H, **opts))
-    if kind == "lstm":
-        d["c0"] = torch.randn(B, H, **opts)
-    d["w_hh"] = torch.randn(G * H, H, **opts) / H ** 0.5
-    d["b_hh"] = torch.randn(G * H, **opts) if bias else None
-    d["batch_sizes"] = bs
-    return d
+    """Random op inputs (no projection); packed when lengths (sorted,
+    decreasing) are given."""
+    packed = lengths is not None
+    return layer_inputs(kind, packed, device, dtype, bias=bias,
+                        lengths=lengths if packed else LENGTHS, T=T, B=B, H=H)
 
 
 def forward(kind, d, reverse, persistent, max_blocks=0, mode=SIMT, max_chunk=0):
@@ -253,9 +244,6 @@ def test_strided_and_misaligned_h0(device, kind, layout):
         assert rel_err(g, w) < 1e-5
 
 
-H100_SMS, H100_SMEM = 132, 232448  # an H100's SMs and opt-in shared memory per block
-
-
 @pytest.mark.parametrize("mode,elt,acc_elt", [(SIMT, 4, 4), (SIMT, 8, 8), (SIMT, 2, 4),
                                               (TENSOR_CORE, 4, 4), (TENSOR_CORE, 2, 4)],
                          ids=["fp32", "fp64", "half-simt", "tf32", "half-tc"])
@@ -266,7 +254,6 @@ def test_layout_invariants(mode, elt, acc_elt):
     128-byte aligned; chunks tile K exactly; two buffers only with a
     power-of-two chunk; rows of the staged chunk take 16-byte copies; tiles
     fit their padding; every hidden unit has exactly one block."""
-    from fusedrnn._ops import persistent_layout
     tile = 16 if mode == TENSOR_CORE else 4
     for H in (5, 64, 70, 256, 1000, 1024):
         for B in (1, 7, 64, 128):

@@ -183,20 +183,25 @@ struct CudaKernels {
   }
 };
 
+// Whether the persistent kernel takes this call. H (w_hh's columns: no
+// projection here) and B (the state's rows) are read from the shapes only;
+// whichever path runs checks every argument before any kernel.
+bool take_persistent(const at::Tensor& w_hh, const at::Tensor& state, int gates, bool backward,
+                     const at::Tensor& like) {
+  if (w_hh.dim() != 2 || state.dim() != 2 || w_hh.size(1) <= 0 || state.size(0) <= 0) {
+    return false;
+  }
+  return persistent::use_persistent(w_hh.size(1), state.size(0), gates, backward, like);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
     bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
-  if (!w_hr.has_value()) {
-    const auto checked =
-        lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
-    if (persistent::use_persistent(std::get<1>(checked), std::get<0>(checked).B, kLstmGates,
-                                   false, x_proj)) {
-      return persistent::cuda_lstm_forward(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse,
-                                           train);
-    }
+  if (!w_hr.has_value() && take_persistent(w_hh, h0, kLstmGates, false, x_proj)) {
+    return persistent::cuda_lstm_forward(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train);
   }
   return lstm_forward_impl<CudaKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                         train);
@@ -210,8 +215,7 @@ lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                    bool reverse, bool has_bias) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  if (!w_hr.has_value() && w_hh.dim() == 2 && grad_h_n.dim() == 2 &&
-      persistent::use_persistent(w_hh.size(1), grad_h_n.size(0), kLstmGates, true, grad_output)) {
+  if (!w_hr.has_value() && take_persistent(w_hh, grad_h_n, kLstmGates, true, grad_output)) {
     return persistent::cuda_lstm_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells,
                                           h0, c0, w_hh, batch_sizes, reverse, has_bias);
   }
@@ -224,13 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
-  if (reset_after) {
-    const auto checked =
-        gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
-    if (persistent::use_persistent(std::get<1>(checked), std::get<0>(checked).B, kGruGates,
-                                   false, x_proj)) {
-      return persistent::cuda_gru_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train);
-    }
+  if (reset_after && take_persistent(w_hh, h0, kGruGates, false, x_proj)) {
+    return persistent::cuda_gru_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train);
   }
   return gru_forward_impl<CudaKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                        train);
@@ -242,8 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  if (reset_after && w_hh.dim() == 2 && grad_h_n.dim() == 2 &&
-      persistent::use_persistent(w_hh.size(1), grad_h_n.size(0), kGruGates, true, grad_output)) {
+  if (reset_after && take_persistent(w_hh, grad_h_n, kGruGates, true, grad_output)) {
     return persistent::cuda_gru_backward(grad_output, grad_h_n, output, gates, h0, w_hh,
                                          batch_sizes, reverse, has_bias);
   }
