@@ -39,9 +39,9 @@ inline float host_expf(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
-  x = x > kMax ? kMax : (x < kMin ? kMin : x);
-  float n = std::floor(x * kLog2e + 0.5f);
-  float r = x - n * kLn2Hi - n * kLn2Lo;
+  const float xc = x > kMax ? kMax : (x < kMin ? kMin : x);  // NaN passes through
+  float n = std::floor(xc * kLog2e + 0.5f);
+  float r = xc - n * kLn2Hi - n * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -52,7 +52,10 @@ inline float host_expf(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  // Note [Saturated exp]: past the clamp, libm's exp overflows to inf and
+  // underflows to 0. So must ours: a saturated gate is then exactly 0 or 1, its
+  // derivative exactly 0, and 0 * inf gives NaN where torch.nn's does.
+  return x > kMax ? INFINITY : (x < kMin ? 0.0f : y * scale);
 }
 
 inline float host_tanhf(float x) {

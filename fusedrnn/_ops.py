@@ -83,49 +83,115 @@ def _gru_backward_fake(grad_output, grad_h_n, output, gates, h0, w_hh, batch_siz
 
 
 # ------------------------------------------------------------------ autograd
+# Note [Double backward]
+# The backward ops are not themselves differentiable. When autograd builds a
+# graph of the backward (create_graph=True: gradient penalties, Hessian-vector
+# products, torch.func transforms that nest), the gradients come instead from
+# the reference's torch ops (one Python step per time step, slower), recomputed
+# from the saved inputs, so that a second backward sees every dependence. The
+# backward ops refuse a backward of their own (_refuse_backward) rather than
+# return silently wrong values.
+def _graph_needed(*tensors):
+    """Whether this backward runs under create_graph with a tensor that needs it."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+
+
+def _reference_grads(layer, inputs, needs, outputs_grads):
+    """Gradients of `layer(*inputs)` (a reference layer function) for the inputs
+    with `needs`, given the output gradients, as a differentiable graph.
+    Half types are computed in float32, as the kernels do."""
+    acc = _acc_dtype(inputs[0].dtype)
+    wanted = [t for t, n in zip(inputs, needs) if n and t is not None]
+    with torch.enable_grad():
+        up = [t.to(acc) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs]
+        outs = layer(*up)
+        pairs = [(o, g) for o, g in zip(outs, outputs_grads) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted,
+                                    [g.to(o.dtype) for o, g in pairs],
+                                    create_graph=True, allow_unused=True)
+    it = iter(grads)
+    res = []
+    for t, n in zip(inputs, needs):
+        g = next(it) if n and t is not None else None
+        if g is None and n and t is not None:
+            g = torch.zeros_like(t)
+        res.append(g)
+    return res
+
+
 def _lstm_setup_context(ctx, inputs, output):
     x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train = inputs
     out, _, _, gates, cells = output
-    ctx.save_for_backward(out, gates, cells, h0, c0, w_hh, w_hr, batch_sizes)
+    ctx.save_for_backward(out, gates, cells, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes)
     ctx.reverse = reverse
     ctx.train = train
-    ctx.has_bias = b_hh is not None
 
 
 def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    out, gates, cells, h0, c0, w_hh, w_hr, batch_sizes = ctx.saved_tensors
+    out, gates, cells, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes = ctx.saved_tensors
     if not ctx.train:
         raise RuntimeError(
             "fusedrnn::lstm_forward was called with train=False, so nothing was saved for "
             "backward; call it with train=True when a gradient is needed")
+    inputs = (x_proj, h0, c0, w_hh, w_hr, b_hh)
+    if _graph_needed(grad_out, grad_h_n, grad_c_n, *inputs):
+        from . import reference  # Note [Double backward]
+        grads = _reference_grads(
+            lambda *a: reference.lstm_layer(*a, batch_sizes=batch_sizes, reverse=ctx.reverse),
+            inputs, ctx.needs_input_grad[:6], (grad_out, grad_h_n, grad_c_n))
+        return (*grads, None, None, None)
     d_x, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh = ops.lstm_backward(
         grad_out, grad_h_n, grad_c_n, out, gates, cells, h0, c0, w_hh, w_hr, batch_sizes,
-        ctx.reverse, ctx.has_bias)
+        ctx.reverse, b_hh is not None)
     return (d_x, d_h0, d_c0, d_w_hh, d_w_hr if w_hr is not None else None,
-            d_b_hh if ctx.has_bias else None, None, None, None)
+            d_b_hh if b_hh is not None else None, None, None, None)
 
 
 def _gru_setup_context(ctx, inputs, output):
     x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train = inputs
     out, _, gates = output
-    ctx.save_for_backward(out, gates, h0, w_hh, batch_sizes)
+    ctx.save_for_backward(out, gates, x_proj, h0, w_hh, b_hh, batch_sizes)
     ctx.reverse = reverse
     ctx.reset_after = reset_after
     ctx.train = train
-    ctx.has_bias = b_hh is not None
 
 
 def _gru_backward(ctx, grad_out, grad_h_n, _grad_gates):
-    out, gates, h0, w_hh, batch_sizes = ctx.saved_tensors
+    out, gates, x_proj, h0, w_hh, b_hh, batch_sizes = ctx.saved_tensors
     if not ctx.train:
         raise RuntimeError(
             "fusedrnn::gru_forward was called with train=False, so nothing was saved for "
             "backward; call it with train=True when a gradient is needed")
+    inputs = (x_proj, h0, w_hh, b_hh)
+    if _graph_needed(grad_out, grad_h_n, *inputs):
+        from . import reference  # Note [Double backward]
+        grads = _reference_grads(
+            lambda *a: reference.gru_layer(*a, batch_sizes=batch_sizes, reverse=ctx.reverse,
+                                           reset_after=ctx.reset_after),
+            inputs, ctx.needs_input_grad[:4], (grad_out, grad_h_n))
+        return (*grads, None, None, None, None)
     d_x, d_h0, d_w_hh, d_b_hh = ops.gru_backward(
         grad_out, grad_h_n, out, gates, h0, w_hh, batch_sizes, ctx.reverse, ctx.reset_after,
-        ctx.has_bias)
-    return d_x, d_h0, d_w_hh, d_b_hh if ctx.has_bias else None, None, None, None, None
+        b_hh is not None)
+    return d_x, d_h0, d_w_hh, d_b_hh if b_hh is not None else None, None, None, None, None
 
+
+def _refuse_setup_context(ctx, inputs, output):
+    pass
+
+
+def _refuse_backward(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fusedrnn::{name} is not differentiable; differentiate through the forward op "
+            "(its autograd builds a differentiable backward under create_graph=True)")
+    return backward
+
+
+for _name in ("lstm_backward", "gru_backward", "linear_backward"):
+    torch.library.register_autograd(f"fusedrnn::{_name}", _refuse_backward(_name),
+                                    setup_context=_refuse_setup_context)
 
 torch.library.register_autograd(
     "fusedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
@@ -177,6 +243,12 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad):
     input, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
+    if _graph_needed(grad, input, weight):  # Note [Double backward]: torch's differentiable ops
+        acc = _acc_dtype(input.dtype)
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), input.reshape(-1, input.shape[-1])
+        return (grad @ weight if need_x else None,
+                (g2.to(acc).T @ x2.to(acc)).to(weight.dtype) if need_w else None,
+                g2.to(acc).sum(0).to(weight.dtype) if need_b and ctx.has_bias else None)
     dx, dw, db = ops.linear_backward(grad, input, weight, need_x, need_w,
                                      need_b and ctx.has_bias)
     return (dx if need_x else None, dw if need_w else None,

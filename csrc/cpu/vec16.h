@@ -28,8 +28,10 @@ inline Vec16 operator/(Vec16 a, Vec16 b) { return _mm512_div_ps(a.v, b.v); }
 inline Vec16 operator-(Vec16 a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f)); }
 
 inline Vec16 exp_(Vec16 x) {
-  const __m512 xc = _mm512_max_ps(_mm512_min_ps(x.v, _mm512_set1_ps(88.3762626647949f)),
-                                  _mm512_set1_ps(-87.3365447504019f));
+  // min/max return their second operand when either is NaN: x goes second so
+  // that a NaN survives the clamp (and the result is NaN, as std::exp's).
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.3365447504019f),
+                                  _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x.v));
   const __m512 n = _mm512_roundscale_ps(
       _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -42,7 +44,12 @@ inline Vec16 exp_(Vec16 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
+  // Note [Saturated exp] in gates.h: inf past the top, 0 past the bottom.
+  const __mmask16 over = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(88.3762626647949f), _CMP_GT_OQ);
+  const __mmask16 under = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-87.3365447504019f), _CMP_LT_OQ);
+  const __m512 e = _mm512_mask_blend_ps(over, _mm512_scalef_ps(y, n),
+                                        _mm512_set1_ps(__builtin_inff()));
+  return _mm512_mask_blend_ps(under, e, _mm512_setzero_ps());
 }
 
 inline Vec16 tanh_(Vec16 x) {

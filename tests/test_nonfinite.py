@@ -1,0 +1,90 @@
+"""NaN and inf propagate exactly where torch.nn's do: the isnan/isinf masks of
+every output, state and gradient, step by step, on every CPU path and dtype."""
+import pytest
+import torch
+from torch import nn
+
+import fusedrnn
+
+from module_helpers import flat_outputs
+
+PATHS = ["auto", "generic"]  # auto: the fused AVX-512 path for padded float32 where built
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def masks(ts):
+    return [(t.isnan(), t.isinf()) for t in ts]
+
+
+def poisoned(shape, where, value, dtype):
+    x = torch.randn(*shape, dtype=dtype)
+    x[where] = value
+    return x.requires_grad_(True)
+
+
+def run(module, x, hx):
+    outs = flat_outputs(module(x) if hx is None else module(x, hx))
+    leaves = [x] + ([hx] if isinstance(hx, torch.Tensor) else list(hx or ()))
+    leaves = [t for t in leaves if t.requires_grad] + list(module.parameters())
+    grads = torch.autograd.grad(sum(o.float().sum() for o in outs), leaves, allow_unused=True)
+    return outs, [g for g in grads if g is not None]
+
+
+def assert_same_masks(ref, ours, x, hx):
+    (o1, g1), (o2, g2) = run(ref, x, hx), run(ours, x, hx)
+    for (n1, i1), (n2, i2) in zip(masks(o1 + g1), masks(o2 + g2)):
+        assert torch.equal(n1, n2) and torch.equal(i1, i2)
+    assert any(o.isnan().any() for o in o1)  # the case did poison something
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_layer_input(path, dtype, kind, value, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
+    ref = getattr(nn, kind)(8, 16, num_layers=2).to(dtype)
+    ours = fusedrnn.from_torch(ref)
+    x = poisoned((6, 4, 8), (2, 1, 3), value, dtype)
+    if value != value:
+        assert_same_masks(ref, ours, x, None)
+    else:  # inf saturates the gates: compare masks without requiring a NaN
+        (o1, g1), (o2, g2) = run(ref, x, None), run(ours, x, None)
+        for (n1, i1), (n2, i2) in zip(masks(o1 + g1), masks(o2 + g2)):
+            assert torch.equal(n1, n2) and torch.equal(i1, i2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_layer_state(path, kind, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
+    ref = getattr(nn, kind)(8, 16)
+    ours = fusedrnn.from_torch(ref)
+    x = torch.randn(5, 3, 8)
+    h0 = poisoned((1, 3, 16), (0, 2, 5), float("nan"), torch.float32)
+    hx = (h0, torch.randn(1, 3, 16)) if kind == "LSTM" else h0
+    assert_same_masks(ref, ours, x, hx)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+def test_cell(path, kind, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
+    ref = getattr(nn, kind)(8, 16)
+    ours = fusedrnn.from_torch(ref)
+    x = poisoned((4, 8), (1, 3), float("nan"), torch.float32)
+    assert_same_masks(ref, ours, x, None)
+
+
+def test_nan_in_gradient_propagates():
+    """A NaN arriving from the loss reaches every gradient torch.nn's reaches."""
+    ref = nn.LSTM(8, 16)
+    ours = fusedrnn.from_torch(ref)
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    w = torch.randn(5, 3, 16)
+    w[3, 0, 2] = float("nan")
+    grads = []
+    for m in (ref, ours):
+        grads.append(torch.autograd.grad((m(x)[0] * w).sum(), [x] + list(m.parameters())))
+    for a, b in zip(*grads):
+        assert torch.equal(a.isnan(), b.isnan())
