@@ -74,10 +74,15 @@ constexpr int rows_per_tile() {
   return NV >= 4 ? 6 : 8;
 }
 
-// Depth of one pass over a panel: 512 x 64 floats = 128 KiB, which stays in
-// L2 while every row block of A runs over it. Deeper panels (the backward's
-// K = 4H) are cut into such slices, the tiles summed in a buffer.
-constexpr int64_t kDepthBlock = 512;
+// Depth of one pass over a panel: NV * 16 columns x kDepth(NV) rows, 32 KiB,
+// stay in L1 while every row block of A runs over them (the tiles summed in
+// a buffer). Deeper panels re-streamed from L2 for each row block would ask
+// for a vector load from L2 every three FMAs.
+constexpr int64_t kPanelChunkBytes = 32 * 1024;
+template <int NV>
+constexpr int64_t depth_block() {
+  return kPanelChunkBytes / (NV * kLanes * static_cast<int64_t>(sizeof(float)));
+}
 
 // For panels [p0, p1) and all M rows: the tile of rows m0..m0+mr, then
 // epi(tile, row stride, m0, mr, p).
@@ -86,7 +91,8 @@ void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const float* a, in
                 int64_t sak, const float* packed, const Epi& epi) {
   constexpr int MR = rows_per_tile<NV>();
   constexpr int64_t W = NV * kLanes;
-  if (K <= kDepthBlock) {
+  constexpr int64_t kDepthBlock = depth_block<NV>();
+  if (K <= kDepthBlock || M <= MR) {  // one row block: nothing to reuse across
     alignas(64) float tile[MR * W];
     for (int64_t p = p0; p < p1; ++p) {
       const float* panel = packed + p * K * W;

@@ -443,20 +443,17 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const
   return {out, h_n, gates};
 }
 
-// dW_hh = sum over steps of dG_t^T h_{t-1}: one GEMM over the T-1 steps whose
-// h_{t-1} is an output row (read in place, no gathered copy), plus h0's step.
+// dW_hh = sum over steps of dG_t^T h_{t-1}: one GEMM over all steps, the
+// h_{t-1} rows gathered in step order (h0 where the sequence starts).
 // dg: [T*B, G], out: [T, B, H], h0: [B, H] -> [G, H]
 static Tensor recurrent_weight_grad(const Tensor& dg, const Tensor& out, const Tensor& h0,
                                     bool reverse) {
-  const int64_t T = out.size(0), B = out.size(1), H = out.size(2), BT = B * (T - 1);
-  const Tensor o = out.reshape({T * B, H});
+  const int64_t T = out.size(0), B = out.size(1), H = out.size(2);
+  const Tensor first = h0.unsqueeze(0);
   // Forward: step t reads out[t-1], step 0 reads h0. Reverse: t reads out[t+1], T-1 reads h0.
-  const Tensor dg_h0 = dg.narrow(0, reverse ? BT : 0, B);
-  Tensor d_w = at::mm(dg_h0.t(), h0);
-  if (T > 1) {
-    d_w.addmm_(dg.narrow(0, reverse ? 0 : B, BT).t(), o.narrow(0, reverse ? B : 0, BT));
-  }
-  return d_w;
+  const Tensor h_prev = reverse ? at::cat({out.narrow(0, 1, T - 1), first})
+                                : at::cat({first, out.narrow(0, 0, T - 1)});
+  return linear_weight_grad_fused(dg, h_prev.view({T * B, H}));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
@@ -551,6 +548,16 @@ Tensor linear_fused(const Tensor& x, const Tensor& w, const c10::optional<Tensor
   gemm_rows(M, N, K, x.data_ptr<float>(), pack_transposed_panels(w),
             bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
   return y;
+}
+
+Tensor linear_weight_grad_fused(const Tensor& dy, const Tensor& x) {
+  const int64_t R = dy.size(0), N = dy.size(1), K = x.size(1);
+  Tensor dw = at::empty({N, K}, dy.options());
+  // Rows of A = dy^T, contiguous, so the tile's broadcasts walk along rows.
+  const Tensor dy_t = dy.t().contiguous();
+  gemm_rows(N, K, R, dy_t.data_ptr<float>(), pack_column_panels(x.contiguous()), nullptr,
+            dw.data_ptr<float>());
+  return dw;
 }
 
 Tensor linear_input_grad_fused(const Tensor& dy, const Tensor& w) {

@@ -284,7 +284,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
                                       : at::mm(g2, weight))
              .view(input.sizes());
   }
-  if (weight_grad) dw = at::mm(g2.t(), x2);
+  if (weight_grad) {
+    dw = linear_fused_ok(g2, x2) && x2.numel() > 0 ? cpu::linear_weight_grad_fused(g2, x2)
+                                                   : at::mm(g2.t(), x2);
+  }
   if (bias_grad) db = g2.sum(0);
   return {dx, dw, db};
 }
