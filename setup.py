@@ -96,7 +96,7 @@ def extensions():
     use_cuda = want_cuda(torch.version.cuda, cuda_home)
     sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp", "csrc/cpu/persistent_emulate.cpp"]
     # Compiled for AVX-512 and linked last: see Note [AVX-512 translation unit].
-    avx512_sources = ["csrc/cpu/fused_cpu.cpp"]
+    avx512_sources = ["csrc/cpu/fused_cpu.cpp", "csrc/cpu/fused_bf16.cpp"]
     # -fopenmp: at::parallel_for is a header template; without OpenMP in this
     # build it runs on one thread. libgomp is the one torch already loaded.
     cxx = ["-O3", "-fopenmp"]

@@ -58,15 +58,20 @@ inline void mma_tile(const float* a, int64_t sam, int64_t sak, const float* pane
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(tile + (r * NV + v) * kLanes, acc[r][v]);
 }
 
-// mma_tile for a run-time row count mr <= MR.
-template <int MR, int NV>
-inline void mma_rows(int mr, const float* a, int64_t sam, int64_t sak, const float* panel,
-                     int64_t K, float* tile, bool accumulate = false) {
-  if constexpr (MR > 1) {
-    if (mr < MR) return mma_rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate);
+// The float32 tile product for run_panels: mma_tile for a run-time row count
+// mr <= MR. (fused_bf16.cpp has the bfloat16 one, on k-pair panels.)
+struct MmaF32 {
+  using A = float;
+  using Packed = float;
+  template <int MR, int NV>
+  static void rows(int mr, const float* a, int64_t sam, int64_t sak, const float* panel,
+                   int64_t K, float* tile, bool accumulate) {
+    if constexpr (MR > 1) {
+      if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate);
+    }
+    mma_tile<MR, NV>(a, sam, sak, panel, K, tile, accumulate);
   }
-  mma_tile<MR, NV>(a, sam, sak, panel, K, tile, accumulate);
-}
+};
 
 // Rows per tile for NV vectors per row: at most 24 accumulators.
 template <int NV>
@@ -74,31 +79,35 @@ constexpr int rows_per_tile() {
   return NV >= 4 ? 6 : 8;
 }
 
-// Depth of one pass over a panel: NV * 16 columns x kDepth(NV) rows, 32 KiB,
+// Depth of one pass over a panel: NV * 16 columns x depth_block rows, 32 KiB,
 // stay in L1 while every row block of A runs over them (the tiles summed in
 // a buffer). Deeper panels re-streamed from L2 for each row block would ask
 // for a vector load from L2 every three FMAs.
 constexpr int64_t kPanelChunkBytes = 32 * 1024;
-template <int NV>
+template <int NV, typename Mma>
 constexpr int64_t depth_block() {
-  return kPanelChunkBytes / (NV * kLanes * static_cast<int64_t>(sizeof(float)));
+  // A multiple of 16, so that chunks keep k-pairs (and cache lines) whole.
+  return kPanelChunkBytes / (NV * kLanes * static_cast<int64_t>(sizeof(typename Mma::Packed))) /
+         kLanes * kLanes;
 }
 
-// For panels [p0, p1) and all M rows: the tile of rows m0..m0+mr, then
-// epi(tile, row stride, m0, mr, p).
-template <int NV, typename Epi>
-void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const float* a, int64_t sam,
-                int64_t sak, const float* packed, const Epi& epi) {
+// For panels [p0, p1) and all M rows: the float32 tile of rows m0..m0+mr of
+// A [M, K] (element (m, k) at a[m * sam + k * sak]) times the panel, then
+// epi(tile, row stride, m0, mr, p). A panel holds K x NV * 16 values of
+// Mma::Packed in the order Mma reads them.
+template <int NV, typename Mma = MmaF32, typename Epi>
+void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma::A* a,
+                int64_t sam, int64_t sak, const typename Mma::Packed* packed, const Epi& epi) {
   constexpr int MR = rows_per_tile<NV>();
   constexpr int64_t W = NV * kLanes;
-  constexpr int64_t kDepthBlock = depth_block<NV>();
+  constexpr int64_t kDepthBlock = depth_block<NV, Mma>();
   if (K <= kDepthBlock || M <= MR) {  // one row block: nothing to reuse across
     alignas(64) float tile[MR * W];
     for (int64_t p = p0; p < p1; ++p) {
-      const float* panel = packed + p * K * W;
+      const auto* panel = packed + p * K * W;
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-        mma_rows<MR, NV>(mr, a + m0 * sam, sam, sak, panel, K, tile);
+        Mma::template rows<MR, NV>(mr, a + m0 * sam, sam, sak, panel, K, tile, false);
         epi(tile, W, m0, mr, p);
       }
     }
@@ -107,13 +116,13 @@ void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const float* a, in
   thread_local std::vector<float> sums;
   sums.resize(static_cast<size_t>(M * W));
   for (int64_t p = p0; p < p1; ++p) {
-    const float* panel = packed + p * K * W;
+    const auto* panel = packed + p * K * W;
     for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) {
       const int64_t kc = std::min(kDepthBlock, K - k0);
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-        mma_rows<MR, NV>(mr, a + m0 * sam + k0 * sak, sam, sak, panel + k0 * W, kc,
-                         sums.data() + m0 * W, k0 > 0);
+        Mma::template rows<MR, NV>(mr, a + m0 * sam + k0 * sak, sam, sak, panel + k0 * W, kc,
+                                   sums.data() + m0 * W, k0 > 0);
       }
     }
     for (int64_t m0 = 0; m0 < M; m0 += MR) {

@@ -23,51 +23,18 @@
 #include "fused_cpu.h"
 
 #include <ATen/Parallel.h>
-#include <omp.h>
 
-#include <sys/mman.h>
-
-#include <atomic>
 #include <cstdint>
-#include <thread>
 
 #include "../checks.h"
-#include "../gates.h"
-#include "avx512_gemm.h"
-#include "vec16.h"
+#include "fused_loop.h"
 
 namespace fusedrnn {
 namespace cpu {
 namespace {
 
-using at::Tensor;
-
-constexpr int kGateNV = 1;       // vectors per gate in a forward panel: 16 units
-constexpr int kUnitsNV = 4;      // vectors per backward panel: 64 units
+constexpr int kUnitsNV = 4;  // vectors per backward panel: 64 units
 constexpr int kUnitsPerPanel = kUnitsNV * kLanes;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Note [huge pages for step buffers]
-// The buffers written step by step (outputs, saved gates, gate gradients) are
-// tens of MB, fresh from mmap on every call; with 4 KiB pages their first
-// touch costs about as much as the LSTM's pointwise work (measured: the
-// training forward at T=100 B=64 H=512 takes 111 ms with 4 KiB pages, 78 ms
-// with 2 MiB ones). So we ask the kernel for transparent huge pages on them
-// before anything touches them. Only a hint: where THP is off it does nothing.
-constexpr int64_t kHugePage = int64_t(1) << 21;
-
-Tensor empty_for_steps(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor t = at::empty(sizes, options);
-  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  if (bytes >= 2 * kHugePage) {
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (begin + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
-    const uintptr_t last = (begin + bytes) & ~uintptr_t(kHugePage - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-  return t;
-}
 
 // Forward panels: packed[p][k][g * 16 + j] = w[g * H + 16 p + j][k].   w: [G*H, K]
 Tensor pack_gate_panels(const Tensor& w, int64_t G) {
@@ -126,143 +93,6 @@ void epilogue_only(int64_t p0, int64_t p1, int64_t M, const float* rec,
                                    int64_t ldr, int64_t units_per_panel, const Epi& epi) {
   for (int64_t p = p0; p < p1; ++p) epi(rec ? rec + p * units_per_panel : nullptr, ldr, 0, M, p);
 }
-
-// Note [one parallel region per sequence]
-// A fork/join per time step costs tens of microseconds when idle OpenMP
-// threads sleep (OMP_WAIT_POLICY=PASSIVE), as much as a whole small step. So
-// the time loop runs inside one parallel region, each thread on its own
-// contiguous panel range, with a spin barrier between steps that yields to
-// the OS after a while, so an oversubscribed machine still makes progress.
-class SpinBarrier {
- public:
-  explicit SpinBarrier(int n) : n_(n) {}
-  void wait() {
-    const int gen = generation_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < kSpinsBeforeYield) {
-        _mm_pause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  static constexpr int kSpinsBeforeYield = 1 << 14;
-  const int n_;
-  std::atomic<int> arrived_{0};
-  std::atomic<int> generation_{0};
-};
-
-// body(step, p0, p1) for step in [0, steps), panels [p0, p1) per thread, a
-// barrier after every step. body must not throw.
-template <typename Body>
-void run_steps(int64_t steps, int64_t P, const Body& body) {
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), P);
-  if (nt <= 1 || at::in_parallel_region()) {
-    for (int64_t s = 0; s < steps; ++s) body(s, 0, P);
-    return;
-  }
-  SpinBarrier barrier(static_cast<int>(nt));
-  // No num_threads clause (GOMP thread-pool trouble, as ATen notes); threads
-  // beyond nt leave at once.
-#pragma omp parallel
-  {
-    const int64_t tid = omp_get_thread_num();
-    if (tid < nt) {
-      const int64_t p0 = P * tid / nt, p1 = P * (tid + 1) / nt;
-      for (int64_t s = 0; s < steps; ++s) {
-        body(s, p0, p1);
-        barrier.wait();
-      }
-    }
-  }
-}
-
-// ------------------------------------------------------------------ epilogues
-// Each gets rec: a tile (or matrix) of recurrent terms, rows m0..m0+mr, row
-// stride ldr, and the panel index p; it indexes step-local buffers [B, ...]
-// and runs the gate math of gates.h on 16 hidden units at a time.
-using simd::Vec16;
-
-inline __mmask16 lanes(int64_t n) {
-  return n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-}
-
-struct LstmForwardEpi {
-  int64_t H;
-  const float *x, *bias;  // [B, 4H], [4H]
-  float *c, *h;           // [B, H] running cell state, h_t
-  float *gates, *cells;   // [B, 4H], [B, H] or null
-  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
-    const int64_t u0 = p * kLanes;
-    const __mmask16 m = lanes(H - u0);
-    const float* bb = bias + u0;
-    const Vec16 bi = Vec16::load(bb, m), bf = Vec16::load(bb + H, m),
-                bg = Vec16::load(bb + 2 * H, m), bo = Vec16::load(bb + 3 * H, m);
-    for (int r = 0; r < mr; ++r) {
-      const int64_t b = m0 + r;
-      const float* t = rec + r * ldr;
-      const float* xb = x + b * 4 * H + u0;
-      float* cb = c + b * H + u0;
-      Vec16 i, f, g, o, c_new, h_new;
-      lstm_forward_point<Vec16>(
-          Vec16::load(t, m) + Vec16::load(xb, m) + bi,
-          Vec16::load(t + kLanes, m) + Vec16::load(xb + H, m) + bf,
-          Vec16::load(t + 2 * kLanes, m) + Vec16::load(xb + 2 * H, m) + bg,
-          Vec16::load(t + 3 * kLanes, m) + Vec16::load(xb + 3 * H, m) + bo,
-          Vec16::load(cb, m), i, f, g, o, c_new, h_new);
-      c_new.store(cb, m);
-      h_new.store(h + b * H + u0, m);
-      if (gates) {
-        float* gb = gates + b * 4 * H + u0;
-        i.store(gb, m);
-        f.store(gb + H, m);
-        g.store(gb + 2 * H, m);
-        o.store(gb + 3 * H, m);
-        c_new.store(cells + b * H + u0, m);
-      }
-    }
-  }
-};
-
-struct GruForwardEpi {
-  int64_t H;
-  const float *x, *bias, *h_prev;  // [B, 3H], [3H], [B, H]
-  float* h;                        // [B, H] h_t
-  float* gates;                    // [B, 4H] or null
-  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
-    const int64_t u0 = p * kLanes;
-    const __mmask16 m = lanes(H - u0);
-    const float* bb = bias + u0;
-    const Vec16 br = Vec16::load(bb, m), bz = Vec16::load(bb + H, m),
-                bn = Vec16::load(bb + 2 * H, m);
-    for (int r = 0; r < mr; ++r) {
-      const int64_t b = m0 + r;
-      const float* t = rec + r * ldr;
-      const float* xb = x + b * 3 * H + u0;
-      const Vec16 hn = Vec16::load(t + 2 * kLanes, m) + bn;
-      Vec16 rr, z, nn, h_new;
-      gru_forward_point<Vec16>(Vec16::load(xb, m), Vec16::load(xb + H, m),
-                               Vec16::load(xb + 2 * H, m), Vec16::load(t, m) + br,
-                               Vec16::load(t + kLanes, m) + bz, hn,
-                               Vec16::load(h_prev + b * H + u0, m), rr, z, nn, h_new);
-      h_new.store(h + b * H + u0, m);
-      if (gates) {
-        float* gb = gates + b * kGruSaved * H + u0;
-        rr.store(gb, m);
-        z.store(gb + H, m);
-        nn.store(gb + 2 * H, m);
-        hn.store(gb + 3 * H, m);
-      }
-    }
-  }
-};
 
 struct LstmBackwardEpi {
   int64_t H;
@@ -383,64 +213,30 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, const Tensor& pa
   });
 }
 
-struct Steps {
-  int64_t T;
-  bool reverse;
-  int64_t time_at(int64_t s) const { return reverse ? T - 1 - s : s; }
+// The float32 tile product (avx512_gemm.h) for the forward drivers of fused_loop.h.
+struct F32Gemm {
+  using S = float;
+  using Packed = float;
+  static Tensor pack_gates(const Tensor& w, int64_t G) { return pack_gate_panels(w, G); }
+  template <int NV, typename Epi>
+  static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const float* a, int64_t lda,
+                  const float* packed, const Epi& epi) {
+    run_panels<NV>(p0, p1, M, K, a, lda, 1, packed, epi);
+  }
 };
-
 
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& b_hh, bool reverse, bool train) {
-  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
-  const Steps st{T, reverse};
-  const Tensor x = x_proj.contiguous(), bias = b_hh.contiguous(), h0c = h0.contiguous();
-  const Tensor packed = pack_gate_panels(w_hh.contiguous(), kLstmGates);
-  Tensor out = empty_for_steps({T, B, H}, x.options());
-  Tensor c = c0.contiguous().clone();
-  Tensor gates = empty_for_steps({train ? T * B : 0, kLstmGates * H}, x.options());
-  Tensor cells = empty_for_steps({train ? T * B : 0, H}, x.options());
-  float* o = out.data_ptr<float>();
-  const float *xp = x.data_ptr<float>(), *bp = bias.data_ptr<float>(), *wp = packed.data_ptr<float>();
-  float *cp = c.data_ptr<float>(), *gp = train ? gates.data_ptr<float>() : nullptr;
-  float* clp = train ? cells.data_ptr<float>() : nullptr;
-  const float* h0p = h0c.data_ptr<float>();
-  run_steps(T, ceil_div(H, kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
-    const int64_t t = st.time_at(s);
-    const float* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
-    const LstmForwardEpi epi{H, xp + t * B * 4 * H, bp, cp, o + t * B * H,
-                             gp ? gp + t * B * 4 * H : nullptr, clp ? clp + t * B * H : nullptr};
-    run_panels<kLstmGates * kGateNV>(p0, p1, B, H, a, H, 1, wp, epi);
-  });
-  Tensor h_n = out[st.time_at(T - 1)].clone();
-  return {out, h_n, c, gates, cells};
+  return lstm_forward_steps<F32Gemm>(x_proj, h0, c0, w_hh, b_hh, reverse, train);
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const Tensor& h0,
                                                      const Tensor& w_hh, const Tensor& b_hh,
                                                      bool reverse, bool train) {
-  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
-  const Steps st{T, reverse};
-  const Tensor x = x_proj.contiguous(), bias = b_hh.contiguous(), h0c = h0.contiguous();
-  const Tensor packed = pack_gate_panels(w_hh.contiguous(), kGruGates);
-  Tensor out = empty_for_steps({T, B, H}, x.options());
-  Tensor gates = empty_for_steps({train ? T * B : 0, kGruSaved * H}, x.options());
-  float* o = out.data_ptr<float>();
-  const float *xp = x.data_ptr<float>(), *bp = bias.data_ptr<float>(), *wp = packed.data_ptr<float>();
-  const float* h0p = h0c.data_ptr<float>();
-  float* gp = train ? gates.data_ptr<float>() : nullptr;
-  run_steps(T, ceil_div(H, kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
-    const int64_t t = st.time_at(s);
-    const float* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
-    const GruForwardEpi epi{H, xp + t * B * 3 * H, bp, a, o + t * B * H,
-                            gp ? gp + t * B * kGruSaved * H : nullptr};
-    run_panels<kGruGates * kGateNV>(p0, p1, B, H, a, H, 1, wp, epi);
-  });
-  Tensor h_n = out[st.time_at(T - 1)].clone();
-  return {out, h_n, gates};
+  return gru_forward_steps<F32Gemm>(x_proj, h0, w_hh, b_hh, reverse, train);
 }
 
 // dW_hh = sum over steps of dG_t^T h_{t-1}: one GEMM over all steps, the

@@ -34,6 +34,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_fused(
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh, bool reverse,
     bool has_bias);
 
+// The forwards above for bfloat16 (fused_bf16.cpp): H even, AVX512-BF16.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_fused_bf16(
+    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const at::Tensor& b_hh, bool reverse, bool train);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_fused_bf16(
+    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh,
+    const at::Tensor& b_hh, bool reverse, bool train);
+
 // y [M, N] = x [M, K] w [N, K]^T (+ b [N]); float32, contiguous.
 at::Tensor linear_fused(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b);
 

@@ -173,21 +173,37 @@ bool has_avx512() {
   return ok;
 }
 
+bool has_avx512_bf16() {
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+// FUSEDRNN_CPU_PATH=generic forces the generic loop (tests compare the two).
+bool generic_forced() {
+  const char* knob = std::getenv("FUSEDRNN_CPU_PATH");
+  return knob != nullptr && std::string(knob) == "generic";
+}
+
 }  // namespace
 
 namespace cpu {
-// FUSEDRNN_CPU_PATH=generic forces the generic loop (tests compare the two).
 bool fused_path_ok(const at::Tensor& x_proj, bool packed, bool proj) {
-  const char* knob = std::getenv("FUSEDRNN_CPU_PATH");
-  if (knob != nullptr && std::string(knob) == "generic") return false;
-  return x_proj.scalar_type() == at::kFloat && !packed && !proj && has_avx512();
+  return x_proj.scalar_type() == at::kFloat && !packed && !proj && has_avx512() &&
+         !generic_forced();
 }
 }  // namespace cpu
 
 namespace {
 
-// Float32 padded input without projection takes the fused AVX-512 path
-// (fused_cpu.h) where the CPU has it; everything else the generic loop.
+// The bfloat16 forward: padded, no projection, an even hidden size (k-pairs).
+bool fused_bf16_ok(const at::Tensor& x_proj, bool packed, bool proj, int64_t H) {
+  return x_proj.scalar_type() == at::kBFloat16 && !packed && !proj && H % 2 == 0 &&
+         has_avx512_bf16() && !generic_forced();
+}
+
+// Padded input without projection takes a fused path (fused_cpu.h) where the
+// CPU has it: float32 on AVX-512, and the bfloat16 forward on AVX512-BF16;
+// everything else the generic loop.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
@@ -198,6 +214,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const int64_t G = kLstmGates * std::get<1>(checked);
     return cpu::lstm_forward_fused(x_proj, h0, c0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
                                    reverse, train);
+  }
+  if (fused_bf16_ok(x_proj, batch_sizes.has_value(), w_hr.has_value(), std::get<1>(checked))) {
+    const int64_t G = kLstmGates * std::get<1>(checked);
+    return cpu::lstm_forward_fused_bf16(x_proj, h0, c0, w_hh,
+                                        detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
   }
   return lstm_forward_impl<CpuKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                        train);
@@ -229,6 +250,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const int64_t G = kGruGates * std::get<1>(checked);
     return cpu::gru_forward_fused(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
                                   reverse, train);
+  }
+  if (reset_after && fused_bf16_ok(x_proj, batch_sizes.has_value(), false, std::get<1>(checked))) {
+    const int64_t G = kGruGates * std::get<1>(checked);
+    return cpu::gru_forward_fused_bf16(x_proj, h0, w_hh,
+                                       detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
   }
   return gru_forward_impl<CpuKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                       train);

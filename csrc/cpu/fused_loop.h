@@ -1,0 +1,295 @@
+// The time loop of the fused CPU paths, shared by the float32 (fused_cpu.cpp)
+// and bfloat16 (fused_bf16.cpp) translation units: the spin-barrier step loop,
+// step buffers, and the forward epilogues and drivers, templated on the
+// storage type S (activations, gates, h) and on the GEMM that forms a tile.
+// The cell state and all gate math stay float32.
+//
+// Everything here has internal linkage (the unnamed namespace): each ISA's
+// translation unit gets its own copy, compiled for its own instruction set, so
+// the linker never hands one unit's copy to the other (see Note [AVX-512
+// translation unit] in fused_cpu.cpp). Include only from those units.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cstdint>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+
+#include "../gates.h"
+#include "avx512_gemm.h"
+#include "vec16.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using simd::Vec16;
+
+constexpr int kGateNV = 1;  // vectors per gate in a forward panel: 16 units
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline __mmask16 lanes(int64_t n) {
+  return n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// 16 values of storage type S to float32 and back (bfloat16: round to nearest
+// even, NaN kept, as c10::BFloat16). The bfloat16 branch is instantiated only
+// in the unit compiled with AVX512-BF16.
+template <typename S>
+inline Vec16 load16(const S* p, __mmask16 m) {
+  if constexpr (std::is_same_v<S, float>) {
+    return Vec16::load(p, m);
+  } else {
+    const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+}
+
+template <typename S>
+inline void store16(S* p, Vec16 v, __mmask16 m) {
+  if constexpr (std::is_same_v<S, float>) {
+    v.store(p, m);
+  } else {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v.v));
+  }
+}
+
+// Note [huge pages for step buffers]
+// The buffers written step by step (outputs, saved gates, gate gradients) are
+// tens of MB, fresh from mmap on every call; with 4 KiB pages their first
+// touch costs about as much as the LSTM's pointwise work (measured: the
+// training forward at T=100 B=64 H=512 takes 111 ms with 4 KiB pages, 78 ms
+// with 2 MiB ones). So we ask the kernel for transparent huge pages on them
+// before anything touches them. Only a hint: where THP is off it does nothing.
+constexpr int64_t kHugePage = int64_t(1) << 21;
+
+inline Tensor empty_for_steps(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  if (bytes >= 2 * kHugePage) {
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t first = (begin + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
+    const uintptr_t last = (begin + bytes) & ~uintptr_t(kHugePage - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+  return t;
+}
+
+// Note [one parallel region per sequence]
+// A fork/join per time step costs tens of microseconds when idle OpenMP
+// threads sleep (OMP_WAIT_POLICY=PASSIVE), as much as a whole small step. So
+// the time loop runs inside one parallel region, each thread on its own
+// contiguous panel range, with a spin barrier between steps that yields to
+// the OS after a while, so an oversubscribed machine still makes progress.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void wait() {
+    const int gen = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < kSpinsBeforeYield) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSpinsBeforeYield = 1 << 14;
+  const int n_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
+};
+
+// body(step, p0, p1) for step in [0, steps), panels [p0, p1) per thread, a
+// barrier after every step. body must not throw.
+template <typename Body>
+void run_steps(int64_t steps, int64_t P, const Body& body) {
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), P);
+  if (nt <= 1 || at::in_parallel_region()) {
+    for (int64_t s = 0; s < steps; ++s) body(s, 0, P);
+    return;
+  }
+  SpinBarrier barrier(static_cast<int>(nt));
+  // No num_threads clause (GOMP thread-pool trouble, as ATen notes); threads
+  // beyond nt leave at once.
+#pragma omp parallel
+  {
+    const int64_t tid = omp_get_thread_num();
+    if (tid < nt) {
+      const int64_t p0 = P * tid / nt, p1 = P * (tid + 1) / nt;
+      for (int64_t s = 0; s < steps; ++s) {
+        body(s, p0, p1);
+        barrier.wait();
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ forward epilogues
+// Each gets rec: a float32 tile of recurrent terms, rows m0..m0+mr, row
+// stride ldr, and the panel index p; it indexes step-local buffers [B, ...]
+// and runs the gate math of gates.h on 16 hidden units at a time.
+template <typename S>
+struct LstmForwardEpi {
+  int64_t H;
+  const S *x, *bias;  // [B, 4H], [4H]
+  float* c;           // [B, H] running cell state
+  S* h;               // [B, H] h_t
+  S* gates;           // [B, 4H] or null
+  float* cells;       // [B, H] or null
+  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    const int64_t u0 = p * kLanes;
+    const __mmask16 m = lanes(H - u0);
+    const S* bb = bias + u0;
+    const Vec16 bi = load16(bb, m), bf = load16(bb + H, m),
+                bg = load16(bb + 2 * H, m), bo = load16(bb + 3 * H, m);
+    for (int r = 0; r < mr; ++r) {
+      const int64_t b = m0 + r;
+      const float* t = rec + r * ldr;
+      const S* xb = x + b * 4 * H + u0;
+      float* cb = c + b * H + u0;
+      Vec16 i, f, g, o, c_new, h_new;
+      lstm_forward_point<Vec16>(
+          load16(t, m) + load16(xb, m) + bi,
+          load16(t + kLanes, m) + load16(xb + H, m) + bf,
+          load16(t + 2 * kLanes, m) + load16(xb + 2 * H, m) + bg,
+          load16(t + 3 * kLanes, m) + load16(xb + 3 * H, m) + bo,
+          load16(cb, m), i, f, g, o, c_new, h_new);
+      store16(cb, c_new, m);
+      store16(h + b * H + u0, h_new, m);
+      if (gates) {
+        S* gb = gates + b * 4 * H + u0;
+        store16(gb, i, m);
+        store16(gb + H, f, m);
+        store16(gb + 2 * H, g, m);
+        store16(gb + 3 * H, o, m);
+        store16(cells + b * H + u0, c_new, m);
+      }
+    }
+  }
+};
+
+template <typename S>
+struct GruForwardEpi {
+  int64_t H;
+  const S *x, *bias, *h_prev;  // [B, 3H], [3H], [B, H]
+  S* h;                        // [B, H] h_t
+  S* gates;                    // [B, 4H] or null
+  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    const int64_t u0 = p * kLanes;
+    const __mmask16 m = lanes(H - u0);
+    const S* bb = bias + u0;
+    const Vec16 br = load16(bb, m), bz = load16(bb + H, m),
+                bn = load16(bb + 2 * H, m);
+    for (int r = 0; r < mr; ++r) {
+      const int64_t b = m0 + r;
+      const float* t = rec + r * ldr;
+      const S* xb = x + b * 3 * H + u0;
+      const Vec16 hn = load16(t + 2 * kLanes, m) + bn;
+      Vec16 rr, z, nn, h_new;
+      gru_forward_point<Vec16>(load16(xb, m), load16(xb + H, m),
+                               load16(xb + 2 * H, m), load16(t, m) + br,
+                               load16(t + kLanes, m) + bz, hn,
+                               load16(h_prev + b * H + u0, m), rr, z, nn, h_new);
+      store16(h + b * H + u0, h_new, m);
+      if (gates) {
+        S* gb = gates + b * kGruSaved * H + u0;
+        store16(gb, rr, m);
+        store16(gb + H, z, m);
+        store16(gb + 2 * H, nn, m);
+        store16(gb + 3 * H, hn, m);
+      }
+    }
+  }
+};
+
+struct Steps {
+  int64_t T;
+  bool reverse;
+  int64_t time_at(int64_t s) const { return reverse ? T - 1 - s : s; }
+};
+
+
+// ------------------------------------------------------------------ forward drivers
+// Gemm: the tile product for one storage type: Gemm::S; Gemm::Packed, the
+// element type of its packed weights; Gemm::pack_gates(w [G*H, H], G) the
+// forward panels; Gemm::run<NV>(p0, p1, M, K, a, lda, packed, epi) runs
+// panels [p0, p1) over rows a [M, K] (row stride lda), handing each float32
+// tile to epi. Same contracts as lstm_forward_impl / gru_forward_impl in
+// recurrence.h, for padded x_proj [T, B, G*H]; arguments already checked.
+template <typename Gemm>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_steps(
+    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const Tensor& b_hh, bool reverse, bool train) {
+  using S = typename Gemm::S;
+  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
+  const Steps st{T, reverse};
+  const Tensor x = x_proj.contiguous(), bias = b_hh.contiguous(), h0c = h0.contiguous();
+  const Tensor packed = Gemm::pack_gates(w_hh.contiguous(), kLstmGates);
+  Tensor out = empty_for_steps({T, B, H}, x.options());
+  Tensor c = c0.to(at::kFloat).contiguous().clone();  // the cell state stays float32
+  Tensor gates = empty_for_steps({train ? T * B : 0, kLstmGates * H}, x.options());
+  Tensor cells = empty_for_steps({train ? T * B : 0, H}, x.options().dtype(at::kFloat));
+  S* o = out.data_ptr<S>();
+  const S *xp = x.data_ptr<S>(), *bp = bias.data_ptr<S>(), *h0p = h0c.data_ptr<S>();
+  const auto* wp = packed.data_ptr<typename Gemm::Packed>();
+  float* cp = c.data_ptr<float>();
+  S* gp = train ? gates.data_ptr<S>() : nullptr;
+  float* clp = train ? cells.data_ptr<float>() : nullptr;
+  run_steps(T, ceil_div(H, kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
+    const int64_t t = st.time_at(s);
+    const S* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
+    const LstmForwardEpi<S> epi{H, xp + t * B * 4 * H, bp, cp, o + t * B * H,
+                             gp ? gp + t * B * 4 * H : nullptr, clp ? clp + t * B * H : nullptr};
+    Gemm::template run<kLstmGates * kGateNV>(p0, p1, B, H, a, H, wp, epi);
+  });
+  Tensor h_n = out[st.time_at(T - 1)].clone();
+  return {out, h_n, c.to(x.scalar_type()), gates, cells};
+}
+
+template <typename Gemm>
+std::tuple<Tensor, Tensor, Tensor> gru_forward_steps(const Tensor& x_proj, const Tensor& h0,
+                                                     const Tensor& w_hh, const Tensor& b_hh,
+                                                     bool reverse, bool train) {
+  using S = typename Gemm::S;
+  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
+  const Steps st{T, reverse};
+  const Tensor x = x_proj.contiguous(), bias = b_hh.contiguous(), h0c = h0.contiguous();
+  const Tensor packed = Gemm::pack_gates(w_hh.contiguous(), kGruGates);
+  Tensor out = empty_for_steps({T, B, H}, x.options());
+  Tensor gates = empty_for_steps({train ? T * B : 0, kGruSaved * H}, x.options());
+  S* o = out.data_ptr<S>();
+  const S *xp = x.data_ptr<S>(), *bp = bias.data_ptr<S>(), *h0p = h0c.data_ptr<S>();
+  const auto* wp = packed.data_ptr<typename Gemm::Packed>();
+  S* gp = train ? gates.data_ptr<S>() : nullptr;
+  run_steps(T, ceil_div(H, kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
+    const int64_t t = st.time_at(s);
+    const S* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
+    const GruForwardEpi<S> epi{H, xp + t * B * 3 * H, bp, a, o + t * B * H,
+                            gp ? gp + t * B * kGruSaved * H : nullptr};
+    Gemm::template run<kGruGates * kGateNV>(p0, p1, B, H, a, H, wp, epi);
+  });
+  Tensor h_n = out[st.time_at(T - 1)].clone();
+  return {out, h_n, gates};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fusedrnn
