@@ -345,6 +345,9 @@ def main(argv=None):
             print(f"{len(bad)} row(s) FAILED on {device}")
         failed += len(bad)
     if args.markdown:
+        if not args.out_dir.resolve().is_relative_to(report.RESULTS_DIR):
+            report.say(f"markdown: {_rel(args.out_dir)} is outside {_rel(report.RESULTS_DIR)}; "
+                       "RESULTS.md holds the results under the latter only")
         _write_markdown()
     return 1 if failed else 0
 

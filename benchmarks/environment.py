@@ -197,9 +197,7 @@ def _parallel_backend():
     import torch
 
     try:
-        keep = ("ATen parallel backend", "OpenMP", "MKL", "std::thread")
-        return [ln.strip() for ln in torch.__config__.parallel_info().splitlines()
-                if ln.strip().startswith(keep)]
+        return [ln.strip() for ln in torch.__config__.parallel_info().splitlines() if ln.strip()]
     except (AttributeError, RuntimeError):
         return None
 

@@ -61,8 +61,8 @@ def measured(paths):
 
     out = {}
     for p in paths:
-        for path in ([p] if p.is_file() else [q for q in report.newest_results(p, kind="bench")
-                                                 if q.name.startswith("cuda-")]):
+        newest = [] if p.is_file() else report.newest_results(p, "bench", recursive=False)
+        for path in [p] if p.is_file() else [q for q in newest if q.name.startswith("cuda-")]:
             doc = json.loads(path.read_text())
             for r in doc.get("rows", []):
                 if r.get("status") != "ok":

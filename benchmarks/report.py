@@ -58,12 +58,13 @@ def write_json(path, doc):
     tmp.replace(path)
 
 
-def newest_results(root, kind=None):
-    """The newest complete dated result of each kind under root (recursively):
-    one per folder, kind ('bench' or 'gemm'), device, set and environment
-    variant (Note [result files]). Sorted by folder, then file name."""
+def newest_results(root, kind=None, recursive=True):
+    """The newest complete dated result of each kind under root (and its
+    subfolders when recursive): one per folder, kind ('bench' or 'gemm'),
+    device, set and environment variant (Note [result files]). Sorted by
+    folder, then file name."""
     best = {}
-    for path in sorted(Path(root).rglob("*.json")):
+    for path in sorted(Path(root).rglob("*.json") if recursive else Path(root).glob("*.json")):
         m = _DATED.match(path.name)
         if not m:
             continue

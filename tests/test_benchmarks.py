@@ -180,3 +180,25 @@ def test_gemm_check_catches_a_wrong_product():
     fns["oneDNN"] = lambda: torch.mm(o.x, o.w_ih.t()) * (1 + 1e-3)
     res = gemm.check("projection", o, fns)
     assert res["MKL"]["passed"] and res["fusedrnn"]["passed"] and not res["oneDNN"]["passed"]
+
+
+def test_gemm_run_writes_a_labelled_result_and_markdown(tmp_path):
+    """A tiny run end to end, backend check included: the JSON holds the
+    environment and the check, fractions are of a bound no rate exceeds, and
+    RESULTS.md renders it."""
+    argv = ["--config", "3,2,17,5", "--models", "GRU", "--rounds", "1", "--min-run-time",
+            "0.001", "--out-dir", str(tmp_path)]
+    assert gemm.main(argv) == 0
+    (path,) = tmp_path.glob("gemm-cpu-custom-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == "gemm" and doc["complete"]
+    assert doc["env"]["runtime_variables"] == environment.runtime_variables()
+    assert doc["backend_check"]["ok"], doc["backend_check"]
+    assert {r["product"] for r in doc["rows"]} == {p.key for p in gemm.PRODUCTS}
+    for row in doc["rows"]:
+        for r in row["results"].values():
+            assert r["status"] == "ok" and 0 < r["fraction_of_peak"] <= 1
+    assert report.newest_results(tmp_path) == [path]
+    text = results_md.render([path], tmp_path / "RESULTS.md")
+    assert "GEMM micro-benchmark: CPU, `custom` set" in text
+    assert text.count("| GRU | 3,2,17,5 |") == len(gemm.PRODUCTS)
