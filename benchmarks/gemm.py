@@ -67,8 +67,8 @@ FUSEDRNN_GEMM_FLAGS = ("avx512f", "avx512vl", "avx512dq", "avx512bw")
 #   fusedrnn::lstm_forward / gru_forward each tile of it goes through the gate
 #   math while still in L1, with W_hh packed once per sequence. So it is
 #   measured two ways: fusedrnn::linear on the step's shape (same micro-kernel
-#   family, W_hh packed on every call, which at small B costs about as much as
-#   the product), and, as 'recurrent, packed', one step of the fused forward op
+#   family, W_hh packed on every call: packing reads and writes all of W_hh,
+#   at small B as much memory traffic as the product itself), and, as 'recurrent, packed', one step of the fused forward op
 #   (time of T steps / T, so it includes the gate math and the barrier between
 #   steps; GFLOP/s count the product only). The weight gradients of the layer
 #   are ATen's (torch.mm, i.e. MKL); the fusedrnn column of that row runs
@@ -79,7 +79,8 @@ FUSEDRNN_GEMM_FLAGS = ("avx512f", "avx512vl", "avx512dq", "avx512bw")
 #   reordered once by torch.ops.mkldnn._reorder_linear_weight ('packed');
 #   the gradients through aten::mkldnn_linear_backward_input / _weights
 #   (oneDNN's backward-data / backward-weights inner product), on oneDNN
-#   tensors made beforehand. The dense result's reorder is part of the call.
+#   tensors made beforehand. Any reorder of the result the op does is part of
+#   the call.
 # MKL: torch.mm on float32 CPU tensors (MKL SGEMM, transposes passed as flags),
 #   'packed': torch.ops.mkl._mkl_linear on weights packed once by
 #   torch.ops.mkl._mkl_reorder_linear_weight (SGEMM_PACK / SGEMM_COMPUTE).
