@@ -2,47 +2,46 @@
 device present (CPU always, CUDA when a GPU is visible).
 
     python -m benchmarks.bench              # --quick: a representative subset, minutes on 2 cores
-    python -m benchmarks.bench --full       # every DESIGN.md section 3 config
+    python -m benchmarks.bench --full       # every config (fastrnns, small batch, DeepBench)
     python -m benchmarks.bench --smoke      # CI: the smallest configs, short timing
-    python -m benchmarks.bench --persistent # T=100, B 1..64, H 256..1024 (issue 7's table)
-    python -m benchmarks.bench --markdown   # the latest results as a markdown table
-    python -m benchmarks.bench --plot-only  # redraw the plots of the latest results
+    python -m benchmarks.bench --persistent # T=100, B 1..64, H 256..1024
+    python -m benchmarks.bench --omp-passive  # the same with OMP_WAIT_POLICY=PASSIVE, labelled so
+    python -m benchmarks.bench --markdown   # after the run, write benchmarks/RESULTS.md
+    python -m benchmarks.bench --plot-only --markdown  # no run: plots and RESULTS.md from the JSON
 
 Each row: same weights (fusedrnn.from_torch), same inputs, same dtype and TF32
 setting, input projection included in both. Before timing, a parity check
 against a float64 oracle (benchmarks/cases.py, Note [parity tolerance]); a row
 that fails it is marked failed and not timed. Timing: benchmarks/timing.py.
-Results: benchmarks/results/<device>-<date>.json, <device>-latest.json and a PNG
-of each. Exit status 1 when any row failed (parity or error).
+Measured in the environment the process was started in: nothing is set on
+its behalf, and the runtime variables in force are recorded
+(benchmarks/environment.py, Note [measured in the user's environment]).
+Results: one dated JSON per device and a PNG beside it
+(benchmarks/report.py, Note [result files]). Exit status 1 when any row
+failed (parity or error).
 """
-import os
 import sys
+from pathlib import Path
 
-# Note [OMP_WAIT_POLICY]
-# OpenMP threads that spin-wait make small ops ~1000x slower when the 2 cores
-# are shared with other work (DESIGN.md section 4). The OpenMP runtime reads the
-# variable once, when torch is loaded, so it is set here and the process
-# re-executed before anything imports torch. An explicit setting is respected
-# (and recorded with the results). scripts/main.sh sets it as well.
-if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+if __package__ in (None, ""):  # run as a script: python benchmarks/bench.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import environment  # noqa: E402 (imports no torch)
+
+if __name__ == "__main__":
+    environment.reexec_if_passive_asked()  # before torch loads
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-if __package__ in (None, ""):  # run as a script: python benchmarks/bench.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fusedrnn  # noqa: E402
-from benchmarks import cases, configs, report, timing  # noqa: E402
+from benchmarks import cases, configs, report, results_md, timing  # noqa: E402
 
 # (rounds, min_run_time in s per function per round) of each set and device.
 # GPU rows are short and steady, and GPU time is scarce: shorter runs there.
@@ -63,7 +62,8 @@ def parse_args(argv):
     s = p.add_argument_group("which configs (--smoke wins over --full, --full over "
                              "--persistent, --persistent over --quick)")
     s.add_argument("--quick", action="store_true", help="representative subset (default)")
-    s.add_argument("--full", action="store_true", help="every DESIGN.md section 3 config")
+    s.add_argument("--full", action="store_true",
+                   help="every config: fastrnns, small batch, DeepBench")
     s.add_argument("--persistent", action="store_true",
                    help="T=100, B in 1,8,16,64, H in 256,512,1024")
     s.add_argument("--smoke", action="store_true",
@@ -85,13 +85,19 @@ def parse_args(argv):
     w.add_argument("--min-run-time", type=float,
                    help="seconds per function per round (set's default)")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument(environment.OMP_PASSIVE_FLAG, action="store_true",
+                   help="run with OMP_WAIT_POLICY=PASSIVE (set before torch loads; results "
+                        "labelled omp-passive). Default: the environment as it is")
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", type=Path, default=report.RESULTS_DIR)
     o.add_argument("--no-plot", action="store_true")
     o.add_argument("--plot-only", nargs="*", metavar="JSON",
-                   help="redraw the PNG of these results (default: each device's latest) and exit")
-    o.add_argument("--markdown", nargs="*", metavar="JSON",
-                   help="print these results (default: each device's latest) as markdown and exit")
+                   help="run nothing: redraw the PNG of these results (default: the newest "
+                        "of each kind under --out-dir); with --markdown, write RESULTS.md too")
+    o.add_argument("--markdown", action="store_true",
+                   help=f"write {results_md.DEFAULT_OUT.name} (long tables of the newest "
+                        f"results under {report.RESULTS_DIR.parent.name}/"
+                        f"{report.RESULTS_DIR.name}) after the run")
     args = p.parse_args(argv)
     args.set = "smoke" if args.smoke else "full" if args.full else \
         "persistent" if args.persistent else "quick"
@@ -184,7 +190,7 @@ def precision_rows(device, model, cfg, prec, args, oracles, timing_args):
                    "dtype": str(prec.dtype).replace("torch.", ""),
                    "tf32": prec.tf32 if device == "cuda" else None, "mode": mode}
             if device == "cuda":
-                row["tf32_flags"] = report.tf32_flags()  # as set for this row
+                row["tf32_flags"] = environment.tf32_flags()  # as set for this row
             try:
                 if build_error is not None:
                     raise build_error
@@ -204,9 +210,9 @@ def run_device(device, args, cfgs):
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-        notes.append(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (not PASSIVE): "
-                     "CPU timings may suffer from spin-waiting under contention")
+    env = environment.record(device, threads)
+    notes.append("measured in the environment the benchmark was started in: "
+                 + environment.variables_text(env))
     if device == "cuda":
         notes.append("float32 rows run with TF32 off, tf32 rows are float32 with TF32 on, for "
                      "cuBLAS and cuDNN alike (torch.backends.cuda.matmul.allow_tf32 and "
@@ -217,14 +223,14 @@ def run_device(device, args, cfgs):
                      "step, input projection as one GEMM), timed on the CPU only"
                      + (f"; skipped for H > {cap} in this set" if cap else ""))
     started = time.time()
-    stamp = report.timestamp()
-    path, latest = report.result_paths(args.out_dir, device, args.label, stamp)
+    path = report.result_path(args.out_dir, report.device_tag(device), args.label,
+                              env["variant"], report.timestamp())
     doc = {
-        "schema": report.SCHEMA_VERSION, "device": device, "set": args.label,
+        "schema": report.SCHEMA_VERSION, "kind": "bench", "device": device, "set": args.label,
         "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "complete": False,
-        "env": report.environment(device, threads),
-        "load_average_start": report.load_average(),
+        "env": env,
+        "load_average_start": environment.load_average(),
         "timing": {
             "method": "after warm-up, one torch.utils.benchmark.Timer.blocked_autorange per "
                       "function per round; rounds interleaved, the order of the functions "
@@ -250,7 +256,7 @@ def run_device(device, args, cfgs):
     if device == "cuda" and not fusedrnn.backends().get("cuda"):
         doc["error"] = "a GPU is visible but this fusedrnn build has no CUDA kernels"
         report.say(f"cuda: {doc['error']}")
-        _finish(doc, path, latest, started, args)
+        _finish(doc, path, started, args)
         return doc
 
     n_rows = len(cfgs) * len(args.models) * len(precs) * len(args.modes)
@@ -267,7 +273,7 @@ def run_device(device, args, cfgs):
                     report.write_json(path, doc)  # partial results survive an interruption
                 _free(device)
     bar.close()
-    _finish(doc, path, latest, started, args)
+    _finish(doc, path, started, args)
     return doc
 
 
@@ -277,17 +283,15 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def _finish(doc, path, latest, started, args):
+def _finish(doc, path, started, args):
     doc.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-               wall_s=round(time.time() - started, 1), load_average_end=report.load_average())
+               wall_s=round(time.time() - started, 1),
+               load_average_end=environment.load_average())
     report.write_json(path, doc)
-    report.copy_latest(path, latest)
-    report.say(f"{doc['device']}: results in {_rel(path)}"
-               + (f" and {_rel(latest)}" if latest != path else ""))
+    report.say(f"{doc['device']}: results in {_rel(path)}")
     if not args.no_plot and doc["rows"]:
-        for p in dict.fromkeys([path, latest]):
-            report.plot(doc, p.with_suffix(".png"))
-        report.say(f"{doc['device']}: plot in {_rel(latest.with_suffix('.png'))}")
+        png = report.plot(doc, path.with_suffix(".png"))
+        report.say(f"{doc['device']}: plot in {_rel(png)}")
 
 
 def _rel(p):
@@ -297,33 +301,42 @@ def _rel(p):
         return str(p)
 
 
-def _inputs(paths, out_dir):
-    paths = [Path(p) for p in paths] or report.latest_results(out_dir)
+def _redraw(args):
+    """--plot-only: the PNG of each result (default: the newest of each kind
+    under --out-dir), then, with --markdown, RESULTS.md from the same results."""
+    paths = [Path(p) for p in args.plot_only] or report.newest_results(args.out_dir,
+                                                                        kind="bench")
     if not paths:
-        raise SystemExit(f"no results (*-latest.json) under {out_dir}")
-    return paths
+        raise SystemExit(f"no dated results under {args.out_dir}")
+    if not args.no_plot:
+        for p in paths:
+            png = report.plot(json.loads(p.read_text()), p.with_suffix(".png"))
+            report.say(f"plot: {_rel(png)}")
+    if args.markdown:
+        _write_markdown([Path(p) for p in args.plot_only] or None)
+
+
+def _write_markdown(paths=None):
+    """RESULTS.md from paths, or from the newest result of each kind (GEMM
+    micro-benchmark results included)."""
+    out = results_md.write(paths)
+    report.say(f"markdown: {_rel(out)}")
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.markdown is not None:
-        for p in _inputs(args.markdown, args.out_dir):
-            print(report.markdown_table(json.loads(p.read_text())) + "\n")
-        return 0
+    if args.omp_passive and environment.variant(environment.runtime_variables()) is None:
+        raise SystemExit(f"{environment.OMP_PASSIVE_FLAG}: OMP_WAIT_POLICY=PASSIVE must be set "
+                         "before torch loads; give the option on the command line")
     if args.plot_only is not None:
-        for p in _inputs(args.plot_only, args.out_dir):
-            png = report.plot(json.loads(p.read_text()), p.with_suffix(".png"))
-            report.say(f"plot: {_rel(png)}")
+        _redraw(args)
         return 0
     cfgs = [configs.parse_config(c) for c in args.config] if args.label == "custom" \
         else configs.config_set(args.set)
     failed = 0
     for device in devices(args.device):
         doc = run_device(device, args, cfgs)
-        env = doc["env"]
-        where = env.get("gpu") or f"{env['cpu_model']}, {env['torch_threads']} threads"
-        print(f"\n{device.upper()} ({where}); torch {env['torch']}; {args.label} set; "
-              f"speed-up = torch.nn / fusedrnn; {doc['wall_s']} s")
+        print(f"\n{report.title(doc)}; speed-up = torch.nn / fusedrnn; {doc['wall_s']} s")
         for note in doc["notes"]:
             print(f"note: {note}")
         print(report.text_table(doc["rows"]))
@@ -331,6 +344,11 @@ def main(argv=None):
         if bad:
             print(f"{len(bad)} row(s) FAILED on {device}")
         failed += len(bad)
+    if args.markdown:
+        if not args.out_dir.resolve().is_relative_to(report.RESULTS_DIR):
+            report.say(f"markdown: {_rel(args.out_dir)} is outside {_rel(report.RESULTS_DIR)}; "
+                       "RESULTS.md holds the results under the latter only")
+        _write_markdown()
     return 1 if failed else 0
 
 

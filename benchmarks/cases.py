@@ -181,7 +181,7 @@ class Case:
         floor = PARITY_FLOOR[self.precision.name]
         worst, passed = None, True
         for name, want in ((k, oracle[k]) for k in got_t):
-            e_t, e_f = _rel_err(got_t[name], want), _rel_err(got_f[name], want)
+            e_t, e_f = rel_err(got_t[name], want), rel_err(got_f[name], want)
             allowed = max(PARITY_MULTIPLE * e_t, floor)
             ok = e_f <= allowed  # False for NaN
             passed &= ok
@@ -194,7 +194,7 @@ class Case:
         return {"passed": bool(passed), **worst[1]}
 
 
-def _rel_err(got, want):
+def rel_err(got, want):
     got, want = got.double(), want.double()
     if got.shape != want.shape:
         return float("inf")

@@ -1,100 +1,35 @@
-"""Environment record, result files, the table (terminal and markdown) and
+"""Result files, the table (terminal and markdown) and
 the speed-up plot."""
 import datetime
 import json
-import os
-import platform
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks import environment
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_VERSION = 1
-
-
-# -- environment ------------------------------------------------------------------
-def _cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit():
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return rev + ("-dirty" if dirty else "") if rev else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def tf32_flags():
-    """TF32 state at start-up: legacy flags and torch's fp32_precision settings."""
-    flags = {}
-    for name, get in [
-        ("cuda.matmul.allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32),
-        ("cudnn.allow_tf32", lambda: torch.backends.cudnn.allow_tf32),
-        ("cuda.matmul.fp32_precision", lambda: torch.backends.cuda.matmul.fp32_precision),
-        ("cudnn.rnn.fp32_precision", lambda: torch.backends.cudnn.rnn.fp32_precision),
-        ("mkldnn.matmul.fp32_precision", lambda: torch.backends.mkldnn.matmul.fp32_precision),
-    ]:
-        try:
-            flags[name] = get()
-        except (AttributeError, RuntimeError):
-            flags[name] = None
-    return flags
-
-
-def environment(device, threads):
-    env = {
-        "device": device,
-        "cpu_model": _cpu_model(),
-        "cpu_logical_cores": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": threads,
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "FUSEDRNN_ALGO": os.environ.get("FUSEDRNN_ALGO", "auto"),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "tf32_at_start": tf32_flags(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "fusedrnn_commit": _git_commit(),
-        "fusedrnn_backends": __import__("fusedrnn").backends(),
-    }
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env.update({"gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
-                    "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                    "gpu_sms": props.multi_processor_count,
-                    "gpu_count": torch.cuda.device_count()})
-    return env
-
-
-def load_average():
-    try:
-        return list(os.getloadavg())
-    except (AttributeError, OSError):
-        return None
+# 2: the environment records every runtime variable in force (runtime_variables),
+# the CPU's ISA flags and cores, and the variant (None or 'omp-passive').
+SCHEMA_VERSION = 2
 
 
 # -- files -------------------------------------------------------------------------
+# Note [result files]
+# Each run writes one dated JSON (and its PNG) and nothing else; "the latest
+# result" is the newest dated file of its kind, found by newest_results(), so
+# no result is ever stored twice. File names:
+#     <device>-<set>[-omp-passive]-<YYYYmmdd-HHMMSS>.json     bench.py
+#     gemm-<device>-<set>[-omp-passive]-<YYYYmmdd-HHMMSS>.json gemm.py
+# (results written before the set was part of the name: <device>-<stamp>.json).
+# Smoke runs (CI) write smoke-<...>.json, overwritten each time and ignored by
+# git and by newest_results().
+STAMP_FORMAT = "%Y%m%d-%H%M%S"
+_DATED = re.compile(r"^(?!smoke-)(?P<group>.+)-(?P<stamp>\d{8}-\d{6})\.json$")
+
+
 def device_tag(device):
     """'cpu', or 'cuda-<gpu>' (e.g. cuda-h100-80gb-hbm3)."""
     if device != "cuda":
@@ -103,18 +38,17 @@ def device_tag(device):
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def result_paths(out_dir, device, set_name, stamp):
-    """(dated JSON, 'latest' JSON). Smoke runs (CI) write only
-    smoke-<device>-latest.json, never over a real result."""
-    tag = device_tag(device)
+def result_path(out_dir, prefix, set_name, variant, stamp):
+    """Where one run's JSON goes (Note [result files]); prefix: device tag,
+    or 'gemm-<device tag>'."""
+    parts = [prefix, set_name] + ([variant] if variant else [])
     if set_name == "smoke":
-        latest = out_dir / f"smoke-{tag}-latest.json"
-        return latest, latest
-    return out_dir / f"{tag}-{stamp}.json", out_dir / f"{tag}-latest.json"
+        return Path(out_dir) / ("smoke-" + "-".join(parts[:1] + parts[2:]) + ".json")
+    return Path(out_dir) / ("-".join(parts + [stamp]) + ".json")
 
 
 def timestamp():
-    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return datetime.datetime.now().strftime(STAMP_FORMAT)
 
 
 def write_json(path, doc):
@@ -124,14 +58,31 @@ def write_json(path, doc):
     tmp.replace(path)
 
 
-def copy_latest(src, dst):
-    if src != dst:
-        shutil.copyfile(src, dst)
-
-
-def latest_results(out_dir):
-    """Every device's latest full/quick result (smoke results left out)."""
-    return sorted(p for p in Path(out_dir).glob("*-latest.json") if not p.name.startswith("smoke-"))
+def newest_results(root, kind=None, recursive=True):
+    """The newest complete dated result of each kind under root (and its
+    subfolders when recursive): one per folder, kind ('bench' or 'gemm'),
+    device, set and environment variant (Note [result files]). Sorted by
+    folder, then file name."""
+    best = {}
+    for path in sorted(Path(root).rglob("*.json") if recursive else Path(root).glob("*.json")):
+        m = _DATED.match(path.name)
+        if not m:
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict) or "rows" not in doc or not doc.get("complete", True):
+            continue
+        doc_kind = doc.get("kind", "bench")
+        if kind is not None and doc_kind != kind:
+            continue
+        env = doc.get("env", {})
+        key = (path.parent, doc_kind, doc.get("device"), env.get("gpu"), doc.get("set"),
+               environment.recorded_variant(env))
+        if key not in best or m["stamp"] > best[key][0]:
+            best[key] = (m["stamp"], path)
+    return sorted((p for _, p in best.values()), key=lambda p: (str(p.parent), p.name))
 
 
 # -- table -------------------------------------------------------------------------
@@ -187,13 +138,35 @@ def text_table(rows):
     return "\n".join(lines + [fmt(c, ok) for c, ok in body])
 
 
-def markdown_table(doc):
+def title(doc, markdown=False):
+    """One line naming where and how a result was measured; results measured
+    with OMP_WAIT_POLICY=PASSIVE say so (Note [measured in the user's environment])."""
     env = doc["env"]
     where = env.get("gpu") or f"{env['cpu_model']}, {env['torch_threads']} threads"
-    lines = [f"{doc['device'].upper()} ({where}); torch {env['torch']}"
-             + (f", CUDA {env['cuda']}, cuDNN {env['cudnn']}" if doc["device"] == "cuda" else "")
-             + f"; `{doc['set']}` set, {doc['started'][:10]}. Speed-up = torch.nn time / "
-             "fusedrnn time (median, same process).", "",
+    set_name = f"`{doc['set']}`" if markdown else doc["set"]
+    return (f"{doc['device'].upper()} ({where}); torch {env['torch']}"
+            + (f", CUDA {env['cuda']}, cuDNN {env['cudnn']}" if doc["device"] == "cuda" else "")
+            + f"; {set_name} set, {doc['started'][:10]}" + environment.variant_title(env))
+
+
+def environment_lines(doc):
+    """Markdown bullets: the CPU, the runtime variables in force, the command."""
+    env = doc["env"]
+    lines = [f"- CPU: {env.get('cpu_model')}; {environment.isa_text(env)}",
+             f"- environment: {environment.variables_text(env)}"]
+    if doc.get("argv") is not None:
+        lines.append("- command: `python -m benchmarks."
+                     + ("gemm" if doc.get("kind") == "gemm" else "bench")
+                     + "".join(" " + a for a in doc["argv"]) + "`")
+    load = doc.get("load_average_start")
+    lines.append(f"- fusedrnn commit {env.get('fusedrnn_commit')}"
+                 + (f"; load average at start {load[0]:.2f}" if load else ""))
+    return lines
+
+
+def markdown_table(doc):
+    lines = [title(doc, markdown=True) + ". Speed-up = torch.nn time / fusedrnn time "
+             "(median, same process).", "", *environment_lines(doc), "",
              "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join(["---"] * 4 + ["---:"] * 5) + "|"]
     for r in doc["rows"]:
@@ -261,11 +234,8 @@ def plot(doc, png_path):
         ax.margins(y=0.15)
         if len(precs) > 1:
             ax.legend(fontsize=7, ncols=len(precs))
-    env = doc["env"]
-    where = env.get("gpu") or f"{env['cpu_model']} ({env['torch_threads']} threads)"
-    fig.suptitle(f"fusedrnn speed-up over torch.nn (torch.nn time / fusedrnn time)\n"
-                 f"{doc['device']}: {where}, torch {env['torch']}, {doc['set']} set, "
-                 f"{doc['started'][:10]}", fontsize=9)
+    fig.suptitle("fusedrnn speed-up over torch.nn (torch.nn time / fusedrnn time)\n"
+                 + title(doc), fontsize=9)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)

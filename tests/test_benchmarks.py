@@ -1,0 +1,204 @@
+"""The benchmark tooling: what it records about the environment, the
+--omp-passive re-execution, result files, RESULTS.md, and the GEMM
+micro-benchmark's calls (each checked against float64)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import configs, environment, gemm, report, results_md
+
+REPO = Path(__file__).resolve().parent.parent
+
+CPUINFO = """processor\t: 0
+physical id\t: 0
+core id\t: 0
+model name\t: Some CPU
+cpu MHz\t\t: 2600.000
+flags\t\t: fpu sse avx2 fma avx512f avx512bw amx_tile amx_bf16
+
+processor\t: 1
+physical id\t: 0
+core id\t: 0
+model name\t: Some CPU
+flags\t\t: fpu sse avx2 fma avx512f avx512bw amx_tile amx_bf16
+
+processor\t: 2
+physical id\t: 0
+core id\t: 1
+model name\t: Some CPU
+flags\t\t: fpu sse avx2 fma avx512f avx512bw amx_tile amx_bf16
+"""
+
+
+def test_runtime_variables_picks_the_threading_and_math_ones():
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "MKL_NUM_THREADS": "2",
+           "GOMP_SPINCOUNT": "1", "ONEDNN_VERBOSE": "1", "HOME": "/x", "MY_OMP_X": "1"}
+    got = environment.runtime_variables(env)
+    assert got == {k: env[k] for k in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
+                                       "OMP_WAIT_POLICY", "ONEDNN_VERBOSE")}
+    assert environment.variant(got) == "omp-passive"
+    assert environment.variant({"OMP_WAIT_POLICY": "active"}) is None
+    assert environment.variant({}) is None
+
+
+def test_cpu_isa_and_cores_from_cpuinfo():
+    isa = environment.cpu_isa(CPUINFO)
+    assert isa["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isa["flags"] == {"avx2": True, "fma": True, "avx512f": True, "avx512vl": False,
+                            "avx512dq": False, "avx512bw": True, "avx512_bf16": False,
+                            "avx512_fp16": False, "amx_bf16": True, "amx_tile": True}
+    cores = environment.cpu_cores(CPUINFO)
+    assert cores["physical"] == 2
+    assert cores["logical"] == os.cpu_count()
+
+
+def _run_reexec(extra_env, flag):
+    code = ("import os, sys; from benchmarks import environment; "
+            f"environment.reexec_if_passive_asked({[flag] if flag else []!r}); "
+            "import torch; print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(extra_env)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_omp_passive_reexecutes_before_torch_and_nothing_is_set_without_it():
+    assert _run_reexec({}, None) == "None"
+    assert _run_reexec({}, environment.OMP_PASSIVE_FLAG) == "PASSIVE"
+    # The user's own setting is kept when the option is not given.
+    assert _run_reexec({"OMP_WAIT_POLICY": "ACTIVE"}, None) == "ACTIVE"
+
+
+def test_no_benchmark_script_sets_an_openmp_variable():
+    """Only environment.py sets one, and only for --omp-passive (tested above)."""
+    shell = re.compile(r"^[^#]*\b(OMP|KMP|GOMP|MKL)_\w+=", re.M)
+    python = re.compile(r"(environ\[|setdefault\(|putenv\()\s*[\"'](OMP|KMP|GOMP|MKL)_")
+    for path in [REPO / "scripts" / "main.sh", *sorted((REPO / "benchmarks").glob("*.sh"))]:
+        assert not shell.search(path.read_text()), f"{path.name} sets an OpenMP variable"
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        if path.name != "environment.py":
+            assert not python.search(path.read_text()), f"{path.name} sets an OpenMP variable"
+
+
+def _doc(kind="bench", set_name="quick", variables=None, complete=True, started="2026-01-01"):
+    variables = variables or {}
+    env = {"cpu_model": "Some CPU", "torch_threads": 2, "torch": "2.x", "cuda": None,
+           "cudnn": None, "runtime_variables": variables,
+           "variant": environment.variant(variables),
+           "omp_passive_option": bool(variables), "cpu_isa": environment.cpu_isa(CPUINFO),
+           "cpu_cores": {"logical": 3, "usable": 3, "physical": 2}, "fusedrnn_commit": "abc"}
+    return {"kind": kind, "device": "cpu", "set": set_name, "argv": ["--" + set_name],
+            "started": started + "T00:00:00", "complete": complete, "env": env, "rows": [],
+            "notes": []}
+
+
+def _write(folder, name, doc):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(doc))
+    return folder / name
+
+
+def test_result_paths_and_newest_results(tmp_path):
+    stamp = "20260102-030405"
+    assert report.result_path(tmp_path, "cpu", "quick", None, stamp).name == \
+        f"cpu-quick-{stamp}.json"
+    assert report.result_path(tmp_path, "gemm-cpu", "quick", "omp-passive", stamp).name == \
+        f"gemm-cpu-quick-omp-passive-{stamp}.json"
+    assert report.result_path(tmp_path, "cpu", "smoke", None, stamp).name == "smoke-cpu.json"
+
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"}
+    old = _write(tmp_path, "cpu-quick-20260101-000000.json", _doc())
+    new = _write(tmp_path, "cpu-quick-20260102-000000.json", _doc())
+    _write(tmp_path, "cpu-quick-20260103-000000.json", _doc(complete=False))  # interrupted
+    pas = _write(tmp_path, "cpu-quick-omp-passive-20260101-000000.json", _doc(variables=passive))
+    full = _write(tmp_path / "full", "cpu-full-20260101-000000.json", _doc(set_name="full"))
+    gem = _write(tmp_path, "gemm-cpu-quick-20260101-000000.json", _doc(kind="gemm"))
+    _write(tmp_path, "smoke-cpu.json", _doc(set_name="smoke"))
+    _write(tmp_path, "cpu-latest.json", _doc())
+    got = report.newest_results(tmp_path)
+    assert set(got) == {new, pas, full, gem}
+    assert old not in got
+    assert report.newest_results(tmp_path, kind="gemm") == [gem]
+
+
+def test_results_markdown_names_the_environment(tmp_path):
+    default = _write(tmp_path, "cpu-quick-20260101-000000.json", _doc())
+    passive = _write(tmp_path, "cpu-quick-omp-passive-20260101-000000.json",
+                     _doc(variables={"OMP_WAIT_POLICY": "PASSIVE"}))
+    text = results_md.render([passive, default], tmp_path / "RESULTS.md")
+    first, second = text.split("\n## ")[1:3]
+    assert "PASSIVE" not in first and "library defaults" in first
+    assert "[OMP_WAIT_POLICY=PASSIVE]" in second.splitlines()[0]
+    assert "OMP_WAIT_POLICY=PASSIVE (--omp-passive)" in second
+    assert "avx512f" in first and "2 physical cores" in first
+    assert str(tmp_path) not in text  # no machine paths
+
+
+def test_verbose_lines_attribute_library_calls():
+    text = "\n".join([
+        "@@begin projection oneDNN",
+        "onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,src,,1x1,1.0",
+        "onednn_verbose,v1,primitive,exec,cpu,inner_product,brg_matmul:avx512_core,"
+        "forward_inference,src,,mb1,1.0",
+        "@@end", "@@begin projection MKL",
+        "MKL_VERBOSE oneMKL 2024.0 Product build",
+        "MKL_VERBOSE SGEMM(T,N,1,1,1) 1us", "@@end",
+        "@@begin projection fusedrnn", "@@end"])
+    got = gemm._verbose_lines(text)
+    assert got[("projection", "oneDNN")] == {
+        "onednn": ["inner_product:brg_matmul:avx512_core:forward_inference"], "mkl": []}
+    assert got[("projection", "MKL")] == {"onednn": [], "mkl": ["SGEMM"]}
+    assert got[("projection", "fusedrnn")] == {"onednn": [], "mkl": []}
+
+
+@pytest.mark.parametrize("model", ["LSTM", "GRU"])
+def test_gemm_calls_compute_the_products(model):
+    """Every library's call of every product agrees with float64 (odd sizes)."""
+    o = gemm.Operands(model, configs.Config(3, 2, 17, 5), seed=1)
+    with torch.inference_mode():
+        for prod in gemm.PRODUCTS:
+            fns = gemm.calls(prod.key, o)
+            assert set(fns) == set(gemm.LIBRARIES)
+            res = gemm.check(prod.key, o, fns)
+            assert all(r["passed"] for r in res.values()), (prod.key, res)
+            M, K, N = gemm.mnk(prod.key, o.G, o.cfg)
+            a, b = o.lhs_rhs(prod.key)
+            assert (a.shape[0], a.shape[1], b.shape[1]) == (M, K, N)
+
+
+def test_gemm_check_catches_a_wrong_product():
+    o = gemm.Operands("LSTM", configs.Config(3, 2, 17, 5), seed=1)
+    fns = gemm.calls("projection", o)
+    fns["oneDNN"] = lambda: torch.mm(o.x, o.w_ih.t()) * (1 + 1e-3)
+    res = gemm.check("projection", o, fns)
+    assert res["MKL"]["passed"] and res["fusedrnn"]["passed"] and not res["oneDNN"]["passed"]
+
+
+def test_gemm_run_writes_a_labelled_result_and_markdown(tmp_path):
+    """A tiny run end to end, backend check included: the JSON holds the
+    environment and the check, fractions are of a bound no rate exceeds, and
+    RESULTS.md renders it."""
+    argv = ["--config", "3,2,17,5", "--models", "GRU", "--rounds", "1", "--min-run-time",
+            "0.001", "--out-dir", str(tmp_path)]
+    assert gemm.main(argv) == 0
+    (path,) = tmp_path.glob("gemm-cpu-custom-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == "gemm" and doc["complete"]
+    assert doc["env"]["runtime_variables"] == environment.runtime_variables()
+    assert doc["backend_check"]["ok"], doc["backend_check"]
+    assert {r["product"] for r in doc["rows"]} == {p.key for p in gemm.PRODUCTS}
+    for row in doc["rows"]:
+        for r in row["results"].values():
+            assert r["status"] == "ok" and 0 < r["fraction_of_peak"] <= 1
+    assert report.newest_results(tmp_path) == [path]
+    text = results_md.render([path], tmp_path / "RESULTS.md")
+    assert "GEMM micro-benchmark: CPU, `custom` set" in text
+    assert text.count("| GRU | 3,2,17,5 |") == len(gemm.PRODUCTS)
