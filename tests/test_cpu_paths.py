@@ -21,9 +21,6 @@ def cpu_flags():
         return set()
 
 
-HAS_BF16 = "avx512_bf16" in cpu_flags() and "avx512f" in cpu_flags()
-
-
 def run(module, x, dtype):
     """Outputs and gradients (input, every parameter) in float64."""
     m = module.to(dtype)
@@ -38,35 +35,47 @@ def run(module, x, dtype):
 
 @pytest.mark.parametrize("path", ["auto", "generic"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("H", [32, 17], ids=["even", "odd"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "bidir"])
-def test_bfloat16_within_torch_error(path, kind, H, reverse, monkeypatch):
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])
+def test_half_types_within_torch_error(path, kind, dtype, H, bidirectional, monkeypatch):
+    """bfloat16: the fused bfloat16 forward (even H, AVX512-BF16) or the fused
+    float32 one; float16: the fused float32 path; backward of both on the fused
+    float32 path (Note [half types on the fused float32 path]); generic: the
+    generic loop."""
     monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
-    ref = getattr(nn, kind)(24, H, num_layers=2, bidirectional=reverse).double()
+    ref = getattr(nn, kind)(24, H, num_layers=2, bidirectional=bidirectional).double()
     ours = fusedrnn.from_torch(ref)
     x = torch.randn(20, 8, 24, dtype=torch.float64)
     want = run(ref, x, torch.float64)
-    torch_low = run(ref, x, torch.bfloat16)
-    ours_low = run(ours, x, torch.bfloat16)
+    torch_low = run(ref, x, dtype)
+    ours_low = run(ours, x, dtype)
     for o, t, w in zip(ours_low, torch_low, want):
         assert rel_err(o, w) <= 4 * rel_err(t, w) + 1e-6, (rel_err(o, w), rel_err(t, w))
 
 
-@pytest.mark.skipif(not HAS_BF16, reason="the CPU has no AVX512-BF16")
+def layer_call(kind, x, h0, c0, w, b, batch_sizes=None):
+    if kind == "lstm":
+        return fusedrnn.lstm_layer(x, h0, c0, w, None, b, batch_sizes)
+    return fusedrnn.gru_layer(x, h0, w, b, batch_sizes)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_bfloat16_fused_path_is_taken_where_it_applies(kind, monkeypatch):
-    """auto and generic differ (float32 vs bfloat16 rounding of the recurrent
-    product) where the fused bfloat16 forward applies (even H), and agree
-    bitwise where it does not (odd H: both run the generic loop)."""
-    for H, fused in [(64, True), (33, False)]:
-        G = 4 if kind == "lstm" else 3
-        x = torch.randn(20, 8, G * H).bfloat16()
-        h0, c0 = torch.randn(8, H).bfloat16(), torch.randn(8, H).bfloat16()
-        w, b = (torch.randn(G * H, H) / H ** 0.5).bfloat16(), torch.randn(G * H).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_types_take_a_fused_path_where_one_applies(kind, dtype, monkeypatch):
+    """auto differs from generic (float32 vs half-type rounding of the recurrent
+    product) on padded input, even and odd H; on packed input, where no fused
+    path applies, the two agree bitwise."""
+    if not ("avx512f" in cpu_flags() and "avx512bw" in cpu_flags()):
+        pytest.skip("no AVX-512: only the generic loop is built for this CPU")
+    G = 4 if kind == "lstm" else 3
+    for H, packed in [(64, False), (33, False), (64, True)]:
+        x = torch.randn(20 * 8 if packed else 20, *(() if packed else (8,)), G * H).to(dtype)
+        bs = torch.full((20,), 8, dtype=torch.long) if packed else None
+        h0, c0 = torch.randn(8, H).to(dtype), torch.randn(8, H).to(dtype)
+        w, b = (torch.randn(G * H, H) / H ** 0.5).to(dtype), torch.randn(G * H).to(dtype)
         res = []
         for path in ("auto", "generic"):
             monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
-            res.append(fusedrnn.lstm_layer(x, h0, c0, w, None, b) if kind == "lstm"
-                       else fusedrnn.gru_layer(x, h0, w, b))
-        same = all(torch.equal(a, g) for a, g in zip(*res))
-        assert same != fused
+            res.append(layer_call(kind, x, h0, c0, w, b, bs))
+        assert all(torch.equal(a, g) for a, g in zip(*res)) == packed, (H, packed)

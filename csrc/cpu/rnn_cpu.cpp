@@ -201,6 +201,20 @@ bool fused_bf16_ok(const at::Tensor& x_proj, bool packed, bool proj, int64_t H) 
          has_avx512_bf16() && !generic_forced();
 }
 
+// Note [half types on the fused float32 path]
+// Where no fused kernel reads a half type directly (the backward of both,
+// float16's forward), padded input without projection still takes the fused
+// float32 path: operands converted once, results rounded once. More accurate
+// than the generic loop, which rounds every step's matmul to the half type, and
+// several times faster.
+bool fused_via_f32_ok(const at::Tensor& x, bool packed, bool proj) {
+  const auto dt = x.scalar_type();
+  return (dt == at::kHalf || dt == at::kBFloat16) && !packed && !proj && has_avx512() &&
+         !generic_forced();
+}
+
+at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
+
 // Padded input without projection takes a fused path (fused_cpu.h) where the
 // CPU has it: float32 on AVX-512, and the bfloat16 forward on AVX512-BF16;
 // everything else the generic loop.
@@ -220,6 +234,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     return cpu::lstm_forward_fused_bf16(x_proj, h0, c0, w_hh,
                                         detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
   }
+  if (fused_via_f32_ok(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
+    const int64_t G = kLstmGates * std::get<1>(checked);
+    const auto dt = x_proj.scalar_type();
+    auto [out, h_n, c_n, gates, cells] = cpu::lstm_forward_fused(
+        f32(x_proj), f32(h0), f32(c0), f32(w_hh), f32(detail::defined_or_zeros(b_hh, G, x_proj)),
+        reverse, train);
+    return {out.to(dt), h_n.to(dt), c_n.to(dt), gates.to(dt), cells};
+  }
   return lstm_forward_impl<CpuKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                        train);
 }
@@ -235,6 +257,14 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       grad_output.dim() == 3) {
     return cpu::lstm_backward_fused(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
                                     w_hh, reverse, has_bias);
+  }
+  if (fused_via_f32_ok(grad_output, batch_sizes.has_value(), w_hr.has_value()) &&
+      grad_output.dim() == 3) {
+    const auto dt = grad_output.scalar_type();
+    auto [dx, dh0, dc0, dw, dw_hr, db] = cpu::lstm_backward_fused(
+        f32(grad_output), f32(grad_h_n), f32(grad_c_n), f32(output), f32(gates), cells, f32(h0),
+        f32(c0), f32(w_hh), reverse, has_bias);
+    return {dx.to(dt), dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr.to(dt), db.to(dt)};
   }
   return lstm_backward_impl<CpuKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
                                         c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
@@ -256,6 +286,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     return cpu::gru_forward_fused_bf16(x_proj, h0, w_hh,
                                        detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
   }
+  if (reset_after && fused_via_f32_ok(x_proj, batch_sizes.has_value(), false)) {
+    const int64_t G = kGruGates * std::get<1>(checked);
+    const auto dt = x_proj.scalar_type();
+    auto [out, h_n, gates] =
+        cpu::gru_forward_fused(f32(x_proj), f32(h0), f32(w_hh),
+                               f32(detail::defined_or_zeros(b_hh, G, x_proj)), reverse, train);
+    return {out.to(dt), h_n.to(dt), gates.to(dt)};
+  }
   return gru_forward_impl<CpuKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                       train);
 }
@@ -269,6 +307,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
       grad_output.dim() == 3) {
     return cpu::gru_backward_fused(grad_output, grad_h_n, output, gates, h0, w_hh, reverse,
                                    has_bias);
+  }
+  if (reset_after && fused_via_f32_ok(grad_output, batch_sizes.has_value(), false) &&
+      grad_output.dim() == 3) {
+    const auto dt = grad_output.scalar_type();
+    auto [dx, dh0, dw, db] = cpu::gru_backward_fused(f32(grad_output), f32(grad_h_n), f32(output),
+                                                     f32(gates), f32(h0), f32(w_hh), reverse,
+                                                     has_bias);
+    return {dx.to(dt), dh0.to(dt), dw.to(dt), db.to(dt)};
   }
   return gru_backward_impl<CpuKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
                                        batch_sizes, reverse, reset_after, has_bias);
