@@ -12,8 +12,8 @@ Each row: same weights (fusedrnn.from_torch), same inputs, same dtype and TF32
 setting, input projection included in both. Before timing, a parity check
 against a float64 oracle (benchmarks/cases.py, Note [parity tolerance]); a row
 that fails it is marked failed and not timed. Timing: benchmarks/timing.py.
-Results: benchmarks/results/<device>-<date>.json, <device>-latest.json and a PNG
-of each. Exit status 1 when any row failed (parity or error).
+Results: benchmarks/results/<device>-<date>.json and a PNG beside it; the newest
+of a device is what --markdown and --plot-only read by default. Exit status 1 when any row failed (parity or error).
 """
 import os
 import sys
@@ -89,9 +89,9 @@ def parse_args(argv):
     o.add_argument("--out-dir", type=Path, default=report.RESULTS_DIR)
     o.add_argument("--no-plot", action="store_true")
     o.add_argument("--plot-only", nargs="*", metavar="JSON",
-                   help="redraw the PNG of these results (default: each device's latest) and exit")
+                   help="redraw the PNG of these results (default: each device's newest) and exit")
     o.add_argument("--markdown", nargs="*", metavar="JSON",
-                   help="print these results (default: each device's latest) as markdown and exit")
+                   help="print these results (default: each device's newest) as markdown and exit")
     args = p.parse_args(argv)
     args.set = "smoke" if args.smoke else "full" if args.full else \
         "persistent" if args.persistent else "quick"
@@ -218,7 +218,7 @@ def run_device(device, args, cfgs):
                      + (f"; skipped for H > {cap} in this set" if cap else ""))
     started = time.time()
     stamp = report.timestamp()
-    path, latest = report.result_paths(args.out_dir, device, args.label, stamp)
+    path = report.result_path(args.out_dir, device, args.label, stamp)
     doc = {
         "schema": report.SCHEMA_VERSION, "device": device, "set": args.label,
         "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -250,7 +250,7 @@ def run_device(device, args, cfgs):
     if device == "cuda" and not fusedrnn.backends().get("cuda"):
         doc["error"] = "a GPU is visible but this fusedrnn build has no CUDA kernels"
         report.say(f"cuda: {doc['error']}")
-        _finish(doc, path, latest, started, args)
+        _finish(doc, path, started, args)
         return doc
 
     n_rows = len(cfgs) * len(args.models) * len(precs) * len(args.modes)
@@ -267,7 +267,7 @@ def run_device(device, args, cfgs):
                     report.write_json(path, doc)  # partial results survive an interruption
                 _free(device)
     bar.close()
-    _finish(doc, path, latest, started, args)
+    _finish(doc, path, started, args)
     return doc
 
 
@@ -277,17 +277,14 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def _finish(doc, path, latest, started, args):
+def _finish(doc, path, started, args):
     doc.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                wall_s=round(time.time() - started, 1), load_average_end=report.load_average())
     report.write_json(path, doc)
-    report.copy_latest(path, latest)
-    report.say(f"{doc['device']}: results in {_rel(path)}"
-               + (f" and {_rel(latest)}" if latest != path else ""))
+    report.say(f"{doc['device']}: results in {_rel(path)}")
     if not args.no_plot and doc["rows"]:
-        for p in dict.fromkeys([path, latest]):
-            report.plot(doc, p.with_suffix(".png"))
-        report.say(f"{doc['device']}: plot in {_rel(latest.with_suffix('.png'))}")
+        report.plot(doc, path.with_suffix(".png"))
+        report.say(f"{doc['device']}: plot in {_rel(path.with_suffix('.png'))}")
 
 
 def _rel(p):
@@ -300,7 +297,7 @@ def _rel(p):
 def _inputs(paths, out_dir):
     paths = [Path(p) for p in paths] or report.latest_results(out_dir)
     if not paths:
-        raise SystemExit(f"no results (*-latest.json) under {out_dir}")
+        raise SystemExit(f"no results (<device>-<date>.json) under {out_dir}")
     return paths
 
 

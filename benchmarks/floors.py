@@ -57,9 +57,11 @@ def floors(model, T, B, H, precision, training, rate=None, bandwidth=HBM_BYTES_P
 
 def measured(paths):
     """{(model, T, B, H, precision, mode): (torch_ms, fused_ms)} from bench JSON files."""
+    from .report import latest_results  # imports torch: only when results are asked for
+
     out = {}
     for p in paths:
-        for path in ([p] if p.is_file() else sorted(p.glob("cuda-*-latest.json"))):
+        for path in ([p] if p.is_file() else latest_results(p, prefix="cuda-")):
             doc = json.loads(path.read_text())
             for r in doc.get("rows", []):
                 if r.get("status") != "ok":
@@ -159,7 +161,7 @@ def measure_barrier(steps=2000, H=256):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", nargs="*", type=Path, default=[],
-                   help="bench JSON files or folders holding cuda-*-latest.json")
+                   help="bench JSON files, or folders: the newest cuda-<gpu>-<date>.json of each GPU")
     p.add_argument("--barrier-us", type=float, default=BARRIER_US)
     p.add_argument("--bandwidth", type=float, default=HBM_BYTES_PER_S, help="bytes/s")
     p.add_argument("--measure-barrier", action="store_true")

@@ -5,7 +5,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,14 +102,13 @@ def device_tag(device):
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def result_paths(out_dir, device, set_name, stamp):
-    """(dated JSON, 'latest' JSON). Smoke runs (CI) write only
-    smoke-<device>-latest.json, never over a real result."""
+def result_path(out_dir, device, set_name, stamp):
+    """<tag>-<stamp>.json, one file per run (the newest of a device is its latest, see
+    latest_results). Smoke runs (CI) write smoke-<tag>.json, never a dated result."""
     tag = device_tag(device)
     if set_name == "smoke":
-        latest = out_dir / f"smoke-{tag}-latest.json"
-        return latest, latest
-    return out_dir / f"{tag}-{stamp}.json", out_dir / f"{tag}-latest.json"
+        return out_dir / f"smoke-{tag}.json"
+    return out_dir / f"{tag}-{stamp}.json"
 
 
 def timestamp():
@@ -124,14 +122,18 @@ def write_json(path, doc):
     tmp.replace(path)
 
 
-def copy_latest(src, dst):
-    if src != dst:
-        shutil.copyfile(src, dst)
+# <tag>-YYYYmmdd-HHMMSS.json: within a tag, name order is time order.
+_DATED = re.compile(r"^(?P<tag>.+)-\d{8}-\d{6}\.json$")
 
 
-def latest_results(out_dir):
-    """Every device's latest full/quick result (smoke results left out)."""
-    return sorted(p for p in Path(out_dir).glob("*-latest.json") if not p.name.startswith("smoke-"))
+def latest_results(out_dir, prefix=""):
+    """The newest dated result of every device (tag starting with `prefix`) in out_dir."""
+    newest = {}
+    for p in sorted(Path(out_dir).glob(f"{prefix}*.json")):
+        m = _DATED.match(p.name)
+        if m and not p.name.startswith("smoke-"):
+            newest[m["tag"]] = p
+    return sorted(newest.values())
 
 
 # -- table -------------------------------------------------------------------------
