@@ -4,11 +4,12 @@ import torch
 # init, pooling and gradflow import only torch: loading them eagerly costs nothing measurable.
 from . import _ops, gradflow, init, pooling, reference
 from ._ops import gru_layer, lstm_layer
-from .convert import from_torch, replace_rnns
+from .convert import from_torch, replace_rnns, restore_rnns, to_torch
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 
 __all__ = ["GRU", "LSTM", "GRUCell", "LSTMCell", "backends", "from_torch", "gradflow",
-           "gru_layer", "init", "lstm_layer", "pooling", "reference", "replace_rnns"]
+           "gru_layer", "init", "lstm_layer", "pooling", "reference", "replace_rnns",
+           "restore_rnns", "to_torch"]
 
 
 def backends():
