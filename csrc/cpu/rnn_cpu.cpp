@@ -167,14 +167,23 @@ struct CpuKernels {
   }
 };
 
+// Note [x86-only fused path]
+// The fused path (fused_cpu.cpp) is x86-64 code: setup.py compiles it, and
+// defines FUSEDRNN_X86, only where the compiler targets x86-64. Elsewhere
+// (aarch64, ...) every call below runs the generic loop of recurrence.h, and
+// the calls into the fused path are compiled out, since their definitions
+// are not linked.
+#ifdef FUSEDRNN_X86
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
   return ok;
 }
+#endif
 
 }  // namespace
 
+#ifdef FUSEDRNN_X86
 namespace cpu {
 // FUSEDRNN_CPU_PATH=generic forces the generic loop (tests compare the two).
 bool fused_path_ok(const at::Tensor& x_proj, bool packed, bool proj) {
@@ -183,6 +192,7 @@ bool fused_path_ok(const at::Tensor& x_proj, bool packed, bool proj) {
   return x_proj.scalar_type() == at::kFloat && !packed && !proj && has_avx512();
 }
 }  // namespace cpu
+#endif
 
 namespace {
 
@@ -194,11 +204,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     bool train) {
   const NoAutocast no_autocast;
   const auto checked = lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
+#ifdef FUSEDRNN_X86
   if (cpu::fused_path_ok(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
     const int64_t G = kLstmGates * std::get<1>(checked);
     return cpu::lstm_forward_fused(x_proj, h0, c0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
                                    reverse, train);
   }
+#endif
   return lstm_forward_impl<CpuKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                        train);
 }
@@ -210,11 +222,13 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
                   bool reverse, bool has_bias) {
   const NoAutocast no_autocast;
+#ifdef FUSEDRNN_X86
   if (cpu::fused_path_ok(grad_output, batch_sizes.has_value(), w_hr.has_value()) &&
       grad_output.dim() == 3) {
     return cpu::lstm_backward_fused(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
                                     w_hh, reverse, has_bias);
   }
+#endif
   return lstm_backward_impl<CpuKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
                                         c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
 }
@@ -225,11 +239,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const NoAutocast no_autocast;
   const auto checked =
       gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
+#ifdef FUSEDRNN_X86
   if (reset_after && cpu::fused_path_ok(x_proj, batch_sizes.has_value(), false)) {
     const int64_t G = kGruGates * std::get<1>(checked);
     return cpu::gru_forward_fused(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
                                   reverse, train);
   }
+#endif
   return gru_forward_impl<CpuKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                       train);
 }
@@ -239,19 +255,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
+#ifdef FUSEDRNN_X86
   if (reset_after && cpu::fused_path_ok(grad_output, batch_sizes.has_value(), false) &&
       grad_output.dim() == 3) {
     return cpu::gru_backward_fused(grad_output, grad_h_n, output, gates, h0, w_hh, reverse,
                                    has_bias);
   }
+#endif
   return gru_backward_impl<CpuKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
                                        batch_sizes, reverse, reset_after, has_bias);
 }
 
+#ifdef FUSEDRNN_X86
 bool linear_fused_ok(const at::Tensor& a, const at::Tensor& w) {
   return a.device().is_cpu() && a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
          has_avx512() && a.numel() > 0;
 }
+#endif
 
 // The input projection: our GEMM for float32 on AVX-512 CPUs, else ATen's.
 // Any device (registered as CompositeExplicitAutograd).
@@ -261,14 +281,16 @@ at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
               "fusedrnn::linear: input [..., ", weight.dim() == 2 ? weight.size(1) : -1,
               "] and weight [N, K] expected, got ", input.sizes(), " and ", weight.sizes());
-  if (!linear_fused_ok(input, weight) ||
-      (bias.has_value() && bias->scalar_type() != at::kFloat)) {
-    return at::linear(input, weight, bias);
+#ifdef FUSEDRNN_X86
+  if (linear_fused_ok(input, weight) &&
+      !(bias.has_value() && bias->scalar_type() != at::kFloat)) {
+    auto out_shape = input.sizes().vec();
+    out_shape.back() = weight.size(0);
+    const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
+    return cpu::linear_fused(x2, weight.contiguous(), bias).view(out_shape);
   }
-  auto out_shape = input.sizes().vec();
-  out_shape.back() = weight.size(0);
-  const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
-  return cpu::linear_fused(x2, weight.contiguous(), bias).view(out_shape);
+#endif
+  return at::linear(input, weight, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
@@ -280,9 +302,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
   const at::Tensor none = at::empty({0}, grad.options());
   at::Tensor dx = none, dw = none, db = none;
   if (input_grad) {
+#ifdef FUSEDRNN_X86
     dx = (linear_fused_ok(g2, weight) ? cpu::linear_input_grad_fused(g2, weight.contiguous())
                                       : at::mm(g2, weight))
              .view(input.sizes());
+#else
+    dx = at::mm(g2, weight).view(input.sizes());
+#endif
   }
   if (weight_grad) dw = at::mm(g2.t(), x2);
   if (bias_grad) db = g2.sum(0);
