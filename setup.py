@@ -3,12 +3,15 @@ toolchain and a CUDA build of torch are present (a visible GPU is not needed).
 
 Knobs (environment):
   FUSEDRNN_CUDA=auto|0|1   auto (default): build CUDA when nvcc and torch.version.cuda exist
+  FUSEDRNN_X86=auto|0      auto (default): the fused AVX-512 CPU path where the compiler
+                           targets x86-64; 0 leaves it out (the generic CPU path only)
   TORCH_CUDA_ARCH_LIST     CUDA architectures; default: the visible GPU's, else "8.0;9.0+PTX"
   CUDA_HOME                the toolkit root, when it cannot be found from nvcc
   MAX_JOBS                 parallel compile jobs (ninja)
 """
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -58,12 +61,37 @@ def find_cuda_home():
     return None
 
 
-def nvidia_pip_includes():
-    """cuBLAS & co. headers shipped by the nvidia-* wheels that CUDA torch pulls in."""
-    site = sysconfig.get_paths()["purelib"]
-    return sorted(
-        d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d)
-    )
+def nvidia_pip_includes(torch_file):
+    """cuBLAS & co. headers shipped by the nvidia-* wheels that CUDA torch pulls in.
+
+    They sit beside that torch (site-packages/nvidia/*/include), which need not be
+    this interpreter's own site-packages: a venv made with --system-site-packages,
+    or a .pth path, finds torch in a base environment.
+    """
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(torch_file)))]
+    roots += [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    found = []
+    for root in dict.fromkeys(os.path.realpath(r) for r in roots):
+        found += sorted(d for d in glob.glob(os.path.join(root, "nvidia", "*", "include"))
+                        if os.path.isdir(d))
+    return found
+
+
+def targets_x86_64(cxx):
+    """Whether the C++ compiler builds for x86-64, where the fused CPU path (AVX-512
+    intrinsics, x86 CPU feature checks) compiles; see Note [x86-only fused path]."""
+    mode = os.environ.get("FUSEDRNN_X86", "auto").lower()
+    if mode not in ("auto", "0"):
+        sys.exit(f"FUSEDRNN_X86 must be auto or 0, got {mode!r}")
+    if mode == "0":
+        return False
+    try:
+        target = subprocess.run([cxx, "-dumpmachine"], capture_output=True, text=True,
+                                timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        target = ""
+    target = (target or platform.machine()).lower()
+    return target.startswith(("x86_64", "amd64"))
 
 
 def want_cuda(torch_cuda, cuda_home):
@@ -91,18 +119,24 @@ def extensions():
         # CUDA_HOME once, at import.
         os.environ["CUDA_HOME"] = cuda_home
     import torch
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension, get_cxx_compiler
 
     use_cuda = want_cuda(torch.version.cuda, cuda_home)
     sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp", "csrc/cpu/persistent_emulate.cpp"]
-    # Compiled for AVX-512 and linked last: see Note [AVX-512 translation unit].
-    avx512_sources = ["csrc/cpu/fused_cpu.cpp", "csrc/cpu/fused_bf16.cpp"]
+    # x86-64 only, compiled for AVX-512 and linked last: see Note [x86-only fused
+    # path] and Note [AVX-512 translation unit].
+    x86_sources, macros = [], []
+    if targets_x86_64(get_cxx_compiler()):
+        x86_sources = ["csrc/cpu/fused_cpu.cpp", "csrc/cpu/fused_bf16.cpp"]
+        macros = [("FUSEDRNN_X86", None)]
+    else:
+        print("fusedrnn: no x86-64 target; the CPU kernels are the generic path only.")
     # -fopenmp: at::parallel_for is a header template; without OpenMP in this
     # build it runs on one thread. libgomp is the one torch already loaded.
     cxx = ["-O3", "-fopenmp"]
     link = ["-fopenmp"]
     if not use_cuda:
-        return [CppExtension("fusedrnn._C", sources + avx512_sources,
+        return [CppExtension("fusedrnn._C", sources + x86_sources, define_macros=macros,
                              extra_compile_args={"cxx": cxx}, extra_link_args=link)], None
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
@@ -110,8 +144,9 @@ def extensions():
           f"for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPU')}")
     ext = CUDAExtension(
         "fusedrnn._C",
-        sources + ["csrc/cuda/rnn_cuda.cu", "csrc/cuda/persistent.cu"] + avx512_sources,
-        include_dirs=nvidia_pip_includes(),
+        sources + ["csrc/cuda/rnn_cuda.cu", "csrc/cuda/persistent.cu"] + x86_sources,
+        define_macros=macros,
+        include_dirs=nvidia_pip_includes(torch.__file__),
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
         extra_link_args=link,
     )

@@ -1,13 +1,15 @@
 """fusedrnn: fused LSTM and GRU layers for PyTorch (CPU and CUDA kernels)."""
 import torch
 
-from . import _ops, reference
+# init, pooling and gradflow import only torch: loading them eagerly costs nothing measurable.
+from . import _ops, gradflow, init, pooling, reference
 from ._ops import gru_layer, lstm_layer
-from .convert import from_torch, replace_rnns
+from .convert import from_torch, replace_rnns, restore_rnns, to_torch
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 
-__all__ = ["GRU", "LSTM", "GRUCell", "LSTMCell", "backends", "from_torch", "gru_layer",
-           "lstm_layer", "reference", "replace_rnns"]
+__all__ = ["GRU", "LSTM", "GRUCell", "LSTMCell", "backends", "from_torch", "gradflow",
+           "gru_layer", "init", "lstm_layer", "pooling", "reference", "replace_rnns",
+           "restore_rnns", "to_torch"]
 
 
 def backends():

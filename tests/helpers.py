@@ -1,5 +1,6 @@
 """Shared test inputs and tolerance rules."""
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 # Small odd sizes (STYLE.md): nothing lines up with a vector width.
 T, B, I, H, P = 4, 3, 17, 5, 3
@@ -7,9 +8,8 @@ LENGTHS = [4, 3, 3, 1]  # packed batch: batch_sizes = [4, 3, 3, 1]
 
 
 def batch_sizes_for(lengths):
-    """PackedSequence batch_sizes for lengths sorted in decreasing order."""
-    T = max(lengths)
-    return torch.tensor([sum(1 for n in lengths if n > t) for t in range(T)], dtype=torch.long)
+    """PackedSequence batch_sizes for lengths sorted in decreasing order (torch's own)."""
+    return pack_padded_sequence(torch.zeros(max(lengths), len(lengths)), lengths).batch_sizes
 
 
 def rel_err(actual, expected):
@@ -44,3 +44,8 @@ def layer_inputs(kind, packed, device, dtype, proj=False, bias=True, requires_gr
                 v.requires_grad_(True)
     d["batch_sizes"] = bs
     return d
+
+
+def grad_tensors(d):
+    """The tensors of a layer_inputs dict that require grad, by name."""
+    return {k: v for k, v in d.items() if isinstance(v, torch.Tensor) and v.requires_grad}

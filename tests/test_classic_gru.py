@@ -1,12 +1,70 @@
-"""The classic GRU form (reset_after=False) of fusedrnn.GRU and GRUCell
+"""The classic GRU form (reset_after=False): the op and fusedrnn.GRU and GRUCell
 against the reference, and checkpoints moving between the two forms."""
 import pytest
 import torch
 
 import fusedrnn
 from fusedrnn import reference as ref
+from fusedrnn._ops import ops
 
-from helpers import rel_err
+from helpers import B, H, grad_tensors, layer_inputs, rel_err
+
+LAYOUTS = [pytest.param(False, id="padded"), pytest.param(True, id="packed")]
+DIRECTIONS = [pytest.param(False, id="fwd"), pytest.param(True, id="rev")]
+
+
+def test_classic_gru_differs_from_torch_form_only_in_reset():
+    """reset_after=False applies r to h before W_hn; with r == 1 both forms agree."""
+    xp = torch.randn(B, 3 * H, dtype=torch.float64)
+    h = torch.randn(B, H, dtype=torch.float64)
+    w_hh = torch.randn(3 * H, H, dtype=torch.float64)
+    b_hh = torch.randn(3 * H, dtype=torch.float64)
+    a = ref.gru_cell(xp, h, w_hh, b_hh, reset_after=True)
+    b = ref.gru_cell(xp, h, w_hh, b_hh, reset_after=False)
+    assert (a - b).abs().max() > 1e-3
+    xp_sat = xp.clone()
+    xp_sat[:, :H] = 50.0  # r = sigmoid(50 + ...) == 1 in float64
+    a = ref.gru_cell(xp_sat, h, w_hh, b_hh, reset_after=True)
+    b = ref.gru_cell(xp_sat, h, w_hh, b_hh, reset_after=False)
+    assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("packed", LAYOUTS)
+@pytest.mark.parametrize("reverse", DIRECTIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_classic_gru_matches_reference_and_gradcheck(device, packed, reverse, bias):
+    """reset_after=False: n = tanh(x_n + W_hn (r*h) + b_hn), against the
+    reference in float64 (values, gradients) and gradcheck."""
+    d = layer_inputs("gru", packed, device, torch.float64, bias=bias, requires_grad=True)
+    args = lambda dd: (dd["x_proj"], dd["h0"], dd["w_hh"], dd["b_hh"], dd["batch_sizes"], reverse)  # noqa: E731
+    got = fusedrnn.gru_layer(*args(d), reset_after=False)
+    want = ref.gru_layer(*args(d), reset_after=False)
+    torch_form = ref.gru_layer(*args(d), reset_after=True)
+    assert rel_err(want[0], torch_form[0]) > 1e-3  # the two forms really differ here
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-10
+    names = list(grad_tensors(d))
+    cs = [torch.randn_like(w) for w in want]
+    gg = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cs)), [d[n] for n in names])
+    gw = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cs)), [d[n] for n in names])
+    for n, a, e in zip(names, gg, gw):
+        assert rel_err(a, e) < 1e-10, n
+
+    def f(*tensors):
+        return fusedrnn.gru_layer(*args(dict(d, **dict(zip(names, tensors)))), reset_after=False)
+
+    assert torch.autograd.gradcheck(f, [d[n] for n in names])
+
+
+def test_classic_gru_float32_and_opcheck(device):
+    d64 = layer_inputs("gru", False, device, torch.float64, T=9, B=7, H=37, requires_grad=True)
+    d32 = {k: (v.detach().float().requires_grad_(True) if isinstance(v, torch.Tensor)
+               and v.is_floating_point() else v) for k, v in d64.items()}
+    args = lambda dd: (dd["x_proj"], dd["h0"], dd["w_hh"], dd["b_hh"], dd["batch_sizes"], False)  # noqa: E731
+    for g, w in zip(fusedrnn.gru_layer(*args(d32), reset_after=False),
+                    ref.gru_layer(*args(d64), reset_after=False)):
+        assert rel_err(g, w) < 1e-5
+    torch.library.opcheck(ops.gru_forward, (*args(d32), False, True))
 
 
 def reference_stack(m, x, h0, batch_sizes=None):

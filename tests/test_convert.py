@@ -1,5 +1,5 @@
-"""from_torch, replace_rnns, state_dict both ways, torch.save/torch.load,
-copy.deepcopy, .to()/.double()/.half() and requires_grad."""
+"""from_torch, replace_rnns and their inverses to_torch, restore_rnns; state_dict both
+ways, torch.save/torch.load, copy.deepcopy, .to()/.double()/.half() and requires_grad."""
 import copy
 import io
 
@@ -10,7 +10,7 @@ from torch import nn
 import fusedrnn
 
 from helpers import B, H, I, P, T, rel_err
-from module_helpers import flat_outputs, rnn_call_args, rnn_inputs
+from module_helpers import flat_outputs, fresh_leaves, outputs_and_grads, rnn_call_args, rnn_inputs
 
 F64_TOL = 1e-10
 
@@ -171,6 +171,141 @@ def test_replace_rnns_leaves_other_models_alone():
     before = list(model)
     assert fusedrnn.replace_rnns(model) is model
     assert all(a is b for a, b in zip(model, before))
+
+
+# ------------------------------------------------------------------ to_torch, restore_rnns
+def _outputs_and_grads(m, device, dtype):
+    """Every output and every gradient (inputs, states, parameters) of m on fixed random
+    inputs (RNNs: packed with enforce_sorted=False)."""
+    g = torch.Generator(device=device).manual_seed(3)
+    if _is_cell(m):
+        leaves = {"x": torch.randn(B, m.input_size, generator=g, device=device, dtype=dtype),
+                  "h": torch.randn(B, m.hidden_size, generator=g, device=device, dtype=dtype)}
+        if isinstance(m, nn.LSTMCell):
+            leaves["c"] = torch.randn(B, m.hidden_size, generator=g, device=device, dtype=dtype)
+        leaves = fresh_leaves(leaves)
+        args = (leaves["x"], (leaves["h"], leaves["c"]) if "c" in leaves else leaves["h"])
+    else:
+        leaves = fresh_leaves(rnn_inputs(m, "packed_unsorted", True, device, dtype, generator=g))
+        args = rnn_call_args(m, "packed_unsorted", leaves)
+    _, outs, grads, _ = outputs_and_grads(m, args, leaves)
+    return outs, grads
+
+
+def _assert_torch_twin(back, fused, device, dtype, tol):
+    """back (torch.nn) is fused's twin: same configuration, state_dict, flags, outputs
+    and gradients."""
+    assert type(back) is getattr(nn, type(fused).__name__)
+    for attr in CONFIG:
+        assert getattr(back, attr, None) == getattr(fused, attr, None), attr
+    assert back.training == fused.training
+    assert list(back.state_dict()) == list(fused.state_dict())
+    for (n, a), (_, b) in zip(back.named_parameters(), fused.named_parameters()):
+        assert torch.equal(a, b) and a.dtype == b.dtype and a.device == b.device, n
+        assert a.data_ptr() != b.data_ptr(), n  # a copy, not shared storage
+        assert isinstance(a, nn.Parameter), n
+    training = back.training
+    # Eval mode: inter-layer dropout would draw different masks (backward works in eval).
+    got = _outputs_and_grads(back.eval(), device, dtype)
+    want = _outputs_and_grads(fused.eval(), device, dtype)
+    back.train(training), fused.train(training)
+    for x, y in zip(got[0], want[0]):
+        assert x.dtype == y.dtype and x.shape == y.shape and rel_err(x, y) < tol
+    assert got[1].keys() == want[1].keys()
+    for n in got[1]:
+        assert rel_err(got[1][n], want[1][n]) < tol, n
+
+
+@pytest.mark.parametrize("make", TORCH_MODULES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_to_torch_round_trip(device, make, dtype, training):
+    """torch.nn -> fusedrnn -> torch.nn gives back the module: state_dict, flags, outputs
+    and gradients; the torch.nn twin of a fusedrnn module computes what it computes."""
+    ref = make().to(device, dtype).train(training)
+    fused = fusedrnn.from_torch(ref)
+    with torch.no_grad():  # fresh weights, so the round trip cannot pass by reusing ref's
+        for p in fused.parameters():
+            p.normal_(std=0.3)
+    rng = torch.get_rng_state()
+    back = fusedrnn.to_torch(fused)
+    assert torch.equal(rng, torch.get_rng_state())  # conversion draws no random numbers
+    tol = F64_TOL if dtype == torch.float64 else 1e-5
+    _assert_torch_twin(back, fused, device, dtype, tol)
+    again = fusedrnn.from_torch(back)
+    assert again.state_dict().keys() == fused.state_dict().keys()
+    for n, a in again.state_dict().items():
+        assert torch.equal(a, fused.state_dict()[n]), n
+
+
+@pytest.mark.parametrize("make", TORCH_MODULES)
+def test_to_torch_keeps_requires_grad_and_eval_mode(make):
+    fused = fusedrnn.from_torch(make()).eval()
+    frozen = [n for i, (n, p) in enumerate(fused.named_parameters()) if i % 2 == 1]
+    for n in frozen:
+        getattr(fused, n).requires_grad_(False)
+    back = fusedrnn.to_torch(fused)
+    assert not back.training
+    for n, p in back.named_parameters():
+        assert p.requires_grad == (n not in frozen), n
+        assert isinstance(p, nn.Parameter)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_to_torch_refuses_the_classic_gru(kind):
+    classic = getattr(fusedrnn, kind)(I, H, reset_after=False)
+    with pytest.raises(ValueError, match=f"fusedrnn.{kind} with reset_after=False has no "
+                                         "torch.nn equivalent"):
+        fusedrnn.to_torch(classic)
+    model = nn.Sequential(fusedrnn.LSTM(I, H), classic)
+    before = list(model)
+    with pytest.raises(ValueError, match="reset_after=False"):
+        fusedrnn.restore_rnns(model)
+    assert all(a is b for a, b in zip(model, before))  # refused before changing anything
+
+
+def test_to_torch_rejects_other_modules():
+    with pytest.raises(TypeError, match="expects fusedrnn.LSTM, GRU, LSTMCell or GRUCell, got RNN"):
+        fusedrnn.to_torch(nn.RNN(I, H))
+    with pytest.raises(TypeError, match="already a torch.nn module"):
+        fusedrnn.to_torch(nn.GRU(I, H))
+
+
+def test_restore_rnns_undoes_replace_rnns():
+    """_Model -> replace_rnns -> (train the twins' weights away) -> restore_rnns: torch.nn
+    modules again, at the same places, shared ones shared, with the fused model's weights,
+    outputs and gradients."""
+    model = _Model().double()
+    torch_types = {n: type(m) for n, m in model.named_modules(remove_duplicate=False)}
+    fusedrnn.replace_rnns(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fused = copy.deepcopy(model)
+    others = {n: m for n, m in model.named_modules() if type(m) not in
+              (fusedrnn.LSTM, fusedrnn.GRU, fusedrnn.LSTMCell, fusedrnn.GRUCell)}
+    assert fusedrnn.restore_rnns(model) is model
+    assert {n: type(m) for n, m in model.named_modules(remove_duplicate=False)} == torch_types
+    assert model.shared is model.head[0]
+    for n, m in model.named_modules():
+        if n in others:
+            assert m is others[n], n
+    assert model.state_dict().keys() == fused.state_dict().keys()
+    for (n, a), (_, b) in zip(model.state_dict().items(), fused.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    got, want = model(x), fused(x)
+    assert rel_err(got, want) < F64_TOL
+    for a, b in zip(torch.autograd.grad(got.square().sum(), list(model.parameters())),
+                    torch.autograd.grad(want.square().sum(), list(fused.parameters()))):
+        assert rel_err(a, b) < F64_TOL
+
+
+def test_restore_rnns_on_a_fused_rnn_returns_its_torch_twin():
+    gru = fusedrnn.GRU(I, H, num_layers=2)
+    back = fusedrnn.restore_rnns(gru)
+    assert type(back) is nn.GRU
+    _assert_same_outputs(back, gru, "cpu", torch.float32, tol=1e-5)
 
 
 # ------------------------------------------------------------------ state_dict both ways

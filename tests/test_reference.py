@@ -4,7 +4,7 @@ import torch
 
 from fusedrnn import reference as ref
 
-from helpers import B, H, I, P, T, batch_sizes_for, rel_err
+from helpers import B, H, I, P, T, rel_err
 
 TOL = 1e-12
 
@@ -60,24 +60,3 @@ def test_reference_matches_torch_nn(kind, proj, bias, packed):
     gg = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cs)), leaves)
     for a, e in zip(gg, gw):
         assert rel_err(a, e) < TOL
-
-
-def test_classic_gru_differs_from_torch_form_only_in_reset():
-    """reset_after=False applies r to h before W_hn; with r == 1 both forms agree."""
-    xp = torch.randn(B, 3 * H, dtype=torch.float64)
-    h = torch.randn(B, H, dtype=torch.float64)
-    w_hh = torch.randn(3 * H, H, dtype=torch.float64)
-    b_hh = torch.randn(3 * H, dtype=torch.float64)
-    a = ref.gru_cell(xp, h, w_hh, b_hh, reset_after=True)
-    b = ref.gru_cell(xp, h, w_hh, b_hh, reset_after=False)
-    assert (a - b).abs().max() > 1e-3
-    xp_sat = xp.clone()
-    xp_sat[:, :H] = 50.0  # r = sigmoid(50 + ...) == 1 in float64
-    a = ref.gru_cell(xp_sat, h, w_hh, b_hh, reset_after=True)
-    b = ref.gru_cell(xp_sat, h, w_hh, b_hh, reset_after=False)
-    assert rel_err(a, b) < 1e-12
-
-
-def test_batch_sizes_helper():
-    assert batch_sizes_for([4, 3, 3, 1]).tolist() == [4, 3, 3, 1]
-    assert batch_sizes_for([3, 1]).tolist() == [2, 1, 1]

@@ -167,6 +167,13 @@ struct CpuKernels {
   }
 };
 
+// Note [x86-only fused path]
+// The fused path (fused_cpu.cpp) is x86-64 code: setup.py compiles it, and
+// defines FUSEDRNN_X86, only where the compiler targets x86-64. Elsewhere
+// (aarch64, ...) every call below runs the generic loop of recurrence.h, and
+// the calls into the fused path are compiled out, since their definitions
+// are not linked.
+#ifdef FUSEDRNN_X86
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
@@ -214,6 +221,7 @@ bool fused_via_f32_ok(const at::Tensor& x, bool packed, bool proj) {
 }
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
+#endif
 
 // Padded input without projection takes a fused path (fused_cpu.h) where the
 // CPU has it: float32 on AVX-512, and the bfloat16 forward on AVX512-BF16;
@@ -224,6 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     bool train) {
   const NoAutocast no_autocast;
   const auto checked = lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
+#ifdef FUSEDRNN_X86
   if (cpu::fused_path_ok(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
     const int64_t G = kLstmGates * std::get<1>(checked);
     return cpu::lstm_forward_fused(x_proj, h0, c0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
@@ -242,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
         reverse, train);
     return {out.to(dt), h_n.to(dt), c_n.to(dt), gates.to(dt), cells};
   }
+#endif
   return lstm_forward_impl<CpuKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                        train);
 }
@@ -253,6 +263,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
                   bool reverse, bool has_bias) {
   const NoAutocast no_autocast;
+#ifdef FUSEDRNN_X86
   if (cpu::fused_path_ok(grad_output, batch_sizes.has_value(), w_hr.has_value()) &&
       grad_output.dim() == 3) {
     return cpu::lstm_backward_fused(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
@@ -266,6 +277,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
         f32(c0), f32(w_hh), reverse, has_bias);
     return {dx.to(dt), dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr.to(dt), db.to(dt)};
   }
+#endif
   return lstm_backward_impl<CpuKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
                                         c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
 }
@@ -276,6 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const NoAutocast no_autocast;
   const auto checked =
       gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
+#ifdef FUSEDRNN_X86
   if (reset_after && cpu::fused_path_ok(x_proj, batch_sizes.has_value(), false)) {
     const int64_t G = kGruGates * std::get<1>(checked);
     return cpu::gru_forward_fused(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
@@ -294,6 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
                                f32(detail::defined_or_zeros(b_hh, G, x_proj)), reverse, train);
     return {out.to(dt), h_n.to(dt), gates.to(dt)};
   }
+#endif
   return gru_forward_impl<CpuKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                       train);
 }
@@ -303,6 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
+#ifdef FUSEDRNN_X86
   if (reset_after && cpu::fused_path_ok(grad_output, batch_sizes.has_value(), false) &&
       grad_output.dim() == 3) {
     return cpu::gru_backward_fused(grad_output, grad_h_n, output, gates, h0, w_hh, reverse,
@@ -316,14 +331,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
                                                      has_bias);
     return {dx.to(dt), dh0.to(dt), dw.to(dt), db.to(dt)};
   }
+#endif
   return gru_backward_impl<CpuKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
                                        batch_sizes, reverse, reset_after, has_bias);
 }
 
+#ifdef FUSEDRNN_X86
 bool linear_fused_ok(const at::Tensor& a, const at::Tensor& w) {
   return a.device().is_cpu() && a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
          has_avx512() && a.numel() > 0;
 }
+#endif
 
 // The input projection: our GEMM for float32 on AVX-512 CPUs, else ATen's.
 // Any device (registered as CompositeExplicitAutograd).
@@ -333,14 +351,16 @@ at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
               "fusedrnn::linear: input [..., ", weight.dim() == 2 ? weight.size(1) : -1,
               "] and weight [N, K] expected, got ", input.sizes(), " and ", weight.sizes());
-  if (!linear_fused_ok(input, weight) ||
-      (bias.has_value() && bias->scalar_type() != at::kFloat)) {
-    return at::linear(input, weight, bias);
+#ifdef FUSEDRNN_X86
+  if (linear_fused_ok(input, weight) &&
+      !(bias.has_value() && bias->scalar_type() != at::kFloat)) {
+    auto out_shape = input.sizes().vec();
+    out_shape.back() = weight.size(0);
+    const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
+    return cpu::linear_fused(x2, weight.contiguous(), bias).view(out_shape);
   }
-  auto out_shape = input.sizes().vec();
-  out_shape.back() = weight.size(0);
-  const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
-  return cpu::linear_fused(x2, weight.contiguous(), bias).view(out_shape);
+#endif
+  return at::linear(input, weight, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
@@ -352,13 +372,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
   const at::Tensor none = at::empty({0}, grad.options());
   at::Tensor dx = none, dw = none, db = none;
   if (input_grad) {
+#ifdef FUSEDRNN_X86
     dx = (linear_fused_ok(g2, weight) ? cpu::linear_input_grad_fused(g2, weight.contiguous())
                                       : at::mm(g2, weight))
              .view(input.sizes());
+#else
+    dx = at::mm(g2, weight).view(input.sizes());
+#endif
   }
   if (weight_grad) {
+#ifdef FUSEDRNN_X86
     dw = linear_fused_ok(g2, x2) && x2.numel() > 0 ? cpu::linear_weight_grad_fused(g2, x2)
                                                    : at::mm(g2.t(), x2);
+#else
+    dw = at::mm(g2.t(), x2);
+#endif
   }
   if (bias_grad) db = g2.sum(0);
   return {dx, dw, db};
