@@ -46,9 +46,12 @@ def _unsupported(name: str, feature: str) -> str:
 
 
 def _dtype_name(dtype: int) -> str:
-    """torch's name of a floating dtype (TorchScript formats a dtype as a number)."""
+    """torch's name of a dtype (TorchScript formats a dtype as a number)."""
     names = {torch.float64: "torch.float64", torch.float32: "torch.float32",
-             torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
+             torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16",
+             torch.int64: "torch.int64", torch.int32: "torch.int32", torch.int16: "torch.int16",
+             torch.int8: "torch.int8", torch.uint8: "torch.uint8", torch.bool: "torch.bool",
+             torch.complex64: "torch.complex64", torch.complex128: "torch.complex128"}
     if dtype in names:
         return names[dtype]
     return f"dtype {dtype}"
@@ -73,8 +76,8 @@ def _check_dtypes(name: str, x: Tensor, matmul_state: Tuple[str, Tensor],
     W_hh in the weights' dtype; the other state too (the eager path would
     promote it)."""
     if x.dtype != weight.dtype:
-        raise ValueError(f"input must have the type {_dtype_name(weight.dtype)}, got type "
-                         f"{_dtype_name(x.dtype)}")
+        raise RuntimeError(f"{name}: input dtype ({_dtype_name(x.dtype)}) does not match weight "
+                           f"dtype ({_dtype_name(weight.dtype)})")
     what, t = matmul_state
     if t.dtype != weight.dtype:
         raise RuntimeError(f"{name}: {what} dtype ({_dtype_name(t.dtype)}) does not match weight "
@@ -236,8 +239,12 @@ class ScriptedRNN:
             if not batched:
                 h = h.unsqueeze(1)
         self.check_input(data, None)  # torch.nn's rank and feature-size checks
-        expected = (self.num_layers * dirs, batch, out_size)
         weights = self._flat_weights
+        if data.dtype != weights[0].dtype:  # the rest of check_input, skipped when scripted
+            w, x = _dtype_name(weights[0].dtype), _dtype_name(data.dtype)
+            raise ValueError(f"RNN input dtype ({x}) does not match weight dtype ({w}). "
+                             f"Convert input: input.to({w}), or convert model: model.to({x})")
+        expected = (self.num_layers * dirs, batch, out_size)
         if c is not None:
             _check_size(h, expected, "hidden[0]")
             _check_size(c, (self.num_layers * dirs, batch, self.hidden_size), "hidden[1]")
