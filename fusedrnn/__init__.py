@@ -5,7 +5,7 @@ from . import _ops, reference
 from ._ops import gru_layer, lstm_layer
 from .convert import from_torch, replace_rnns
 from .modules import GRU, LSTM, GRUCell, LSTMCell
-from .pooling import AttentionPool, MaxPool, MeanPool
+from .pooling import AttentionPool, MaxPool, MeanPool  # for Note [Safe globals]
 
 # Note [Safe globals]
 # torch.load's default (weights_only=True, torch >= 2.6) unpickles only allowed
@@ -13,12 +13,13 @@ from .pooling import AttentionPool, MaxPool, MeanPool
 # would not load in a script that allows only its own classes and torch.nn's,
 # as it must for torch.nn.LSTM. Allowing these classes is safe: unpickling one
 # makes an instance without calling __init__ and sets its state through
-# nn.Module's (or nn.RNNBase's) __setstate__, which only stores attributes; the
-# state itself passes the same weights_only checks (tensors, numbers, strings,
-# lists, dicts). None of them holds anything else: parameters, the sizes and
-# flags of the constructor (reset_after a bool), RNNBase's weight-name lists,
-# and AttentionPool's scorer, a torch.nn.Linear or Sequential of Linear and Tanh
-# (torch.nn's classes, allowed by the script as for any torch.nn module).
+# nn.Module's (or nn.RNNBase's) __setstate__, which only stores attributes (and
+# rebuilds RNNBase's list of its weights from them); the state itself passes the
+# same weights_only checks (tensors, numbers, strings, lists, dicts). None of
+# them holds anything else: parameters, the sizes and flags of the constructor
+# (reset_after a bool), RNNBase's weight-name lists, and AttentionPool's scorer,
+# a torch.nn.Linear or a Sequential of Linear and Tanh (torch.nn's classes,
+# which the script allows as for any torch.nn module it holds).
 torch.serialization.add_safe_globals([LSTM, GRU, LSTMCell, GRUCell,
                                       MeanPool, MaxPool, AttentionPool])
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
+from fusedrnn import pooling
 
 from helpers import B, H, I, P, T, rel_err
 from module_helpers import fresh_leaves, outputs_and_grads, rnn_call_args, rnn_inputs
@@ -290,6 +291,41 @@ def test_saved_script_loads_only_after_import_fusedrnn(tmp_path):
     ok = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env,
                         cwd=REPO)
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+class Classifier(nn.Module):
+    """README's example: an LSTM, its outputs mean- and max-pooled over the valid
+    steps (padded, and packed), a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = fusedrnn.LSTM(I, H, batch_first=True)
+        self.max = pooling.MaxPool(batch_first=True)
+        self.head = nn.Linear(2 * H, 3)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        out, _ = self.lstm(x)
+        mean = pooling.mean_pool(out, lengths, batch_first=True)
+        packed = pack_padded_sequence(out, lengths, batch_first=True, enforce_sorted=False)
+        return self.head(torch.cat([mean, self.max(packed)], 1))
+
+
+def test_script_model_with_pooling_matches_eager(device):
+    model = Classifier().double().to(device)
+    scripted = torch.jit.script(model)
+    x = torch.randn(3, T, I, device=device, dtype=torch.float64)
+    lengths = torch.tensor([2, T, 1])  # the CPU, as pack_padded_sequence wants them
+    le, ls = {"x": x.clone().requires_grad_()}, {"x": x.clone().requires_grad_()}
+    _, want, want_g, w = outputs_and_grads(model, (le["x"], lengths), le)
+    _, got, got_g, _ = outputs_and_grads(scripted, (ls["x"], lengths), ls, w)
+    _assert_equal(got, want)
+    _assert_grads_equal(got_g, want_g)
+    bad = torch.tensor([2, T + 1, 1])
+    with pytest.raises(ValueError) as eager:
+        model(x, bad)
+    with pytest.raises(torch.jit.Error) as compiled:
+        scripted(x, bad)
+    assert str(eager.value) in str(compiled.value)
 
 
 # ------------------------------------------------------------------ what does not script
