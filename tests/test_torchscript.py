@@ -20,7 +20,7 @@ from fusedrnn import pooling
 
 from helpers import B, H, I, P, T, rel_err
 from module_helpers import fresh_leaves, outputs_and_grads, rnn_call_args, rnn_inputs
-from test_module_errors import CASES
+from test_module_errors import ACCEPTED, CASES
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.* is deprecated:FutureWarning"),
               pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
@@ -407,6 +407,24 @@ def test_script_bad_input_raises_the_eager_message(case):
     with pytest.raises(torch.jit.Error) as scripted:
         torch.jit.script(ours)(*args)
     assert str(eager.value) in str(scripted.value)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in ACCEPTED
+                                  if "empty-batch" in c[0]])
+def test_script_empty_batch_matches_eager(case):
+    """torch.nn takes an empty batch; so does the scripted module, with zero
+    gradients (functional._layer's path for it)."""
+    _, kind, kw, make_args = case
+    extra = dict(num_layers=2) if kind in ("LSTM", "GRU") else {}
+    ours = getattr(fusedrnn, kind)(I, H, **extra, **kw).double()
+    scripted = torch.jit.script(ours)
+    args = make_args()
+    leaves = {"x": args[0].clone().requires_grad_()}
+    lt = {"x": args[0].clone().requires_grad_()}
+    _, want, want_g, w = outputs_and_grads(ours, (leaves["x"], *args[1:]), leaves)
+    _, got, got_g, _ = outputs_and_grads(scripted, (lt["x"], *args[1:]), lt, w)
+    _assert_equal(got, want)
+    _assert_grads_equal(got_g, want_g)
 
 
 # ------------------------------------------------------------------ trace
