@@ -101,10 +101,15 @@ def attention_pool(x, score, lengths=None, batch_first=False, return_weights=Fal
     """
     x, mask = _padded_batch_major(x, lengths, batch_first)
     x = x.masked_fill(~mask.unsqueeze(-1), 0)
-    logits = score(x).squeeze(-1).masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(logits, dim=1)
-    pooled = torch.einsum("bt,btf->bf", weights, x)
+    pooled, weights = _attend(x, score(x), mask)
     return (pooled, weights) if return_weights else pooled
+
+
+def _attend(x: Tensor, scores: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """x (B, T, F) with padded steps zeroed, scores (B, T, 1), mask (B, T) ->
+    (pooled (B, F), weights (B, T))."""
+    weights = torch.softmax(scores.squeeze(-1).masked_fill(~mask, float("-inf")), dim=1)
+    return torch.einsum("bt,btf->bf", weights, x), weights
 
 
 class MeanPool(nn.Module):
@@ -161,7 +166,16 @@ class AttentionPool(nn.Module):
                 nn.Linear(hidden_size, 1, bias=False, **factory),
             )
 
-    def forward(self, x, lengths=None, return_weights=False):
+    def forward(self, x: Union[Tensor, PackedSequence], lengths: Optional[Tensor] = None,
+                return_weights: bool = False):
+        if torch.jit.is_scripting():  # resolved when compiled: the eager branch is not
+            if return_weights:
+                raise RuntimeError(
+                    "fusedrnn.pooling.AttentionPool under TorchScript: return_weights=True is "
+                    "not supported (a compiled forward returns one type); run it eagerly")
+            padded, mask = _padded_batch_major(x, lengths, self.batch_first)
+            padded = padded.masked_fill(~mask.unsqueeze(-1), 0)
+            return _attend(padded, self.score(padded), mask)[0]
         return attention_pool(x, self.score, lengths, self.batch_first, return_weights)
 
     def extra_repr(self):

@@ -294,20 +294,22 @@ def test_saved_script_loads_only_after_import_fusedrnn(tmp_path):
 
 
 class Classifier(nn.Module):
-    """README's example: an LSTM, its outputs mean- and max-pooled over the valid
-    steps (padded, and packed), a Linear head."""
+    """README's example grown: an LSTM, its outputs pooled over the valid steps
+    (mean, max of a packed batch, attention), a Linear head."""
 
     def __init__(self):
         super().__init__()
         self.lstm = fusedrnn.LSTM(I, H, batch_first=True)
         self.max = pooling.MaxPool(batch_first=True)
-        self.head = nn.Linear(2 * H, 3)
+        self.attend = pooling.AttentionPool(H, hidden_size=4, batch_first=True)
+        self.head = nn.Linear(3 * H, 3)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         out, _ = self.lstm(x)
         mean = pooling.mean_pool(out, lengths, batch_first=True)
         packed = pack_padded_sequence(out, lengths, batch_first=True, enforce_sorted=False)
-        return self.head(torch.cat([mean, self.max(packed)], 1))
+        pooled = [mean, self.max(packed), self.attend(out, lengths)]
+        return self.head(torch.cat(pooled, 1))
 
 
 def test_script_model_with_pooling_matches_eager(device):
@@ -326,6 +328,9 @@ def test_script_model_with_pooling_matches_eager(device):
     with pytest.raises(torch.jit.Error) as compiled:
         scripted(x, bad)
     assert str(eager.value) in str(compiled.value)
+    attend = torch.jit.script(model.attend)
+    with pytest.raises(torch.jit.Error, match="return_weights=True is not supported"):
+        attend(x[..., :H], lengths, True)
 
 
 # ------------------------------------------------------------------ what does not script
