@@ -23,13 +23,14 @@ Note [TorchScript]
   runs only in a Python process.
 - Not scripted, each refused with an error that names it and points to
   fusedrnn.restore_rnns (back to torch.nn, whose modules script):
-  * PackedSequence input: the output would be a PackedSequence, and forward's
-    result type must be a tensor for the common case to compile (TorchScript
-    overloads of forward leave a top-level ScriptModule without a forward).
-  * autocast: the result dtypes depend on which torch kernel torch.nn would run
-    (functional.py, Note [Autocast]), which TorchScript cannot ask.
-  * states of another floating dtype than the weights (the eager path promotes
-    them by the same rule).
+  * PackedSequence input (packed inside the compiled code; one passed from
+    Python TorchScript's argument check refuses first, naming the type): the
+    output would be a PackedSequence, and forward's result type must be a
+    tensor for the common case to compile (TorchScript overloads of forward
+    would leave a top-level ScriptModule without a forward).
+  * autocast, and states of another floating dtype than the weights: the
+    eager path's result dtypes there depend on which torch kernel torch.nn
+    would run (functional.py, Note [Autocast]), which TorchScript cannot ask.
 """
 from typing import List, Optional, Tuple, Union
 
