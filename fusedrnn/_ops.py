@@ -200,7 +200,12 @@ torch.library.register_autograd(
 
 
 def needs_grad(*tensors):
-    """Whether autograd will want a backward through these tensors."""
+    """Whether autograd will want a backward through these tensors. Always
+    under torch.jit.trace: the answer is recorded as a constant, and the traced
+    graph must serve calls with and without grad (trace's own check reruns it
+    under no_grad)."""
+    if torch.jit.is_tracing():
+        return True
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
 

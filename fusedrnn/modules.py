@@ -10,11 +10,14 @@ subclass nn.LSTM and nn.GRU: torch.compile refuses to trace any instance of
 nn.RNN, nn.GRU or nn.LSTM (torch._dynamo.config.allow_rnn), which would rule
 out fullgraph=True. The cells subclass nn.LSTMCell and nn.GRUCell.
 """
+from typing import Optional, Tuple, Union
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .functional import cell, check_devices, rnn_layers
+from .scripting import ScriptedCell, ScriptedRNN
 
 
 def _check_size(t, expected, what, short_rank_error=RuntimeError):
@@ -31,8 +34,9 @@ def _check_size(t, expected, what, short_rank_error=RuntimeError):
         raise RuntimeError(msg())
 
 
-class _FusedRNNBase(nn.RNNBase):
-    """Shared forward of LSTM and GRU."""
+class _FusedRNNBase(nn.RNNBase, ScriptedRNN):
+    """Shared forward of LSTM and GRU (the eager one; TorchScript compiles
+    ScriptedRNN's, see scripting.py)."""
 
     def _layer_weights(self):
         suffixes = ["", "_reverse"] if self.bidirectional else [""]
@@ -137,6 +141,12 @@ class LSTM(_FusedRNNBase):
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
+    def forward(self, input: Union[Tensor, PackedSequence],
+                hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        if torch.jit.is_scripting():  # resolved when compiled; Note [TorchScript]
+            return self._scripted_lstm(input, hx)
+        return super().forward(input, hx)
+
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
@@ -157,6 +167,12 @@ class GRU(_FusedRNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
         self.reset_after = bool(reset_after)
+
+    def forward(self, input: Union[Tensor, PackedSequence],
+                hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():  # resolved when compiled; Note [TorchScript]
+            return self._scripted_gru(input, hx)
+        return super().forward(input, hx)
 
     def extra_repr(self):
         s = super().extra_repr()
@@ -196,17 +212,20 @@ def _cell_inputs(cell, name, input, hx, n_states):
     return input, states, batched
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(nn.LSTMCell, ScriptedCell):
     """torch.nn.LSTMCell computed by fusedrnn's kernels: one op call with T = 1."""
 
-    def forward(self, input, hx=None):
+    def forward(self, input: Tensor,
+                hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():  # resolved when compiled; Note [TorchScript]
+            return self._scripted_lstm_cell(input, hx)
         input, states, batched = _cell_inputs(self, "LSTMCell", input, hx, 2)
         h, c = cell("LSTM", input, states, self.weight_ih, self.weight_hh, self.bias_ih,
                     self.bias_hh)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
-class GRUCell(nn.GRUCell):
+class GRUCell(nn.GRUCell, ScriptedCell):
     """torch.nn.GRUCell computed by fusedrnn's kernels: one op call with T = 1.
     reset_after=False selects the classic form, as for GRU."""
 
@@ -219,7 +238,9 @@ class GRUCell(nn.GRUCell):
         s = super().extra_repr()
         return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
 
-    def forward(self, input, hx=None):
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():  # resolved when compiled; Note [TorchScript]
+            return self._scripted_gru_cell(input, hx)
         input, states, batched = _cell_inputs(self, "GRUCell", input, hx, 1)
         (h,) = cell("GRU", input, states, self.weight_ih, self.weight_hh, self.bias_ih,
                     self.bias_hh, getattr(self, "reset_after", True))

@@ -18,63 +18,76 @@ backward of the scorer, into the parameter gradients. With ``masked_fill`` the r
 is the same whatever the padding holds, and the gradient there is exactly zero.
 """
 
+from typing import List, Optional, Tuple, Union
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 __all__ = ["mean_pool", "max_pool", "attention_pool", "MeanPool", "MaxPool", "AttentionPool"]
 
 
-def _padded_batch_major(x, lengths, batch_first):
-    """Returns ``(x, mask)``: ``x`` as ``(B, T, F)``, ``mask`` ``(B, T)``, True at valid steps."""
+def _padded_batch_major(x: Union[Tensor, PackedSequence], lengths: Optional[Tensor],
+                        batch_first: bool) -> Tuple[Tensor, Tensor]:
+    """Returns ``(x, mask)``: ``x`` as ``(B, T, F)``, ``mask`` ``(B, T)``, True at valid steps.
+    Compiles with TorchScript (which passes ``lengths`` as a tensor or None)."""
     if isinstance(x, PackedSequence):
         if lengths is not None:
             raise ValueError("pooling: a PackedSequence carries its own lengths; pass lengths=None")
-        x, lengths = pad_packed_sequence(x, batch_first=True)
+        padded, lengths = pad_packed_sequence(x, batch_first=True)
     else:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(
-                "pooling: expected a PackedSequence or a 3-D tensor "
-                f"({'(B, T, F)' if batch_first else '(T, B, F)'}), got "
-                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-            )
-        if not batch_first:
-            x = x.transpose(0, 1)
-    batch, steps = x.shape[:2]
+        if not torch.jit.is_scripting() and not isinstance(x, torch.Tensor):
+            raise ValueError(f"pooling: expected a PackedSequence or a 3-D tensor, got "
+                             f"{type(x).__name__}")
+        if x.dim() != 3:
+            layout = "(B, T, F)" if batch_first else "(T, B, F)"
+            raise ValueError(f"pooling: expected a PackedSequence or a 3-D tensor ({layout}), "
+                             f"got {_shape(x)}")
+        padded = x if batch_first else x.transpose(0, 1)
+    batch, steps = padded.size(0), padded.size(1)
     if lengths is None:
-        return x, torch.ones(batch, steps, dtype=torch.bool, device=x.device)
-    lengths = torch.as_tensor(lengths, device=x.device)
-    if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex():
+        return padded, torch.ones(batch, steps, dtype=torch.bool, device=padded.device)
+    lengths = torch.as_tensor(lengths, device=padded.device)
+    if (lengths.dim() != 1 or lengths.size(0) != batch or lengths.is_floating_point()
+            or lengths.is_complex()):
         raise ValueError(
             f"pooling: lengths must be {batch} integers, one per sequence, got {lengths}"
         )
     # Each sequence needs at least one valid step: the mean and the max of nothing are undefined.
     if bool(((lengths < 1) | (lengths > steps)).any()):
-        raise ValueError(f"pooling: every length must be in [1, {steps}], got {lengths.tolist()}")
-    mask = torch.arange(steps, device=x.device) < lengths.unsqueeze(1)
-    return x, mask
+        values: List[int] = lengths.tolist()
+        raise ValueError(f"pooling: every length must be in [1, {steps}], got {values}")
+    mask = torch.arange(steps, device=padded.device) < lengths.unsqueeze(1)
+    return padded, mask
 
 
-def mean_pool(x, lengths=None, batch_first=False):
+def _shape(x: Tensor) -> str:
+    """x's shape as a tuple, e.g. (5, 7)."""
+    return "(" + ", ".join([str(n) for n in x.shape]) + ("," if x.dim() == 1 else "") + ")"
+
+
+def mean_pool(x: Union[Tensor, PackedSequence], lengths: Optional[Tensor] = None,
+              batch_first: bool = False) -> Tensor:
     """Mean of the valid steps of each sequence.
 
     x: PackedSequence, or ``(T, B, F)`` / ``(B, T, F)`` with ``lengths`` ``(B,)``.
     Returns ``(B, F)``.
     """
-    x, mask = _padded_batch_major(x, lengths, batch_first)
-    total = x.masked_fill(~mask.unsqueeze(-1), 0).sum(1)
+    padded, mask = _padded_batch_major(x, lengths, batch_first)
+    total = padded.masked_fill(~mask.unsqueeze(-1), 0).sum(1)
     return total / mask.sum(1, keepdim=True).to(total.dtype)
 
 
-def max_pool(x, lengths=None, batch_first=False):
+def max_pool(x: Union[Tensor, PackedSequence], lengths: Optional[Tensor] = None,
+             batch_first: bool = False) -> Tensor:
     """Elementwise maximum over the valid steps of each sequence.
 
     x: PackedSequence, or ``(T, B, F)`` / ``(B, T, F)`` with ``lengths`` ``(B,)``.
     Returns ``(B, F)``; the gradient goes to the step holding the maximum (split evenly
     between exact ties, as ``torch.amax``).
     """
-    x, mask = _padded_batch_major(x, lengths, batch_first)
-    return x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+    padded, mask = _padded_batch_major(x, lengths, batch_first)
+    return padded.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
 
 
 def attention_pool(x, score, lengths=None, batch_first=False, return_weights=False):
@@ -88,10 +101,15 @@ def attention_pool(x, score, lengths=None, batch_first=False, return_weights=Fal
     """
     x, mask = _padded_batch_major(x, lengths, batch_first)
     x = x.masked_fill(~mask.unsqueeze(-1), 0)
-    logits = score(x).squeeze(-1).masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(logits, dim=1)
-    pooled = torch.einsum("bt,btf->bf", weights, x)
+    pooled, weights = _attend(x, score(x), mask)
     return (pooled, weights) if return_weights else pooled
+
+
+def _attend(x: Tensor, scores: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """x (B, T, F) with padded steps zeroed, scores (B, T, 1), mask (B, T) ->
+    (pooled (B, F), weights (B, T))."""
+    weights = torch.softmax(scores.squeeze(-1).masked_fill(~mask, float("-inf")), dim=1)
+    return torch.einsum("bt,btf->bf", weights, x), weights
 
 
 class MeanPool(nn.Module):
@@ -101,7 +119,7 @@ class MeanPool(nn.Module):
         super().__init__()
         self.batch_first = batch_first
 
-    def forward(self, x, lengths=None):
+    def forward(self, x: Union[Tensor, PackedSequence], lengths: Optional[Tensor] = None) -> Tensor:
         return mean_pool(x, lengths, self.batch_first)
 
     def extra_repr(self):
@@ -115,7 +133,7 @@ class MaxPool(nn.Module):
         super().__init__()
         self.batch_first = batch_first
 
-    def forward(self, x, lengths=None):
+    def forward(self, x: Union[Tensor, PackedSequence], lengths: Optional[Tensor] = None) -> Tensor:
         return max_pool(x, lengths, self.batch_first)
 
     def extra_repr(self):
@@ -148,7 +166,16 @@ class AttentionPool(nn.Module):
                 nn.Linear(hidden_size, 1, bias=False, **factory),
             )
 
-    def forward(self, x, lengths=None, return_weights=False):
+    def forward(self, x: Union[Tensor, PackedSequence], lengths: Optional[Tensor] = None,
+                return_weights: bool = False):
+        if torch.jit.is_scripting():  # resolved when compiled: the eager branch is not
+            if return_weights:
+                raise RuntimeError(
+                    "fusedrnn.pooling.AttentionPool under TorchScript: return_weights=True is "
+                    "not supported (a compiled forward returns one type); run it eagerly")
+            padded, mask = _padded_batch_major(x, lengths, self.batch_first)
+            padded = padded.masked_fill(~mask.unsqueeze(-1), 0)
+            return _attend(padded, self.score(padded), mask)[0]
         return attention_pool(x, self.score, lengths, self.batch_first, return_weights)
 
     def extra_repr(self):
