@@ -69,31 +69,10 @@ struct MmaBf16 {
   }
 };
 
-// Forward panels in k-pairs (layout above).   w: [G*H, K], K even
-Tensor pack_gate_pairs(const Tensor& w, int64_t G) {
-  const int64_t H = w.size(0) / G, K = w.size(1), P = ceil_div(H, kLanes);
-  const int64_t width = G * kGateNV * kLanes;
-  Tensor packed = at::zeros({P, K, width}, w.options());
-  const Bf16* src = w.data_ptr<Bf16>();
-  Bf16* dst = packed.data_ptr<Bf16>();
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t j = 0; j < kLanes && p * kLanes + j < H; ++j) {
-          const Bf16* row = src + (g * H + p * kLanes + j) * K;
-          const int64_t c = g * kLanes + j;
-          for (int64_t k = 0; k < K; ++k) {
-            dst[p * K * width + (k / 2) * 2 * width + 2 * c + k % 2] = row[k];
-          }
-        }
-  });
-  return packed;
-}
-
 struct Bf16Gemm {
   using S = Bf16;
   using Packed = Bf16;
-  static Tensor pack_gates(const Tensor& w, int64_t G) { return pack_gate_pairs(w, G); }
+  static Tensor pack_gates(const Tensor& w, int64_t G) { return pack_gate_panels<Bf16, 2>(w, G); }
   template <int NV, typename Epi>
   static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const Bf16* a, int64_t lda,
                   const Bf16* packed, const Epi& epi) {

@@ -36,24 +36,6 @@ namespace {
 constexpr int kUnitsNV = 4;  // vectors per backward panel: 64 units
 constexpr int kUnitsPerPanel = kUnitsNV * kLanes;
 
-// Forward panels: packed[p][k][g * 16 + j] = w[g * H + 16 p + j][k].   w: [G*H, K]
-Tensor pack_gate_panels(const Tensor& w, int64_t G) {
-  const int64_t H = w.size(0) / G, K = w.size(1), P = ceil_div(H, kLanes);
-  const int64_t width = G * kGateNV * kLanes;
-  Tensor packed = at::zeros({P, K, width}, w.options());
-  const float* src = w.data_ptr<float>();
-  float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t j = 0; j < kLanes && p * kLanes + j < H; ++j) {
-          const float* row = src + (g * H + p * kLanes + j) * K;
-          for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * width + g * kLanes + j] = row[k];
-        }
-  });
-  return packed;
-}
-
 // Backward panels of b [K, N]: packed[q][k][c] = b[k][64 q + c].
 Tensor pack_column_panels(const Tensor& b) {
   const int64_t K = b.size(0), N = b.size(1), Q = ceil_div(N, kUnitsPerPanel);
@@ -217,7 +199,7 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, const Tensor& pa
 struct F32Gemm {
   using S = float;
   using Packed = float;
-  static Tensor pack_gates(const Tensor& w, int64_t G) { return pack_gate_panels(w, G); }
+  static Tensor pack_gates(const Tensor& w, int64_t G) { return pack_gate_panels<float, 1>(w, G); }
   template <int NV, typename Epi>
   static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const float* a, int64_t lda,
                   const float* packed, const Epi& epi) {

@@ -142,6 +142,30 @@ void run_steps(int64_t steps, int64_t P, const Body& body) {
   }
 }
 
+// Forward panels of w [G*H, K], 16 hidden units with all their gates each, k
+// in groups of KP (1, or 2 for the bfloat16 pairs; K a multiple of KP):
+//   packed[p][k / KP][g * 16 + j][k % KP] = w[g * H + 16 p + j][k]
+template <typename S, int KP>
+Tensor pack_gate_panels(const Tensor& w, int64_t G) {
+  const int64_t H = w.size(0) / G, K = w.size(1), P = ceil_div(H, kLanes);
+  const int64_t width = G * kGateNV * kLanes;
+  Tensor packed = at::zeros({P, K, width}, w.options());
+  const S* src = w.data_ptr<S>();
+  S* dst = packed.data_ptr<S>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < kLanes && p * kLanes + j < H; ++j) {
+          const S* row = src + (g * H + p * kLanes + j) * K;
+          const int64_t c = g * kLanes + j;
+          for (int64_t k = 0; k < K; ++k) {
+            dst[p * K * width + (k / KP) * KP * width + c * KP + k % KP] = row[k];
+          }
+        }
+  });
+  return packed;
+}
+
 // ------------------------------------------------------------------ forward epilogues
 // Each gets rec: a float32 tile of recurrent terms, rows m0..m0+mr, row
 // stride ldr, and the panel index p; it indexes step-local buffers [B, ...]
