@@ -94,7 +94,7 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     use_cuda = want_cuda(torch.version.cuda, cuda_home)
-    sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp", "csrc/cpu/persistent_emulate.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp", "csrc/persistent/emulate.cpp"]
     # Compiled for AVX-512 and linked last: see Note [AVX-512 translation unit].
     avx512_sources = ["csrc/cpu/fused_cpu.cpp"]
     # -fopenmp: at::parallel_for is a header template; without OpenMP in this
@@ -110,7 +110,7 @@ def extensions():
           f"for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPU')}")
     ext = CUDAExtension(
         "fusedrnn._C",
-        sources + ["csrc/cuda/rnn_cuda.cu", "csrc/cuda/persistent.cu"] + avx512_sources,
+        sources + ["csrc/cuda/rnn_cuda.cu", "csrc/persistent/persistent.cu"] + avx512_sources,
         include_dirs=nvidia_pip_includes(),
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
         extra_link_args=link,

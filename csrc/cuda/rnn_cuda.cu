@@ -1,5 +1,5 @@
 // CUDA pointwise steps and the CUDA registration of the ops. Where the
-// persistent kernel takes a call (FUSEDRNN_ALGO, cuda/persistent_cuda.h) it
+// persistent kernel takes a call (FUSEDRNN_ALGO, persistent/persistent.h) it
 // runs the whole loop in one launch; otherwise the per-step
 // GEMM (h_{t-1} W_hh^T, cuBLAS through ATen, so TF32 follows
 // torch.backends.cuda.matmul.allow_tf32) and the loop live in recurrence.h;
@@ -8,8 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../persistent/persistent.h"
 #include "../recurrence.h"
-#include "persistent_cuda.h"
 
 namespace fusedrnn {
 namespace {
@@ -183,25 +183,16 @@ struct CudaKernels {
   }
 };
 
-// Whether the persistent kernel takes this call. H (w_hh's columns: no
-// projection here) and B (the state's rows) are read from the shapes only;
-// whichever path runs checks every argument before any kernel.
-bool take_persistent(const at::Tensor& w_hh, const at::Tensor& state, int gates, bool backward,
-                     const at::Tensor& like) {
-  if (w_hh.dim() != 2 || state.dim() != 2 || w_hh.size(1) <= 0 || state.size(0) <= 0) {
-    return false;
-  }
-  return persistent::use_persistent(w_hh.size(1), state.size(0), gates, backward, like);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
     bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
-  if (!w_hr.has_value() && take_persistent(w_hh, h0, kLstmGates, false, x_proj)) {
-    return persistent::cuda_lstm_forward(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train);
+  if (!w_hr.has_value() && persistent::use_persistent(w_hh, h0, kLstmGates, false, x_proj)) {
+    return persistent::lstm_forward_cuda(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train,
+                                         persistent::kDeviceBlocks, persistent::kWidestChunk,
+                                         persistent::kAutoMode);
   }
   return lstm_forward_impl<CudaKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                         train);
@@ -215,9 +206,12 @@ lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                    bool reverse, bool has_bias) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  if (!w_hr.has_value() && take_persistent(w_hh, grad_h_n, kLstmGates, true, grad_output)) {
-    return persistent::cuda_lstm_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells,
-                                          h0, c0, w_hh, batch_sizes, reverse, has_bias);
+  if (!w_hr.has_value() &&
+      persistent::use_persistent(w_hh, grad_h_n, kLstmGates, true, grad_output)) {
+    return persistent::lstm_backward_cuda(grad_output, grad_h_n, grad_c_n, output, gates, cells,
+                                          h0, c0, w_hh, batch_sizes, reverse, has_bias,
+                                          persistent::kDeviceBlocks, persistent::kWidestChunk,
+                                          persistent::kAutoMode);
   }
   return lstm_backward_impl<CudaKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells,
                                          h0, c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
@@ -228,8 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
-  if (reset_after && take_persistent(w_hh, h0, kGruGates, false, x_proj)) {
-    return persistent::cuda_gru_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train);
+  if (reset_after && persistent::use_persistent(w_hh, h0, kGruGates, false, x_proj)) {
+    return persistent::gru_forward_cuda(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train,
+                                        persistent::kDeviceBlocks, persistent::kWidestChunk,
+                                        persistent::kAutoMode);
   }
   return gru_forward_impl<CudaKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                        train);
@@ -241,9 +237,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  if (reset_after && take_persistent(w_hh, grad_h_n, kGruGates, true, grad_output)) {
-    return persistent::cuda_gru_backward(grad_output, grad_h_n, output, gates, h0, w_hh,
-                                         batch_sizes, reverse, has_bias);
+  if (reset_after && persistent::use_persistent(w_hh, grad_h_n, kGruGates, true, grad_output)) {
+    return persistent::gru_backward_cuda(grad_output, grad_h_n, output, gates, h0, w_hh,
+                                         batch_sizes, reverse, has_bias, persistent::kDeviceBlocks,
+                                         persistent::kWidestChunk, persistent::kAutoMode);
   }
   return gru_backward_impl<CudaKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
                                         batch_sizes, reverse, reset_after, has_bias);
