@@ -14,7 +14,8 @@
 //        acc[b][g*units + jl] = sum_k h_{t-1}[b][k] W_hh[g*H + j0 + jl][k]
 //      against the resident slice (its G*units rows of W_hh);
 //   2. apply the gate math of gates.h to the block's own units and write
-//      h_t's slice to `out` (plus the state and what backward saves);
+//      h_t's slice to `out` (plus the state and what backward saves), through
+//      the per-unit glue of steps.h that the step-wise kernels share;
 //   3. meet every other block at one grid barrier.
 // Backward runs the same pattern in reverse order: the block holds the
 // columns j0..j0+units of W_hh (as rows, [units][G*H]), forms its slice of
@@ -39,6 +40,7 @@
 #include <type_traits>
 
 #include "../gates.h"
+#include "../steps.h"
 #include "args.h"
 #include "layout.h"
 #include "simt.h"
@@ -71,54 +73,104 @@ FUSEDRNN_HOST_DEVICE void gemm(const Layout& L, unsigned char* smem, int64_t row
   }
 }
 
+// ------------------------------------------------------------------ pointwise
+// The pointwise phases run the per-unit glue of steps.h (step_unit) over the
+// block's own units, on views of the kernel's buffers as step structs.
+
+// h_{t-1} W_hh^T + b_hh of gate g of unit j in row b, from the block's
+// accumulator acc[b][g*units + j - j0]: the interface of RecurrentFromHh
+// (steps.h), whose pre() sums x + (acc + b_hh) here, as this kernel always has.
+template <typename scalar_t, typename acc_t>
+struct RecurrentFromAcc {
+  const acc_t* acc;
+  const scalar_t* b_hh;
+  int64_t ldacc, units, j0, H;
+  FUSEDRNN_HOST_DEVICE acc_t term(int64_t b, int64_t j, int g) const {
+    return acc[b * ldacc + g * units + (j - j0)] + acc_t(b_hh[g * H + j]);
+  }
+  FUSEDRNN_HOST_DEVICE acc_t pre(acc_t x, int64_t b, int64_t j, int g) const {
+    return x + term(b, j, g);
+  }
+};
+
+// Step st as the forward step struct of steps.h: rows of x, out and the
+// saved tensors from the step's first, the state [B, H] from row 0. hh and
+// b_hh stay null: the recurrent term comes from RecurrentFromAcc.
+template <int G, typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE auto forward_step(const ForwardArgs<scalar_t, acc_t>& a, const StepInfo& st) {
+  const int64_t H = a.H;
+  if constexpr (G == kLstmGates) {
+    LstmForwardStep<scalar_t, acc_t> s;
+    s.rows = st.rows;
+    s.H = H;
+    s.x = a.x + st.off * G * H;
+    s.c = a.c;
+    s.h = a.h;
+    s.out = a.out + st.off * H;
+    s.gates = a.gates ? a.gates + st.off * G * H : nullptr;
+    s.cells = a.cells ? a.cells + st.off * H : nullptr;
+    return s;
+  } else {
+    // a.h holds h_{t-1} of every active row (see gru_forward in host.h).
+    GruForwardStep<scalar_t, acc_t> s;
+    s.rows = st.rows;
+    s.H = H;
+    s.x = a.x + st.off * G * H;
+    s.h = a.h;
+    s.out = a.out + st.off * H;
+    s.gates = a.gates ? a.gates + st.off * kGruSaved * H : nullptr;
+    return s;
+  }
+}
+
+// Step st as the backward step struct of steps.h. dh holds the product that
+// carry_backward formed (GRU: added to dh * z of the step after).
+template <int G, typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE auto backward_step(const BackwardArgs<scalar_t, acc_t>& a,
+                                        const StepInfo& st) {
+  const int64_t H = a.H;
+  if constexpr (G == kLstmGates) {
+    LstmBackwardStep<scalar_t, acc_t> s;
+    s.rows = st.rows;
+    s.H = H;
+    s.gates = a.gates + st.off * G * H;
+    s.cells = a.cells + st.off * H;
+    s.c_prev = a.cells + st.prev_off * H;
+    s.prev_rows = st.prev_rows;
+    s.c0 = a.c0;
+    s.grad_h = a.grad_out + st.off * H;
+    s.dh_rec = a.dh;
+    s.dc = a.dc;
+    s.dgates = a.dg + st.off * G * H;
+    return s;
+  } else {
+    GruBackwardStep<scalar_t, acc_t> s;
+    s.rows = st.rows;
+    s.H = H;
+    s.gates = a.gates + st.off * kGruSaved * H;
+    s.h_prev = a.out + st.prev_off * H;
+    s.prev_rows = st.prev_rows;
+    s.h0 = a.h0;
+    s.grad_h = a.grad_out + st.off * H;
+    s.dh = a.dh;
+    s.dx = a.dx + st.off * G * H;
+    s.dhh = a.dhh + st.off * G * H;
+    return s;
+  }
+}
+
 // ------------------------------------------------------------------ forward
 template <int G, typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE void pointwise_forward(const ForwardArgs<scalar_t, acc_t>& a, int64_t blk,
                                             unsigned char* smem, const StepInfo& st, int tid,
                                             int nt) {
   const Layout& L = a.L;
-  const acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
   const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
   const int u32 = int(u);  // 32-bit: see gemm_simt
-  for (int i = tid; i < int(st.rows * u); i += nt) {
-    const int64_t b = i / u32, jl = i % u32, j = j0 + jl, k = b * H + j;
-    const scalar_t* x = a.x + (st.off + b) * G * H;
-    const acc_t* ac = acc + b * L.ldacc;
-    // Recurrent pre-activation of gate g (b_hh included).
-    acc_t rec[G];
-    for (int g = 0; g < G; ++g) rec[g] = ac[g * L.units + jl] + acc_t(a.b_hh[g * H + j]);
-    if constexpr (G == kLstmGates) {
-      acc_t i_, f, g_, o, c, h;
-      lstm_forward_point<acc_t>(acc_t(x[j]) + rec[0], acc_t(x[H + j]) + rec[1],
-                                acc_t(x[2 * H + j]) + rec[2], acc_t(x[3 * H + j]) + rec[3], a.c[k],
-                                i_, f, g_, o, c, h);
-      a.c[k] = c;
-      a.h[k] = scalar_t(h);
-      a.out[(st.off + b) * H + j] = scalar_t(h);
-      if (a.gates) {
-        scalar_t* gs = a.gates + (st.off + b) * G * H;
-        gs[j] = scalar_t(i_);
-        gs[H + j] = scalar_t(f);
-        gs[2 * H + j] = scalar_t(g_);
-        gs[3 * H + j] = scalar_t(o);
-        a.cells[(st.off + b) * H + j] = c;
-      }
-    } else {
-      // a.h holds h_{t-1} of every active row (see gru_forward_impl).
-      acc_t r, z, n, h;
-      gru_forward_point<acc_t>(acc_t(x[j]), acc_t(x[H + j]), acc_t(x[2 * H + j]), rec[0], rec[1],
-                               rec[2], acc_t(a.h[k]), r, z, n, h);
-      a.h[k] = scalar_t(h);
-      a.out[(st.off + b) * H + j] = scalar_t(h);
-      if (a.gates) {
-        scalar_t* gs = a.gates + (st.off + b) * kGruSaved * H;
-        gs[j] = scalar_t(r);
-        gs[H + j] = scalar_t(z);
-        gs[2 * H + j] = scalar_t(n);
-        gs[3 * H + j] = scalar_t(rec[2]);
-      }
-    }
-  }
+  const auto step = forward_step<G>(a, st);
+  const RecurrentFromAcc<scalar_t, acc_t> rec{smem_at<acc_t>(smem, L.acc_off), a.b_hh, L.ldacc,
+                                              L.units, j0, H};
+  for (int i = tid; i < int(st.rows * u); i += nt) step_unit(step, i / u32, j0 + i % u32, rec);
 }
 
 // Row b of h_{t-1}: the output of the step before where b was active there,
@@ -191,37 +243,8 @@ FUSEDRNN_HOST_DEVICE void pointwise_backward(const BackwardArgs<scalar_t, acc_t>
   const Layout& L = a.L;
   const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
   const int u32 = int(u);
-  for (int i = tid; i < int(st.rows * u); i += nt) {
-    const int64_t b = i / u32, j = j0 + i % u32, k = b * H + j, row = st.off + b;
-    const acc_t dh = acc_t(a.grad_out[row * H + j]) + a.dh[k];
-    if constexpr (G == kLstmGates) {
-      const scalar_t* gs = a.gates + row * G * H;
-      const acc_t c_prev = b < st.prev_rows ? a.cells[(st.prev_off + b) * H + j] : a.c0[k];
-      acc_t di, df, dg, d_o, dcp;
-      lstm_backward_point<acc_t>(acc_t(gs[j]), acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
-                                 acc_t(gs[3 * H + j]), a.cells[row * H + j], c_prev, dh, a.dc[k],
-                                 di, df, dg, d_o, dcp);
-      scalar_t* d = a.dg + row * G * H;
-      d[j] = scalar_t(di);
-      d[H + j] = scalar_t(df);
-      d[2 * H + j] = scalar_t(dg);
-      d[3 * H + j] = scalar_t(d_o);
-      a.dc[k] = dcp;
-    } else {
-      const scalar_t* gs = a.gates + row * kGruSaved * H;
-      const acc_t h_prev = acc_t(b < st.prev_rows ? a.out[(st.prev_off + b) * H + j] : a.h0[k]);
-      acc_t dr, dz, dn, dhn, dh_direct;
-      gru_backward_point<acc_t>(acc_t(gs[j]), acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
-                                acc_t(gs[3 * H + j]), h_prev, dh, dr, dz, dn, dhn, dh_direct);
-      scalar_t* dx = a.dx + row * G * H;
-      scalar_t* dhh = a.dhh + row * G * H;
-      dx[j] = dhh[j] = scalar_t(dr);
-      dx[H + j] = dhh[H + j] = scalar_t(dz);
-      dx[2 * H + j] = scalar_t(dn);
-      dhh[2 * H + j] = scalar_t(dhn);
-      a.dh[k] = dh_direct;
-    }
-  }
+  const auto step = backward_step<G>(a, st);
+  for (int i = tid; i < int(st.rows * u); i += nt) step_unit(step, i / u32, j0 + i % u32);
 }
 
 FUSEDRNN_HOST_DEVICE int64_t backward_phases(const Layout& L, int64_t i, int64_t steps) {
