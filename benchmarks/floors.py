@@ -105,7 +105,7 @@ LAYOUT_PATHS = (("fp32 SIMT", 0, 4), ("tf32", 1, 4), ("bf16", 1, 2))  # (name, m
 
 def layouts():
     """The persistent kernel's layout per path and config on an H100, from the
-    kernel's own layout function (csrc/persistent.h, make_layout)."""
+    kernel's own layout function (csrc/persistent/layout.h, make_layout)."""
     from fusedrnn._ops import H100_SMEM, H100_SMS, persistent_layout
 
     def cell(L):

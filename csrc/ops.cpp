@@ -5,7 +5,7 @@
 
 #include <vector>
 
-#include "persistent.h"
+#include "persistent/layout.h"
 
 extern "C" {
 // `import fusedrnn._C` loads this library, which runs the registrations below.
@@ -62,8 +62,8 @@ TORCH_LIBRARY(fusedrnn, m) {
       "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, Tensor gates, "
       "Tensor h0, Tensor w_hh, Tensor? batch_sizes, bool reverse, bool reset_after, "
       "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
-  // The persistent kernel on its own (cuda/persistent.cu; on the CPU, its
-  // emulator): the same arguments and results as the ops above, without
+  // The persistent kernel on its own (persistent/persistent.cu; on the CPU,
+  // its emulator, persistent/emulate.cpp): the same arguments and results as the ops above, without
   // w_hr and with reset_after, plus max_blocks (<= 0: as many as the device
   // holds), max_chunk (K columns staged per pass; <= 0: as wide as fits) and
   // mode (-1 auto, 0 SIMT, 1 tensor cores). Raises where a block's slice of

@@ -3,8 +3,9 @@
 // Each op runs one layer and one direction. The input projection
 // x_proj = x W_ih^T + b_ih is computed by the caller for all steps at once.
 // Per step: one GEMM for all gates (h_{t-1} W_hh^T), then one pointwise
-// kernel from `K` (CpuKernels or CudaKernels) that adds x_proj and b_hh,
-// applies the gate math of gates.h and writes the new state. Backward runs the
+// pass, K::step(a) (K: CpuKernels or CudaKernels), that runs the per-unit glue
+// of steps.h (add x_proj and b_hh, the gate math of gates.h, store the new
+// state) over every row and hidden unit of the step. Backward runs the
 // reverse loop the same way and forms dW_hh (and db_hh, dW_hr) with one GEMM
 // or reduction each over all steps.
 #pragma once
@@ -158,7 +159,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(
       a.out = proj ? nullptr : out.data_ptr<scalar_t>() + off * H;
       a.gates = train ? gates.data_ptr<scalar_t>() + off * kLstmGates * H : nullptr;
       a.cells = train ? cells.data_ptr<acc_t>() + off * H : nullptr;
-      K::lstm_forward_step(a);
+      K::step(a);
       if (proj) {
         detail::mm_to(h.narrow(0, 0, bt), h_raw.narrow(0, 0, bt), w_hr_t);
         out.narrow(0, off, bt).copy_(h.narrow(0, 0, bt));
@@ -264,7 +265,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(
         a.grad_h = g_out.data_ptr<scalar_t>() + off * H;
         a.dh_rec = dh.data_ptr<acc_t>();
       }
-      K::lstm_backward_step(a);
+      K::step(a);
       detail::mm_into(dh.narrow(0, 0, bt), dg.narrow(0, off, bt), w, /*accumulate=*/false);
     }
   });
@@ -334,7 +335,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_impl(
         r.b_hh = bias.data_ptr<scalar_t>();
         r.h = h.data_ptr<scalar_t>();
         r.rh = rh.data_ptr<scalar_t>();
-        K::gru_reset_step(r);
+        K::step(r);
         hh_rows.narrow(1, 2 * H, H).copy_(at::mm(rh.narrow(0, 0, bt), w_t.narrow(1, 2 * H, H)));
       }
       GruForwardStep<scalar_t, acc_t> a;
@@ -347,7 +348,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_impl(
       a.out = out.data_ptr<scalar_t>() + off * H;
       a.gates = train ? gates.data_ptr<scalar_t>() + off * kGruSaved * H : nullptr;
       a.reset_after = reset_after;
-      K::gru_forward_step(a);
+      K::step(a);
     }
   });
   out = out.view(detail::with_last(x_proj.sizes(), H));
@@ -431,7 +432,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_impl(
       a.dx = dx.data_ptr<scalar_t>() + off * kGruGates * H;
       a.dhh = dhh.data_ptr<scalar_t>() + off * kGruGates * H;
       a.reset_after = reset_after;
-      K::gru_backward_step(a);
+      K::step(a);
       const Tensor dhh_rows = dhh.narrow(0, off, bt);
       if (reset_after) {
         detail::mm_into(dh.narrow(0, 0, bt), dhh_rows, w, /*accumulate=*/true);
@@ -450,7 +451,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_impl(
       r.dh = a.dh;
       r.dx = a.dx;
       r.dhh = a.dhh;
-      K::gru_reset_backward_step(r);
+      K::step(r);
       detail::mm_into(dh.narrow(0, 0, bt), dhh_rows.narrow(1, 0, 2 * H), w_rz,
                       /*accumulate=*/true);
     }

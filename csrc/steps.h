@@ -1,10 +1,19 @@
-// Arguments of one pointwise time step, shared by the CPU and CUDA kernels.
+// Arguments of one pointwise time step, and the per-unit glue every kernel
+// shares: step_unit(a, b, j) indexes the gates of hidden unit j of batch row b
+// in the step's buffers (gate g of unit j at g*H + j of a [rows, G*H] row),
+// converts to `acc_t`, calls gates.h and stores. The CPU loop
+// (cpu/rnn_cpu.cpp), the CUDA step kernel (cuda/rnn_cuda.cu) and the
+// persistent kernel (persistent/phases.h) all call it; only the fused
+// AVX-512 path (cpu/fused_cpu.cpp) has its own, 16 units at a time.
+//
 // All pointers are row-major and contiguous; `rows` is the number of batch rows
 // active at this step (PackedSequence batch_sizes[t]) and H the hidden size.
 // `acc_t` is the accumulation type: float for half/bfloat16, else scalar_t.
 #pragma once
 
 #include <cstdint>
+
+#include "gates.h"
 
 namespace fusedrnn {
 
@@ -85,5 +94,130 @@ struct GruBackwardStep {
   scalar_t* dhh = nullptr;           // [rows, 3H] d(h W_hh^T + b_hh): dr_pre, dz_pre, dn_pre*r
   bool reset_after = true;           // false: r part left for GruResetBackwardStep
 };
+
+// ------------------------------------------------------------------ per-unit glue
+// The recurrent term of gate g of unit j in row b, h_{t-1} W_hh^T + b_hh, read
+// from the step's hh [rows, G*H] and b_hh [G*H]. The persistent kernel reads
+// h_{t-1} W_hh^T from its accumulator in shared memory instead
+// (persistent/phases.h, RecurrentFromAcc); both give
+//   term(b, j, g)    the recurrent term (the GRU keeps it apart from x_proj's)
+//   pre(x, b, j, g)  the LSTM pre-activation x + term, summed as each path
+//                    always has: here (x + hh) + b_hh, so results stay bitwise.
+// Stores v... as gates 0, 1, ... of one unit, p pointing at gate 0: p[g * H].
+template <typename scalar_t, typename... acc_t>
+FUSEDRNN_HOST_DEVICE void store_gates(scalar_t* p, int64_t H, acc_t... v) {
+  int64_t g = 0;
+  ((p[g++ * H] = scalar_t(v)), ...);
+}
+
+template <int G, typename scalar_t, typename acc_t>
+struct RecurrentFromHh {
+  const scalar_t* hh;
+  const scalar_t* b_hh;
+  int64_t H;
+  FUSEDRNN_HOST_DEVICE acc_t term(int64_t b, int64_t j, int g) const {
+    const int64_t k = g * H + j;
+    return acc_t(hh[b * G * H + k]) + acc_t(b_hh[k]);
+  }
+  FUSEDRNN_HOST_DEVICE acc_t pre(acc_t x, int64_t b, int64_t j, int g) const {
+    const int64_t k = g * H + j;
+    return x + acc_t(hh[b * G * H + k]) + acc_t(b_hh[k]);
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename Rec>
+FUSEDRNN_HOST_DEVICE void step_unit(const LstmForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j, const Rec& rec) {
+  const int64_t H = a.H, k = b * H + j;
+  const scalar_t* x = a.x + b * kLstmGates * H + j;
+  acc_t i, f, g, o, c, h;
+  lstm_forward_point<acc_t>(rec.pre(acc_t(x[0]), b, j, 0), rec.pre(acc_t(x[H]), b, j, 1),
+                            rec.pre(acc_t(x[2 * H]), b, j, 2), rec.pre(acc_t(x[3 * H]), b, j, 3),
+                            a.c[k], i, f, g, o, c, h);
+  a.c[k] = c;
+  a.h[k] = scalar_t(h);
+  if (a.out) a.out[k] = scalar_t(h);
+  if (a.gates) {
+    store_gates(a.gates + b * kLstmGates * H + j, H, i, f, g, o);
+    a.cells[k] = c;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void step_unit(const LstmForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j) {
+  step_unit(a, b, j, RecurrentFromHh<kLstmGates, scalar_t, acc_t>{a.hh, a.b_hh, a.H});
+}
+
+template <typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void step_unit(const LstmBackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j) {
+  const int64_t H = a.H, k = b * H + j;
+  const scalar_t* gs = a.gates + b * kLstmGates * H + j;
+  const acc_t c_prev = b < a.prev_rows ? a.c_prev[k] : a.c0[k];
+  const acc_t dh = acc_t(a.grad_h[k]) + (a.dh_rec ? a.dh_rec[k] : acc_t(0));
+  acc_t di, df, dg, d_o, dc_prev;
+  lstm_backward_point<acc_t>(acc_t(gs[0]), acc_t(gs[H]), acc_t(gs[2 * H]), acc_t(gs[3 * H]),
+                             a.cells[k], c_prev, dh, a.dc[k], di, df, dg, d_o, dc_prev);
+  store_gates(a.dgates + b * kLstmGates * H + j, H, di, df, dg, d_o);
+  a.dc[k] = dc_prev;
+}
+
+template <typename scalar_t, typename acc_t, typename Rec>
+FUSEDRNN_HOST_DEVICE void step_unit(const GruForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j, const Rec& rec) {
+  const int64_t H = a.H, k = b * H + j;
+  const scalar_t* x = a.x + b * kGruGates * H + j;
+  const acc_t hn = rec.term(b, j, 2);
+  acc_t r, z, n, h;
+  gru_forward_point<acc_t>(acc_t(x[0]), acc_t(x[H]), acc_t(x[2 * H]), rec.term(b, j, 0),
+                           rec.term(b, j, 1), hn, acc_t(a.h[k]), r, z, n, h, a.reset_after);
+  a.h[k] = scalar_t(h);
+  a.out[k] = scalar_t(h);
+  if (a.gates) store_gates(a.gates + b * kGruSaved * H + j, H, r, z, n, hn);
+}
+
+template <typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void step_unit(const GruForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j) {
+  step_unit(a, b, j, RecurrentFromHh<kGruGates, scalar_t, acc_t>{a.hh, a.b_hh, a.H});
+}
+
+template <typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void step_unit(const GruResetStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j) {
+  const int64_t k = b * a.H + j;
+  const RecurrentFromHh<kGruGates, scalar_t, acc_t> rec{a.hh, a.b_hh, a.H};
+  a.rh[k] = scalar_t(gru_reset_point<acc_t>(acc_t(a.x[b * kGruGates * a.H + j]), rec.term(b, j, 0),
+                                            acc_t(a.h[k])));
+}
+
+template <typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void step_unit(const GruResetBackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j) {
+  const int64_t H = a.H, k = b * H + j, r = b * kGruGates * H + j;
+  const acc_t h_prev = acc_t(b < a.prev_rows ? a.h_prev[k] : a.h0[k]);
+  acc_t dr, dh_prev;
+  gru_reset_backward_point<acc_t>(acc_t(a.gates[b * kGruSaved * H + j]), h_prev, acc_t(a.drh[k]),
+                                  dr, dh_prev);
+  a.dx[r] = a.dhh[r] = scalar_t(dr);
+  a.dh[k] += dh_prev;
+}
+
+template <typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void step_unit(const GruBackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j) {
+  const int64_t H = a.H, k = b * H + j;
+  const scalar_t* gs = a.gates + b * kGruSaved * H + j;
+  const acc_t h_prev = acc_t(b < a.prev_rows ? a.h_prev[k] : a.h0[k]);
+  const acc_t r = a.reset_after ? acc_t(gs[0]) : acc_t(1);
+  acc_t dr, dz, dn, dhn, dh_direct;
+  gru_backward_point<acc_t>(r, acc_t(gs[H]), acc_t(gs[2 * H]), acc_t(gs[3 * H]), h_prev,
+                            acc_t(a.grad_h[k]) + a.dh[k], dr, dz, dn, dhn, dh_direct);
+  // d x_proj and d(h W_hh^T + b_hh) differ only in n: dn vs dhn = dn * r.
+  store_gates(a.dx + b * kGruGates * H + j, H, dr, dz, dn);
+  store_gates(a.dhh + b * kGruGates * H + j, H, dr, dz, dhn);
+  a.dh[k] = dh_direct;
+}
 
 }  // namespace fusedrnn

@@ -20,7 +20,7 @@ ops = torch.ops.fusedrnn
 LSTM_GATES = 4
 GRU_GATES = 3
 GRU_SAVED = 4  # r, z, n and W_hn h + b_hn
-# What ops._persistent_layout returns, in order (csrc/persistent.h, Layout).
+# What ops._persistent_layout returns, in order (csrc/persistent/layout.h, Layout).
 PERSISTENT_LAYOUT_FIELDS = ("blocks", "units", "n", "n_pad", "k", "k_pad", "kc", "chunks",
                             "buffers", "b_pad", "ldw", "lda", "ldacc", "w_off", "a_off",
                             "a_bytes", "acc_off", "part_off", "bytes")
@@ -28,7 +28,7 @@ PERSISTENT_LAYOUT_FIELDS = ("blocks", "units", "n", "n_pad", "k", "k_pad", "kc",
 
 # The device the CPU emulator of the persistent kernel assumes: an H100's SM
 # count and opt-in shared memory per block (kEmulatedBlocks and
-# kEmulatedSmemBytes in csrc/persistent.h).
+# kEmulatedSmemBytes in csrc/persistent/emulate.cpp).
 H100_SMS, H100_SMEM = 132, 232448
 
 

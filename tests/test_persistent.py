@@ -1,4 +1,4 @@
-"""The persistent kernel (csrc/persistent.h) through the _persistent_* ops.
+"""The persistent kernel (csrc/persistent/) through the _persistent_* ops.
 
 On the CPU these run its emulator: the kernel's own phase functions, block by
 block and thread by thread, tensor-core tiles emulated with tf32 rounding. On
@@ -248,7 +248,7 @@ def test_strided_and_misaligned_h0(device, kind, layout):
                                               (TENSOR_CORE, 4, 4), (TENSOR_CORE, 2, 4)],
                          ids=["fp32", "fp64", "half-simt", "tf32", "half-tc"])
 def test_layout_invariants(mode, elt, acc_elt):
-    """What the kernel assumes of its layout (csrc/persistent.h), over batch
+    """What the kernel assumes of its layout (csrc/persistent/layout.h), over batch
     1..128 and hidden sizes with and without padding, both directions, with
     the chunk forced narrow or not: the regions do not overlap and are
     128-byte aligned; chunks tile K exactly; two buffers only with a

@@ -1,5 +1,5 @@
 // CPU pointwise steps and the CPU registration of the ops. Rows are split
-// across threads; the inner loop over hidden units vectorises (gates.h).
+// across threads; each thread runs the per-unit glue of steps.h over its rows.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -16,152 +16,13 @@ namespace {
 // pay for a task on its own.
 constexpr int64_t kRowsPerTask = 4;
 
+// Every (row, hidden unit) of a step through step_unit (steps.h).
 struct CpuKernels {
-  template <typename scalar_t, typename acc_t>
-  static void lstm_forward_step(const LstmForwardStep<scalar_t, acc_t>& a) {
-    const int64_t H = a.H, G = kLstmGates * H;
+  template <typename Step>
+  static void step(const Step& a) {
     at::parallel_for(0, a.rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* x = a.x + b * G;
-        const scalar_t* hh = a.hh + b * G;
-        const scalar_t* bias = a.b_hh;
-        acc_t* c = a.c + b * H;
-        scalar_t* h = a.h + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          acc_t i, f, g, o, c_new, h_new;
-          lstm_forward_point<acc_t>(
-              acc_t(x[j]) + acc_t(hh[j]) + acc_t(bias[j]),
-              acc_t(x[H + j]) + acc_t(hh[H + j]) + acc_t(bias[H + j]),
-              acc_t(x[2 * H + j]) + acc_t(hh[2 * H + j]) + acc_t(bias[2 * H + j]),
-              acc_t(x[3 * H + j]) + acc_t(hh[3 * H + j]) + acc_t(bias[3 * H + j]), c[j], i, f,
-              g, o, c_new, h_new);
-          c[j] = c_new;
-          h[j] = scalar_t(h_new);
-          if (a.out) a.out[b * H + j] = scalar_t(h_new);
-          if (a.gates) {
-            scalar_t* gs = a.gates + b * G;
-            gs[j] = scalar_t(i);
-            gs[H + j] = scalar_t(f);
-            gs[2 * H + j] = scalar_t(g);
-            gs[3 * H + j] = scalar_t(o);
-            a.cells[b * H + j] = c_new;
-          }
-        }
-      }
-    });
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void lstm_backward_step(const LstmBackwardStep<scalar_t, acc_t>& a) {
-    const int64_t H = a.H, G = kLstmGates * H;
-    at::parallel_for(0, a.rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* gs = a.gates + b * G;
-        const acc_t* c = a.cells + b * H;
-        const acc_t* cp = b < a.prev_rows ? a.c_prev + b * H : a.c0 + b * H;
-        const scalar_t* gh = a.grad_h + b * H;
-        const acc_t* dhr = a.dh_rec ? a.dh_rec + b * H : nullptr;
-        acc_t* dc = a.dc + b * H;
-        scalar_t* dg = a.dgates + b * G;
-        for (int64_t j = 0; j < H; ++j) {
-          const acc_t dh = acc_t(gh[j]) + (dhr ? dhr[j] : acc_t(0));
-          acc_t di, df, dgg, dout, dcp;
-          lstm_backward_point<acc_t>(acc_t(gs[j]), acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
-                                     acc_t(gs[3 * H + j]), c[j], cp[j], dh, dc[j], di, df,
-                                     dgg, dout, dcp);
-          dg[j] = scalar_t(di);
-          dg[H + j] = scalar_t(df);
-          dg[2 * H + j] = scalar_t(dgg);
-          dg[3 * H + j] = scalar_t(dout);
-          dc[j] = dcp;
-        }
-      }
-    });
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void gru_forward_step(const GruForwardStep<scalar_t, acc_t>& a) {
-    const int64_t H = a.H, G = kGruGates * H;
-    at::parallel_for(0, a.rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* x = a.x + b * G;
-        const scalar_t* hh = a.hh + b * G;
-        const scalar_t* bias = a.b_hh;
-        scalar_t* h = a.h + b * H;
-        scalar_t* out = a.out + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const acc_t hn = acc_t(hh[2 * H + j]) + acc_t(bias[2 * H + j]);
-          acc_t r, z, n, h_new;
-          gru_forward_point<acc_t>(acc_t(x[j]), acc_t(x[H + j]), acc_t(x[2 * H + j]),
-                                   acc_t(hh[j]) + acc_t(bias[j]),
-                                   acc_t(hh[H + j]) + acc_t(bias[H + j]), hn, acc_t(h[j]), r,
-                                   z, n, h_new, a.reset_after);
-          h[j] = scalar_t(h_new);
-          out[j] = scalar_t(h_new);
-          if (a.gates) {
-            scalar_t* gs = a.gates + b * kGruSaved * H;
-            gs[j] = scalar_t(r);
-            gs[H + j] = scalar_t(z);
-            gs[2 * H + j] = scalar_t(n);
-            gs[3 * H + j] = scalar_t(hn);
-          }
-        }
-      }
-    });
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void gru_backward_step(const GruBackwardStep<scalar_t, acc_t>& a) {
-    const int64_t H = a.H, G = kGruGates * H;
-    at::parallel_for(0, a.rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* gs = a.gates + b * kGruSaved * H;
-        const scalar_t* hp = b < a.prev_rows ? a.h_prev + b * H : a.h0 + b * H;
-        const scalar_t* gh = a.grad_h + b * H;
-        acc_t* dh = a.dh + b * H;
-        scalar_t* dx = a.dx + b * G;
-        scalar_t* dhh = a.dhh + b * G;
-        for (int64_t j = 0; j < H; ++j) {
-          acc_t dr, dz, dn, dhn, dh_direct;
-          const acc_t r = a.reset_after ? acc_t(gs[j]) : acc_t(1);
-          gru_backward_point<acc_t>(r, acc_t(gs[H + j]), acc_t(gs[2 * H + j]),
-                                    acc_t(gs[3 * H + j]), acc_t(hp[j]), acc_t(gh[j]) + dh[j],
-                                    dr, dz, dn, dhn, dh_direct);
-          dx[j] = dhh[j] = scalar_t(dr);
-          dx[H + j] = dhh[H + j] = scalar_t(dz);
-          dx[2 * H + j] = scalar_t(dn);
-          dhh[2 * H + j] = scalar_t(dhn);
-          dh[j] = dh_direct;
-        }
-      }
-    });
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void gru_reset_step(const GruResetStep<scalar_t, acc_t>& a) {
-    const int64_t H = a.H, G = kGruGates * H;
-    at::parallel_for(0, a.rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        for (int64_t j = 0; j < H; ++j)
-          a.rh[b * H + j] = scalar_t(gru_reset_point<acc_t>(
-              acc_t(a.x[b * G + j]), acc_t(a.hh[b * G + j]) + acc_t(a.b_hh[j]),
-              acc_t(a.h[b * H + j])));
-    });
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void gru_reset_backward_step(const GruResetBackwardStep<scalar_t, acc_t>& a) {
-    const int64_t H = a.H, G = kGruGates * H;
-    at::parallel_for(0, a.rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* hp = b < a.prev_rows ? a.h_prev + b * H : a.h0 + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          acc_t dr, dh_prev;
-          gru_reset_backward_point<acc_t>(acc_t(a.gates[b * kGruSaved * H + j]), acc_t(hp[j]),
-                                          acc_t(a.drh[b * H + j]), dr, dh_prev);
-          a.dx[b * G + j] = a.dhh[b * G + j] = scalar_t(dr);
-          a.dh[b * H + j] += dh_prev;
-        }
+        for (int64_t j = 0; j < a.H; ++j) step_unit(a, b, j);
       }
     });
   }

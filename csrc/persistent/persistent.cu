@@ -1,6 +1,7 @@
-// The persistent kernels (persistent.h): one cooperative launch per layer and
-// direction, W_hh resident in shared memory, one grid barrier per step. Also
-// the CUDA kernels of the _persistent_* ops and the FUSEDRNN_ALGO dispatcher.
+// The persistent kernels (phases.h) on CUDA: one cooperative launch per layer
+// and direction, W_hh resident in shared memory, one grid barrier per step.
+// Also the entry points of persistent.h: the CUDA kernels of the
+// _persistent_* ops, and the FUSEDRNN_ALGO choice for the public ops.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,8 +11,9 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "../persistent_ops.h"
-#include "persistent_cuda.h"
+#include "host.h"
+#include "persistent.h"
+#include "phases.h"
 
 namespace fusedrnn {
 namespace persistent {
@@ -26,8 +28,9 @@ constexpr int64_t kAutoMaxBatch = 64;
 // chunk with one buffer, one per step with two.
 constexpr int64_t kAutoMaxRoundTrips = 8;
 
-template <int G, int kMode, typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<T, acc_t> a) {
+template <int G, int kMode, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 1)
+    forward_kernel(const ForwardArgs<scalar_t, acc_t> a) {
   extern __shared__ __align__(kAlign) unsigned char smem[];
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const int tid = threadIdx.x;
@@ -43,8 +46,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
   }
 }
 
-template <int G, int kMode, typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<T, acc_t> a) {
+template <int G, int kMode, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 1)
+    backward_kernel(const BackwardArgs<scalar_t, acc_t> a) {
   extern __shared__ __align__(kAlign) unsigned char smem[];
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const int tid = threadIdx.x;
@@ -89,13 +93,13 @@ struct CudaRunner {
   static int64_t smem_bytes(const at::Device& d) { return props(d).sharedMemPerBlockOptin; }
   static bool tensor_cores(const at::Device& d) { return props(d).major >= 8; }
 
-  template <int G, int kMode, typename T, typename acc_t>
-  static void forward(const ForwardArgs<T, acc_t>& a, const at::Device& d) {
-    launch_cooperative(forward_kernel<G, kMode, T, acc_t>, a, d);
+  template <int G, int kMode, typename scalar_t, typename acc_t>
+  static void forward(const ForwardArgs<scalar_t, acc_t>& a, const at::Device& d) {
+    launch_cooperative(forward_kernel<G, kMode, scalar_t, acc_t>, a, d);
   }
-  template <int G, int kMode, typename T, typename acc_t>
-  static void backward(const BackwardArgs<T, acc_t>& a, const at::Device& d) {
-    launch_cooperative(backward_kernel<G, kMode, T, acc_t>, a, d);
+  template <int G, int kMode, typename scalar_t, typename acc_t>
+  static void backward(const BackwardArgs<scalar_t, acc_t>& a, const at::Device& d) {
+    launch_cooperative(backward_kernel<G, kMode, scalar_t, acc_t>, a, d);
   }
 };
 
@@ -112,8 +116,28 @@ Algo algo_from_env() {
   return Algo::kAuto;
 }
 
-// --- the _persistent_* ops on CUDA: always this kernel, or an error.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
+}  // namespace
+
+bool use_persistent(const at::Tensor& w_hh, const at::Tensor& state, int gates, bool backward,
+                    const at::Tensor& like) {
+  if (w_hh.dim() != 2 || state.dim() != 2 || w_hh.size(1) <= 0 || state.size(0) <= 0) {
+    return false;
+  }
+  const Algo algo = algo_from_env();
+  if (algo == Algo::kStepwise) return false;
+  const at::Device d = like.device();
+  if (!props(d).cooperativeLaunch) return false;
+  const int64_t H = w_hh.size(1), B = state.size(0);
+  const int mode =
+      resolve_mode(kAutoMode, like.scalar_type(), CudaRunner::tensor_cores(d), allow_tf32(), "");
+  const Layout L =
+      fit_layout<CudaRunner>(H, B, gates, backward, mode, like.scalar_type(), kDeviceBlocks, d);
+  if (L.blocks == 0) return false;
+  const int64_t round_trips = L.buffers == 2 ? 1 : num_chunks(L);
+  return algo == Algo::kPersistent || (B <= kAutoMaxBatch && round_trips <= kAutoMaxRoundTrips);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train,
     int64_t max_blocks, int64_t max_chunk, int64_t mode) {
@@ -123,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_op(
                                   max_blocks, max_chunk, mode, allow_tf32());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& output,
     const Tensor& gates, const Tensor& cells, const Tensor& h0, const Tensor& c0,
     const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias,
@@ -135,18 +159,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_op(
                                    mode, allow_tf32());
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_forward_op(const Tensor& x_proj, const Tensor& h0,
-                                                  const Tensor& w_hh, const OptTensor& b_hh,
-                                                  const OptTensor& batch_sizes, bool reverse,
-                                                  bool train, int64_t max_blocks, int64_t max_chunk,
-                                                  int64_t mode) {
+std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x_proj, const Tensor& h0,
+                                                    const Tensor& w_hh, const OptTensor& b_hh,
+                                                    const OptTensor& batch_sizes, bool reverse,
+                                                    bool train, int64_t max_blocks,
+                                                    int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
   return gru_forward<CudaRunner>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, max_blocks,
                                  max_chunk, mode, allow_tf32());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
     const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias,
     int64_t max_blocks, int64_t max_chunk, int64_t mode) {
@@ -156,60 +180,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_op(
                                   reverse, has_bias, max_blocks, max_chunk, mode, allow_tf32());
 }
 
-}  // namespace
-
-bool use_persistent(int64_t H, int64_t B, int G, bool backward, const at::Tensor& like) {
-  const Algo algo = algo_from_env();
-  if (algo == Algo::kStepwise) return false;
-  const at::Device d = like.device();
-  if (!props(d).cooperativeLaunch) return false;
-  const int mode =
-      resolve_mode(-1, like.scalar_type(), CudaRunner::tensor_cores(d), allow_tf32(), "");
-  const Layout L = fit_layout<CudaRunner>(H, B, G, backward, mode, like.scalar_type(), 0, d);
-  if (L.blocks == 0) return false;
-  const int64_t round_trips = L.buffers == 2 ? 1 : num_chunks(L);
-  return algo == Algo::kPersistent || (B <= kAutoMaxBatch && round_trips <= kAutoMaxRoundTrips);
-}
-
-// The public ops' persistent path: the caller holds the guard and NoAutocast.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_lstm_forward(
-    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train) {
-  return lstm_forward<CudaRunner>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train, 0, 0, -1,
-                                  allow_tf32());
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_lstm_backward(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& output,
-    const Tensor& gates, const Tensor& cells, const Tensor& h0, const Tensor& c0,
-    const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias) {
-  return lstm_backward<CudaRunner>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
-                                   w_hh, batch_sizes, reverse, has_bias, 0, 0, -1, allow_tf32());
-}
-
-std::tuple<Tensor, Tensor, Tensor> cuda_gru_forward(const Tensor& x_proj, const Tensor& h0,
-                                                    const Tensor& w_hh, const OptTensor& b_hh,
-                                                    const OptTensor& batch_sizes, bool reverse,
-                                                    bool train) {
-  return gru_forward<CudaRunner>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, 0, 0, -1,
-                                 allow_tf32());
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_gru_backward(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
-    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
-    bool has_bias) {
-  return gru_backward<CudaRunner>(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes,
-                                  reverse, has_bias, 0, 0, -1, allow_tf32());
-}
-
 }  // namespace persistent
 
 TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
-  m.impl("_persistent_lstm_forward", &persistent::lstm_forward_op);
-  m.impl("_persistent_lstm_backward", &persistent::lstm_backward_op);
-  m.impl("_persistent_gru_forward", &persistent::gru_forward_op);
-  m.impl("_persistent_gru_backward", &persistent::gru_backward_op);
+  m.impl("_persistent_lstm_forward", &persistent::lstm_forward_cuda);
+  m.impl("_persistent_lstm_backward", &persistent::lstm_backward_cuda);
+  m.impl("_persistent_gru_forward", &persistent::gru_forward_cuda);
+  m.impl("_persistent_gru_backward", &persistent::gru_backward_cuda);
 }
 
 }  // namespace fusedrnn

@@ -1,6 +1,6 @@
-// Host side of the persistent recurrence (persistent.h): argument checks,
+// Host side of the persistent recurrence (phases.h): argument checks,
 // outputs, the layout, and the weight gradients, shared by the CUDA launcher
-// and the CPU emulator. `R` runs the time loop:
+// (persistent.cu) and the CPU emulator (emulate.cpp). `R` runs the time loop:
 //
 //   R::max_blocks(device)              blocks that can be co-resident
 //   R::smem_bytes(device)              shared memory one block may use
@@ -21,20 +21,21 @@
 #include <tuple>
 #include <vector>
 
-#include "persistent.h"
-#include "recurrence.h"
+#include "../recurrence.h"
+#include "args.h"
+#include "layout.h"
 
 namespace fusedrnn {
 namespace persistent {
 
-// mode: -1 picks: tensor cores for fp16/bf16, and for fp32 when TF32 is
-// allowed (allow_tf32: the flag that governs cuBLAS's fp32 matmuls too);
-// SIMT for strict fp32 and fp64.
+// mode: kAutoMode (-1) picks: tensor cores for fp16/bf16, and for fp32 when
+// TF32 is allowed (allow_tf32: the flag that governs cuBLAS's fp32 matmuls
+// too); SIMT for strict fp32 and fp64.
 inline int resolve_mode(int64_t mode, at::ScalarType dtype, bool tensor_cores, bool allow_tf32,
                         const char* op) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, op, ": mode must be -1 (auto), 0 (SIMT) or 1 ",
-              "(tensor cores), got ", mode);
-  if (mode == -1) {
+  TORCH_CHECK(mode >= kAutoMode && mode <= kTensorCore, op,
+              ": mode must be -1 (auto), 0 (SIMT) or 1 (tensor cores), got ", mode);
+  if (mode == kAutoMode) {
     const bool tc =
         dtype == at::kHalf || dtype == at::kBFloat16 || (dtype == at::kFloat && allow_tf32);
     return tc && tensor_cores ? kTensorCore : kSimt;

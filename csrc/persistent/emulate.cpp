@@ -1,4 +1,4 @@
-// The CPU emulator of the persistent CUDA kernel (persistent.h), registered as
+// The CPU emulator of the persistent CUDA kernel (phases.h), registered as
 // the CPU kernels of the _persistent_* ops. It runs the kernel's phases block
 // by block and thread by thread, with a grid barrier at the end of each step,
 // so the layout, the indexing, the packed schedule and the tensor-core tiling
@@ -9,11 +9,17 @@
 #include <algorithm>
 #include <vector>
 
-#include "../persistent_ops.h"
+#include "host.h"
+#include "phases.h"
 
 namespace fusedrnn {
 namespace persistent {
 namespace {
+
+// The device the emulator assumes: an H100's SM count and its opt-in shared
+// memory limit per block (fusedrnn/_ops.py has the same numbers for tests).
+constexpr int64_t kEmulatedBlocks = 132;
+constexpr int64_t kEmulatedSmemBytes = 232448;
 
 // Every block's shared memory, poisoned (all bits set: NaN in every float
 // type) so that reading what the kernel never wrote shows up in its results,
@@ -49,8 +55,8 @@ struct Emulator {
   static int64_t smem_bytes(const at::Device&) { return kEmulatedSmemBytes; }
   static bool tensor_cores(const at::Device&) { return true; }
 
-  template <int G, int kMode, typename T, typename acc_t>
-  static void forward(const ForwardArgs<T, acc_t>& a, const at::Device&) {
+  template <int G, int kMode, typename scalar_t, typename acc_t>
+  static void forward(const ForwardArgs<scalar_t, acc_t>& a, const at::Device&) {
     const Layout& L = a.L;
     SharedMemory smem(L);
     auto block = [&](int64_t blk) { return smem.block(blk); };
@@ -72,8 +78,8 @@ struct Emulator {
     smem.check_guards();
   }
 
-  template <int G, int kMode, typename T, typename acc_t>
-  static void backward(const BackwardArgs<T, acc_t>& a, const at::Device&) {
+  template <int G, int kMode, typename scalar_t, typename acc_t>
+  static void backward(const BackwardArgs<scalar_t, acc_t>& a, const at::Device&) {
     const Layout& L = a.L;
     SharedMemory smem(L);
     auto block = [&](int64_t blk) { return smem.block(blk); };

@@ -1,0 +1,175 @@
+// Staging for the persistent kernel (phases.h): each block's slice of W_hh
+// into shared memory once per launch, and per step the rows of A (h_{t-1}
+// forward, the pre-activation gradients backward) in K chunks, with the next
+// chunk's copies in flight during this chunk's product where the layout has
+// two buffers (layout.h). A holds values other blocks wrote during the
+// launch, so it is read through L2 only (Note [Persistent kernel]).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "args.h"
+#include "layout.h"
+
+#if defined(__CUDACC__)
+#include <cuda_pipeline_primitives.h>
+#endif
+
+namespace fusedrnn {
+namespace persistent {
+
+// A load that sees what other blocks stored before the last grid barrier.
+template <typename elt_t>
+FUSEDRNN_HOST_DEVICE elt_t load_coherent(const elt_t* p) {
+#if defined(__CUDA_ARCH__)
+  static_assert(sizeof(elt_t) == 2 || sizeof(elt_t) == 4 || sizeof(elt_t) == 8,
+                "unsupported element");
+  elt_t v;
+  if constexpr (sizeof(elt_t) == 2) {
+    const unsigned short r = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    memcpy(&v, &r, sizeof(elt_t));
+  } else if constexpr (sizeof(elt_t) == 4) {
+    const unsigned int r = __ldcg(reinterpret_cast<const unsigned int*>(p));
+    memcpy(&v, &r, sizeof(elt_t));
+  } else {
+    const unsigned long long r = __ldcg(reinterpret_cast<const unsigned long long*>(p));
+    memcpy(&v, &r, sizeof(elt_t));
+  }
+  return v;
+#else
+  return *p;
+#endif
+}
+
+// ------------------------------------------------------------------ weights
+// Forward slice: row g*units + jl = W_hh row g*H + j0 + jl. Row by row,
+// threads along the row (coalesced), no division per element.
+template <int G, typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void load_forward_weights(const ForwardArgs<scalar_t, acc_t>& a, int64_t blk,
+                                               unsigned char* smem, int tid, int nt) {
+  const Layout& L = a.L;
+  scalar_t* w = smem_at<scalar_t>(smem, L.w_off);
+  const int64_t j0 = blk * L.units, u = min_(L.units, a.H - j0);
+  for (int64_t n = 0; n < L.n_pad; ++n) {
+    const int64_t g = n / L.units, jl = n % L.units;
+    const bool valid = g < G && jl < u;
+    const scalar_t* src = a.w_hh + (g * a.H + j0 + jl) * a.H;
+    for (int64_t k = tid; k < L.ldw; k += nt) {
+      w[n * L.ldw + k] = (valid && k < a.H) ? src[k] : scalar_t(0.f);
+    }
+  }
+}
+
+// Backward slice: row jl = W_hh column j0 + jl, over all G*H gate rows.
+// Element i = k * n_pad + n (n fastest: neighbouring threads read
+// neighbouring columns of W_hh); (k, n) advance by counters, not division.
+template <int G, typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void load_backward_weights(const BackwardArgs<scalar_t, acc_t>& a, int64_t blk,
+                                                unsigned char* smem, int tid, int nt) {
+  const Layout& L = a.L;
+  scalar_t* w = smem_at<scalar_t>(smem, L.w_off);
+  const int64_t j0 = blk * L.units, u = min_(L.units, a.H - j0);
+  const int64_t dk = nt / L.n_pad, dn = nt % L.n_pad;
+  int64_t k = tid / L.n_pad, n = tid % L.n_pad;
+  for (; k < L.ldw; k += dk, n += dn) {
+    if (n >= L.n_pad) {
+      n -= L.n_pad;
+      ++k;
+      if (k >= L.ldw) break;
+    }
+    w[n * L.ldw + k] = (n < u && k < G * a.H) ? a.w_hh[k * a.H + j0 + n] : scalar_t(0.f);
+  }
+}
+
+// ------------------------------------------------------------------ A chunks
+// The A buffer that holds the chunk starting at column k0 (with two buffers
+// kc is a power of two).
+template <typename scalar_t>
+FUSEDRNN_HOST_DEVICE scalar_t* chunk_buffer(const Layout& L, unsigned char* smem, int64_t k0) {
+  return smem_at<scalar_t>(smem, L.a_off + ((k0 >> L.kc_shift) & (L.buffers - 1)) * L.a_bytes);
+}
+
+// 16 bytes from global memory into shared memory, asynchronously where the
+// hardware can (cp.async.cg: through L2 only, so it sees other blocks' stores
+// like load_coherent). Complete after async_wait and a block barrier.
+FUSEDRNN_HOST_DEVICE void copy16_async(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__)
+  __pipeline_memcpy_async(dst, src, 16);
+#else
+  std::memcpy(dst, src, 16);
+#endif
+}
+
+FUSEDRNN_HOST_DEVICE void async_commit() {
+#if defined(__CUDA_ARCH__)
+  __pipeline_commit();
+#endif
+}
+
+// Waits until at most `pending` of this thread's committed copy groups are
+// still in flight.
+FUSEDRNN_HOST_DEVICE void async_wait(int pending) {
+#if defined(__CUDA_ARCH__)
+  __pipeline_wait_prior(pending);
+#else
+  (void)pending;
+#endif
+}
+
+// Issues the copies of columns [k0, k0 + kc) of `rows` rows of A into their
+// buffer, zero-padded to b_pad rows and past column L.k, as one commit group.
+// src.row(b) points at row b of A (L.k elements). With `vec` (rows and their
+// starts 16-byte aligned) each thread moves 16 bytes per copy, asynchronously;
+// otherwise element by element, synchronously.
+template <typename scalar_t, typename Src>
+FUSEDRNN_HOST_DEVICE void issue_chunk(const Layout& L, unsigned char* smem, int64_t rows,
+                                      int64_t k0, const Src& src, bool vec, int tid, int nt) {
+  scalar_t* A = chunk_buffer<scalar_t>(L, smem, k0);
+  // i runs over rows of a power-of-two length (>= the chunk's), so that it
+  // splits into (row, column) by shifts; the columns past the chunk idle.
+  if (vec) {
+    constexpr int64_t V = 16 / sizeof(scalar_t);
+    const int64_t per_row = L.kc / V;
+    int shift = 0;
+    while ((int64_t(1) << shift) < per_row) ++shift;
+    for (int64_t i = tid; i < (L.b_pad << shift); i += nt) {
+      const int64_t b = i >> shift, v = i & ((int64_t(1) << shift) - 1);
+      if (v >= per_row) continue;
+      const int64_t kk = v * V, k = k0 + kk;
+      scalar_t* dst = A + b * L.lda + kk;
+      if (b < rows && k < L.k) {
+        copy16_async(dst, src.row(b) + k);
+      } else {
+        for (int64_t e = 0; e < V; ++e) dst[e] = scalar_t(0.f);
+      }
+    }
+  } else {
+    for (int64_t i = tid; i < (L.b_pad << L.kc_shift); i += nt) {
+      const int64_t b = i >> L.kc_shift, kk = i & ((int64_t(1) << L.kc_shift) - 1), k = k0 + kk;
+      if (kk >= L.kc) continue;
+      A[b * L.lda + kk] = (b < rows && k < L.k) ? load_coherent(src.row(b) + k) : scalar_t(0.f);
+    }
+  }
+  async_commit();
+}
+
+// The staging phase of chunk c: makes chunk c land in its buffer (issuing it
+// here when it is the first, or with one buffer) and, with two buffers,
+// issues chunk c + 1 into the other, whose product (chunk c - 1) finished at
+// the last barrier; zeroes acc on the first chunk.
+template <typename scalar_t, typename acc_t, typename Src>
+FUSEDRNN_HOST_DEVICE void stage_chunk(const Layout& L, unsigned char* smem, int64_t rows, int64_t c,
+                                      const Src& src, bool vec, int tid, int nt) {
+  if (c == 0 || L.buffers == 1) issue_chunk<scalar_t>(L, smem, rows, c * L.kc, src, vec, tid, nt);
+  const bool next = L.buffers == 2 && c + 1 < num_chunks(L);
+  if (next) issue_chunk<scalar_t>(L, smem, rows, (c + 1) * L.kc, src, vec, tid, nt);
+  async_wait(next ? 1 : 0);
+  if (c == 0) {
+    acc_t* acc = smem_at<acc_t>(smem, L.acc_off);
+    for (int64_t i = tid; i < L.b_pad * L.ldacc; i += nt) acc[i] = acc_t(0);
+  }
+}
+
+}  // namespace persistent
+}  // namespace fusedrnn
