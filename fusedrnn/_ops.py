@@ -238,9 +238,11 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad):
     input, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
-    if graph_needed(grad, input, weight):  # Note [Double backward]: torch's differentiable ops
+    # Note [Double backward]: torch's differentiable ops; also for empty shapes,
+    # where torch's ops give the zero (or bias) gradients.
+    if graph_needed(grad, input, weight) or 0 in (grad.numel(), input.numel(), weight.numel()):
         acc = _acc_dtype(input.dtype)
-        g2, x2 = grad.reshape(-1, grad.shape[-1]), input.reshape(-1, input.shape[-1])
+        g2, x2 = grad.flatten(0, -2), input.flatten(0, -2)
         return (grad @ weight if need_x else None,
                 (g2.to(acc).T @ x2.to(acc)).to(weight.dtype) if need_w else None,
                 g2.to(acc).sum(0).to(weight.dtype) if need_b and ctx.has_bias else None)
