@@ -6,7 +6,9 @@ output, state and gradient compared.
 prints each mismatch (with the index that reproduces it: --start I --n 1) and
 a summary line. A slice runs in the test suite (tests/test_fuzz.py).
 
-Tolerances. float64: max|ours - torch| <= 1e-10 max|torch| per tensor.
+Tolerances. Errors are max|ours - want| / max|want| per tensor, where
+max|want| is at least CANCEL_SCALE (1%) of the largest value of all the
+tensors compared (see check). float64: at most 1e-10 against torch.nn.
 float32 and bfloat16 follow tests/test_ops.py: both run on the same rounded
 inputs and weights, and against torch.nn in float64 on those values our
 relative error must be at most 4x torch.nn's own error at that dtype plus a
@@ -30,6 +32,7 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16)
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 FP32_LIMIT = 1e-5
 FP64_TOL = 1e-10
+CANCEL_SCALE = 0.01
 LAYOUTS = ("padded", "unbatched", "packed", "packed_unsorted")
 
 
@@ -120,9 +123,12 @@ def _run(c, module, leaves, lengths, weights):
                     [o.detach() for o in outs] + list(grads))), weights
 
 
-def _rel_err(a, e):
+def _rel_err(a, e, scale=0.0):
+    """max|a - e| / max(max|e|, scale)."""
     a, e = a.double(), e.double()
-    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() if e.numel() else 0.0
+    if not e.numel():
+        return 0.0
+    return ((a - e).abs().max() / e.abs().max().clamp_min(max(scale, 1e-30))).item()
 
 
 def check(index, seed=0):
@@ -151,18 +157,23 @@ def check(index, seed=0):
         theirs = _run(c, ref_low, low(), lengths, w)[0] if dtype != torch.float64 else None
     except Exception as e:  # noqa: BLE001  (a crash is a finding)
         return c, [f"raised {type(e).__name__}: {str(e).splitlines()[0]}"]
+    # Note: a tensor that is small because its terms cancel (hidden_size 1: one
+    # h0 gradient of 7e-5 from terms near 0.1) is measured against the scale of
+    # the terms, taken as CANCEL_SCALE of the largest value compared.
+    scale = CANCEL_SCALE * max((e.abs().max().item() for e in want.values() if e.numel()),
+                               default=0.0)
     for name, e in want.items():
         a = got[name]
         if a.shape != e.shape or a.dtype != (theirs or want)[name].dtype:
             errors.append(f"{name}: shape/dtype {tuple(a.shape)} {a.dtype}, "
                           f"want {tuple(e.shape)} {(theirs or want)[name].dtype}")
             continue
-        ours_err = _rel_err(a, e)
+        ours_err = _rel_err(a, e, scale)
         if dtype == torch.float64:
             if not ours_err <= FP64_TOL:
                 errors.append(f"{name}: rel err {ours_err:.3g} > {FP64_TOL}")
             continue
-        torch_err = _rel_err(theirs[name], e)
+        torch_err = _rel_err(theirs[name], e, scale)
         bound = 4 * torch_err + FLOOR[dtype]
         if dtype == torch.float32:
             bound = min(bound, max(FP32_LIMIT, 4 * torch_err))
