@@ -19,7 +19,10 @@ outside the innermost transform can see the gradient's graph: an enclosing
 grad level that tracks one of the tensors, or plain autograd on the tensors
 underneath. Only then is a differentiable backward built; a plain
 torch.func.grad (inputs that do not require grad outside it) runs the fused
-backward ops, whose node at the innermost level is never used.
+backward ops, whose node at the innermost level is never used. Parameters
+passed as they are (model.named_parameters(), requiring grad) are tracked by
+plain autograd, so they take the differentiable path: detach them, as
+torch.func's own examples do, for the fused one.
 """
 import torch
 from torch._C import _functorch
