@@ -14,8 +14,10 @@ what backward needs; they are empty unless `train`.
 import torch
 
 from . import _C  # noqa: F401  (registers the ops)
+from ._autograd import graph_needed, register_autograd
 
 ops = torch.ops.fusedrnn
+_lib = torch.library.Library("fusedrnn", "FRAGMENT")  # our Autograd and vmap kernels
 
 LSTM_GATES = 4
 GRU_GATES = 3
@@ -90,13 +92,9 @@ def _gru_backward_fake(grad_output, grad_h_n, output, gates, h0, w_hh, batch_siz
 # the reference's torch ops (one Python step per time step, slower), recomputed
 # from the saved inputs, so that a second backward sees every dependence. The
 # backward ops refuse a backward of their own (_refuse_backward) rather than
-# return silently wrong values.
-def _graph_needed(*tensors):
-    """Whether this backward runs under create_graph with a tensor that needs it."""
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
-
-
+# return silently wrong values. Under torch.func, which always asks for a
+# graph, only a graph that something outside the transform can see counts
+# (graph_needed, Note [Autograd under torch.func] in _autograd.py).
 def _reference_grads(layer, inputs, needs, outputs_grads):
     """Gradients of `layer(*inputs)` (a reference layer function) for the inputs
     with `needs`, given the output gradients, as a differentiable graph.
@@ -135,7 +133,7 @@ def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
             "fusedrnn::lstm_forward was called with train=False, so nothing was saved for "
             "backward; call it with train=True when a gradient is needed")
     inputs = (x_proj, h0, c0, w_hh, w_hr, b_hh)
-    if _graph_needed(grad_out, grad_h_n, grad_c_n, *inputs):
+    if graph_needed(grad_out, grad_h_n, grad_c_n, *inputs):
         from . import reference  # Note [Double backward]
         grads = _reference_grads(
             lambda *a: reference.lstm_layer(*a, batch_sizes=batch_sizes, reverse=ctx.reverse),
@@ -164,7 +162,7 @@ def _gru_backward(ctx, grad_out, grad_h_n, _grad_gates):
             "fusedrnn::gru_forward was called with train=False, so nothing was saved for "
             "backward; call it with train=True when a gradient is needed")
     inputs = (x_proj, h0, w_hh, b_hh)
-    if _graph_needed(grad_out, grad_h_n, *inputs):
+    if graph_needed(grad_out, grad_h_n, *inputs):
         from . import reference  # Note [Double backward]
         grads = _reference_grads(
             lambda *a: reference.gru_layer(*a, batch_sizes=batch_sizes, reverse=ctx.reverse,
@@ -190,13 +188,10 @@ def _refuse_backward(name):
 
 
 for _name in ("lstm_backward", "gru_backward", "linear_backward"):
-    torch.library.register_autograd(f"fusedrnn::{_name}", _refuse_backward(_name),
-                                    setup_context=_refuse_setup_context)
+    register_autograd(f"fusedrnn::{_name}", _refuse_backward(_name), _refuse_setup_context, _lib)
 
-torch.library.register_autograd(
-    "fusedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
-torch.library.register_autograd(
-    "fusedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
+register_autograd("fusedrnn::lstm_forward", _lstm_backward, _lstm_setup_context, _lib)
+register_autograd("fusedrnn::gru_forward", _gru_backward, _gru_setup_context, _lib)
 
 
 def needs_grad(*tensors):
@@ -248,9 +243,11 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad):
     input, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
-    if _graph_needed(grad, input, weight):  # Note [Double backward]: torch's differentiable ops
+    # Note [Double backward]: torch's differentiable ops; also for empty shapes,
+    # where torch's ops give the zero (or bias) gradients.
+    if graph_needed(grad, input, weight) or 0 in (grad.numel(), input.numel(), weight.numel()):
         acc = _acc_dtype(input.dtype)
-        g2, x2 = grad.reshape(-1, grad.shape[-1]), input.reshape(-1, input.shape[-1])
+        g2, x2 = grad.flatten(0, -2), input.flatten(0, -2)
         return (grad @ weight if need_x else None,
                 (g2.to(acc).T @ x2.to(acc)).to(weight.dtype) if need_w else None,
                 g2.to(acc).sum(0).to(weight.dtype) if need_b and ctx.has_bias else None)
@@ -260,11 +257,13 @@ def _linear_backward(ctx, grad):
             db if need_b and ctx.has_bias else None)
 
 
-torch.library.register_autograd(
-    "fusedrnn::linear", _linear_backward, setup_context=_linear_setup_context)
+register_autograd("fusedrnn::linear", _linear_backward, _linear_setup_context, _lib)
 
 
 def linear(input, weight, bias=None):
     """input [..., K] @ weight[N, K]^T + bias: the input projection of all steps,
     one GEMM (on AVX-512 CPUs in float32, fusedrnn's own; elsewhere ATen's)."""
     return ops.linear(input, weight, bias)
+
+
+from . import _vmap  # noqa: E402,F401  (batching rules, Note [vmap by folding])

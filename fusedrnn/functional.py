@@ -129,6 +129,9 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
     lstm = mode == "LSTM"
     dirs = 2 if bidirectional else 1
     h0, c0 = hx if lstm else (hx, None)
+    if batch_sizes is not None and not torch.compiler.is_compiling():
+        # torch.nn takes steps of no rows at the end (the ops do not): they change nothing.
+        batch_sizes = batch_sizes[:int(torch.count_nonzero(batch_sizes))]
     proj = weights[0][4] is not None
     matmul_states = [("hx[0]" if lstm else "hx", h0)]
     state_name, state = ("hx[1]", c0) if lstm else ("hx", h0)
