@@ -13,7 +13,11 @@ float32 and bfloat16 follow tests/test_ops.py: both run on the same rounded
 inputs and weights, and against torch.nn in float64 on those values our
 relative error must be at most 4x torch.nn's own error at that dtype plus a
 floor (FLOOR: a few units of rounding, so that a tensor torch happens to get
-almost exactly right does not fail us). float32 is held to the contract
+almost exactly right does not fail us; for bfloat16, 16 units of 2^-8: at
+hidden_size 1 the tensors hold one to four values, and the input projection,
+each layer's output and the weight gradients are rounded to bfloat16 on both
+sides, so single calls reach 10 units where torch.nn's draw happened to be
+small; a wrong index or gate still errs by order 1). float32 is held to the contract
 instead (DESIGN.md: 1e-5 relative), or to 4x torch.nn's error where that is
 larger (a few values that cancel, e.g. hidden_size 1): with one to three
 values per tensor, the ratio of two rounding errors is a heavy-tailed draw
@@ -33,7 +37,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import fusedrnn
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16)
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 16 * 2.0 ** -8}
 FP32_LIMIT = 1e-5
 FP64_TOL = 1e-10
 CANCEL_SCALE = 0.01
