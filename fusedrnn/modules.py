@@ -21,7 +21,7 @@ def _check_size(t, expected, what, short_rank_error=RuntimeError):
     """torch.nn's check_hidden_size. Under torch.compile a packed batch size
     (batch_sizes[0]) is data, so there the comparison is a runtime assert
     (torch._check) rather than a guard. Its message function takes `what` as a
-    default argument, not from the enclosing scope: Dynamo before torch 2.14
+    default argument, not from the enclosing scope: torch 2.11's Dynamo
     refuses a torch._check message that is a closure."""
     msg = lambda: f"Expected {what} size {expected}, got {list(t.size())}"  # noqa: E731
     if t.dim() != len(expected):
