@@ -23,13 +23,15 @@ from .scripting import ScriptedCell, ScriptedRNN
 def _check_size(t, expected, what, short_rank_error=RuntimeError):
     """torch.nn's check_hidden_size. Under torch.compile a packed batch size
     (batch_sizes[0]) is data, so there the comparison is a runtime assert
-    (torch._check) rather than a guard."""
+    (torch._check) rather than a guard. Its message function takes `what` as a
+    default argument, not from the enclosing scope: torch 2.11's Dynamo
+    refuses a torch._check message that is a closure."""
     msg = lambda: f"Expected {what} size {expected}, got {list(t.size())}"  # noqa: E731
     if t.dim() != len(expected):
         raise (short_rank_error if t.dim() < len(expected) else RuntimeError)(msg())
     if torch.compiler.is_compiling():
         for got, want in zip(t.shape, expected):
-            torch._check(got == want, lambda: f"Expected {what} size does not match hx")
+            torch._check(got == want, lambda what=what: f"Expected {what} size does not match hx")
     elif t.size() != expected:
         raise RuntimeError(msg())
 
