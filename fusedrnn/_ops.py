@@ -124,10 +124,18 @@ def _lstm_setup_context(ctx, inputs, output):
     ctx.save_for_backward(out, gates, cells, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes)
     ctx.reverse = reverse
     ctx.train = train
+    # The saved gates and cells never get a gradient: no zeros of their size.
+    ctx.set_materialize_grads(False)
+
+
+def _or_zeros(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
 
 
 def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     out, gates, cells, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes = ctx.saved_tensors
+    grad_out, grad_h_n, grad_c_n = (_or_zeros(g, t) for g, t in
+                                    ((grad_out, out), (grad_h_n, h0), (grad_c_n, c0)))
     if not ctx.train:
         raise RuntimeError(
             "fusedrnn::lstm_forward was called with train=False, so nothing was saved for "
@@ -153,10 +161,12 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.reset_after = reset_after
     ctx.train = train
+    ctx.set_materialize_grads(False)  # as for the LSTM
 
 
 def _gru_backward(ctx, grad_out, grad_h_n, _grad_gates):
     out, gates, x_proj, h0, w_hh, b_hh, batch_sizes = ctx.saved_tensors
+    grad_out, grad_h_n = _or_zeros(grad_out, out), _or_zeros(grad_h_n, h0)
     if not ctx.train:
         raise RuntimeError(
             "fusedrnn::gru_forward was called with train=False, so nothing was saved for "

@@ -46,9 +46,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_fused_bf16(
 // y [M, N] = x [M, K] w [N, K]^T (+ b [N]); float32, contiguous.
 at::Tensor linear_fused(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b);
 
-// dw [N, K] = dy [R, N]^T x [R, K] (the weight gradient over all R rows); float32.
-at::Tensor linear_weight_grad_fused(const at::Tensor& dy, const at::Tensor& x);
-
 // dx [M, K] = dy [M, N] w [N, K]; float32, contiguous.
 at::Tensor linear_input_grad_fused(const at::Tensor& dy, const at::Tensor& w);
 

@@ -241,14 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
     dx = at::mm(g2, weight).view(input.sizes());
 #endif
   }
-  if (weight_grad) {
-#ifdef FUSEDRNN_X86
-    dw = linear_fused_ok(g2, x2) && x2.numel() > 0 ? cpu::linear_weight_grad_fused(g2, x2)
-                                                   : at::mm(g2.t(), x2);
-#else
-    dw = at::mm(g2.t(), x2);
-#endif
-  }
+  // MKL's SGEMM takes g2^T as it is (see recurrent_weight_grad in fused_cpu.cpp).
+  if (weight_grad) dw = at::mm(g2.t(), x2);
   if (bias_grad) db = g2.sum(0);
   return {dx, dw, db};
 }
