@@ -26,7 +26,7 @@ MODES = ("inference", "training")
 #     err(fusedrnn) <= max(PARITY_MULTIPLE * err(torch.nn), PARITY_FLOOR[precision]),
 # i.e. fusedrnn may be at most a small multiple of torch.nn's own error at that
 # precision (never a guessed wide tolerance), with a floor for rows where
-# torch.nn happens to be nearly exact. float32's floor is DESIGN.md's 1e-5.
+# torch.nn happens to be nearly exact. float32's floor is the project's 1e-5 contract.
 PARITY_MULTIPLE = 4.0
 PARITY_FLOOR = {"float64": 1e-10, "float32": 1e-5, "tf32": 2e-3, "float16": 5e-3,
                 "bfloat16": 2e-2}

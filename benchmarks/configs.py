@@ -1,4 +1,4 @@
-"""Benchmark configurations (DESIGN.md section 3), the sets built from them,
+"""Benchmark configurations (the fastrnns, small-batch and DeepBench-style sets), the sets built from them,
 and the precisions each device runs."""
 from dataclasses import dataclass
 
@@ -44,7 +44,7 @@ DEEPBENCH = [_square(T, B, H, "deepbench")
 # A representative subset that runs in a few minutes on 2 CPU cores: the
 # fastrnns default, batch 1, a small batch, and a short wide DeepBench row.
 QUICK_KEYS = [(100, 64, 512, 512), (100, 1, 256, 256), (100, 16, 512, 512), (25, 64, 1024, 1024)]
-# Where the persistent CUDA kernel is meant to win (issue 7): T=100,
+# Where the persistent CUDA kernel is meant to win: T=100,
 # B in {1, 8, 16, 64}, H in {256, 512, 1024}.
 PERSISTENT_KEYS = [(100, B, H, H) for H in (256, 512, 1024) for B in (1, 8, 16, 64)]
 # The smallest quick configs: proves the harness runs and parity holds.
@@ -57,7 +57,7 @@ def _persistent_set():
 
 
 def full_set():
-    """Every config of DESIGN.md section 3 once; a config in several families
+    """Every config of the three families once; a config in several families
     (fastrnns is also a DeepBench point) keeps all its tags."""
     merged = {}
     for cfg in FASTRNNS + SMALL_BATCH + DEEPBENCH:

@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-# Ceilings of the lent H100 (80GB HBM3, 132 SMs), as this workplace measured them
-# (device/KINDS.md, 2026-11-13): a device-to-device copy at ~3.0 TB/s counting bytes
+# Ceilings of an H100 (80GB HBM3, 132 SMs), measured outside this project
+# (2026-11-13): a device-to-device copy at ~3.0 TB/s counting bytes
 # read and written; an 8192^3 bf16 matmul at 798 TFLOP/s. Not measured there: fp32
 # SIMT and TF32, scaled here from the datasheet's dense rates by bf16's measured
 # fraction (798 / 989). --bandwidth and --barrier-us override.

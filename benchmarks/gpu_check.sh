@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The one script for a lent GPU machine (H100/H200, torch 2.11 + CUDA 13, no
+# The one script for a GPU machine (H100/H200, torch 2.11 + CUDA 13, no
 # network): build with all cores, run the CUDA tests, run the CUDA benchmarks,
 # and write everything under benchmarks/results/ and into OUT_DIR.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default OUT_DIR: benchmarks/results)
 #
-# Sized to finish in under 7 minutes, so that a 15-minute lease leaves room
-# for a second try: the build (~1.5 min on 16 cores), then stages with their
+# Sized to finish in under 7 minutes, so that a short session on a GPU machine
+# leaves room for a second try: the build (~1.5 min on 16 cores), then stages with their
 # own timeouts (315 s in all), most important first, so that a stage that
 # times out leaves the later ones their time:
 #   the persistent kernel's tests and the CUDA-only tests (each under every
-#   FUSEDRNN_ALGO); one persistent step's latency; issue 7's table (T=100,
+#   FUSEDRNN_ALGO); one persistent step's latency; the persistent set (T=100,
 #   B 1..64, H 256..1024, float32 and bfloat16; it holds the fastrnns config)
 #   with the dispatcher on auto; the op and module tests on CUDA under
 #   FUSEDRNN_ALGO=persistent; the same table step-wise; the op tests step-wise.

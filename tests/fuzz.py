@@ -18,7 +18,7 @@ hidden_size 1 the tensors hold one to four values, and the input projection,
 each layer's output and the weight gradients are rounded to bfloat16 on both
 sides, so single calls reach 10 units where torch.nn's draw happened to be
 small; a wrong index or gate still errs by order 1). float32 is held to the contract
-instead (DESIGN.md: 1e-5 relative), or to 4x torch.nn's error where that is
+instead (the project's 1e-5 relative), or to 4x torch.nn's error where that is
 larger (a few values that cancel, e.g. hidden_size 1): with one to three
 values per tensor, the ratio of two rounding errors is a heavy-tailed draw
 (over 300 random GRU(8, 1) calls our float32 d_h0 errors have the same
