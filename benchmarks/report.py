@@ -61,7 +61,7 @@ def write_json(path, doc):
 def newest_results(root, kind=None, recursive=True):
     """The newest complete dated result of each kind under root (and its
     subfolders when recursive): one per folder, kind ('bench' or 'gemm'),
-    device, set and environment variant (Note [result files]). Sorted by
+    device, set, precisions measured and environment variant (Note [result files]). Sorted by
     folder, then file name."""
     best = {}
     for path in sorted(Path(root).rglob("*.json") if recursive else Path(root).glob("*.json")):
@@ -78,8 +78,9 @@ def newest_results(root, kind=None, recursive=True):
         if kind is not None and doc_kind != kind:
             continue
         env = doc.get("env", {})
+        precisions = tuple(sorted({r.get("precision", "") for r in doc["rows"]}))
         key = (path.parent, doc_kind, doc.get("device"), env.get("gpu"), doc.get("set"),
-               environment.recorded_variant(env))
+               precisions, environment.recorded_variant(env))
         if key not in best or m["stamp"] > best[key][0]:
             best[key] = (m["stamp"], path)
     return sorted((p for _, p in best.values()), key=lambda p: (str(p.parent), p.name))
