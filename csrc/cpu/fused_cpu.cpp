@@ -28,7 +28,6 @@
 
 #include "../checks.h"
 #include "fused_loop.h"
-#include "weight_grad.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -225,8 +224,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const
 }
 
 // dW_hh = sum over steps of dG_t^T h_{t-1}: one GEMM over the T-1 steps whose
-// h_{t-1} is an output row (read in place, no gathered copy), plus h0's step
-// (Note [weight gradients through oneDNN] in weight_grad.h).
+// h_{t-1} is an output row (read in place, no gathered copy), plus h0's step.
+// MKL's SGEMM, which takes the transposed operand as it is (benchmarks/NOTES.md,
+// "CPU weight gradients", for the alternatives measured).
 // dg: [T*B, G], out: [T, B, H], h0: [B, H] -> [G, H]
 static Tensor recurrent_weight_grad(const Tensor& dg, const Tensor& out, const Tensor& h0,
                                     bool reverse) {
@@ -235,7 +235,9 @@ static Tensor recurrent_weight_grad(const Tensor& dg, const Tensor& out, const T
   // Forward: step t reads out[t-1], step 0 reads h0. Reverse: t reads out[t+1], T-1 reads h0.
   const Tensor dg_h0 = dg.narrow(0, reverse ? BT : 0, B);
   Tensor d_w = at::mm(dg_h0.t(), h0);
-  if (T > 1) d_w += weight_grad(dg.narrow(0, reverse ? 0 : B, BT), o.narrow(0, reverse ? B : 0, BT));
+  if (T > 1) {
+    d_w.addmm_(dg.narrow(0, reverse ? 0 : B, BT).t(), o.narrow(0, reverse ? B : 0, BT));
+  }
   return d_w;
 }
 

@@ -8,7 +8,6 @@
 
 #include "../recurrence.h"
 #include "fused_cpu.h"
-#include "weight_grad.h"
 
 namespace fusedrnn {
 namespace {
@@ -242,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
     dx = at::mm(g2, weight).view(input.sizes());
 #endif
   }
-  if (weight_grad) dw = cpu::weight_grad(g2, x2);  // Note [weight gradients through oneDNN]
+  // MKL's SGEMM takes g2^T as it is (see recurrent_weight_grad in fused_cpu.cpp).
+  if (weight_grad) dw = at::mm(g2.t(), x2);
   if (bias_grad) db = g2.sum(0);
   return {dx, dw, db};
 }
