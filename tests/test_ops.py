@@ -38,7 +38,7 @@ def variants():
                                    f"{'bias' if bias else 'nobias'}")
 
 
-@pytest.mark.parametrize("kind,proj,bias", variants())
+@pytest.mark.parametrize("kind,proj,bias", list(variants()))
 @pytest.mark.parametrize("packed", LAYOUTS)
 @pytest.mark.parametrize("reverse", DIRECTIONS)
 def test_float64_matches_reference(device, kind, proj, bias, packed, reverse):
@@ -84,7 +84,7 @@ def test_low_precision_error_within_torch_error(device, kind, dtype):
             assert ours < 1e-5
 
 
-@pytest.mark.parametrize("kind,proj,bias", variants())
+@pytest.mark.parametrize("kind,proj,bias", list(variants()))
 @pytest.mark.parametrize("packed", LAYOUTS)
 @pytest.mark.parametrize("reverse", DIRECTIONS)
 def test_gradcheck(device, kind, proj, bias, packed, reverse):
