@@ -12,7 +12,8 @@
 #   the persistent kernel's tests and the CUDA-only tests (each under every
 #   FUSEDRNN_ALGO); one persistent step's latency; the persistent set (T=100,
 #   B 1..64, H 256..1024, float32 and bfloat16; it holds the fastrnns config)
-#   with the dispatcher on auto; the op and module tests on CUDA under
+#   with FUSEDRNN_ALGO=persistent (auto is step-wise until this kernel has GPU
+#   results); the op and module tests on CUDA under
 #   FUSEDRNN_ALGO=persistent; the same table step-wise; the op tests step-wise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,8 +49,8 @@ print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, \
     tests/test_persistent.py tests/test_cuda.py --junitxml="$OUT/gpu-tests-persistent-$STAMP.xml"
   stage "persistent step latency" 15 sh -c \
     "$PY -m benchmarks.floors --measure-barrier | tee '$OUT/persistent-step-latency.json'"
-  stage "bench persistent set, auto" 75 $PY -m benchmarks.bench --device cuda --persistent \
-    --dtype float32,bfloat16 --no-plot --out-dir "$OUT/persistent-auto"
+  stage "bench persistent set, persistent" 75 env FUSEDRNN_ALGO=persistent $PY -m benchmarks.bench \
+    --device cuda --persistent --dtype float32,bfloat16 --no-plot --out-dir "$OUT/persistent-kernel"
   stage "op + module tests, persistent" 50 env FUSEDRNN_ALGO=persistent $PY -m pytest -q -rfE \
     -k "cuda" tests/test_ops.py tests/test_modules.py \
     --junitxml="$OUT/gpu-tests-persistent-ops-$STAMP.xml"

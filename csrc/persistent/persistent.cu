@@ -19,7 +19,14 @@ namespace fusedrnn {
 namespace persistent {
 namespace {
 
-// auto takes the persistent kernel up to this batch; beyond it the per-step
+// Note [auto is step-wise until measured]
+// The persistent kernel has passed its CPU emulator but has not run on a GPU:
+// no result under benchmarks/results/ shows it passing the CUDA tests. Until
+// one does, auto takes the step-wise path (FUSEDRNN_ALGO=persistent still
+// runs it, as gpu_check.sh does); then auto takes it where the committed
+// measurements show it faster, with the thresholds below read from them.
+constexpr bool kAutoTakesPersistent = false;
+// Where auto would take it: up to this batch; beyond it the per-step
 // GEMM has enough rows to fill the GPU on its own (unmeasured: see
 // benchmarks/NOTES.md).
 constexpr int64_t kAutoMaxBatch = 64;
@@ -134,7 +141,8 @@ bool use_persistent(const at::Tensor& w_hh, const at::Tensor& state, int gates, 
       fit_layout<CudaRunner>(H, B, gates, backward, mode, like.scalar_type(), kDeviceBlocks, d);
   if (L.blocks == 0) return false;
   const int64_t round_trips = L.buffers == 2 ? 1 : num_chunks(L);
-  return algo == Algo::kPersistent || (B <= kAutoMaxBatch && round_trips <= kAutoMaxRoundTrips);
+  return algo == Algo::kPersistent ||
+         (kAutoTakesPersistent && B <= kAutoMaxBatch && round_trips <= kAutoMaxRoundTrips);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(

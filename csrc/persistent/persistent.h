@@ -20,7 +20,9 @@ namespace persistent {
 //   persistent: the persistent kernel wherever it supports the call (no
 //               proj_size, GRU in torch's form, W_hh slice fits on chip),
 //               stepwise elsewhere.
-//   auto:       persistent where supported, batch <= kAutoMaxBatch and staging
+//   auto:       stepwise until the persistent kernel has GPU results (Note
+//               [auto is step-wise until measured] in persistent.cu); then
+//               persistent where supported, batch <= kAutoMaxBatch and staging
 //               h_{t-1} (backward: dgates) exposes at most kAutoMaxRoundTrips
 //               round trips to L2 per step.
 // H is read from w_hh's columns (the caller has no projection), B from the
