@@ -30,17 +30,31 @@ namespace cpu {
 
 constexpr int kLanes = 16;  // floats per zmm register
 
+// The MR x NV accumulators of a tile: from tile (accumulate) or zero, and back.
+template <int MR, int NV>
+inline void load_acc(__m512 (&acc)[MR][NV], const float* tile, bool accumulate) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(tile + (r * NV + v) * kLanes) : _mm512_setzero_ps();
+}
+
+template <int MR, int NV>
+inline void store_acc(const __m512 (&acc)[MR][NV], float* tile) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(tile + (r * NV + v) * kLanes, acc[r][v]);
+}
+
 // tile[MR][NV * 16] (+)= A[MR rows, K] * panel[K][NV * 16]; element (r, k) of
 // A is a[r * sam + k * sak]. accumulate: add to what tile holds.
 template <int MR, int NV>
 inline void mma_tile(const float* a, int64_t sam, int64_t sak, const float* panel, int64_t K,
                      float* tile, bool accumulate) {
   __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? _mm512_loadu_ps(tile + (r * NV + v) * kLanes) : _mm512_setzero_ps();
+  load_acc<MR, NV>(acc, tile, accumulate);
   for (int64_t k = 0; k < K; ++k) {
     __m512 w[NV];
 #pragma GCC unroll 4
@@ -52,10 +66,7 @@ inline void mma_tile(const float* a, int64_t sam, int64_t sak, const float* pane
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, w[v], acc[r][v]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(tile + (r * NV + v) * kLanes, acc[r][v]);
+  store_acc<MR, NV>(acc, tile);
 }
 
 // The float32 tile product for run_panels: mma_tile for a run-time row count

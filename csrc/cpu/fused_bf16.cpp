@@ -29,11 +29,7 @@ template <int MR, int NV>
 inline void mma_tile_bf16(const Bf16* a, int64_t sam, const Bf16* panel, int64_t K, float* tile,
                           bool accumulate) {
   __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? _mm512_loadu_ps(tile + (r * NV + v) * kLanes) : _mm512_setzero_ps();
+  load_acc<MR, NV>(acc, tile, accumulate);
   for (int64_t k = 0; k < K; k += 2) {
     __m512bh w[NV];
 #pragma GCC unroll 4
@@ -49,10 +45,7 @@ inline void mma_tile_bf16(const Bf16* a, int64_t sam, const Bf16* panel, int64_t
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, w[v]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(tile + (r * NV + v) * kLanes, acc[r][v]);
+  store_acc<MR, NV>(acc, tile);
 }
 
 // The bfloat16 tile product for run_panels (avx512_gemm.h); A's k stride is 1.
@@ -69,16 +62,7 @@ struct MmaBf16 {
   }
 };
 
-struct Bf16Gemm {
-  using S = Bf16;
-  using Packed = Bf16;
-  static Tensor pack_gates(const Tensor& w, int64_t G) { return pack_gate_panels<Bf16, 2>(w, G); }
-  template <int NV, typename Epi>
-  static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const Bf16* a, int64_t lda,
-                  const Bf16* packed, const Epi& epi) {
-    run_panels<NV, MmaBf16>(p0, p1, M, K, a, lda, 1, packed, epi);
-  }
-};
+using Bf16Gemm = PanelGemm<Bf16, MmaBf16, 2>;
 
 }  // namespace
 

@@ -197,17 +197,7 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, const Tensor& pa
   });
 }
 
-// The float32 tile product (avx512_gemm.h) for the forward drivers of fused_loop.h.
-struct F32Gemm {
-  using S = float;
-  using Packed = float;
-  static Tensor pack_gates(const Tensor& w, int64_t G) { return pack_gate_panels<float, 1>(w, G); }
-  template <int NV, typename Epi>
-  static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const float* a, int64_t lda,
-                  const float* packed, const Epi& epi) {
-    run_panels<NV>(p0, p1, M, K, a, lda, 1, packed, epi);
-  }
-};
+using F32Gemm = PanelGemm<float, MmaF32, 1>;
 
 }  // namespace
 

@@ -251,6 +251,21 @@ struct Steps {
 };
 
 
+// The forward drivers' Gemm for storage type S: panels packed with k in groups
+// of KP (pack_gate_panels), the tile product of Mma (avx512_gemm.h's
+// MmaF32, fused_bf16.cpp's MmaBf16) through run_panels.
+template <typename S_, typename Mma, int KP>
+struct PanelGemm {
+  using S = S_;
+  using Packed = typename Mma::Packed;
+  static Tensor pack_gates(const Tensor& w, int64_t G) { return pack_gate_panels<S, KP>(w, G); }
+  template <int NV, typename Epi>
+  static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const S* a, int64_t lda,
+                  const Packed* packed, const Epi& epi) {
+    run_panels<NV, Mma>(p0, p1, M, K, a, lda, 1, packed, epi);
+  }
+};
+
 // ------------------------------------------------------------------ forward drivers
 // Gemm: the tile product for one storage type: Gemm::S; Gemm::Packed, the
 // element type of its packed weights; Gemm::pack_gates(w [G*H, H], G) the
