@@ -88,3 +88,17 @@ def test_nan_in_gradient_propagates():
         grads.append(torch.autograd.grad((m(x)[0] * w).sum(), [x] + list(m.parameters())))
     for a, b in zip(*grads):
         assert torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("algo", ["stepwise", "persistent"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda(algo, kind, dtype, monkeypatch):
+    """The same masks on the GPU, under each FUSEDRNN_ALGO (torch.nn on cuDNN)."""
+    monkeypatch.setenv("FUSEDRNN_ALGO", algo)
+    ref = getattr(nn, kind)(8, 16).to("cuda", dtype)
+    ours = fusedrnn.from_torch(ref)
+    shape, where = ((4, 8), (1, 3)) if kind.endswith("Cell") else ((6, 4, 8), (2, 1, 3))
+    x = poisoned(shape, where, float("nan"), dtype).detach().cuda().requires_grad_(True)
+    assert_same_masks(ref, ours, x, None)
