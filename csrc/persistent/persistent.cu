@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "host.h"
 #include "persistent.h"
@@ -75,23 +76,49 @@ const cudaDeviceProp& props(const at::Device& d) {
   return *at::cuda::getDeviceProperties(d.index());
 }
 
+// A failure of the launch itself (not of the running kernel) as
+// CooperativeLaunchFailed, with the error cleared so that the step-wise path
+// the caller falls back to starts clean.
+void check_launch(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  (void)cudaGetLastError();
+  throw CooperativeLaunchFailed(std::string("fusedrnn: ") + what + " failed for the persistent " +
+                                "kernel: " + cudaGetErrorString(err));
+}
+
+// FUSEDRNN_FORCE_COOP_FAIL=1: every cooperative launch fails as it would on a
+// GPU that cannot hold the grid (test hook for the fallback; read per call).
+bool force_launch_failure() {
+  const char* v = std::getenv("FUSEDRNN_FORCE_COOP_FAIL");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 // A cooperative launch on the current stream: every block must be resident
 // at once for the grid barrier, which the runtime checks (and we check first,
-// for a clear message).
+// for a clear message). Any failure up to and including the launch call
+// throws CooperativeLaunchFailed before the kernel has touched an output.
 template <typename Args>
 void launch_cooperative(void (*kernel)(Args), const Args& a, const at::Device& d) {
   const int bytes = static_cast<int>(a.L.bytes);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  check_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+               "cudaFuncSetAttribute");
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
-  TORCH_CHECK(int64_t(per_sm) * props(d).multiProcessorCount >= a.L.blocks,
-              "fusedrnn: the persistent kernel needs ", a.L.blocks, " co-resident blocks of ",
-              bytes, " bytes of shared memory; this GPU holds ", per_sm, " per SM");
+  check_launch(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes),
+               "the occupancy query");
+  if (int64_t(per_sm) * props(d).multiProcessorCount < a.L.blocks) {
+    throw CooperativeLaunchFailed(c10::str(
+        "fusedrnn: the persistent kernel needs ", a.L.blocks, " co-resident blocks of ", bytes,
+        " bytes of shared memory; this GPU holds ", per_sm, " per SM"));
+  }
+  if (force_launch_failure()) {
+    check_launch(cudaErrorCooperativeLaunchTooLarge, "cudaLaunchCooperativeKernel (forced)");
+  }
   Args copy = a;
   void* params[] = {&copy};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
-                                             dim3(unsigned(a.L.blocks)), dim3(kThreads), params,
-                                             size_t(bytes), at::cuda::getCurrentCUDAStream()));
+  check_launch(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                                           dim3(unsigned(a.L.blocks)), dim3(kThreads), params,
+                                           size_t(bytes), at::cuda::getCurrentCUDAStream()),
+               "cudaLaunchCooperativeKernel");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
