@@ -10,7 +10,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 
 #include "host.h"
 #include "persistent.h"
@@ -93,6 +96,31 @@ bool force_launch_failure() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
+// Note [launch set-up once]
+// Raising a kernel's dynamic shared-memory limit and the occupancy query cost
+// host time comparable to a short sequence's whole kernel, and depend only on
+// (kernel, shared-memory bytes, device): each key is set up once, under a
+// mutex, and failures are not cached (the next call retries, then falls
+// back). The limit is raised to the device's opt-in maximum, not to `bytes`,
+// so that a smaller size set up later cannot lower it under a larger cached
+// one. Device properties come from ATen's own per-device cache (props()).
+int blocks_per_sm(const void* kernel, int bytes, const at::Device& d) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  const auto key = std::make_tuple(kernel, bytes, int(d.index()));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  check_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(props(d).sharedMemPerBlockOptin)),
+               "cudaFuncSetAttribute");
+  int per_sm = 0;
+  check_launch(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes),
+               "the occupancy query");
+  cache.emplace(key, per_sm);
+  return per_sm;
+}
+
 // A cooperative launch on the current stream: every block must be resident
 // at once for the grid barrier, which the runtime checks (and we check first,
 // for a clear message). Any failure up to and including the launch call
@@ -100,11 +128,7 @@ bool force_launch_failure() {
 template <typename Args>
 void launch_cooperative(void (*kernel)(Args), const Args& a, const at::Device& d) {
   const int bytes = static_cast<int>(a.L.bytes);
-  check_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-               "cudaFuncSetAttribute");
-  int per_sm = 0;
-  check_launch(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes),
-               "the occupancy query");
+  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), bytes, d);
   if (int64_t(per_sm) * props(d).multiProcessorCount < a.L.blocks) {
     throw CooperativeLaunchFailed(c10::str(
         "fusedrnn: the persistent kernel needs ", a.L.blocks, " co-resident blocks of ", bytes,
