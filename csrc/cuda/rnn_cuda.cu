@@ -59,7 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
-  if (!w_hr.has_value() && persistent::use_persistent(w_hh, h0, kLstmGates, false, x_proj)) {
+  if (!w_hr.has_value() && !persistent::packed_while_capturing(batch_sizes) &&
+      persistent::use_persistent(w_hh, h0, kLstmGates, false, x_proj)) {
     try {  // Note [cooperative launch fallback]
       return persistent::lstm_forward_cuda(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train,
                                            persistent::kDeviceBlocks, persistent::kWidestChunk,
@@ -81,6 +82,7 @@ lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
   if (!w_hr.has_value() &&
+      !persistent::packed_while_capturing(batch_sizes) &&
       persistent::use_persistent(w_hh, grad_h_n, kLstmGates, true, grad_output)) {
     try {  // Note [cooperative launch fallback]
       return persistent::lstm_backward_cuda(grad_output, grad_h_n, grad_c_n, output, gates, cells,
@@ -100,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
-  if (reset_after && persistent::use_persistent(w_hh, h0, kGruGates, false, x_proj)) {
+  if (reset_after && !persistent::packed_while_capturing(batch_sizes) &&
+      persistent::use_persistent(w_hh, h0, kGruGates, false, x_proj)) {
     try {  // Note [cooperative launch fallback]
       return persistent::gru_forward_cuda(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train,
                                           persistent::kDeviceBlocks, persistent::kWidestChunk,
@@ -119,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  if (reset_after && persistent::use_persistent(w_hh, grad_h_n, kGruGates, true, grad_output)) {
+  if (reset_after && !persistent::packed_while_capturing(batch_sizes) &&
+      persistent::use_persistent(w_hh, grad_h_n, kGruGates, true, grad_output)) {
     try {  // Note [cooperative launch fallback]
       return persistent::gru_backward_cuda(grad_output, grad_h_n, output, gates, h0, w_hh,
                                            batch_sizes, reverse, has_bias,

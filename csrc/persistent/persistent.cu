@@ -4,6 +4,7 @@
 // _persistent_* ops, and the FUSEDRNN_ALGO choice for the public ops.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
 #include <torch/library.h>
@@ -174,7 +175,28 @@ Algo algo_from_env() {
   return Algo::kAuto;
 }
 
+// The _persistent_* ops refuse packed input while capturing: Note [packed
+// input under graph capture].
+void refuse_packed_capture(const OptTensor& batch_sizes, const char* op) {
+  TORCH_CHECK(!packed_while_capturing(batch_sizes), op,
+              ": the persistent kernel cannot take packed input (batch_sizes) while a CUDA graph "
+              "is being captured; the public ops run such calls step-wise");
+}
+
 }  // namespace
+
+// Note [packed input under graph capture]
+// A packed call's schedule (batch sizes and offsets) reaches the GPU by a
+// copy from a pinned host buffer that is freed when the call returns
+// (schedule_tensor, host.h). Captured, that copy would read the buffer again
+// at every replay, after it has been reused. So the persistent kernel refuses
+// packed input while the current stream is capturing, and the public ops send
+// such calls to the step-wise path, which keeps the schedule on the host and
+// bakes each step's row count into its launches: replay runs them as captured.
+bool packed_while_capturing(const OptTensor& batch_sizes) {
+  return batch_sizes.has_value() &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
 
 bool use_persistent(const at::Tensor& w_hh, const at::Tensor& state, int gates, bool backward,
                     const at::Tensor& like) {
@@ -202,6 +224,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
     int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
+  refuse_packed_capture(batch_sizes, "fusedrnn::_persistent_lstm_forward");
   return lstm_forward<CudaRunner>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train,
                                   max_blocks, max_chunk, mode, allow_tf32());
 }
@@ -213,6 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
     int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
+  refuse_packed_capture(batch_sizes, "fusedrnn::_persistent_lstm_backward");
   return lstm_backward<CudaRunner>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
                                    w_hh, batch_sizes, reverse, has_bias, max_blocks, max_chunk,
                                    mode, allow_tf32());
@@ -225,6 +249,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x_proj, const 
                                                     int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
+  refuse_packed_capture(batch_sizes, "fusedrnn::_persistent_gru_forward");
   return gru_forward<CudaRunner>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, max_blocks,
                                  max_chunk, mode, allow_tf32());
 }
@@ -235,6 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
+  refuse_packed_capture(batch_sizes, "fusedrnn::_persistent_gru_backward");
   return gru_backward<CudaRunner>(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes,
                                   reverse, has_bias, max_blocks, max_chunk, mode, allow_tf32());
 }

@@ -32,6 +32,11 @@ namespace persistent {
 bool use_persistent(const at::Tensor& w_hh, const at::Tensor& state, int gates, bool backward,
                     const at::Tensor& like);
 
+// Whether this is packed input (batch_sizes given) and the current stream is
+// capturing a CUDA graph: then the public ops run step-wise (Note [packed
+// input under graph capture] in persistent.cu).
+bool packed_while_capturing(const c10::optional<at::Tensor>& batch_sizes);
+
 // Thrown by the entry points below when the cooperative launch itself fails
 // (too few co-resident blocks, e.g. under MPS or on a partitioned GPU, or any
 // launch error) before the kernel has run, so nothing has been written: the
