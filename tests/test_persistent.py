@@ -22,9 +22,8 @@ KINDS = ["lstm", "gru"]
 @pytest.fixture(autouse=True)
 def stepwise_reference(monkeypatch):
     """The reference runs step-wise: on CUDA the dispatcher may send the public
-    ops to the persistent kernel
-    itself, and a systematic kernel error would then pass by matching itself;
-    the _persistent_* ops ignore FUSEDRNN_ALGO."""
+    ops to the persistent kernel itself, and a systematic kernel error would
+    then pass by matching itself. The _persistent_* ops ignore FUSEDRNN_ALGO."""
     monkeypatch.setenv("FUSEDRNN_ALGO", "stepwise")
 
 
