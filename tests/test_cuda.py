@@ -194,8 +194,10 @@ def test_packed_input_replays_in_a_cuda_graph(algo_name, monkeypatch):
     d = layer_inputs("lstm", True, "cuda", torch.float64, lengths=[6, 4, 4, 1], H=32)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph wants
-        packed_lstm_forward(d)
+    with torch.cuda.stream(side):  # warm-up (cuBLAS handles) of both paths, off the capture
+        for warm in ["stepwise", algo_name]:
+            monkeypatch.setenv("FUSEDRNN_ALGO", warm)
+            packed_lstm_forward(d)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
