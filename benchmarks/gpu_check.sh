@@ -9,8 +9,9 @@
 # leaves room for a second try: the build (~1.5 min on 16 cores), then stages with their
 # own timeouts (315 s in all), most important first, so that a stage that
 # times out leaves the later ones their time:
-#   the persistent kernel's tests and the CUDA-only tests (each under every
-#   FUSEDRNN_ALGO); one persistent step's latency; the persistent set (T=100,
+#   the persistent kernel's tests, with the largest layouts that fit (over
+#   200 KB of shared memory: test_largest_layouts_cuda), and the CUDA-only
+#   tests (each under every FUSEDRNN_ALGO); one persistent step's latency; the persistent set (T=100,
 #   B 1..64, H 256..1024, float32 and bfloat16; it holds the fastrnns config)
 #   with FUSEDRNN_ALGO=persistent (auto is step-wise until this kernel has GPU
 #   results); the op and module tests on CUDA under
@@ -45,7 +46,7 @@ print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, \
   # Offline: nothing is fetched; the installed torch is the one built against.
   time $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
   $PY -c "import fusedrnn; print('backends', fusedrnn.backends())"
-  stage "persistent + cuda tests" 90 $PY -m pytest -q -rfE --maxfail=10 -k "cuda" \
+  stage "persistent + cuda tests" 105 $PY -m pytest -q -rfE --maxfail=10 -k "cuda" \
     tests/test_persistent.py tests/test_cuda.py --junitxml="$OUT/gpu-tests-persistent-$STAMP.xml"
   stage "persistent step latency" 15 sh -c \
     "$PY -m benchmarks.floors --measure-barrier | tee '$OUT/persistent-step-latency.json'"
@@ -54,10 +55,10 @@ print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, \
   stage "op + module tests, persistent" 50 env FUSEDRNN_ALGO=persistent $PY -m pytest -q -rfE \
     -k "cuda" tests/test_ops.py tests/test_modules.py \
     --junitxml="$OUT/gpu-tests-persistent-ops-$STAMP.xml"
-  stage "bench persistent set, stepwise" 55 env FUSEDRNN_ALGO=stepwise $PY -m benchmarks.bench \
+  stage "bench persistent set, stepwise" 45 env FUSEDRNN_ALGO=stepwise $PY -m benchmarks.bench \
     --device cuda --persistent --dtype float32,bfloat16 --rounds 2 --no-plot \
     --out-dir "$OUT/persistent-stepwise"
-  stage "op tests, stepwise" 30 env FUSEDRNN_ALGO=stepwise $PY -m pytest -q -rfE -k "cuda" \
+  stage "op tests, stepwise" 25 env FUSEDRNN_ALGO=stepwise $PY -m pytest -q -rfE -k "cuda" \
     tests/test_ops.py --junitxml="$OUT/gpu-tests-stepwise-ops-$STAMP.xml"
 } 2>&1 | tee "$LOG"
 

@@ -8,7 +8,7 @@ import torch
 
 import fusedrnn
 
-from helpers import rel_err
+from helpers import layer_inputs, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
 
@@ -126,3 +126,95 @@ def test_dispatcher_picks_the_persistent_kernel(kind, algo_name, persistent, mon
         own = ops._persistent_gru_forward(x, h0, w, b, None, False, True, 0, 0, -1)
     assert torch.equal(public[0], own[0]) == persistent
     assert rel_err(public[0], own[0]) < 1e-5
+
+
+FALLBACK_SCRIPT = r"""
+import os, warnings
+import torch
+import fusedrnn
+from helpers import rel_err
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.manual_seed(0)
+for cls in (torch.nn.LSTM, torch.nn.GRU):
+    m = fusedrnn.from_torch(cls(24, 96, num_layers=2).cuda())
+    x = torch.randn(20, 8, 24, device="cuda", requires_grad=True)
+    results = {}
+    for algo in ("persistent", "stepwise"):
+        os.environ["FUSEDRNN_ALGO"] = algo
+        out = m(x)[0]
+        grads = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
+        results[algo] = [out] + list(grads)
+    for a, b in zip(results["persistent"], results["stepwise"]):
+        assert rel_err(a, b) < 1e-6, (cls, rel_err(a, b))
+"""
+
+
+def test_failed_cooperative_launch_falls_back_to_stepwise():
+    """FUSEDRNN_FORCE_COOP_FAIL=1 makes every cooperative launch fail (as
+    under MPS or on a partitioned GPU): the public ops run step-wise with the
+    same results as FUSEDRNN_ALGO=stepwise and warn once per process, never
+    raise (Note [cooperative launch fallback] in csrc/cuda/rnn_cuda.cu). A
+    fresh process, so that no earlier test has used up the one warning."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, FUSEDRNN_FORCE_COOP_FAIL="1",
+               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
+    r = subprocess.run([sys.executable, "-W", "always", "-c", FALLBACK_SCRIPT], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("runs the step-wise path instead") == 1, r.stderr
+
+
+def test_forced_launch_failure_is_an_error_for_the_persistent_op(monkeypatch):
+    """The _persistent_* ops ask for the kernel itself: no fallback there."""
+    monkeypatch.setenv("FUSEDRNN_FORCE_COOP_FAIL", "1")
+    H, B = 32, 4
+    x = torch.randn(5, B, 3 * H, device="cuda")
+    h0 = torch.randn(B, H, device="cuda")
+    w = torch.randn(3 * H, H, device="cuda")
+    with pytest.raises(RuntimeError, match="cudaLaunchCooperativeKernel"):
+        torch.ops.fusedrnn._persistent_gru_forward(x, h0, w, None, None, False, True, 0, 0, -1)
+
+
+def packed_lstm_forward(d):
+    return torch.ops.fusedrnn.lstm_forward(d["x_proj"], d["h0"], d["c0"], d["w_hh"], None,
+                                           d["b_hh"], d["batch_sizes"], False, True)
+
+
+@pytest.mark.parametrize("algo_name", ALGOS)
+def test_packed_input_replays_in_a_cuda_graph(algo_name, monkeypatch):
+    """Packed input captured in a CUDA graph runs step-wise (Note [packed input
+    under graph capture] in csrc/persistent/persistent.cu); each replay with
+    fresh inputs matches an eager call on them (float64: 1e-10 whichever path
+    the eager call takes)."""
+    monkeypatch.setenv("FUSEDRNN_ALGO", algo_name)
+    d = layer_inputs("lstm", True, "cuda", torch.float64, lengths=[6, 4, 4, 1], H=32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (cuBLAS handles) of both paths, off the capture
+        for warm in ["stepwise", algo_name]:
+            monkeypatch.setenv("FUSEDRNN_ALGO", warm)
+            packed_lstm_forward(d)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = packed_lstm_forward(d)
+    for _ in range(2):
+        for k in ["x_proj", "h0", "c0"]:
+            d[k].copy_(torch.randn_like(d[k]))
+        graph.replay()
+        want = packed_lstm_forward(d)
+        for got, w in zip(captured, want):
+            assert rel_err(got, w) < 1e-10
+
+
+def test_persistent_op_refuses_packed_input_while_capturing():
+    d = layer_inputs("gru", True, "cuda", torch.float32, lengths=[3, 2], H=16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+            torch.ops.fusedrnn._persistent_gru_forward(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"],
+                                                       d["batch_sizes"], False, True, 0, 0, -1)

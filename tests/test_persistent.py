@@ -3,7 +3,8 @@
 On the CPU these run its emulator: the kernel's own phase functions, block by
 block and thread by thread, tensor-core tiles emulated with tf32 rounding. On
 CUDA they run the cooperative kernel. Both are compared with the public ops
-(step-wise path), whose parity with the reference test_ops.py establishes.
+on the step-wise path (FUSEDRNN_ALGO=stepwise, set for every test here), whose
+parity with the reference test_ops.py establishes.
 """
 import pytest
 import torch
@@ -16,6 +17,14 @@ from helpers import LENGTHS, layer_inputs, rel_err
 ops = torch.ops.fusedrnn
 SIMT, TENSOR_CORE = 0, 1
 KINDS = ["lstm", "gru"]
+
+
+@pytest.fixture(autouse=True)
+def stepwise_reference(monkeypatch):
+    """The reference runs step-wise: on CUDA the dispatcher may send the public
+    ops to the persistent kernel itself, and a systematic kernel error would
+    then pass by matching itself. The _persistent_* ops ignore FUSEDRNN_ALGO."""
+    monkeypatch.setenv("FUSEDRNN_ALGO", "stepwise")
 
 
 def inputs(kind, device, dtype, T=5, B=6, H=7, lengths=None, bias=True):
@@ -215,6 +224,46 @@ def test_full_size_layout(kind, dtype, mode):
     theirs = errors_vs_float64(kind, d64, grads, dtype, False, persistent=False)
     for o, t in zip(ours, theirs):
         assert o <= 4 * t + 1e-6, (ours, theirs)
+
+
+# The largest layouts that fit an H100/H200 (132 SMs, 227 KB of shared memory
+# per block): (kind, dtype, mode, H, B) whose forward and backward layouts both
+# take over 200 KB, found with the planner (persistent_layout). They sit where
+# an off-by-one in the shared-memory offsets would run past the end.
+LARGEST = [
+    pytest.param("lstm", torch.float32, SIMT, 1024, 64, id="lstm-fp32-simt"),
+    pytest.param("lstm", torch.bfloat16, TENSOR_CORE, 1024, 64, id="lstm-bf16-tensor-core"),
+    pytest.param("gru", torch.float32, SIMT, 768, 64, id="gru-fp32-simt"),
+    pytest.param("gru", torch.float32, TENSOR_CORE, 1024, 64, id="gru-tf32-tensor-core"),
+    pytest.param("gru", torch.bfloat16, SIMT, 1024, 64, id="gru-bf16-simt"),
+]
+
+
+@pytest.mark.parametrize("kind,dtype,mode,H,B", LARGEST)
+def test_largest_layouts_are_largest(kind, dtype, mode, H, B):
+    """The planner still gives these sizes over 200 KB on an H100, so that the
+    CUDA test below keeps testing the fullest shared memory."""
+    G = 4 if kind == "lstm" else 3
+    elt = torch.tensor([], dtype=dtype).element_size()
+    for backward in [False, True]:
+        L = persistent_layout(H, B, G, backward, mode, elt, 4, H100_SMS, H100_SMEM)
+        assert 200_000 <= L["bytes"] <= H100_SMEM, (backward, L)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+@pytest.mark.parametrize("kind,dtype,mode,H,B", LARGEST)
+def test_largest_layouts_cuda(kind, dtype, mode, H, B):
+    """On the GPU itself, with as many blocks as it has SMs: every result
+    within 4x the step-wise op's error against float64 (floors as in
+    test_low_precision_within_stepwise_error)."""
+    d64 = inputs(kind, "cuda", torch.float64, T=3, B=B, H=H)
+    grads = random_grads(kind, forward(kind, d64, False, persistent=False))
+    ours = errors_vs_float64(kind, d64, grads, dtype, False, persistent=True, mode=mode,
+                             max_blocks=0)
+    theirs = errors_vs_float64(kind, d64, grads, dtype, False, persistent=False)
+    floor = 4 * 2.0 ** -11 if (dtype == torch.float32 and mode == TENSOR_CORE) else 1e-6
+    for o, t in zip(ours, theirs):
+        assert o <= 4 * t + floor, (ours, theirs)
 
 
 def test_tf32_lstm_backward_at_h1024_does_not_fit():

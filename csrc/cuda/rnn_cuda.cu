@@ -42,16 +42,32 @@ struct CudaKernels {
   }
 };
 
+// Note [cooperative launch fallback]
+// The persistent kernel needs all its blocks co-resident; a GPU shared under
+// MPS or partitioned (MIG) may refuse the launch although the occupancy query
+// said yes. That throws CooperativeLaunchFailed before the kernel runs, so
+// nothing has been written, and the call runs step-wise from scratch: correct
+// results, slower. One warning per process (TORCH_WARN_ONCE at this one call
+// site), since a GPU that refuses once refuses every time.
+void warn_fallback(const persistent::CooperativeLaunchFailed& e) {
+  TORCH_WARN_ONCE(e.what(), "; fusedrnn runs the step-wise path instead (warned once)");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
     bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
-  if (!w_hr.has_value() && persistent::use_persistent(w_hh, h0, kLstmGates, false, x_proj)) {
-    return persistent::lstm_forward_cuda(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train,
-                                         persistent::kDeviceBlocks, persistent::kWidestChunk,
-                                         persistent::kAutoMode);
+  if (!w_hr.has_value() && !persistent::packed_while_capturing(batch_sizes) &&
+      persistent::use_persistent(w_hh, h0, kLstmGates, false, x_proj)) {
+    try {  // Note [cooperative launch fallback]
+      return persistent::lstm_forward_cuda(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train,
+                                           persistent::kDeviceBlocks, persistent::kWidestChunk,
+                                           persistent::kAutoMode);
+    } catch (const persistent::CooperativeLaunchFailed& e) {
+      warn_fallback(e);
+    }
   }
   return lstm_forward_impl<CudaKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                         train);
@@ -66,11 +82,16 @@ lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
   if (!w_hr.has_value() &&
+      !persistent::packed_while_capturing(batch_sizes) &&
       persistent::use_persistent(w_hh, grad_h_n, kLstmGates, true, grad_output)) {
-    return persistent::lstm_backward_cuda(grad_output, grad_h_n, grad_c_n, output, gates, cells,
-                                          h0, c0, w_hh, batch_sizes, reverse, has_bias,
-                                          persistent::kDeviceBlocks, persistent::kWidestChunk,
-                                          persistent::kAutoMode);
+    try {  // Note [cooperative launch fallback]
+      return persistent::lstm_backward_cuda(grad_output, grad_h_n, grad_c_n, output, gates, cells,
+                                            h0, c0, w_hh, batch_sizes, reverse, has_bias,
+                                            persistent::kDeviceBlocks, persistent::kWidestChunk,
+                                            persistent::kAutoMode);
+    } catch (const persistent::CooperativeLaunchFailed& e) {
+      warn_fallback(e);
+    }
   }
   return lstm_backward_impl<CudaKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells,
                                          h0, c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
@@ -81,10 +102,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool train) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
-  if (reset_after && persistent::use_persistent(w_hh, h0, kGruGates, false, x_proj)) {
-    return persistent::gru_forward_cuda(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train,
-                                        persistent::kDeviceBlocks, persistent::kWidestChunk,
-                                        persistent::kAutoMode);
+  if (reset_after && !persistent::packed_while_capturing(batch_sizes) &&
+      persistent::use_persistent(w_hh, h0, kGruGates, false, x_proj)) {
+    try {  // Note [cooperative launch fallback]
+      return persistent::gru_forward_cuda(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train,
+                                          persistent::kDeviceBlocks, persistent::kWidestChunk,
+                                          persistent::kAutoMode);
+    } catch (const persistent::CooperativeLaunchFailed& e) {
+      warn_fallback(e);
+    }
   }
   return gru_forward_impl<CudaKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                        train);
@@ -96,10 +122,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cuda(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  if (reset_after && persistent::use_persistent(w_hh, grad_h_n, kGruGates, true, grad_output)) {
-    return persistent::gru_backward_cuda(grad_output, grad_h_n, output, gates, h0, w_hh,
-                                         batch_sizes, reverse, has_bias, persistent::kDeviceBlocks,
-                                         persistent::kWidestChunk, persistent::kAutoMode);
+  if (reset_after && !persistent::packed_while_capturing(batch_sizes) &&
+      persistent::use_persistent(w_hh, grad_h_n, kGruGates, true, grad_output)) {
+    try {  // Note [cooperative launch fallback]
+      return persistent::gru_backward_cuda(grad_output, grad_h_n, output, gates, h0, w_hh,
+                                           batch_sizes, reverse, has_bias,
+                                           persistent::kDeviceBlocks, persistent::kWidestChunk,
+                                           persistent::kAutoMode);
+    } catch (const persistent::CooperativeLaunchFailed& e) {
+      warn_fallback(e);
+    }
   }
   return gru_backward_impl<CudaKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
                                         batch_sizes, reverse, reset_after, has_bias);

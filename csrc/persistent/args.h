@@ -47,7 +47,7 @@ struct ForwardArgs {
   const int64_t* offsets = nullptr;  // [T] first row of each step; null: padded
   const scalar_t* w_hh = nullptr;    // [G*H, H]
   const scalar_t* x = nullptr;       // [N, G*H] input projection (+ b_ih)
-  const scalar_t* b_hh = nullptr;    // [G*H] (zeros without bias)
+  const scalar_t* b_hh = nullptr;    // [G*H]; null: no bias
   const scalar_t* h0 = nullptr;      // [B, H]
   scalar_t* out = nullptr;           // [N, H]
   scalar_t* h = nullptr;             // [B, H] running state: h0 in, h_n out

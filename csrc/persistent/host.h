@@ -143,7 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
 
   const Tensor x = x_proj.contiguous();
   const Tensor w = w_hh.contiguous();
-  const Tensor bias = detail::defined_or_zeros(b_hh, kLstmGates * H, x);
+  const Tensor bias = b_hh.has_value() ? b_hh->contiguous() : Tensor();
   const Tensor sched = schedule_tensor(s, batch_sizes.has_value(), device);
   const Tensor h0c = h0.contiguous();
   Tensor h = h0c.clone();
@@ -157,7 +157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     ForwardArgs<scalar_t, acc_t> a;
     fill_common(a, L, s, H, reverse, sched, w.data_ptr<scalar_t>());
     a.x = x.data_ptr<scalar_t>();
-    a.b_hh = bias.data_ptr<scalar_t>();
+    a.b_hh = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     a.h0 = h0c.data_ptr<scalar_t>();
     a.out = out.data_ptr<scalar_t>();
     a.h = h.data_ptr<scalar_t>();
@@ -241,7 +241,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tenso
 
   const Tensor x = x_proj.contiguous();
   const Tensor w = w_hh.contiguous();
-  const Tensor bias = detail::defined_or_zeros(b_hh, kGruGates * H, x);
+  const Tensor bias = b_hh.has_value() ? b_hh->contiguous() : Tensor();
   const Tensor sched = schedule_tensor(s, batch_sizes.has_value(), device);
   const Tensor h0c = h0.contiguous();
   Tensor h = h0c.clone();
@@ -253,7 +253,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tenso
     ForwardArgs<scalar_t, acc_t> a;
     fill_common(a, L, s, H, reverse, sched, w.data_ptr<scalar_t>());
     a.x = x.data_ptr<scalar_t>();
-    a.b_hh = bias.data_ptr<scalar_t>();
+    a.b_hh = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     a.h0 = h0c.data_ptr<scalar_t>();
     a.out = out.data_ptr<scalar_t>();
     a.h = h.data_ptr<scalar_t>();

@@ -4,12 +4,17 @@
 // _persistent_* ops, and the FUSEDRNN_ALGO choice for the public ops.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
 
 #include "host.h"
 #include "persistent.h"
@@ -75,23 +80,70 @@ const cudaDeviceProp& props(const at::Device& d) {
   return *at::cuda::getDeviceProperties(d.index());
 }
 
+// A failure of the launch itself (not of the running kernel) as
+// CooperativeLaunchFailed, with the error cleared so that the step-wise path
+// the caller falls back to starts clean.
+void check_launch(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  (void)cudaGetLastError();
+  throw CooperativeLaunchFailed(std::string("fusedrnn: ") + what + " failed for the persistent " +
+                                "kernel: " + cudaGetErrorString(err));
+}
+
+// FUSEDRNN_FORCE_COOP_FAIL=1: every cooperative launch fails as it would on a
+// GPU that cannot hold the grid (test hook for the fallback; read per call).
+bool force_launch_failure() {
+  const char* v = std::getenv("FUSEDRNN_FORCE_COOP_FAIL");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// Note [launch set-up once]
+// Raising a kernel's dynamic shared-memory limit and the occupancy query cost
+// host time comparable to a short sequence's whole kernel, and depend only on
+// (kernel, shared-memory bytes, device): each key is set up once, under a
+// mutex, and failures are not cached (the next call retries, then falls
+// back). The limit is raised to the device's opt-in maximum, not to `bytes`,
+// so that a smaller size set up later cannot lower it under a larger cached
+// one. Device properties come from ATen's own per-device cache (props()).
+int blocks_per_sm(const void* kernel, int bytes, const at::Device& d) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  const auto key = std::make_tuple(kernel, bytes, int(d.index()));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  check_launch(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(props(d).sharedMemPerBlockOptin)),
+               "cudaFuncSetAttribute");
+  int per_sm = 0;
+  check_launch(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes),
+               "the occupancy query");
+  cache.emplace(key, per_sm);
+  return per_sm;
+}
+
 // A cooperative launch on the current stream: every block must be resident
 // at once for the grid barrier, which the runtime checks (and we check first,
-// for a clear message).
+// for a clear message). Any failure up to and including the launch call
+// throws CooperativeLaunchFailed before the kernel has touched an output.
 template <typename Args>
 void launch_cooperative(void (*kernel)(Args), const Args& a, const at::Device& d) {
   const int bytes = static_cast<int>(a.L.bytes);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
-  TORCH_CHECK(int64_t(per_sm) * props(d).multiProcessorCount >= a.L.blocks,
-              "fusedrnn: the persistent kernel needs ", a.L.blocks, " co-resident blocks of ",
-              bytes, " bytes of shared memory; this GPU holds ", per_sm, " per SM");
+  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), bytes, d);
+  if (int64_t(per_sm) * props(d).multiProcessorCount < a.L.blocks) {
+    throw CooperativeLaunchFailed(c10::str(
+        "fusedrnn: the persistent kernel needs ", a.L.blocks, " co-resident blocks of ", bytes,
+        " bytes of shared memory; this GPU holds ", per_sm, " per SM"));
+  }
+  if (force_launch_failure()) {
+    check_launch(cudaErrorCooperativeLaunchTooLarge, "cudaLaunchCooperativeKernel (forced)");
+  }
   Args copy = a;
   void* params[] = {&copy};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
-                                             dim3(unsigned(a.L.blocks)), dim3(kThreads), params,
-                                             size_t(bytes), at::cuda::getCurrentCUDAStream()));
+  check_launch(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                                           dim3(unsigned(a.L.blocks)), dim3(kThreads), params,
+                                           size_t(bytes), at::cuda::getCurrentCUDAStream()),
+               "cudaLaunchCooperativeKernel");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -123,7 +175,28 @@ Algo algo_from_env() {
   return Algo::kAuto;
 }
 
+// The _persistent_* ops refuse packed input while capturing: Note [packed
+// input under graph capture].
+void refuse_packed_capture(const OptTensor& batch_sizes, const char* op) {
+  TORCH_CHECK(!packed_while_capturing(batch_sizes), op,
+              ": the persistent kernel cannot take packed input (batch_sizes) while a CUDA graph "
+              "is being captured; the public ops run such calls step-wise");
+}
+
 }  // namespace
+
+// Note [packed input under graph capture]
+// A packed call's schedule (batch sizes and offsets) reaches the GPU by a
+// copy from a pinned host buffer that is freed when the call returns
+// (schedule_tensor, host.h). Captured, that copy would read the buffer again
+// at every replay, after it has been reused. So the persistent kernel refuses
+// packed input while the current stream is capturing, and the public ops send
+// such calls to the step-wise path, which keeps the schedule on the host and
+// bakes each step's row count into its launches: replay runs them as captured.
+bool packed_while_capturing(const OptTensor& batch_sizes) {
+  return batch_sizes.has_value() &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
 
 bool use_persistent(const at::Tensor& w_hh, const at::Tensor& state, int gates, bool backward,
                     const at::Tensor& like) {
@@ -151,6 +224,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
     int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
+  refuse_packed_capture(batch_sizes, "fusedrnn::_persistent_lstm_forward");
   return lstm_forward<CudaRunner>(x_proj, h0, c0, w_hh, b_hh, batch_sizes, reverse, train,
                                   max_blocks, max_chunk, mode, allow_tf32());
 }
@@ -162,6 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
     int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
+  refuse_packed_capture(batch_sizes, "fusedrnn::_persistent_lstm_backward");
   return lstm_backward<CudaRunner>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
                                    w_hh, batch_sizes, reverse, has_bias, max_blocks, max_chunk,
                                    mode, allow_tf32());
@@ -174,6 +249,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x_proj, const 
                                                     int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(x_proj.device());
+  refuse_packed_capture(batch_sizes, "fusedrnn::_persistent_gru_forward");
   return gru_forward<CudaRunner>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, train, max_blocks,
                                  max_chunk, mode, allow_tf32());
 }
@@ -184,6 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     int64_t max_blocks, int64_t max_chunk, int64_t mode) {
   const NoAutocast no_autocast;
   const c10::cuda::CUDAGuard guard(grad_output.device());
+  refuse_packed_capture(batch_sizes, "fusedrnn::_persistent_gru_backward");
   return gru_backward<CudaRunner>(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes,
                                   reverse, has_bias, max_blocks, max_chunk, mode, allow_tf32());
 }

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <tuple>
 
 #include "layout.h"
@@ -30,6 +31,21 @@ namespace persistent {
 // every argument before any kernel.
 bool use_persistent(const at::Tensor& w_hh, const at::Tensor& state, int gates, bool backward,
                     const at::Tensor& like);
+
+// Whether this is packed input (batch_sizes given) and the current stream is
+// capturing a CUDA graph: then the public ops run step-wise (Note [packed
+// input under graph capture] in persistent.cu).
+bool packed_while_capturing(const c10::optional<at::Tensor>& batch_sizes);
+
+// Thrown by the entry points below when the cooperative launch itself fails
+// (too few co-resident blocks, e.g. under MPS or on a partitioned GPU, or any
+// launch error) before the kernel has run, so nothing has been written: the
+// public ops catch it and run the step-wise path instead (rnn_cuda.cu); the
+// _persistent_* ops let it through as a RuntimeError. FUSEDRNN_FORCE_COOP_FAIL=1
+// forces it at every launch: a test hook, not a setting.
+struct CooperativeLaunchFailed : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // The ops' arguments and results (ops.cpp, _persistent_*): those of
 // lstm_forward etc. without w_hr and with reset_after, plus max_blocks,

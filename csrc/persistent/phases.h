@@ -80,13 +80,15 @@ FUSEDRNN_HOST_DEVICE void gemm(const Layout& L, unsigned char* smem, int64_t row
 // h_{t-1} W_hh^T + b_hh of gate g of unit j in row b, from the block's
 // accumulator acc[b][g*units + j - j0]: the interface of RecurrentFromHh
 // (steps.h), whose pre() sums x + (acc + b_hh) here, as this kernel always has.
+// A null b_hh (no bias) adds zero, so no zero-filled tensor is made per call.
 template <typename scalar_t, typename acc_t>
 struct RecurrentFromAcc {
   const acc_t* acc;
   const scalar_t* b_hh;
   int64_t ldacc, units, j0, H;
   FUSEDRNN_HOST_DEVICE acc_t term(int64_t b, int64_t j, int g) const {
-    return acc[b * ldacc + g * units + (j - j0)] + acc_t(b_hh[g * H + j]);
+    const acc_t bias = b_hh != nullptr ? acc_t(b_hh[g * H + j]) : acc_t(0);
+    return acc[b * ldacc + g * units + (j - j0)] + bias;
   }
   FUSEDRNN_HOST_DEVICE acc_t pre(acc_t x, int64_t b, int64_t j, int g) const {
     return x + term(b, j, g);
