@@ -15,6 +15,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers the ops)
 from ._autograd import graph_needed, register_autograd
+from .regularisers import active
 
 ops = torch.ops.fusedrnn
 _lib = torch.library.Library("fusedrnn", "FRAGMENT")  # our Autograd and vmap kernels
@@ -215,16 +216,26 @@ def needs_grad(*tensors):
         t is not None and t.requires_grad for t in tensors)
 
 
-def lstm_layer(x_proj, h0, c0, w_hh, w_hr=None, b_hh=None, batch_sizes=None, reverse=False):
-    """One LSTM layer and direction. Returns (output, h_n, c_n)."""
+def lstm_layer(x_proj, h0, c0, w_hh, w_hr=None, b_hh=None, batch_sizes=None, reverse=False,
+               reg=None):
+    """One LSTM layer and direction. Returns (output, h_n, c_n). reg: a
+    fusedrnn.regularisers.LayerReg (layer norm, zoneout, recurrent dropout)."""
+    if active(reg):
+        from . import reference
+        return reference.lstm_layer(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, reg)
     train = needs_grad(x_proj, h0, c0, w_hh, w_hr, b_hh)
     out, h_n, c_n, _, _ = ops.lstm_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes,
                                            reverse, train)
     return out, h_n, c_n
 
 
-def gru_layer(x_proj, h0, w_hh, b_hh=None, batch_sizes=None, reverse=False, reset_after=True):
-    """One GRU layer and direction. Returns (output, h_n)."""
+def gru_layer(x_proj, h0, w_hh, b_hh=None, batch_sizes=None, reverse=False, reset_after=True,
+              reg=None):
+    """One GRU layer and direction. Returns (output, h_n). reg: as for lstm_layer."""
+    if active(reg):
+        from . import reference
+        return reference.gru_layer(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
+                                   reg)
     train = needs_grad(x_proj, h0, w_hh, b_hh)
     out, h_n, _ = ops.gru_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                   train)
