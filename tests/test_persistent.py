@@ -301,8 +301,8 @@ def test_layout_invariants(mode, elt, acc_elt):
     1..128 and hidden sizes with and without padding, both directions, with
     the chunk forced narrow or not: the regions do not overlap and are
     128-byte aligned; chunks tile K exactly; two buffers only with a
-    power-of-two chunk; rows of the staged chunk take 16-byte copies; tiles
-    fit their padding; every hidden unit has exactly one block."""
+    power-of-two chunk; rows of the staged chunk take 16-byte copies; wmma
+    strides are odd multiples of 16 bytes; tiles fit their padding; every hidden unit has exactly one block."""
     tile = 16 if mode == TENSOR_CORE else 4
     for H in (5, 64, 70, 256, 1000, 1024):
         for B in (1, 7, 64, 128):
@@ -321,6 +321,11 @@ def test_layout_invariants(mode, elt, acc_elt):
                         assert L["n_pad"] % tile == 0 and L["b_pad"] % tile == 0
                         assert L["b_pad"] >= B and L["n_pad"] >= L["n"]
                         assert L["lda"] * elt % 16 == 0 and L["ldw"] * elt % 16 == 0
+                        if mode == TENSOR_CORE:
+                            # wmma strides: 16-byte multiples, and not 32-byte
+                            # ones (rows of a tile would share banks every 4).
+                            for ld, e in (("lda", elt), ("ldw", elt), ("ldacc", acc_elt)):
+                                assert L[ld] * e % 32 == 16, (ld, L[ld])
                         offs = [L["w_off"], L["a_off"], L["acc_off"], L["part_off"]]
                         assert all(o % 128 == 0 for o in offs)
                         assert L["a_off"] >= L["n_pad"] * L["ldw"] * elt

@@ -92,11 +92,14 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
   L.b_pad = round_up(B, tile);
   // Row padding: SIMT reads 4 consecutive elements at once, and 4 elements
   // of padding put the rows a warp reads at once in different banks (16
-  // bytes for half types, for 16-byte staging stores); wmma wants 32-byte
-  // aligned tiles, so pad by 32 bytes there.
-  const int64_t pad = tc ? 32 / elt : (elt < 4 ? 16 / elt : kSimtTile);
+  // bytes for half types, for 16-byte staging stores). wmma wants 32-byte
+  // aligned tile pointers and a stride that is a multiple of 16 bytes: tiles
+  // start every 16 rows and every 32 bytes along K, so 16 bytes of padding
+  // keeps them aligned, and rows 16 bytes apart modulo 128 spread a tile's
+  // rows over 8 bank groups (32 bytes would repeat every 4 rows).
+  const int64_t pad = tc || elt < 4 ? 16 / elt : kSimtTile;
   L.ldw = L.k_pad + pad;
-  L.ldacc = L.n_pad + (tc ? 32 / acc_elt : 1);
+  L.ldacc = L.n_pad + (tc ? 16 / acc_elt : 1);
   L.w_off = 0;
   L.a_off = round_up(L.n_pad * L.ldw * elt, kAlign);
   // Split-K partial sums: one register tile per thread (SIMT), one tile per

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 
 #include "layout.h"
@@ -128,6 +129,32 @@ FUSEDRNN_HOST_DEVICE void mma_tile(const Layout& L, const scalar_t* A, const sca
 #endif
 }
 
+// wmma's rules for a tile in shared memory: the pointer 32-byte aligned, the
+// stride a multiple of 16 bytes. The hardware's failure is undefined; the
+// emulator (which has no such rule of its own) checks them for it. Offsets
+// are from the block's base, which is 128-byte aligned on the device.
+FUSEDRNN_HOST_DEVICE void check_wmma_tile(const unsigned char* smem, const void* tile,
+                                                 int64_t ld, int64_t elt) {
+#if !defined(__CUDA_ARCH__)
+  const auto off = static_cast<const unsigned char*>(tile) - smem;
+  if (off % 32 != 0 || ld * elt % 16 != 0) {
+    throw std::logic_error("persistent emulator: a wmma tile breaks wmma's alignment rules");
+  }
+#endif
+}
+
+// The first K step's operand tiles of mma_tile and its accumulator tile; the
+// later K steps are whole tiles (32 bytes) further along the same rows.
+template <typename scalar_t>
+FUSEDRNN_HOST_DEVICE void check_tiles(const Layout& L, const unsigned char* smem,
+                                             const scalar_t* A, const scalar_t* W, int64_t m0,
+                                             int64_t n0, int64_t k0, const float* out,
+                                             int64_t ld) {
+  check_wmma_tile(smem, A + m0 * L.lda, L.lda, sizeof(scalar_t));
+  check_wmma_tile(smem, W + n0 * L.ldw + k0, L.ldw, sizeof(scalar_t));
+  check_wmma_tile(smem, out, ld, sizeof(float));
+}
+
 // acc[b][n] += sum_kk A[b][kk] * W[n][k0 + kk] on tensor cores: each warp
 // owns 16 x 16 tiles of acc in turn (only rows < rows are tiled), or with few
 // tiles a share of one tile's K steps (tc_split), summed by
@@ -145,6 +172,7 @@ FUSEDRNN_HOST_DEVICE void gemm_tensor_core(const Layout& L, unsigned char* smem,
     float* acc = smem_at<float>(smem, L.acc_off);
     for (int tile = warp; tile < int(tiles); tile += warps) {
       const int64_t m0 = tile / int(n_tiles) * kTile, n0 = tile % int(n_tiles) * kTile;
+      check_tiles<scalar_t>(L, smem, A, W, m0, n0, k0, acc + m0 * L.ldacc + n0, L.ldacc);
       mma_tile(L, A, W, m0, n0, k0, 0, kK, acc + m0 * L.ldacc + n0, L.ldacc, true, lane);
     }
     return;
@@ -153,6 +181,7 @@ FUSEDRNN_HOST_DEVICE void gemm_tensor_core(const Layout& L, unsigned char* smem,
   const int tile = warp / int(split);
   const int64_t m0 = tile / int(n_tiles) * kTile, n0 = tile % int(n_tiles) * kTile;
   float* part = smem_at<float>(smem, L.part_off) + warp * kTile * kTile;
+  check_tiles<scalar_t>(L, smem, A, W, m0, n0, k0, part, kTile);
   mma_tile(L, A, W, m0, n0, k0, warp % split * kK, split * kK, part, kTile, k0 > 0, lane);
 }
 
