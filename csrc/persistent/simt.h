@@ -49,7 +49,8 @@ FUSEDRNN_HOST_DEVICE void load4(const scalar_t* p, acc_t (&v)[kSimtTile]) {
 // feed 64 FMAs. With fewer tiles than threads (small batch), `split`
 // threads share a tile, each taking every split-th group of 4 columns and
 // keeping its sums in `part` across chunks; reduce_split_simt adds them up
-// in a fixed order. Padded rows and columns are zero in shared memory.
+// in a fixed order. Padded columns are zero in shared memory; batch rows
+// past `rows` hold anything (issue_chunk), and only their own sums see them.
 template <typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE void gemm_simt(const Layout& L, unsigned char* smem, int64_t rows, int64_t k0,
                                     int tid, int nt) {

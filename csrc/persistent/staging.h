@@ -118,7 +118,11 @@ FUSEDRNN_HOST_DEVICE void async_wait(int pending) {
 }
 
 // Issues the copies of columns [k0, k0 + kc) of `rows` rows of A into their
-// buffer, zero-padded to b_pad rows and past column L.k, as one commit group.
+// buffer, zero-padded past column L.k, as one commit group. Rows past `rows`
+// are left as they are: the product reads some of them (its last row tile),
+// but a row of the product depends only on its own row of A, and rows past
+// `rows` are never read back, so zeroing them (15 of 16 rows at B = 1, every
+// step) would buy nothing. The emulator poisons them to check this.
 // src.row(b) points at row b of A (L.k elements). With `vec` (rows and their
 // starts 16-byte aligned) each thread moves 16 bytes per copy, asynchronously;
 // otherwise element by element, synchronously.
@@ -133,22 +137,22 @@ FUSEDRNN_HOST_DEVICE void issue_chunk(const Layout& L, unsigned char* smem, int6
     const int64_t per_row = L.kc / V;
     int shift = 0;
     while ((int64_t(1) << shift) < per_row) ++shift;
-    for (int64_t i = tid; i < (L.b_pad << shift); i += nt) {
+    for (int64_t i = tid; i < (rows << shift); i += nt) {
       const int64_t b = i >> shift, v = i & ((int64_t(1) << shift) - 1);
       if (v >= per_row) continue;
       const int64_t kk = v * V, k = k0 + kk;
       scalar_t* dst = A + b * L.lda + kk;
-      if (b < rows && k < L.k) {
+      if (k < L.k) {
         copy16_async(dst, src.row(b) + k);
       } else {
         for (int64_t e = 0; e < V; ++e) dst[e] = scalar_t(0.f);
       }
     }
   } else {
-    for (int64_t i = tid; i < (L.b_pad << L.kc_shift); i += nt) {
+    for (int64_t i = tid; i < (rows << L.kc_shift); i += nt) {
       const int64_t b = i >> L.kc_shift, kk = i & ((int64_t(1) << L.kc_shift) - 1), k = k0 + kk;
       if (kk >= L.kc) continue;
-      A[b * L.lda + kk] = (b < rows && k < L.k) ? load_coherent(src.row(b) + k) : scalar_t(0.f);
+      A[b * L.lda + kk] = k < L.k ? load_coherent(src.row(b) + k) : scalar_t(0.f);
     }
   }
   async_commit();
