@@ -127,7 +127,8 @@ def extensions():
     # path] and Note [AVX-512 translation unit].
     x86_sources, macros = [], []
     if targets_x86_64(get_cxx_compiler()):
-        x86_sources = ["csrc/cpu/fused_cpu.cpp", "csrc/cpu/fused_bf16.cpp"]
+        x86_sources = ["csrc/cpu/fused_cpu.cpp", "csrc/cpu/fused_bf16.cpp",
+                       "csrc/cpu/weight_grad.cpp"]
         macros = [("FUSEDRNN_X86", None)]
     else:
         print("fusedrnn: no x86-64 target; the CPU kernels are the generic path only.")

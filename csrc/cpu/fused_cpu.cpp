@@ -28,6 +28,7 @@
 
 #include "../checks.h"
 #include "fused_loop.h"
+#include "weight_grad.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -213,22 +214,20 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const
   return gru_forward_steps<F32Gemm>(x_proj, h0, w_hh, b_hh, reverse, train);
 }
 
-// dW_hh = sum over steps of dG_t^T h_{t-1}: one GEMM over the T-1 steps whose
-// h_{t-1} is an output row (read in place, no gathered copy), plus h0's step.
-// MKL's SGEMM, which takes the transposed operand as it is (benchmarks/NOTES.md,
-// "CPU weight gradients", for the alternatives measured).
-// dg: [T*B, G], out: [T, B, H], h0: [B, H] -> [G, H]
-static Tensor recurrent_weight_grad(const Tensor& dg, const Tensor& out, const Tensor& h0,
-                                    bool reverse) {
-  const int64_t T = out.size(0), B = out.size(1), H = out.size(2), BT = B * (T - 1);
-  const Tensor o = out.reshape({T * B, H});
+// (dW_hh, db_hh) from the steps' dG: dW_hh = sum over steps of dG_t^T h_{t-1},
+// one GEMM (weight_grad.cpp) reading h_{t-1} in place: the output rows of
+// the T-1 steps before, and h0 for the first step.
+// dg: [T*B, G], out: [T, B, H], h0: [B, H] -> [G, H], and [G] or [0].
+static std::pair<Tensor, Tensor> recurrent_weight_grads(const Tensor& dg, const Tensor& out,
+                                                        const Tensor& h0, bool reverse,
+                                                        bool has_bias) {
+  const int64_t T = out.size(0), B = out.size(1), H = out.size(2), G = dg.size(1);
+  const int64_t BT = B * (T - 1);
+  const float *d = dg.data_ptr<float>(), *o = out.data_ptr<float>();
   // Forward: step t reads out[t-1], step 0 reads h0. Reverse: t reads out[t+1], T-1 reads h0.
-  const Tensor dg_h0 = dg.narrow(0, reverse ? BT : 0, B);
-  Tensor d_w = at::mm(dg_h0.t(), h0);
-  if (T > 1) {
-    d_w.addmm_(dg.narrow(0, reverse ? 0 : B, BT).t(), o.narrow(0, reverse ? B : 0, BT));
-  }
-  return d_w;
+  std::vector<GradRows> segs{{d + (reverse ? BT : 0) * G, h0.data_ptr<float>(), B}};
+  if (T > 1) segs.push_back({d + (reverse ? 0 : B) * G, o + (reverse ? B : 0) * H, BT});
+  return weight_grad_fused(segs, G, H, has_bias, dg.options());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
@@ -269,8 +268,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
       run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, last);
     }
   });
-  Tensor d_w_hh = recurrent_weight_grad(dg, output.contiguous(), h0.contiguous(), reverse);
-  Tensor d_b_hh = has_bias ? dg.sum(0) : at::empty({0}, go.options());
+  auto [d_w_hh, d_b_hh] =
+      recurrent_weight_grads(dg, output.contiguous(), h0.contiguous(), reverse, has_bias);
   return {dg.view({T, B, G}), d_h0, dc, d_w_hh, at::empty({0}, go.options()), d_b_hh};
 }
 
@@ -311,8 +310,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
       run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, last);
     }
   });
-  Tensor d_w_hh = recurrent_weight_grad(dhh, out, h0c, reverse);
-  Tensor d_b_hh = has_bias ? dhh.sum(0) : at::empty({0}, go.options());
+  auto [d_w_hh, d_b_hh] = recurrent_weight_grads(dhh, out, h0c, reverse, has_bias);
   return {dx.view({T, B, G}), d_h0, d_w_hh, d_b_hh};
 }
 

@@ -8,6 +8,7 @@
 
 #include "../recurrence.h"
 #include "fused_cpu.h"
+#include "weight_grad.h"
 
 namespace fusedrnn {
 namespace {
@@ -241,7 +242,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
     dx = at::mm(g2, weight).view(input.sizes());
 #endif
   }
-  // MKL's SGEMM takes g2^T as it is (see recurrent_weight_grad in fused_cpu.cpp).
+#ifdef FUSEDRNN_X86
+  if (weight_grad && linear_fused_ok(g2, weight) && input.scalar_type() == at::kFloat) {
+    const at::Tensor xc = x2.contiguous();
+    auto [w, b] = cpu::weight_grad_fused({{g2.data_ptr<float>(), xc.data_ptr<float>(), g2.size(0)}},
+                                         g2.size(1), xc.size(1), bias_grad, g2.options());
+    return {dx, w, bias_grad ? b : none};
+  }
+#endif
   if (weight_grad) dw = at::mm(g2.t(), x2);
   if (bias_grad) db = g2.sum(0);
   return {dx, dw, db};

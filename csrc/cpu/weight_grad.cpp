@@ -1,0 +1,147 @@
+// The weight gradients of the fused float32 CPU path (AVX-512):
+// dW = dY^T X summed over all steps, and db = the column sums of dY.
+//
+// Note [weight-gradient GEMM]
+// dW [M, N] = sum_k dY[k, m] X[k, n] over K = T*B rows (thousands), M = G*H,
+// N = H (recurrent) or I (input projection). Both operands are read along k,
+// with rows kilobytes apart. Read in place, the MR values of dY that a tile
+// broadcasts per k sit in a new cache line at every k, all in the same L1 set
+// (a row of 2^n floats apart), and MKL's SGEMM on this shape runs at about
+// 40% of the FMA peak on the AMD CPUs we measure (benchmarks/NOTES.md, "CPU
+// weight gradients"). So the loop is GotoBLAS's: X is packed once into
+// panels of 64 columns ([K][64], as the backward's W panels); each thread
+// owns a range of dY's columns and, per block of kBlockK rows and kBlockM
+// columns, packs that block into tiles of MR columns ([k][MR]), reading each
+// row of dY once, contiguously; mma_tile then runs every tile of the block
+// against every panel, the panel's kBlockK rows (32 KiB) staying in L1 across
+// the block's tiles. The column sums db are taken during the same pack, in
+// double. The sums run over k in the same order whatever the thread count,
+// so the results do not depend on it.
+//
+// Compiled for AVX-512, like fused_cpu.cpp (Note [AVX-512 translation unit]).
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+
+#include "weight_grad.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "avx512_gemm.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+constexpr int kNV = 4;                     // vectors per panel: 64 columns of X
+constexpr int64_t kW = kNV * kLanes;       // panel width
+constexpr int kMR = rows_per_tile<kNV>();  // columns of dY per tile: 6
+constexpr int64_t kBlockK = 128;           // rows per block: a panel slice of 32 KiB
+constexpr int64_t kBlockTiles = 32;        // tiles per block: 192 columns of dY
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Row k of the concatenated segments: which segment, and the row within it.
+struct RowIndex {
+  const std::vector<GradRows>& segs;
+  template <typename F>
+  void each(int64_t k0, int64_t k1, F&& f) const {  // f(k, dy_row_index, segment)
+    int64_t base = 0;
+    for (const GradRows& s : segs) {
+      const int64_t lo = std::max(k0, base), hi = std::min(k1, base + s.rows);
+      for (int64_t k = lo; k < hi; ++k) f(k, k - base, s);
+      base += s.rows;
+    }
+  }
+};
+
+// packed[q][k][c] = X[k][64 q + c], 0 beyond N.
+std::vector<float> pack_x(const RowIndex& rows, int64_t K, int64_t N) {
+  const int64_t Q = ceil_div(N, kW);
+  std::vector<float> packed(static_cast<size_t>(Q * K * kW));
+  float* dst = packed.data();
+  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
+    rows.each(k0, k1, [&](int64_t k, int64_t r, const GradRows& s) {
+      const float* x = s.x + r * N;
+      for (int64_t q = 0; q < Q; ++q) {
+        const int64_t n = std::min(kW, N - q * kW);
+        float* row = dst + (q * K + k) * kW;
+        std::copy(x + q * kW, x + q * kW + n, row);
+        std::fill(row + n, row + kW, 0.0f);
+      }
+    });
+  });
+  return packed;
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRows>& segs,
+                                                    int64_t M, int64_t N, bool want_db,
+                                                    const at::TensorOptions& options) {
+  int64_t K = 0;
+  for (const GradRows& s : segs) K += s.rows;
+  at::Tensor dw = at::empty({M, N}, options);
+  at::Tensor db = at::empty({want_db ? M : 0}, options);
+  if (K == 0 || M == 0 || N == 0) {
+    dw.zero_();
+    db.zero_();
+    return {dw, db};
+  }
+  const RowIndex rows{segs};
+  const std::vector<float> xp = pack_x(rows, K, N);
+  const int64_t Q = ceil_div(N, kW), tiles = ceil_div(M, kMR);
+  float* db_out = want_db ? db.data_ptr<float>() : nullptr;
+  const int64_t grain = ceil_div(tiles, at::get_num_threads());
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> ap(static_cast<size_t>(kBlockTiles * kBlockK * kMR));
+    std::vector<double> sums(static_cast<size_t>(kBlockTiles * kMR));
+    // The block's accumulators: tile i, panel q at acc[(i * Q + q) * kMR * kW].
+    std::vector<float> acc(static_cast<size_t>(kBlockTiles * Q * kMR * kW));
+    for (int64_t tb = t0; tb < t1; tb += kBlockTiles) {
+      const int64_t nt = std::min(kBlockTiles, t1 - tb), m0 = tb * kMR;
+      const int64_t mc = std::min(nt * kMR, M - m0);  // real columns of this block
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+        const int64_t kc = std::min(kBlockK, K - k0);
+        // Pack dY[k0:k0+kc, m0:m0+mc] as ap[tile][k][kMR], zeros past mc.
+        rows.each(k0, k0 + kc, [&](int64_t k, int64_t r, const GradRows& s) {
+          const float* y = s.dy + r * M + m0;
+          for (int64_t c = 0; c < mc; ++c) sums[c] += y[c];
+          for (int64_t i = 0; i < nt; ++i) {
+            float* dst = ap.data() + (i * kc + (k - k0)) * kMR;
+            const int64_t n = std::min<int64_t>(kMR, mc - i * kMR);
+            for (int64_t c = 0; c < n; ++c) dst[c] = y[i * kMR + c];
+            for (int64_t c = n; c < kMR; ++c) dst[c] = 0.0f;
+          }
+        });
+        for (int64_t q = 0; q < Q; ++q) {
+          const float* panel = xp.data() + (q * K + k0) * kW;
+          for (int64_t i = 0; i < nt; ++i) {
+            float* tile = acc.data() + (i * Q + q) * kMR * kW;
+            mma_tile<kMR, kNV>(ap.data() + i * kc * kMR, 1, kMR, panel, kc, tile, k0 > 0);
+          }
+        }
+      }
+      if (db_out) {
+        for (int64_t c = 0; c < mc; ++c) db_out[m0 + c] = static_cast<float>(sums[c]);
+      }
+      // Tiles to rows of dW.
+      float* out = dw.data_ptr<float>();
+      for (int64_t i = 0; i < nt; ++i) {
+        for (int64_t r = 0; r < kMR && m0 + i * kMR + r < M; ++r) {
+          for (int64_t q = 0; q < Q; ++q) {
+            const float* src = acc.data() + (i * Q + q) * kMR * kW + r * kW;
+            const int64_t n = std::min(kW, N - q * kW);
+            std::copy(src, src + n, out + (m0 + i * kMR + r) * N + q * kW);
+          }
+        }
+      }
+    }
+  });
+  return {dw, db};
+}
+
+}  // namespace cpu
+}  // namespace fusedrnn

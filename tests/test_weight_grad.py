@@ -1,0 +1,71 @@
+"""The weight gradients of the fused float32 CPU path (dW = dY^T X and the
+bias gradient, Note [weight-gradient GEMM]) against float64, over sizes that
+cross every blocking edge: rows per block (128), columns per tile (6) and per
+block (192), panel width (64); and the recurrent dW_hh/db_hh through the ops."""
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import reference
+from helpers import rel_err
+
+ops = torch.ops.fusedrnn
+
+
+@pytest.mark.parametrize("K", [1, 127, 300])
+@pytest.mark.parametrize("M,N", [(1, 1), (7, 65), (200, 130), (389, 64)])
+def test_linear_weight_grad_matches_float64(K, M, N):
+    g = torch.Generator().manual_seed(K * 1000 + M + N)
+    dy = torch.randn(K, M, generator=g)
+    x = torch.randn(K, N, generator=g)
+    w = torch.randn(M, N, generator=g)
+    _, dw, db = ops.linear_backward(dy, x, w, False, True, True)
+    want_w = dy.double().T @ x.double()
+    want_b = dy.double().sum(0)
+    # torch's float32 GEMM on the same operands sets the scale of the error.
+    torch_err = rel_err(dy.T @ x, want_w)
+    assert rel_err(dw, want_w) <= 4 * torch_err + 1e-6
+    assert rel_err(db, want_b) <= 1e-6
+
+
+def test_linear_weight_grad_of_strided_input():
+    """A non-contiguous input (a batch-first view) gives the same gradient."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 9, 33, generator=g).transpose(0, 1)  # [9, 5, 33], strided
+    dy = torch.randn(9, 5, 70, generator=g)
+    w = torch.randn(70, 33, generator=g)
+    _, dw, _ = ops.linear_backward(dy, x, w, False, True, False)
+    want = dy.reshape(-1, 70).double().T @ x.reshape(-1, 33).double()
+    assert rel_err(dw, want) <= 1e-6
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_weight_grad_matches_reference(kind, reverse):
+    """dW_hh and db_hh of a layer with T*B over one block of rows and H over
+    one panel, against the reference in float64."""
+    T, B, H = 40, 5, 70
+    G = (4 if kind == "lstm" else 3) * H
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(T, B, G, generator=g)
+    h0 = torch.randn(B, H, generator=g)
+    c0 = torch.randn(B, H, generator=g)
+    w = (torch.randn(G, H, generator=g) / H ** 0.5)
+    b = torch.randn(G, generator=g)
+    gout = torch.randn(T, B, H, generator=g)
+
+    def grads(dtype, fn):
+        leaves = [t.to(dtype).requires_grad_() for t in (w, b)]
+        args = [x.to(dtype), h0.to(dtype)] + ([c0.to(dtype)] if kind == "lstm" else [])
+        out = fn(*args, leaves[0], None, leaves[1]) if kind == "lstm" else \
+            fn(*args, leaves[0], leaves[1])
+        return torch.autograd.grad(out[0], leaves, gout.to(dtype))
+
+    layer = fusedrnn.lstm_layer if kind == "lstm" else fusedrnn.gru_layer
+    ref = reference.lstm_layer if kind == "lstm" else reference.gru_layer
+    rev = lambda f: (lambda *a: f(*a, reverse=reverse))  # noqa: E731
+    ours = grads(torch.float32, rev(layer))
+    want = grads(torch.float64, rev(ref))
+    low = grads(torch.float32, rev(ref))
+    for o, t, w64 in zip(ours, low, want):
+        assert rel_err(o, w64) <= 4 * rel_err(t, w64) + 1e-6
