@@ -63,11 +63,7 @@ class _FusedRNNBase(nn.RNNBase, ScriptedRNN):
         regularised.reset_layer_norm(self)
 
     def extra_repr(self):
-        s = super().extra_repr()
-        if not getattr(self, "reset_after", True):
-            s += ", reset_after=False"
-        return s + "".join(f", {k}={v}" for k, v in
-                           regularised.non_default(regularised.options(self)).items())
+        return super().extra_repr() + regularised.repr_suffix(self)
 
     def __prepare_scriptable__(self):
         refuse_regularised(self)
@@ -279,11 +275,7 @@ class _CellOptions:
         regularised.reset_layer_norm(self)
 
     def extra_repr(self):
-        s = super().extra_repr()
-        if not getattr(self, "reset_after", True):
-            s += ", reset_after=False"
-        return s + "".join(f", {k}={v}" for k, v in
-                           regularised.non_default(regularised.options(self)).items())
+        return super().extra_repr() + regularised.repr_suffix(self)
 
     def __prepare_scriptable__(self):
         refuse_regularised(self)

@@ -68,6 +68,13 @@ def non_default(opts):
     return {n: v for n, v, d in zip(OPTIONS, opts, Options()) if v != d}
 
 
+def repr_suffix(module):
+    """What extra_repr adds to torch's: the options beyond torch.nn that are not
+    their defaults (reset_after=False, then the regularisers)."""
+    s = "" if getattr(module, "reset_after", True) else ", reset_after=False"
+    return s + "".join(f", {k}={v}" for k, v in non_default(options(module)).items())
+
+
 def _rate(name, p):
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
         raise ValueError(f"{name} should be a number in range [0, 1) representing the "
@@ -189,11 +196,12 @@ def project(x, w_ih, b_ih, ln):
     return F.layer_norm(xw, xw.shape[-1:], ln[0], b_ih, LN_EPS)
 
 
-def layer_reg(opts, training, x_proj, h0, hidden_size, lstm, ln):
+def layer_reg(opts, training, x_proj, h0, c0, ln):
     """The LayerReg of one op call, or None when it would ask for nothing.
 
-    x_proj [T, B, G*H] or packed [N, G*H]; h0 [B, P]; ln as for project. In
-    training the masks are drawn in this order: zone_h, zone_c, rec_mask."""
+    x_proj [T, B, G*H] or packed [N, G*H]; h0 [B, P]; c0 [B, H] (None for a GRU);
+    ln as for project. In training the masks are drawn in this order: zone_h,
+    zone_c, rec_mask (after drop_weight's, which functional draws first)."""
     lead = tuple(x_proj.shape[:-1])
     P = h0.shape[-1]
 
@@ -205,7 +213,7 @@ def layer_reg(opts, training, x_proj, h0, hidden_size, lstm, ln):
         return x_proj.new_full(lead + (size,), p)  # the expectation; no randomness
 
     zone_h = zone(opts.zoneout, P)
-    zone_c = zone(opts.zoneout_cell, hidden_size) if lstm else None
+    zone_c = zone(opts.zoneout_cell, c0.shape[-1]) if c0 is not None else None
     rec_mask = None
     p = opts.recurrent_dropout
     if training and p > 0:
