@@ -5,6 +5,7 @@ device present (CPU always, CUDA when a GPU is visible).
     python -m benchmarks.bench --full       # every config (fastrnns, small batch, DeepBench)
     python -m benchmarks.bench --smoke      # CI: the smallest configs, short timing
     python -m benchmarks.bench --persistent # T=100, B 1..64, H 256..1024
+    python -m benchmarks.bench --regularisers # layer_norm, zoneout, recurrent_dropout: their cost
     python -m benchmarks.bench --omp-passive  # the same with OMP_WAIT_POLICY=PASSIVE, labelled so
     python -m benchmarks.bench --markdown   # after the run, write benchmarks/RESULTS.md
     python -m benchmarks.bench --plot-only --markdown  # no run: plots and RESULTS.md from the JSON
@@ -18,7 +19,9 @@ its behalf, and the runtime variables in force are recorded
 (benchmarks/environment.py, Note [measured in the user's environment]).
 Results: one dated JSON per device and a PNG beside it
 (benchmarks/report.py, Note [result files]). Exit status 1 when any row
-failed (parity or error).
+failed (parity or error). --regularisers runs benchmarks/regularisers.py's
+rows instead (CPU, float32; with --smoke, short timing), written to
+regularisers-cpu-<set>-<date>.json, no plot.
 """
 import sys
 from pathlib import Path
@@ -41,7 +44,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fusedrnn  # noqa: E402
-from benchmarks import cases, configs, report, results_md, timing  # noqa: E402
+from benchmarks import cases, configs, regularisers, report, results_md, timing  # noqa: E402
 
 # (rounds, min_run_time in s per function per round) of each set and device.
 # GPU rows are short and steady, and GPU time is scarce: shorter runs there.
@@ -68,6 +71,10 @@ def parse_args(argv):
                    help="T=100, B in 1,8,16,64, H in 256,512,1024")
     s.add_argument("--smoke", action="store_true",
                    help="smallest quick configs, very short timing (CI)")
+    s.add_argument("--regularisers", action="store_true",
+                   help="fusedrnn with layer_norm, zoneout, recurrent_dropout against the plain "
+                        "layer and a Python loop (CPU, float32, T=100 B=16 H=256; with --smoke, "
+                        "short timing)")
     s.add_argument("--config", action="append", metavar="T,B,I,H",
                    help="run this config instead of the set's (repeatable)")
     w = p.add_argument_group("what to run")
@@ -277,6 +284,71 @@ def run_device(device, args, cfgs):
     return doc
 
 
+def run_regularisers(args):
+    """The --regularisers set (benchmarks/regularisers.py): CPU, float32. Returns
+    the exit status."""
+    if args.device == "cuda" or (args.dtype and args.dtype != "float32"):
+        raise SystemExit("--regularisers runs on the CPU in float32 only")
+    cfgs = [configs.parse_config(c) for c in args.config] if args.config \
+        else regularisers.CONFIGS
+    label = "smoke" if args.smoke else "custom" if args.config else "quick"
+    rounds, min_run_time = TIMING["smoke" if args.smoke else "quick", "cpu"]
+    rounds, min_run_time = args.rounds or rounds, args.min_run_time or min_run_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    env = environment.record("cpu", threads)
+    started = time.time()
+    path = report.result_path(args.out_dir, "regularisers-cpu", label, env["variant"],
+                              report.timestamp())
+    doc = {"schema": report.SCHEMA_VERSION, "kind": "regularisers", "device": "cpu",
+           "set": label, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "complete": False, "env": env, "load_average_start": environment.load_average(),
+           "timing": {"method": "as the main set (timing.py): interleaved rounds, medians",
+                      "rounds": rounds, "min_run_time_s": min_run_time,
+                      "cost": "regularised median / plain fusedrnn median (same process)",
+                      "speedup_vs_loop": "Python loop median / regularised median",
+                      "training": "forward + backward of (output * fixed random weights).sum()",
+                      "inference": "torch.inference_mode(), modules in eval()"},
+           "parity": {"oracle": "the Python loop model in float64, same weights, the masks "
+                                "fusedrnn drew (training) or zoneout's expectation (inference)",
+                      "rule": "err(fusedrnn) <= max(multiple * err(float32 loop), floor)",
+                      "multiple": cases.PARITY_MULTIPLE,
+                      "floor": cases.PARITY_FLOOR[regularisers.PRECISION.name]},
+           "notes": ["measured in the environment the benchmark was started in: "
+                     + environment.variables_text(env), regularisers.NOTE],
+           "rows": []}
+    for model in args.models:
+        for variant in regularisers.VARIANTS:
+            for cfg in cfgs:
+                for mode in args.modes:
+                    try:
+                        row = regularisers.run_row(model, variant, cfg, mode, args.seed,
+                                                   (rounds, min_run_time, threads))
+                    except Exception as exc:  # noqa: BLE001 (recorded in the row)
+                        row = {"model": model, "variant": variant, "config": cfg.as_dict(),
+                               "mode": mode, "status": "error", "error": _error_text(exc),
+                               "traceback": traceback.format_exc(limit=4)}
+                    doc["rows"].append(row)
+                    report.write_json(path, doc)
+                    _free("cpu")
+    doc.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               wall_s=round(time.time() - started, 1),
+               load_average_end=environment.load_average())
+    report.write_json(path, doc)
+    report.say(f"cpu: results in {_rel(path)}")
+    print(f"\n{report.title(doc)}; cost = regularised / plain fusedrnn; {doc['wall_s']} s")
+    for note in doc["notes"]:
+        print(f"note: {note}")
+    print(regularisers.text_table(doc["rows"]))
+    failed = [r for r in doc["rows"] if r["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} row(s) FAILED")
+    if args.markdown:
+        _write_markdown()
+    return 1 if failed else 0
+
+
 def _free(device):
     gc.collect()
     if device == "cuda":
@@ -331,6 +403,8 @@ def main(argv=None):
     if args.plot_only is not None:
         _redraw(args)
         return 0
+    if args.regularisers:
+        return run_regularisers(args)
     cfgs = [configs.parse_config(c) for c in args.config] if args.label == "custom" \
         else configs.config_set(args.set)
     failed = 0

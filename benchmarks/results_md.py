@@ -18,7 +18,7 @@ from benchmarks import environment, report  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 SET_ORDER = {"quick": 0, "persistent": 1, "full": 2, "custom": 3}
-KIND_ORDER = {"bench": 0, "gemm": 1}
+KIND_ORDER = {"bench": 0, "regularisers": 1, "gemm": 2}
 HEADER = """# Benchmark results
 
 Generated from the JSON results under `benchmarks/results/` by
@@ -48,12 +48,16 @@ def _link(target, out):
 def section(path, doc, out):
     kind = doc.get("kind", "bench")
     env = doc["env"]
-    what = "GEMM micro-benchmark" if kind == "gemm" else "fusedrnn against torch.nn"
+    what = {"gemm": "GEMM micro-benchmark",
+            "regularisers": "fusedrnn's regularisers"}.get(kind, "fusedrnn against torch.nn")
     head = (f"## {what}: {doc['device'].upper()}, `{doc['set']}` set"
             + environment.variant_title(env))
     if kind == "gemm":
         from benchmarks import gemm  # torch and fusedrnn: only when there is a GEMM result
         body = gemm.markdown(doc)
+    elif kind == "regularisers":
+        from benchmarks import regularisers  # torch and fusedrnn, as for gemm
+        body = regularisers.markdown(doc)
     else:
         body = report.markdown_table(doc)
     lines = [head, "", f"From `{_link(path, out)}`.", "", body]

@@ -18,9 +18,10 @@ from .pooling import AttentionPool, MaxPool, MeanPool  # for Note [Safe globals]
 # rebuilds RNNBase's list of its weights from them); the state itself passes the
 # same weights_only checks (tensors, numbers, strings, lists, dicts). None of
 # them holds anything else: parameters, the sizes and flags of the constructor
-# (reset_after a bool), RNNBase's weight-name lists, and AttentionPool's scorer,
-# a torch.nn.Linear or a Sequential of Linear and Tanh (torch.nn's classes,
-# which the script allows as for any torch.nn module it holds).
+# (reset_after and layer_norm bools, the regularisers' rates floats), RNNBase's
+# weight-name lists, and AttentionPool's scorer, a torch.nn.Linear or a
+# Sequential of Linear and Tanh (torch.nn's classes, which the script allows
+# as for any torch.nn module it holds).
 torch.serialization.add_safe_globals([LSTM, GRU, LSTMCell, GRUCell,
                                       MeanPool, MaxPool, AttentionPool])
 

@@ -4,13 +4,15 @@ torch.nn: ONNX export, TorchScript, other runtimes)."""
 import torch
 from torch import nn
 
+from . import regularised
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 
 _TWINS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
 _TORCH = {fused: torch_cls for torch_cls, fused in _TWINS.items()}
 # Options beyond torch.nn, as (attribute, the value that torch.nn computes): a module
 # with another value has no torch.nn equivalent, and to_torch refuses it.
-_TORCH_ONLY_FORM = (("reset_after", True),)
+_TORCH_ONLY_FORM = (("reset_after", True),) + tuple(zip(regularised.OPTIONS,
+                                                       regularised.Options()))
 
 
 def _config(m):
@@ -23,39 +25,49 @@ def _config(m):
     return (m.input_size, m.hidden_size), dict(bias=m.bias)
 
 
-def _twin(module, twin_cls):
-    """A twin_cls built with module's configuration: a copy of its weights on the same
-    device and dtype, the same requires_grad flags and train/eval mode."""
+def _twin(module, twin_cls, options=None):
+    """A twin_cls built with module's configuration (and `options`, keyword
+    arguments beyond torch.nn): a copy of its weights on the same device and dtype,
+    the same requires_grad flags and train/eval mode. New LayerNorm parameters
+    get their initial values (ones and zeros)."""
     args, kw = _config(module)
     p = next(module.parameters())
     # Built on the meta device: no initialisation to overwrite, and the global
     # RNG is left as it was (as if the module had not been converted).
-    twin = twin_cls(*args, **kw, device="meta", dtype=p.dtype).to_empty(device=p.device)
+    twin = twin_cls(*args, **kw, **(options or {}), device="meta",
+                    dtype=p.dtype).to_empty(device=p.device)
     with torch.no_grad():
-        twin.load_state_dict(module.state_dict())
+        missing, unexpected = twin.load_state_dict(module.state_dict(), strict=False)
+        if unexpected or not all(regularised.is_ln_parameter(n) for n in missing):
+            twin.load_state_dict(module.state_dict())  # raises torch's error
+        regularised.reset_layer_norm(twin)
     for name, param in module.named_parameters():
         getattr(twin, name).requires_grad_(param.requires_grad)
     return twin.train(module.training)
 
 
-def from_torch(module):
+def from_torch(module, **options):
     """The fusedrnn twin of an nn.LSTM/GRU/LSTMCell/GRUCell: same configuration,
     a copy of its weights on the same device and dtype, the same requires_grad
-    flags and train/eval mode."""
+    flags and train/eval mode. `options` are fusedrnn's keyword arguments beyond
+    torch.nn (layer_norm=True, zoneout=p, ...; see fusedrnn.LSTM), e.g.
+    from_torch(lstm, layer_norm=True, zoneout=0.1): the torch weights are copied,
+    the new LayerNorm parameters start at ones (gains) and zeros (biases)."""
     twin_cls = _TWINS.get(type(module))
     if twin_cls is None:
         if type(module) in _TORCH:
             raise TypeError(f"{type(module).__name__} is already a fusedrnn module")
         raise TypeError("from_torch expects torch.nn.LSTM, GRU, LSTMCell or GRUCell, got "
                         f"{type(module).__name__}")
-    return _twin(module, twin_cls)
+    return _twin(module, twin_cls, options)
 
 
 def to_torch(module):
     """The torch.nn twin of a fusedrnn LSTM/GRU/LSTMCell/GRUCell, the inverse of
     from_torch: same configuration, a copy of its weights on the same device and dtype,
     the same requires_grad flags and train/eval mode. Raises ValueError for a module
-    that torch.nn cannot compute (a GRU with reset_after=False)."""
+    that torch.nn cannot compute (a GRU with reset_after=False, any of the regularisers
+    layer_norm, zoneout, zoneout_cell, recurrent_dropout, weight_drop)."""
     torch_cls = _TORCH.get(type(module))
     if torch_cls is None:
         if type(module) in _TWINS:
@@ -66,12 +78,19 @@ def to_torch(module):
     return _twin(module, torch_cls)
 
 
-def replace_rnns(model):
+def replace_rnns(model, **options):
     """Swaps every nn.LSTM/GRU/LSTMCell/GRUCell inside `model` (at any depth) for
     its fusedrnn twin, in place, and returns `model` (or the twin, when `model`
     itself is one of them). A module registered in several places (shared
-    weights) gets one twin, registered in all of them."""
-    return _replace(model, _TWINS, from_torch, {})
+    weights) gets one twin, registered in all of them. `options` go to every twin
+    (from_torch); one that a twin does not take (zoneout_cell on a GRU,
+    recurrent_dropout on a cell, ...) raises before anything is changed: give
+    different options to different modules with from_torch."""
+    twins = {}
+    for m in model.modules():  # every twin built first: an error changes nothing
+        if type(m) in _TWINS and m not in twins:
+            twins[m] = from_torch(m, **options)
+    return _replace(model, _TWINS, from_torch, twins)
 
 
 def restore_rnns(model):

@@ -23,7 +23,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from . import _ops, regularised
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -100,23 +100,27 @@ def check_devices(name, x, named):
             raise RuntimeError(f"{name}: {what} is on {t.device} but input is on {x.device}")
 
 
-def _layer(lstm, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, reset_after=True):
-    """One op call: (output, h_n) or (output, h_n, c_n)."""
+def _layer(lstm, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, reset_after=True,
+           reg=None):
+    """One op call: (output, h_n) or (output, h_n, c_n). reg: a LayerReg or None
+    (the plain layer)."""
     if x_proj.numel() == 0:
         # The op needs B > 0 and torch.nn takes an empty batch. Zero-size results
         # that still depend on every input, so backward gives torch.nn's zero
         # gradients rather than None.
-        anchor = sum(t.sum() for t in (x_proj, h0, c0, w_hh, w_hr, b_hh) if t is not None) * 0
+        anchor = sum(t.sum() for t in (x_proj, h0, c0, w_hh, w_hr, b_hh, *(reg or ()))
+                     if t is not None) * 0
         out = x_proj.new_zeros((*x_proj.shape[:-1], w_hh.size(1))) + anchor
         return (out, h0 + anchor) + ((c0 + anchor,) if lstm else ())
     if lstm:
-        return _ops.lstm_layer(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse=reverse)
+        return _ops.lstm_layer(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse=reverse,
+                               reg=reg)
     return _ops.gru_layer(x_proj, h0, w_hh, b_hh, batch_sizes, reverse=reverse,
-                          reset_after=reset_after)
+                          reset_after=reset_after, reg=reg)
 
 
 def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, training,
-               bidirectional, reset_after=True):
+               bidirectional, reset_after=True, options=regularised.Options(), ln_weights=None):
     """Runs the stack.
 
     mode: "LSTM" or "GRU". data: [T, B, I] (time-major) or packed [N, I] with
@@ -124,6 +128,8 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
     weights: one (w_ih, w_hh, b_ih, b_hh, w_hr) tuple per layer and direction,
     in torch's order (layer-major, forward before reverse); absent ones None.
     reset_after: GRU form (False: the classic one, reference.gru_cell).
+    options: the regularisers (regularised.Options); ln_weights: with layer_norm,
+    one (gamma_ih, gamma_hh, gamma_c, beta_c) per layer and direction, as weights.
     Returns output ([T, B, D*P] or [N, D*P]) and h_n (LSTM: (h_n, c_n)).
     """
     lstm = mode == "LSTM"
@@ -149,9 +155,13 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
             for d in range(dirs):
                 k = layer * dirs + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = (cast(w) for w in weights[k])
-                res = _layer(lstm, _ops.linear(layer_in, w_ih, b_ih), h0[k],
-                             c0[k] if lstm else None, w_hh, w_hr, b_hh, batch_sizes, d == 1,
-                             reset_after)
+                ln = None if ln_weights is None else [cast(w) for w in ln_weights[k]]
+                w_hh = regularised.drop_weight(w_hh, options.weight_drop, training)
+                x_proj = regularised.project(layer_in, w_ih, b_ih, ln)
+                reg = regularised.layer_reg(options, training, x_proj, h0[k],
+                                            c0[k] if lstm else None, ln)
+                res = _layer(lstm, x_proj, h0[k], c0[k] if lstm else None, w_hh, w_hr, b_hh,
+                             batch_sizes, d == 1, reset_after, reg)
                 outs.append(res[0])
                 h_n.append(res[1])
                 if lstm:
@@ -161,9 +171,11 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
     return layer_in.to(out_dtype), ((h_n, torch.stack(c_n).to(c_dtype)) if lstm else h_n)
 
 
-def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True):
+def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True,
+         options=regularised.Options(), ln_weights=None, training=False):
     """One step of LSTMCell or GRUCell: input [B, I], states (h [B, H],) or (h, c).
-    Returns the new states, as a tuple."""
+    options, ln_weights (one tuple) and training as for rnn_layers; zoneout draws
+    fresh masks on every call. Returns the new states, as a tuple."""
     lstm = mode == "LSTM"
     name = f"{mode}Cell"
     matmul_states = [("hx[0]" if lstm else "hx", states[0])]
@@ -175,8 +187,10 @@ def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True):
                                               w_ih, fused)
     cast = lambda t: None if t is None else t.to(compute)  # noqa: E731
     with _autocast_off(input.device.type, autocast_dtype(input.device.type)):
-        x_proj = _ops.linear(cast(input), cast(w_ih), cast(b_ih)).unsqueeze(0)
+        ln = None if ln_weights is None else [cast(w) for w in ln_weights[0]]
+        x_proj = regularised.project(cast(input), cast(w_ih), cast(b_ih), ln).unsqueeze(0)
         h0, c0 = cast(states[0]), cast(states[-1]) if lstm else None
+        reg = regularised.layer_reg(options, training, x_proj, h0, c0, ln)
         res = _layer(lstm, x_proj, h0, c0, cast(w_hh), None, cast(b_hh), None, False,
-                     reset_after)
+                     reset_after, reg)
     return (res[1].to(out_dtype), res[2].to(c_dtype)) if lstm else (res[1].to(out_dtype),)

@@ -4,6 +4,15 @@ Constructor arguments and their checks, parameter names, shapes,
 initialisation, state_dict keys, repr and the input checks are torch's own;
 only the computation is ours.
 
+Beyond torch.nn, keyword arguments off by default (definitions: regularised.py):
+LSTM and GRU take layer_norm, zoneout, recurrent_dropout, weight_drop (and LSTM
+zoneout_cell); LSTMCell and GRUCell take layer_norm and zoneout (LSTMCell
+zoneout_cell); GRU and GRUCell take reset_after. layer_norm adds parameters
+named after torch's scheme: layernorm_ih_weight_l{k}[_reverse] and
+layernorm_hh_weight_l{k}[_reverse] (G*H), and for an LSTM layernorm_c_weight_l{k}
+and layernorm_c_bias_l{k} (H), initialised to ones and zeros (also by
+reset_parameters()); the cells' have no suffix.
+
 Note [Not a subclass of nn.LSTM]
 LSTM and GRU subclass nn.RNNBase and borrow nn.LSTM's methods rather than
 subclass nn.LSTM and nn.GRU: torch.compile refuses to trace any instance of
@@ -16,8 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import regularised
 from .functional import cell, check_devices, rnn_layers
-from .scripting import ScriptedCell, ScriptedRNN
+from .scripting import ScriptedCell, ScriptedRNN, refuse_regularised
 
 
 def _check_size(t, expected, what, short_rank_error=RuntimeError):
@@ -39,6 +49,25 @@ def _check_size(t, expected, what, short_rank_error=RuntimeError):
 class _FusedRNNBase(nn.RNNBase, ScriptedRNN):
     """Shared forward of LSTM and GRU (the eager one; TorchScript compiles
     ScriptedRNN's, see scripting.py)."""
+
+    def __init__(self, mode, *args, reset_after=True, layer_norm=False, zoneout=0.0,
+                 zoneout_cell=0.0, recurrent_dropout=0.0, weight_drop=0.0, **kwargs):
+        super().__init__(mode, *args, **kwargs)
+        if mode == "GRU":
+            self.reset_after = bool(reset_after)
+        regularised.configure(self, mode == "LSTM", False, layer_norm, zoneout, zoneout_cell,
+                              recurrent_dropout, weight_drop)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        regularised.reset_layer_norm(self)
+
+    def extra_repr(self):
+        return super().extra_repr() + regularised.repr_suffix(self)
+
+    def __prepare_scriptable__(self):
+        refuse_regularised(self)
+        return self
 
     def _layer_weights(self):
         suffixes = ["", "_reverse"] if self.bidirectional else [""]
@@ -124,7 +153,9 @@ class _FusedRNNBase(nn.RNNBase, ScriptedRNN):
             data = data.transpose(0, 1)
         output, hidden = rnn_layers(self.mode, data, batch_sizes, hx, self._layer_weights(),
                                     self.num_layers, self.dropout, self.training,
-                                    self.bidirectional, getattr(self, "reset_after", True))
+                                    self.bidirectional, getattr(self, "reset_after", True),
+                                    regularised.options(self),
+                                    regularised.ln_weights(self, lstm, False))
         if packed:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return output, self.permute_hidden(hidden, unsorted_indices)
@@ -138,9 +169,20 @@ class _FusedRNNBase(nn.RNNBase, ScriptedRNN):
 
 class LSTM(_FusedRNNBase):
     """torch.nn.LSTM computed by fusedrnn's kernels (same arguments and outputs).
-    See Note [Not a subclass of nn.LSTM]."""
+    See Beyond torch.nn, keyword arguments off by default (definitions: regularised.py):
+LSTM and GRU take layer_norm, zoneout, recurrent_dropout, weight_drop (and LSTM
+zoneout_cell); LSTMCell and GRUCell take layer_norm and zoneout (LSTMCell
+zoneout_cell); GRU and GRUCell take reset_after. layer_norm adds parameters
+named after torch's scheme: layernorm_ih_weight_l{k}[_reverse] and
+layernorm_hh_weight_l{k}[_reverse] (G*H), and for an LSTM layernorm_c_weight_l{k}
+and layernorm_c_bias_l{k} (H), initialised to ones and zeros (also by
+reset_parameters()); the cells' have no suffix.
+
+Note [Not a subclass of nn.LSTM]."""
 
     def __init__(self, *args, **kwargs):
+        if "reset_after" in kwargs:
+            raise TypeError("LSTM.__init__() got an unexpected keyword argument 'reset_after'")
         super().__init__("LSTM", *args, **kwargs)
 
     def forward(self, input: Union[Tensor, PackedSequence],
@@ -156,7 +198,16 @@ class LSTM(_FusedRNNBase):
 
 class GRU(_FusedRNNBase):
     """torch.nn.GRU computed by fusedrnn's kernels (same arguments and outputs).
-    See Note [Not a subclass of nn.LSTM].
+    See Beyond torch.nn, keyword arguments off by default (definitions: regularised.py):
+LSTM and GRU take layer_norm, zoneout, recurrent_dropout, weight_drop (and LSTM
+zoneout_cell); LSTMCell and GRUCell take layer_norm and zoneout (LSTMCell
+zoneout_cell); GRU and GRUCell take reset_after. layer_norm adds parameters
+named after torch's scheme: layernorm_ih_weight_l{k}[_reverse] and
+layernorm_hh_weight_l{k}[_reverse] (G*H), and for an LSTM layernorm_c_weight_l{k}
+and layernorm_c_bias_l{k} (H), initialised to ones and zeros (also by
+reset_parameters()); the cells' have no suffix.
+
+Note [Not a subclass of nn.LSTM].
 
     reset_after=False (beyond torch.nn) selects the classic form of Cho et al.,
     n = tanh(W_in x + b_in + W_hn (r * h) + b_hn); the default True is torch's
@@ -164,21 +215,18 @@ class GRU(_FusedRNNBase):
     the same, so a checkpoint loads into either form.
     """
 
-    def __init__(self, *args, reset_after=True, **kwargs):
+    def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if "zoneout_cell" in kwargs:
+            regularised.refuse_zoneout_cell("GRU")
         super().__init__("GRU", *args, **kwargs)
-        self.reset_after = bool(reset_after)
 
     def forward(self, input: Union[Tensor, PackedSequence],
                 hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         if torch.jit.is_scripting():  # resolved when compiled; Note [TorchScript]
             return self._scripted_gru(input, hx)
         return super().forward(input, hx)
-
-    def extra_repr(self):
-        s = super().extra_repr()
-        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
 
 
 def _cell_inputs(cell, name, input, hx, n_states):
@@ -214,36 +262,66 @@ def _cell_inputs(cell, name, input, hx, n_states):
     return input, states, batched
 
 
-class LSTMCell(nn.LSTMCell, ScriptedCell):
-    """torch.nn.LSTMCell computed by fusedrnn's kernels: one op call with T = 1."""
+class _CellOptions:
+    """What the cells share beyond torch.nn: the regularisers' options and
+    parameters (regularised.py), their repr and their TorchScript refusal."""
+
+    def _configure(self, lstm, layer_norm, zoneout, zoneout_cell, unsupported):
+        regularised.refuse_on_cell(type(self).__name__, lstm, unsupported)
+        regularised.configure(self, lstm, True, layer_norm, zoneout, zoneout_cell)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        regularised.reset_layer_norm(self)
+
+    def extra_repr(self):
+        return super().extra_repr() + regularised.repr_suffix(self)
+
+    def __prepare_scriptable__(self):
+        refuse_regularised(self)
+        return self
+
+    def _cell(self, mode, input, states):
+        return cell(mode, input, states, self.weight_ih, self.weight_hh, self.bias_ih,
+                    self.bias_hh, getattr(self, "reset_after", True), regularised.options(self),
+                    regularised.ln_weights(self, mode == "LSTM", True), self.training)
+
+
+class LSTMCell(_CellOptions, nn.LSTMCell, ScriptedCell):
+    """torch.nn.LSTMCell computed by fusedrnn's kernels: one op call with T = 1.
+    layer_norm, zoneout and zoneout_cell as for LSTM (zoneout draws fresh masks on
+    every call: a call is one step)."""
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
+                 layer_norm=False, zoneout=0.0, zoneout_cell=0.0, **unsupported):
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self._configure(True, layer_norm, zoneout, zoneout_cell, unsupported)
 
     def forward(self, input: Tensor,
                 hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if torch.jit.is_scripting():  # resolved when compiled; Note [TorchScript]
             return self._scripted_lstm_cell(input, hx)
         input, states, batched = _cell_inputs(self, "LSTMCell", input, hx, 2)
-        h, c = cell("LSTM", input, states, self.weight_ih, self.weight_hh, self.bias_ih,
-                    self.bias_hh)
+        h, c = self._cell("LSTM", input, states)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
-class GRUCell(nn.GRUCell, ScriptedCell):
+class GRUCell(_CellOptions, nn.GRUCell, ScriptedCell):
     """torch.nn.GRUCell computed by fusedrnn's kernels: one op call with T = 1.
-    reset_after=False selects the classic form, as for GRU."""
+    reset_after=False selects the classic form, as for GRU; layer_norm and
+    zoneout as for GRU (zoneout draws fresh masks on every call)."""
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None,
-                 reset_after=True):
+                 reset_after=True, *, layer_norm=False, zoneout=0.0, **unsupported):
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
         self.reset_after = bool(reset_after)
-
-    def extra_repr(self):
-        s = super().extra_repr()
-        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
+        if "zoneout_cell" in unsupported:
+            regularised.refuse_zoneout_cell("GRUCell")
+        self._configure(False, layer_norm, zoneout, 0.0, unsupported)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         if torch.jit.is_scripting():  # resolved when compiled; Note [TorchScript]
             return self._scripted_gru_cell(input, hx)
         input, states, batched = _cell_inputs(self, "GRUCell", input, hx, 1)
-        (h,) = cell("GRU", input, states, self.weight_ih, self.weight_hh, self.bias_ih,
-                    self.bias_hh, getattr(self, "reset_after", True))
+        (h,) = self._cell("GRU", input, states)
         return h if batched else h.squeeze(0)

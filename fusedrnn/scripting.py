@@ -31,6 +31,13 @@ Note [TorchScript]
   * autocast, and states of another floating dtype than the weights: the
     eager path's result dtypes there depend on which torch kernel torch.nn
     would run (functional.py, Note [Autocast]), which TorchScript cannot ask.
+- A module with a regulariser on (layer_norm, zoneout, zoneout_cell,
+  recurrent_dropout, weight_drop; regularised.py) is refused when
+  torch.jit.script is called (its __prepare_scriptable__, which torch.jit.script
+  calls on every module of a model before compiling any), with an error naming
+  the options: its layer functions take a LayerReg, a Python NamedTuple whose
+  layer function runs Python, and torch.nn has no such module to restore to.
+  torch.compile runs them.
 """
 from typing import List, Optional, Tuple, Union
 
@@ -44,6 +51,20 @@ def _unsupported(name: str, feature: str) -> str:
     return (f"fusedrnn.{name} under TorchScript: {feature} is not supported. Run the model "
             "eagerly, or call fusedrnn.restore_rnns(model) before torch.jit.script to script "
             "torch.nn's modules instead")
+
+
+def refuse_regularised(module):
+    """Raises (at torch.jit.script time) for a module with a regulariser on;
+    see Note [TorchScript]."""
+    from . import regularised
+    on = regularised.non_default(regularised.options(module))
+    if on:
+        name = type(module).__name__
+        given = ", ".join(f"{k}={v}" for k, v in on.items())
+        raise RuntimeError(
+            f"fusedrnn.{name} under TorchScript: the regularisers beyond torch.nn ({given}) "
+            "are not supported. Run the model eagerly or under torch.compile, or script a "
+            f"fusedrnn.{name} without them")
 
 
 def _dtype_name(dtype: int) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import configs, environment, gemm, report, results_md
+from benchmarks import bench, configs, environment, gemm, regularisers, report, results_md
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,3 +202,31 @@ def test_gemm_run_writes_a_labelled_result_and_markdown(tmp_path):
     text = results_md.render([path], tmp_path / "RESULTS.md")
     assert "GEMM micro-benchmark: CPU, `custom` set" in text
     assert text.count("| GRU | 3,2,17,5 |") == len(gemm.PRODUCTS)
+
+
+def test_regularisers_set_runs_and_renders(tmp_path):
+    """--regularisers on a tiny config end to end: every row passes parity and is
+    timed, and RESULTS.md renders it."""
+    argv = ["--regularisers", "--config", "3,2,5,4", "--rounds", "1", "--min-run-time", "0.001",
+            "--out-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.glob("regularisers-cpu-custom-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == "regularisers" and doc["complete"]
+    assert len(doc["rows"]) == 2 * len(regularisers.VARIANTS) * 2
+    for row in doc["rows"]:
+        assert row["status"] == "ok" and row["parity"]["passed"], row
+        assert row["cost"] > 0 and (row.get("loop_ms") is not None) == \
+            (row["variant"] in regularisers.LOOP_TIMED)
+    text = results_md.render([path], tmp_path / "RESULTS.md")
+    assert "fusedrnn's regularisers: CPU, `custom` set" in text
+    assert text.count("| LSTM | layer_norm |") == 2
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_regularisers_parity_catches_a_wrong_model(mode):
+    case = regularisers.RegCase("LSTM", "layer_norm", configs.Config(3, 2, 5, 4), seed=0)
+    assert case.parity(mode)["passed"]
+    with torch.no_grad():
+        case.reg.layernorm_hh_weight_l0.mul_(1 + 1e-3)
+    assert not case.parity(mode)["passed"]

@@ -41,7 +41,11 @@ BODIES = {
     "LSTM-proj": (lambda: fusedrnn.LSTM(I, H, proj_size=P, dropout=0.25, num_layers=2), P, []),
     "GRU": (lambda: fusedrnn.GRU(I, H, bias=False), H, []),
     "GRU-classic": (lambda: fusedrnn.GRU(I, H, reset_after=False), H, []),
+    "LSTM-regularised": (lambda: fusedrnn.LSTM(I, H, num_layers=2, layer_norm=True, zoneout=0.1,
+                                                zoneout_cell=0.2, recurrent_dropout=0.1,
+                                                weight_drop=0.1), H, []),
     "LSTMCell": (lambda: fusedrnn.LSTMCell(I, H), H, []),
+    "GRUCell-regularised": (lambda: fusedrnn.GRUCell(I, H, layer_norm=True, zoneout=0.2), H, []),
     "GRUCell": (lambda: fusedrnn.GRUCell(I, H, reset_after=False), H, []),
     "MeanPool": (lambda: MeanPool(), I, []),
     "MaxPool": (lambda: MaxPool(), I, []),
@@ -67,7 +71,8 @@ def test_whole_model_loads_with_weights_only_default(device, name):
     with torch.serialization.safe_globals([Model, nn.Linear, *torch_classes]):
         loaded = torch.load(buf)  # the default: weights_only=True
     assert type(loaded.body) is type(model.body) and not loaded.body.training
-    assert repr(loaded) == repr(model)  # every constructor argument, reset_after included
+    assert repr(loaded) == repr(model)  # every constructor argument, reset_after and
+    # the regularisers included
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         t = loaded.state_dict()[key]
