@@ -122,7 +122,8 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension, get_cxx_compiler
 
     use_cuda = want_cuda(torch.version.cuda, cuda_home)
-    sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp", "csrc/persistent/emulate.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp", "csrc/cpu/step_buffers.cpp",
+               "csrc/persistent/emulate.cpp"]
     # x86-64 only, compiled for AVX-512 and linked last: see Note [x86-only fused
     # path] and Note [AVX-512 translation unit].
     x86_sources, macros = [], []

@@ -83,6 +83,18 @@ struct LstmBackwardEpi {
   int64_t H;
   const float *grad_out, *gates, *cells, *c_prev;  // [B, H], [B, 4H], [B, H], [B, H]
   float *dc, *dgates;                              // [B, H] in/out, [B, 4H]
+  void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
+    const int64_t u0 = p * kUnitsPerPanel, n = std::min<int64_t>(kUnitsPerPanel, H - u0);
+    for (int64_t b = m0; b < m0 + mr; ++b) {
+      for (int64_t j = 0; j < n; j += kLanes) {
+        const int64_t k = b * H + u0 + j;
+        for (int g = 0; g < 4; ++g) prefetch_read(gates + b * 4 * H + g * H + u0 + j);
+        prefetch_read(cells + k);
+        prefetch_read(c_prev + k);
+        prefetch_read(grad_out + k);
+      }
+    }
+  }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     const int64_t u0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
@@ -114,6 +126,17 @@ struct GruBackwardEpi {
   const float *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
   float* dh;                               // [B, H] dh * z of the step after, then of this one
   float *dx, *dhh;                         // [B, 3H] each
+  void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
+    const int64_t u0 = p * kUnitsPerPanel, n = std::min<int64_t>(kUnitsPerPanel, H - u0);
+    for (int64_t b = m0; b < m0 + mr; ++b) {
+      for (int64_t j = 0; j < n; j += kLanes) {
+        const int64_t k = b * H + u0 + j;
+        for (int g = 0; g < kGruSaved; ++g) prefetch_read(gates + b * kGruSaved * H + g * H + u0 + j);
+        prefetch_read(h_prev + k);
+        prefetch_read(grad_out + k);
+      }
+    }
+  }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     const int64_t u0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
@@ -148,6 +171,7 @@ struct StoreEpi {
   int64_t H;
   const float* add;  // [B, H] or null
   float* dst;        // [B, H]
+  void prefetch(int64_t, int, int64_t) const {}
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     const int64_t u0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
@@ -167,6 +191,7 @@ struct StoreRowsEpi {
   int64_t N;
   const float* bias;  // [N] or null
   float* y;           // [M, N]
+  void prefetch(int64_t, int, int64_t) const {}
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     const int64_t n0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {

@@ -15,7 +15,6 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <omp.h>
-#include <sys/mman.h>
 
 #include <atomic>
 #include <cstdint>
@@ -25,6 +24,7 @@
 
 #include "../gates.h"
 #include "avx512_gemm.h"
+#include "step_buffers.h"
 #include "vec16.h"
 
 namespace fusedrnn {
@@ -62,27 +62,6 @@ inline void store16(S* p, Vec16 v, __mmask16 m) {
   } else {
     _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v.v));
   }
-}
-
-// Note [huge pages for step buffers]
-// The buffers written step by step (outputs, saved gates, gate gradients) are
-// tens of MB, fresh from mmap on every call; with 4 KiB pages their first
-// touch costs about as much as the LSTM's pointwise work (measured: the
-// training forward at T=100 B=64 H=512 takes 111 ms with 4 KiB pages, 78 ms
-// with 2 MiB ones). So we ask the kernel for transparent huge pages on them
-// before anything touches them. Only a hint: where THP is off it does nothing.
-constexpr int64_t kHugePage = int64_t(1) << 21;
-
-inline Tensor empty_for_steps(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor t = at::empty(sizes, options);
-  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  if (bytes >= 2 * kHugePage) {
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (begin + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
-    const uintptr_t last = (begin + bytes) & ~uintptr_t(kHugePage - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-  return t;
 }
 
 // Note [one parallel region per sequence]
@@ -178,6 +157,12 @@ struct LstmForwardEpi {
   S* h;               // [B, H] h_t
   S* gates;           // [B, 4H] or null
   float* cells;       // [B, H] or null
+  void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
+    const int64_t u0 = p * kLanes;
+    for (int64_t b = m0; b < m0 + mr; ++b) {
+      for (int g = 0; g < 4; ++g) prefetch_read(x + b * 4 * H + g * H + u0);
+    }
+  }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     const int64_t u0 = p * kLanes;
     const __mmask16 m = lanes(H - u0);
@@ -216,6 +201,12 @@ struct GruForwardEpi {
   const S *x, *bias, *h_prev;  // [B, 3H], [3H], [B, H]
   S* h;                        // [B, H] h_t
   S* gates;                    // [B, 4H] or null
+  void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
+    const int64_t u0 = p * kLanes;
+    for (int64_t b = m0; b < m0 + mr; ++b) {
+      for (int g = 0; g < 3; ++g) prefetch_read(x + b * 3 * H + g * H + u0);
+    }
+  }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     const int64_t u0 = p * kLanes;
     const __mmask16 m = lanes(H - u0);

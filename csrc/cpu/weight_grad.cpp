@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "avx512_gemm.h"
+#include "step_buffers.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -57,10 +58,10 @@ struct RowIndex {
 };
 
 // packed[q][k][c] = X[k][64 q + c], 0 beyond N.
-std::vector<float> pack_x(const RowIndex& rows, int64_t K, int64_t N) {
+at::Tensor pack_x(const RowIndex& rows, int64_t K, int64_t N, const at::TensorOptions& options) {
   const int64_t Q = ceil_div(N, kW);
-  std::vector<float> packed(static_cast<size_t>(Q * K * kW));
-  float* dst = packed.data();
+  at::Tensor packed = empty_for_steps({Q * K * kW}, options);
+  float* dst = packed.data_ptr<float>();
   at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
     rows.each(k0, k1, [&](int64_t k, int64_t r, const GradRows& s) {
       const float* x = s.x + r * N;
@@ -90,7 +91,7 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRows>&
     return {dw, db};
   }
   const RowIndex rows{segs};
-  const std::vector<float> xp = pack_x(rows, K, N);
+  const at::Tensor xp = pack_x(rows, K, N, options);
   const int64_t Q = ceil_div(N, kW), tiles = ceil_div(M, kMR);
   float* db_out = want_db ? db.data_ptr<float>() : nullptr;
   const int64_t grain = ceil_div(tiles, at::get_num_threads());
@@ -117,7 +118,7 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRows>&
           }
         });
         for (int64_t q = 0; q < Q; ++q) {
-          const float* panel = xp.data() + (q * K + k0) * kW;
+          const float* panel = xp.data_ptr<float>() + (q * K + k0) * kW;
           for (int64_t i = 0; i < nt; ++i) {
             float* tile = acc.data() + (i * Q + q) * kMR * kW;
             mma_tile<kMR, kNV>(ap.data() + i * kc * kMR, 1, kMR, panel, kc, tile, k0 > 0);
