@@ -25,9 +25,19 @@ from .pooling import AttentionPool, MaxPool, MeanPool  # for Note [Safe globals]
 torch.serialization.add_safe_globals([LSTM, GRU, LSTMCell, GRUCell,
                                       MeanPool, MaxPool, AttentionPool])
 
-__all__ = ["GRU", "LSTM", "GRUCell", "LSTMCell", "backends", "from_torch", "gradflow",
-           "gru_layer", "init", "lstm_layer", "pooling", "reference", "replace_rnns",
-           "restore_rnns", "to_torch"]
+__all__ = ["GRU", "LSTM", "GRUCell", "LSTMCell", "backends", "empty_cpu_cache", "from_torch",
+           "gradflow", "gru_layer", "init", "lstm_layer", "pooling", "reference",
+           "replace_rnns", "restore_rnns", "to_torch"]
+
+
+def empty_cpu_cache():
+    """Gives back the memory that fusedrnn keeps for reuse by later CPU calls
+    (its large step buffers, Note [reused step buffers] in
+    csrc/cpu/step_buffers.cpp), as torch.cuda.empty_cache() does on CUDA.
+    Returns the number of bytes released."""
+    held = torch.ops.fusedrnn._step_buffer_cache_bytes()
+    torch.ops.fusedrnn._empty_step_buffer_cache()
+    return held
 
 
 def backends():

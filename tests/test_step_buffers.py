@@ -1,0 +1,78 @@
+"""The cache of large CPU step buffers (Note [reused step buffers]): reused
+memory never aliases a live tensor, results do not depend on what the cache
+held, its tensors behave as at::empty's, and empty_cpu_cache gives it back."""
+import pytest
+import torch
+from torch import nn
+
+import fusedrnn
+
+ops = torch.ops.fusedrnn
+
+
+def big_lstm(seed):
+    """A layer whose step buffers exceed the cache's 4 MiB floor."""
+    torch.manual_seed(seed)
+    ref = nn.LSTM(128, 256)
+    return ref, fusedrnn.from_torch(ref)
+
+
+def test_live_outputs_are_not_reused():
+    ref, ours = big_lstm(0)
+    x1, x2 = torch.randn(60, 32, 128), torch.randn(60, 32, 128)
+    with torch.no_grad():
+        y1 = ours(x1)[0]
+        kept = y1.clone()
+        for _ in range(3):
+            ours(x2)  # freed buffers go back and come out again
+        assert torch.equal(y1, kept)
+        del y1
+        y1_again = ours(x1)[0]
+    assert torch.equal(y1_again, kept)
+
+
+def test_training_results_independent_of_cache_state():
+    """The same call after the cache was emptied, and after it was filled
+    with other calls' buffers (which hold stale values), gives bitwise equal
+    outputs and gradients."""
+    _, ours = big_lstm(1)
+    x = torch.randn(50, 40, 128, requires_grad=True)
+    gy = torch.randn(50, 40, 256)
+
+    def step():
+        ours.zero_grad()
+        x.grad = None
+        ours(x)[0].backward(gy)
+        return [x.grad.clone()] + [p.grad.clone() for p in ours.parameters()]
+
+    fusedrnn.empty_cpu_cache()
+    first = step()
+    assert ops._step_buffer_cache_bytes() > 0
+    with torch.no_grad():
+        ours(torch.randn(50, 40, 128) * 100)  # leave other values behind
+    second = step()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_empty_cpu_cache_gives_memory_back():
+    _, ours = big_lstm(2)
+    with torch.no_grad():
+        ours(torch.randn(60, 32, 128))
+    held = ops._step_buffer_cache_bytes()
+    assert held >= 4 << 20
+    assert fusedrnn.empty_cpu_cache() == held
+    assert ops._step_buffer_cache_bytes() == 0
+
+
+def test_cached_outputs_resize_like_at_empty():
+    """Outputs from the cache keep a resizable storage (resize_ works as on
+    torch.nn's outputs) and are ordinary tensors otherwise."""
+    ref, ours = big_lstm(3)
+    x = torch.randn(60, 32, 128)
+    with torch.no_grad():
+        y = ours(x)[0]
+        want = ref(x)[0]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y.resize_(70, 40, 256).fill_(1.0)
+    assert y.shape == (70, 40, 256) and bool((y == 1).all())
