@@ -109,6 +109,9 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRows>&
         // Pack dY[k0:k0+kc, m0:m0+mc] as ap[tile][k][kMR], zeros past mc.
         rows.each(k0, k0 + kc, [&](int64_t k, int64_t r, const GradRows& s) {
           const float* y = s.dy + r * M + m0;
+          if (r + 4 < s.rows) {
+            for (int64_t c = 0; c < mc; c += 16) __builtin_prefetch(y + 4 * M + c, 0, 3);
+          }
           for (int64_t c = 0; c < mc; ++c) sums[c] += y[c];
           for (int64_t i = 0; i < nt; ++i) {
             float* dst = ap.data() + (i * kc + (k - k0)) * kMR;
