@@ -24,6 +24,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../checks.h"
@@ -59,15 +60,18 @@ Tensor pack_column_panels(const Tensor& b) {
 // Panels of w [N, K] read as B = w^T: packed[p][k][c] = w[64 p + c][k].
 Tensor pack_transposed_panels(const Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1), P = ceil_div(N, kUnitsPerPanel);
-  Tensor packed = at::zeros({P, K, kUnitsPerPanel}, w.options());  // weights: small
+  Tensor packed = at::empty({P, K, kUnitsPerPanel}, w.options());  // weights: small
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t c = 0; c < kUnitsPerPanel && p * kUnitsPerPanel + c < N; ++c) {
-        const float* row = src + (p * kUnitsPerPanel + c) * K;
-        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * kUnitsPerPanel + c] = row[k];
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t c0 = 0; c0 < kUnitsPerPanel; c0 += kLanes) {
+        const int64_t row = p * kUnitsPerPanel + c0;
+        const int rows = static_cast<int>(std::clamp<int64_t>(N - row, 0, kLanes));
+        pack_rows_into_panel(src + std::min(row, N) * K, K, rows, dst + p * K * kUnitsPerPanel,
+                             kUnitsPerPanel, c0);
       }
+    }
   });
   return packed;
 }

@@ -25,6 +25,7 @@
 #include "../gates.h"
 #include "avx512_gemm.h"
 #include "step_buffers.h"
+#include "transpose16.h"
 #include "vec16.h"
 
 namespace fusedrnn {
@@ -128,8 +129,23 @@ template <typename S, int KP>
 Tensor pack_gate_panels(const Tensor& w, int64_t G) {
   const int64_t H = w.size(0) / G, K = w.size(1), P = ceil_div(H, kLanes);
   const int64_t width = G * kGateNV * kLanes;
-  Tensor packed = at::zeros({P, K, width}, w.options());
   const S* src = w.data_ptr<S>();
+  if constexpr (std::is_same_v<S, float> && KP == 1) {
+    // Each gate's 16 units of a panel are 16 consecutive rows of w.
+    Tensor packed = at::empty({P, K, width}, w.options());
+    float* dst = packed.data_ptr<float>();
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int rows = static_cast<int>(std::min<int64_t>(kLanes, H - p * kLanes));
+        for (int64_t g = 0; g < G; ++g) {
+          pack_rows_into_panel(src + (g * H + p * kLanes) * K, K, rows, dst + p * K * width,
+                               width, g * kLanes);
+        }
+      }
+    });
+    return packed;
+  }
+  Tensor packed = at::zeros({P, K, width}, w.options());
   S* dst = packed.data_ptr<S>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
