@@ -1,0 +1,100 @@
+// CPU kernels of the regularised ops (lstm_reg_*, gru_reg_*) and their CPU
+// registration. The loops are reg_lstm.h / reg_gru.h; a step's rows are split
+// across threads, each row runs on one thread through the row functions of
+// reg_lstm_rows.h / reg_gru_rows.h, with CpuRow's loops vectorised.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../reg_gru.h"
+#include "../reg_lstm.h"
+
+namespace fusedrnn {
+namespace {
+
+// Rows per parallel task: a row is a few thousand elements at most, too
+// little to pay for a task on its own.
+constexpr int64_t kRegRowsPerTask = 4;
+
+// One row on one thread. The loops carry no dependence between iterations
+// (each j reads and writes its own elements), which `omp simd` asserts so
+// that the compiler vectorises them, the sums included (in a different order
+// than a serial sum: the rounding differs, not the accuracy).
+struct CpuRow {
+  template <typename F>
+  void loop(int64_t n, F&& f) const {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) f(j);
+  }
+  template <typename T, typename F>
+  T sum(int64_t n, F&& f) const {
+    T s = T(0);
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += f(j);
+    return s;
+  }
+  bool leader() const { return true; }
+};
+
+struct CpuRegKernels {
+  template <typename Rows>
+  static void run(const Rows& a) {
+    at::parallel_for(0, a.rows, kRegRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
+    });
+  }
+};
+
+reg::LstmRegForwardOut lstm_reg_forward_cpu(
+    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
+    bool train, const OptTensor& rec_mask, const OptTensor& zone_h, const OptTensor& zone_c,
+    const OptTensor& ln_hh, const OptTensor& ln_c_w, const OptTensor& ln_c_b) {
+  return reg::lstm_reg_forward_impl<CpuRegKernels>(
+      x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train,
+      {rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b});
+}
+
+reg::LstmRegBackwardOut lstm_reg_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+    const at::Tensor& cell_new, const at::Tensor& norm_hh, const at::Tensor& stats,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const OptTensor& w_hr,
+    const OptTensor& batch_sizes, bool reverse, bool has_bias, const OptTensor& rec_mask,
+    const OptTensor& zone_h, const OptTensor& zone_c, const OptTensor& ln_hh,
+    const OptTensor& ln_c_w, const OptTensor& ln_c_b) {
+  return reg::lstm_reg_backward_impl<CpuRegKernels>(
+      grad_output, grad_h_n, grad_c_n, output, gates, cells, cell_new, norm_hh, stats, h0, c0,
+      w_hh, w_hr, batch_sizes, reverse, has_bias, {rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b});
+}
+
+reg::GruRegForwardOut gru_reg_forward_cpu(const at::Tensor& x_proj, const at::Tensor& h0,
+                                          const at::Tensor& w_hh, const OptTensor& b_hh,
+                                          const OptTensor& batch_sizes, bool reverse,
+                                          bool reset_after, bool train, const OptTensor& rec_mask,
+                                          const OptTensor& zone_h, const OptTensor& ln_hh) {
+  return reg::gru_reg_forward_impl<CpuRegKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse,
+                                                  reset_after, train,
+                                                  {rec_mask, zone_h, {}, ln_hh, {}, {}});
+}
+
+reg::GruRegBackwardOut gru_reg_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output,
+    const at::Tensor& gates, const at::Tensor& norm_hh, const at::Tensor& stats,
+    const at::Tensor& h0, const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
+    bool reset_after, bool has_bias, const OptTensor& rec_mask, const OptTensor& zone_h,
+    const OptTensor& ln_hh) {
+  return reg::gru_reg_backward_impl<CpuRegKernels>(
+      grad_output, grad_h_n, output, gates, norm_hh, stats, h0, w_hh, batch_sizes, reverse,
+      reset_after, has_bias, {rec_mask, zone_h, {}, ln_hh, {}, {}});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
+  m.impl("lstm_reg_forward", &lstm_reg_forward_cpu);
+  m.impl("lstm_reg_backward", &lstm_reg_backward_cpu);
+  m.impl("gru_reg_forward", &gru_reg_forward_cpu);
+  m.impl("gru_reg_backward", &gru_reg_backward_cpu);
+}
+
+}  // namespace fusedrnn
