@@ -144,6 +144,7 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
   Tensor da = reset_after ? at::empty({s.N, G}, opts) : dx;
   Tensor dab = ln ? at::empty({s.N, G}, opts) : Tensor();
   Tensor drh = reset_after ? Tensor() : at::empty({s.B, H}, opts);
+  Tensor dh_new = at::empty({s.B, H}, opts);  // dL/dh~, per step
   const Tensor w_rz = w_hh.narrow(0, 0, 2 * H), w_n = w_hh.narrow(0, 2 * H, H);
 
   for (int64_t step = s.T - 1; step >= 0; --step) {
@@ -169,6 +170,7 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
     b.hidden.rec_mask = ptr<T>(r.rec_mask);
     b.hidden.dh = dh.data_ptr<T>();
     b.hidden.dh_mm = dh_mm.data_ptr<T>();
+    b.dh_new = dh_new.data_ptr<T>();
     b.dx = dx.data_ptr<T>() + off * G;
     b.da = da.data_ptr<T>() + off * G;
     K::run(b);

@@ -33,18 +33,23 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruResetRows<T>& a, int6
   const int64_t H = a.H;
   const T* xr = a.x + b * kGruGates * H;
   const T* ar = a.a + b * 2 * H;
+  const T* bias = a.b_hh;
+  const T* hm = a.hm + b * H;
   T* gr = a.gates + b * kGruSaved * H;
-  row.loop(H, [&](int64_t j) {
-    T hr = ar[j], hz = ar[H + j];
-    if (a.b_hh) {
-      hr += a.b_hh[j];
-      hz += a.b_hh[H + j];
-    }
-    T r, z;
-    gru_gates_point<T>(xr[j], xr[H + j], hr, hz, r, z);
-    gr[j] = r;
-    gr[H + j] = z;
-    a.rh[b * H + j] = r * a.hm[b * H + j];
+  T* rh = a.rh + b * H;
+  with_flag(bias != nullptr, [&](auto has_bias) {  // Note [Branch-free row loops]
+    row.loop(H, [&](int64_t j) {
+      T hr = ar[j], hz = ar[H + j];
+      if constexpr (decltype(has_bias)::value) {
+        hr += bias[j];
+        hz += bias[H + j];
+      }
+      T r, z;
+      gru_gates_point<T>(xr[j], xr[H + j], hr, hz, r, z);
+      gr[j] = r;
+      gr[H + j] = z;
+      rh[j] = r * hm[j];
+    });
   });
 }
 
@@ -68,33 +73,42 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruForwardRows<T>& a, in
   const int64_t H = a.H;
   const T* xr = a.x + b * kGruGates * H;
   T* ar = a.a ? a.a + b * kGruGates * H : nullptr;
+  const T* an = a.a_n ? a.a_n + b * H : nullptr;
+  const T* bias = a.b_hh;
+  const T* hp = a.hidden.h + b * H;
   T* gr = a.gates + b * kGruSaved * H;
+  T* ht = a.hidden.out + b * H;  // h~ until hidden stores it
   if (a.ln_hh) {
     const T rstd = ln_recurrent(row, ar, kGruGates * H, a.ln_hh,
                                 a.norm_hh ? a.norm_hh + b * kGruGates * H : nullptr);
     if (a.stats && row.leader()) a.stats[b * kGruStats] = rstd;
   }
-  row.loop(H, [&](int64_t j) {
-    const T bn = a.b_hh ? a.b_hh[2 * H + j] : T(0);
-    const T h_prev = a.hidden.h[b * H + j];
-    T r, z, n, h, hn;
-    if (a.reset_after) {
-      T hr = ar[j], hz = ar[H + j];
-      hn = ar[2 * H + j] + bn;
-      if (a.b_hh) {
-        hr += a.b_hh[j];
-        hz += a.b_hh[H + j];
-      }
-      gru_forward_point<T>(xr[j], xr[H + j], xr[2 * H + j], hr, hz, hn, h_prev, r, z, n, h);
-    } else {
-      r = gr[j];
-      z = gr[H + j];
-      hn = a.a_n[b * H + j] + bn;
-      gru_output_point<T>(xr[2 * H + j], hn, T(1), z, h_prev, n, h);
-    }
-    store_gates(gr + j, H, r, z, n, hn);
-    a.hidden.store(b, j, h);
+  with_flag(a.reset_after, [&](auto torch_form) {  // Note [Branch-free row loops]
+    with_flag(bias != nullptr, [&](auto has_bias) {
+      row.loop(H, [&](int64_t j) {
+        T r, z, n, h, hn;
+        if constexpr (decltype(torch_form)::value) {
+          T hr = ar[j], hz = ar[H + j];
+          hn = ar[2 * H + j];
+          if constexpr (decltype(has_bias)::value) {
+            hr += bias[j];
+            hz += bias[H + j];
+            hn += bias[2 * H + j];
+          }
+          gru_forward_point<T>(xr[j], xr[H + j], xr[2 * H + j], hr, hz, hn, hp[j], r, z, n, h);
+        } else {
+          r = gr[j];
+          z = gr[H + j];
+          hn = an[j];
+          if constexpr (decltype(has_bias)::value) hn += bias[2 * H + j];
+          gru_output_point<T>(xr[2 * H + j], hn, T(1), z, hp[j], n, h);
+        }
+        store_gates(gr + j, H, r, z, n, hn);
+        ht[j] = h;
+      });
+    });
   });
+  a.hidden.store_row(row, b, ht);
 }
 
 template <typename T>
@@ -109,6 +123,7 @@ struct GruBackwardRows {
   const T* stats = nullptr;    // [rows, kGruStats], with ln_hh
   const T* ln_hh = nullptr;
   HiddenGrad<T> hidden;
+  T* dh_new = nullptr;         // [B, H] scratch: dL/dh~_t
   T* dx = nullptr;             // [rows, 3H] d x_proj (classic: r part left to GruResetBackwardRows)
   T* dab = nullptr;            // [rows, 3H] d(LN_3H(a) * ln_hh + b_hh), with ln_hh
   T* da = nullptr;             // [rows, 3H] d a
@@ -121,21 +136,26 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruBackwardRows<T>& a, i
   const T* hp = b < a.prev_rows ? a.h_prev + b * H : a.h0 + b * H;
   T* dxr = a.dx + b * kGruGates * H;
   T* dst = (a.ln_hh ? a.dab : a.da) + b * kGruGates * H;
-  row.loop(H, [&](int64_t j) {
-    const T dh = a.hidden.take(b, j);
-    const T r = a.reset_after ? gr[j] : T(1);
-    T dr, dz, dn, dhn, dh_direct;
-    gru_backward_point<T>(r, gr[H + j], gr[2 * H + j], gr[3 * H + j], hp[j], dh, dr, dz, dn,
-                          dhn, dh_direct);
-    a.hidden.dh[b * H + j] += dh_direct;
-    if (a.reset_after) {
-      dxr[j] = dr;
-      dst[j] = dr;
-    }
-    dxr[H + j] = dz;
-    dxr[2 * H + j] = dn;
-    dst[H + j] = dz;
-    dst[2 * H + j] = dhn;
+  T* dht = a.dh_new + b * H;
+  T* dh = a.hidden.dh + b * H;
+  a.hidden.take_row(row, b, dht);
+  with_flag(a.reset_after, [&](auto torch_form) {  // Note [Branch-free row loops]
+    row.loop(H, [&](int64_t j) {
+      T r = T(1);
+      if constexpr (decltype(torch_form)::value) r = gr[j];
+      T dr, dz, dn, dhn, dh_direct;
+      gru_backward_point<T>(r, gr[H + j], gr[2 * H + j], gr[3 * H + j], hp[j], dht[j], dr, dz,
+                            dn, dhn, dh_direct);
+      dh[j] += dh_direct;
+      if constexpr (decltype(torch_form)::value) {
+        dxr[j] = dr;
+        dst[j] = dr;
+      }
+      dxr[H + j] = dz;
+      dxr[2 * H + j] = dn;
+      dst[H + j] = dz;
+      dst[2 * H + j] = dhn;
+    });
   });
   if (a.ln_hh) {
     const T* nh = a.norm_hh + b * kGruGates * H;
@@ -164,13 +184,20 @@ template <typename T, typename Row>
 FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruResetBackwardRows<T>& a, int64_t b) {
   const int64_t H = a.H;
   const T* hp = b < a.prev_rows ? a.h_prev + b * H : a.h0 + b * H;
-  row.loop(H, [&](int64_t j) {
-    const int64_t k = b * H + j;
-    const T hm = a.rec_mask ? a.rec_mask[k] * hp[j] : hp[j];
-    T dr, dhm;
-    gru_reset_backward_point<T>(a.gates[b * kGruSaved * H + j], hm, a.drh[k], dr, dhm);
-    a.dx[b * kGruGates * H + j] = dr;
-    a.dh_mm[k] = dhm;
+  const T* gr = a.gates + b * kGruSaved * H;
+  const T* mr = a.rec_mask ? a.rec_mask + b * H : nullptr;
+  const T* drh = a.drh + b * H;
+  T* dxr = a.dx + b * kGruGates * H;
+  T* dhm = a.dh_mm + b * H;
+  with_flag(mr != nullptr, [&](auto masked) {  // Note [Branch-free row loops]
+    row.loop(H, [&](int64_t j) {
+      T hm = hp[j];
+      if constexpr (decltype(masked)::value) hm = mr[j] * hm;
+      T dr, d;
+      gru_reset_backward_point<T>(gr[j], hm, drh[j], dr, d);
+      dxr[j] = dr;
+      dhm[j] = d;
+    });
   });
 }
 

@@ -231,7 +231,7 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor dcn = r.ln_c() ? at::empty({s.N, H}, opts) : Tensor();
   Tensor dcn_xhat = r.ln_c() ? at::empty({s.N, H}, opts) : Tensor();
   Tensor dh_new = proj ? at::empty({s.N, P}, opts) : Tensor();  // dL/d(h~ W_hr^T)
-  Tensor dh_raw = proj ? at::empty({s.B, H}, opts) : Tensor();
+  Tensor dh_raw = at::empty({s.B, H}, opts);  // dL/dh~ (before W_hr^T)
   Tensor h_raw = proj ? at::empty({s.N, H}, opts) : Tensor();
   const Tensor& c_new = r.zone_c.has_value() ? cell_new : cells;
 
@@ -267,7 +267,8 @@ LstmRegBackwardOut lstm_reg_backward_loop(
     b.ln_c_w = ptr<T>(r.ln_c_w);
     b.ln_c_b = ptr<T>(r.ln_c_b);
     b.zone_c = r.zone_c.has_value() ? ptr<T>(r.zone_c) + off * H : nullptr;
-    b.dh_raw = proj ? dh_raw.data_ptr<T>() : nullptr;
+    b.dh_raw = dh_raw.data_ptr<T>();
+    b.take_hidden = !proj;
     b.hidden = hg;
     b.dc = dc.data_ptr<T>();
     b.dx = dx.data_ptr<T>() + off * G;

@@ -40,6 +40,7 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmForwardRows<T>& a, i
   const int64_t H = a.H, G = kLstmGates * H;
   T* ar = a.a + b * G;
   const T* xr = a.x + b * G;
+  const T* bias = a.b_hh;
   T* gr = a.gates + b * G;
   T* cn = a.c_new + b * H;
   T* cr = a.c + b * H;
@@ -48,19 +49,22 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmForwardRows<T>& a, i
     const T rstd = ln_recurrent(row, ar, G, a.ln_hh, a.norm_hh ? a.norm_hh + b * G : nullptr);
     if (st && row.leader()) st[kStatRstdHh] = rstd;
   }
-  row.loop(H, [&](int64_t j) {
-    T pre[kLstmGates];
-    for (int g = 0; g < kLstmGates; ++g) {
-      const int64_t k = g * H + j;
-      pre[g] = xr[k] + ar[k];
-      if (a.b_hh) pre[g] += a.b_hh[k];
-    }
-    const T i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
-    gr[j] = i;
-    gr[H + j] = f;
-    gr[2 * H + j] = g;
-    gr[3 * H + j] = o;
-    cn[j] = f * cr[j] + i * g;
+  // Note [Branch-free row loops]
+  with_flag(bias != nullptr, [&](auto has_bias) {
+    row.loop(H, [&](int64_t j) {
+      T pre[kLstmGates];
+      for (int g = 0; g < kLstmGates; ++g) {
+        const int64_t k = g * H + j;
+        pre[g] = xr[k] + ar[k];
+        if constexpr (decltype(has_bias)::value) pre[g] += bias[k];
+      }
+      const T i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
+      gr[j] = i;
+      gr[H + j] = f;
+      gr[2 * H + j] = g;
+      gr[3 * H + j] = o;
+      cn[j] = f * cr[j] + i * g;
+    });
   });
   T mean = T(0), rstd = T(1);
   if (a.ln_c_w) {
@@ -70,19 +74,30 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmForwardRows<T>& a, i
       st[kStatRstdC] = rstd;
     }
   }
-  row.loop(H, [&](int64_t j) {
-    const T c_new = cn[j];
-    const T y = a.ln_c_w ? (c_new - mean) * rstd * a.ln_c_w[j] + a.ln_c_b[j] : c_new;
-    const T h_new = gr[3 * H + j] * tanh_(y);
-    const T c_t = a.zone_c ? zoneout(a.zone_c[b * H + j], cr[j], c_new) : c_new;
-    cr[j] = c_t;
-    if (a.cells) a.cells[b * H + j] = c_t;
-    if (a.h_raw) {
-      a.h_raw[b * H + j] = h_new;
-    } else {
-      a.hidden.store(b, j, h_new);
-    }
+  // h~ = o tanh(y) into h_raw, or into the output row until hidden stores it.
+  T* ht = a.h_raw ? a.h_raw + b * H : a.hidden.out + b * H;
+  const T* w = a.ln_c_w;
+  const T* wb = a.ln_c_b;
+  with_flag(w != nullptr, [&](auto ln) {
+    row.loop(H, [&](int64_t j) {
+      T y = cn[j];
+      if constexpr (decltype(ln)::value) y = (y - mean) * rstd * w[j] + wb[j];
+      ht[j] = gr[3 * H + j] * tanh_(y);
+    });
   });
+  const T* zc = a.zone_c ? a.zone_c + b * H : nullptr;
+  T* cells = a.cells ? a.cells + b * H : nullptr;
+  with_flag(zc != nullptr, [&](auto zone) {
+    with_flag(cells != nullptr, [&](auto saved) {
+      row.loop(H, [&](int64_t j) {
+        T c_t = cn[j];
+        if constexpr (decltype(zone)::value) c_t = zoneout(zc[j], cr[j], c_t);
+        cr[j] = c_t;
+        if constexpr (decltype(saved)::value) cells[j] = c_t;
+      });
+    });
+  });
+  if (!a.h_raw) a.hidden.store_row(row, b, ht);
 }
 
 template <typename T>
@@ -99,8 +114,10 @@ struct LstmBackwardRows {
   const T* ln_c_w = nullptr;
   const T* ln_c_b = nullptr;
   const T* zone_c = nullptr;   // [rows, H]
-  // dL/dh~_t: from dh_raw (with projection: already through W_hr), else from hidden.
-  const T* dh_raw = nullptr;   // [rows, H] or null
+  // dL/dh~_t [rows, H]: with projection, already through W_hr; else take_hidden
+  // and the row fills it from hidden first.
+  T* dh_raw = nullptr;
+  bool take_hidden = false;
   HiddenGrad<T> hidden;
   T* dc = nullptr;             // [B, H] dL/dc_t in, dL/dc_{t-1} out
   T* dx = nullptr;             // [rows, 4H] d gates pre-activation (= d x_proj)
@@ -118,42 +135,63 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmBackwardRows<T>& a, 
   const T* cn = a.c_new + b * H;
   const T* cp = b < a.prev_rows ? a.c_prev + b * H : a.c0 + b * H;
   T* dxr = a.dx + b * G;
-  T* dcn = a.dcn ? a.dcn + b * H : nullptr;
   T* dcr = a.dc + b * H;
+  T* dht = a.dh_raw + b * H;
   const T* st = a.stats ? a.stats + b * kLstmStats : nullptr;
   const T mean = a.ln_c_w ? st[kStatMeanC] : T(0);
   const T rstd = a.ln_c_w ? st[kStatRstdC] : T(1);
-  // h~ = o tanh(y), y the cell norm's output (or c~).
-  row.loop(H, [&](int64_t j) {
-    const T dh = a.dh_raw ? a.dh_raw[b * H + j] : a.hidden.take(b, j);
-    const T xhat = (cn[j] - mean) * rstd;
-    const T y = a.ln_c_w ? xhat * a.ln_c_w[j] + a.ln_c_b[j] : cn[j];
-    const T tc = tanh_(y);
-    const T o = gr[3 * H + j];
-    dxr[3 * H + j] = dh * tc * o * (T(1) - o);
-    const T dy = dh * o * (T(1) - tc * tc);
-    if (a.ln_c_w) {
-      dcn[j] = dy;
-      a.dcn_xhat[b * H + j] = dy * xhat;
-    } else {
-      dxr[j] = dy;  // dL/dc~ so far, in the i slot
-    }
-    if (a.h_raw) a.h_raw[b * H + j] = o * tc;
+  if (a.take_hidden) a.hidden.take_row(row, b, dht);
+  // h~ = o tanh(y), y the cell norm's output (or c~). Note [Branch-free row loops]
+  const T* w = a.ln_c_w;
+  const T* wb = a.ln_c_b;
+  T* dcn = a.dcn ? a.dcn + b * H : nullptr;
+  T* dcn_xhat = a.dcn_xhat ? a.dcn_xhat + b * H : nullptr;
+  T* h_raw = a.h_raw ? a.h_raw + b * H : nullptr;
+  with_flag(w != nullptr, [&](auto ln) {
+    with_flag(h_raw != nullptr, [&](auto proj) {
+      row.loop(H, [&](int64_t j) {
+        const T dh = dht[j];
+        const T xhat = (cn[j] - mean) * rstd;
+        T y = cn[j];
+        if constexpr (decltype(ln)::value) y = xhat * w[j] + wb[j];
+        const T tc = tanh_(y);
+        const T o = gr[3 * H + j];
+        dxr[3 * H + j] = dh * tc * o * (T(1) - o);
+        const T dy = dh * o * (T(1) - tc * tc);
+        if constexpr (decltype(ln)::value) {
+          dcn[j] = dy;
+          dcn_xhat[j] = dy * xhat;
+        } else {
+          dxr[j] = dy;  // dL/dc~ so far, in the i slot
+        }
+        if constexpr (decltype(proj)::value) h_raw[j] = o * tc;
+      });
+    });
   });
   // dL/dc~ through the cell norm, into the i slot of dx for now; then the gates.
-  if (a.ln_c_w) {
+  if (w) {
     ln_backward(
-        row, H, a.ln_c_w, rstd, [&](int64_t j) { return dcn[j]; },
+        row, H, w, rstd, [&](int64_t j) { return dcn[j]; },
         [&](int64_t j) { return (cn[j] - mean) * rstd; }, dxr);
   }
-  row.loop(H, [&](int64_t j) {
-    const T i = gr[j], f = gr[H + j], g = gr[2 * H + j];
-    const T d_future = dcr[j];
-    const T dc_new = dxr[j] + (a.zone_c ? (T(1) - a.zone_c[b * H + j]) * d_future : d_future);
-    dxr[j] = dc_new * g * i * (T(1) - i);
-    dxr[H + j] = dc_new * cp[j] * f * (T(1) - f);
-    dxr[2 * H + j] = dc_new * i * (T(1) - g * g);
-    dcr[j] = dc_new * f + (a.zone_c ? a.zone_c[b * H + j] * d_future : T(0));
+  const T* zc = a.zone_c ? a.zone_c + b * H : nullptr;
+  with_flag(zc != nullptr, [&](auto zone) {
+    row.loop(H, [&](int64_t j) {
+      const T i = gr[j], f = gr[H + j], g = gr[2 * H + j];
+      const T d_future = dcr[j];
+      T dc_new, dc_prev;
+      if constexpr (decltype(zone)::value) {
+        dc_new = dxr[j] + (T(1) - zc[j]) * d_future;
+        dc_prev = zc[j] * d_future;
+      } else {
+        dc_new = dxr[j] + d_future;
+        dc_prev = T(0);
+      }
+      dxr[j] = dc_new * g * i * (T(1) - i);
+      dxr[H + j] = dc_new * cp[j] * f * (T(1) - f);
+      dxr[2 * H + j] = dc_new * i * (T(1) - g * g);
+      dcr[j] = dc_new * f + dc_prev;
+    });
   });
   if (a.ln_hh) {
     const T* nh = a.norm_hh + b * G;

@@ -2,8 +2,24 @@
 // registration. The loops are reg_lstm.h / reg_gru.h; a step's rows are split
 // across threads, each row runs on one thread through the row functions of
 // reg_lstm_rows.h / reg_gru_rows.h, with CpuRow's loops vectorised.
+//
+// Note [Vectorised row loops]
+// The row loops vectorise only if the compiler may turn the selects of
+// gates.h's exp/tanh into vector blends, which -ftrapping-math (GCC's
+// default) forbids: hence the pragma, before any include so that every
+// function of this file agrees (it changes no result, only which floating
+// point exception flags may be raised). Their floor needs SSE4.1, beyond
+// x86-64's baseline, so on CPUs with AVX2 each row runs in a copy compiled
+// for it (rows_avx2), picked at run time.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
 
 #include "../reg_gru.h"
 #include "../reg_lstm.h"
@@ -35,12 +51,43 @@ struct CpuRow {
   bool leader() const { return true; }
 };
 
+template <typename Rows>
+void rows_generic(const Rows& a, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FUSEDRNN_REG_AVX2 1
+// flatten: everything the rows call is inlined here, so compiled for AVX2.
+template <typename Rows>
+__attribute__((target("avx2"), flatten)) void rows_avx2(const Rows& a, int64_t begin,
+                                                        int64_t end) {
+  for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
+}
+
+// FUSEDRNN_CPU_PATH=generic takes the baseline copy (tests compare the two).
+bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  const char* knob = std::getenv("FUSEDRNN_CPU_PATH");
+  return ok && !(knob != nullptr && std::string(knob) == "generic");
+}
+#endif
+
 struct CpuRegKernels {
   template <typename Rows>
   static void run(const Rows& a) {
+#ifdef FUSEDRNN_REG_AVX2
+    const bool avx2 = use_avx2();
+#else
+    const bool avx2 = false;
+#endif
     at::parallel_for(0, a.rows, kRegRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
+#ifdef FUSEDRNN_REG_AVX2
+      if (avx2) return rows_avx2(a, begin, end);
+#endif
+      rows_generic(a, begin, end);
     });
+    (void)avx2;
   }
 };
 
