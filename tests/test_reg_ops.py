@@ -370,3 +370,15 @@ def test_cpu_row_copies_agree(kind, fields, monkeypatch):
         results.append(values_and_grads(outs, wanted, weights))
     for a, g in zip(*results):
         assert rel_err(a, g) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    """Batch-first storage seen time-major (as a module with batch_first
+    passes it): the same results as contiguous copies."""
+    d, reg = inputs("lstm", False, device, torch.float64, LSTM_FIELDS, False, True, "train")
+    strided = dict(d, x_proj=d["x_proj"].detach().transpose(0, 1).contiguous().transpose(0, 1))
+    strided_reg = reg._replace(zone_h=reg.zone_h.transpose(0, 1).contiguous().transpose(0, 1))
+    assert not strided["x_proj"].is_contiguous() and not strided_reg.zone_h.is_contiguous()
+    for a, b in zip(run(_ops, "lstm", strided, strided_reg, False), run(_ops, "lstm", d, reg, False)):
+        assert torch.equal(a, b)
