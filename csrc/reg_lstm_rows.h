@@ -151,18 +151,15 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmBackwardRows<T>& a, 
     with_flag(h_raw != nullptr, [&](auto proj) {
       row.loop(H, [&](int64_t j) {
         const T dh = dht[j];
-        T y = cn[j], xhat = T(0);
-        if constexpr (decltype(ln)::value) {
-          xhat = (y - mean) * rstd;
-          y = xhat * w[j] + wb[j];
-        }
+        T y = cn[j];
+        if constexpr (decltype(ln)::value) y = (y - mean) * rstd * w[j] + wb[j];
         const T tc = tanh_(y);
         const T o = gr[3 * H + j];
         dxr[3 * H + j] = dh * tc * o * (T(1) - o);
         const T dy = dh * o * (T(1) - tc * tc);
         if constexpr (decltype(ln)::value) {
           dcn[j] = dy;
-          dcn_xhat[j] = dy * xhat;
+          dcn_xhat[j] = dy * ((cn[j] - mean) * rstd);
         } else {
           dxr[j] = dy;  // dL/dc~ so far, in the i slot
         }
