@@ -122,7 +122,8 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension, get_cxx_compiler
 
     use_cuda = want_cuda(torch.version.cuda, cuda_home)
-    sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp", "csrc/cpu/step_buffers.cpp",
+    sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp", "csrc/cpu/reg_cpu.cpp",
+               "csrc/cpu/step_buffers.cpp",
                "csrc/persistent/emulate.cpp"]
     # x86-64 only, compiled for AVX-512 and linked last: see Note [x86-only fused
     # path] and Note [AVX-512 translation unit].
@@ -146,7 +147,8 @@ def extensions():
           f"for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPU')}")
     ext = CUDAExtension(
         "fusedrnn._C",
-        sources + ["csrc/cuda/rnn_cuda.cu", "csrc/persistent/persistent.cu"] + x86_sources,
+        sources + ["csrc/cuda/rnn_cuda.cu", "csrc/cuda/reg_cuda.cu", "csrc/persistent/persistent.cu"]
+        + x86_sources,
         define_macros=macros,
         include_dirs=nvidia_pip_includes(torch.__file__),
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},

@@ -81,11 +81,12 @@ inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
 }  // namespace detail
 
 // ------------------------------------------------------------------ LSTM
-// Checks the arguments of lstm_forward; returns the schedule, H and P.
+// Checks the arguments of lstm_forward (or of `op`, which shares them);
+// returns the schedule, H and P.
 inline std::tuple<Schedule, int64_t, int64_t> lstm_check_forward(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse) {
-  constexpr const char* op = "fusedrnn::lstm_forward";
+    const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
+    const char* op = "fusedrnn::lstm_forward") {
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % kLstmGates == 0 && w_hh.size(0) > 0, op,
               ": w_hh must be 2-D [4*hidden_size, hidden_size or proj_size], got shape ",
               w_hh.sizes());
@@ -277,11 +278,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(
 }
 
 // ------------------------------------------------------------------ GRU
-// Checks the arguments of gru_forward; returns the schedule and H.
+// Checks the arguments of gru_forward (or of `op`, which shares them);
+// returns the schedule and H.
 inline std::tuple<Schedule, int64_t> gru_check_forward(
     const Tensor& x_proj, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
-    const OptTensor& batch_sizes, bool reverse, bool reset_after) {
-  constexpr const char* op = "fusedrnn::gru_forward";
+    const OptTensor& batch_sizes, bool reverse, bool reset_after,
+    const char* op = "fusedrnn::gru_forward") {
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) > 0 && w_hh.size(0) == kGruGates * w_hh.size(1),
               op, ": w_hh must be 2-D [3*hidden_size, hidden_size], got shape ", w_hh.sizes());
   const int64_t H = w_hh.size(1);

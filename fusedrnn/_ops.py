@@ -9,7 +9,8 @@ The ops (schemas in csrc/ops.cpp) each run one layer in one direction:
 
 x_proj = x @ w_ih.T + b_ih for all steps, [T, B, G*H] or packed [N, G*H] with
 `batch_sizes` (PackedSequence layout, int64 on the CPU). `gates`/`cells` are
-what backward needs; they are empty unless `train`.
+what backward needs; they are empty unless `train`. The same layers with the
+regularisers of a LayerReg are their own ops (_reg_ops.py).
 """
 import torch
 
@@ -221,8 +222,7 @@ def lstm_layer(x_proj, h0, c0, w_hh, w_hr=None, b_hh=None, batch_sizes=None, rev
     """One LSTM layer and direction. Returns (output, h_n, c_n). reg: a
     fusedrnn.regularisers.LayerReg (layer norm, zoneout, recurrent dropout)."""
     if active(reg):
-        from . import reference
-        return reference.lstm_layer(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, reg)
+        return _reg_ops.lstm_layer(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, reg)
     train = needs_grad(x_proj, h0, c0, w_hh, w_hr, b_hh)
     out, h_n, c_n, _, _ = ops.lstm_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes,
                                            reverse, train)
@@ -233,9 +233,7 @@ def gru_layer(x_proj, h0, w_hh, b_hh=None, batch_sizes=None, reverse=False, rese
               reg=None):
     """One GRU layer and direction. Returns (output, h_n). reg: as for lstm_layer."""
     if active(reg):
-        from . import reference
-        return reference.gru_layer(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
-                                   reg)
+        return _reg_ops.gru_layer(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, reg)
     train = needs_grad(x_proj, h0, w_hh, b_hh)
     out, h_n, _ = ops.gru_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                   train)
@@ -288,3 +286,4 @@ def linear(input, weight, bias=None):
 
 
 from . import _vmap  # noqa: E402,F401  (batching rules, Note [vmap by folding])
+from . import _reg_ops  # noqa: E402  (the ops behind LayerReg)

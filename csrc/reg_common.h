@@ -1,0 +1,105 @@
+// What the regularised ops' time loops (reg_lstm.h, reg_gru.h) share: their
+// optional inputs (fusedrnn.regularisers.LayerReg) and checks, the one GEMM
+// call site of the recurrence, and small tensor helpers.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "checks.h"
+#include "recurrence.h"
+
+namespace fusedrnn {
+namespace reg {
+
+using at::Tensor;
+
+// The fields of a LayerReg; absent ones are empty optionals.
+struct RegInputs {
+  OptTensor rec_mask;  // [B, P]
+  OptTensor zone_h;    // x_proj's leading shape + [P]
+  OptTensor zone_c;    // x_proj's leading shape + [H] (LSTM)
+  OptTensor ln_hh;     // [G*H]
+  OptTensor ln_c_w;    // [H] (LSTM, with ln_c_b)
+  OptTensor ln_c_b;    // [H]
+
+  bool ln_c() const { return ln_c_w.has_value(); }
+
+  // Each field contiguous, as 2-D rows where it is per row, in `dtype`.
+  RegInputs prepared(at::ScalarType dtype, int64_t N) const {
+    auto prep = [&](const OptTensor& t, bool rows) -> OptTensor {
+      if (!t.has_value()) return c10::nullopt;
+      Tensor v = t->to(dtype).contiguous();
+      return rows ? v.view({N, v.size(-1)}) : v;
+    };
+    return {prep(rec_mask, false), prep(zone_h, true), prep(zone_c, true),
+            prep(ln_hh, false),    prep(ln_c_w, false), prep(ln_c_b, false)};
+  }
+};
+
+template <typename T>
+T* ptr(const OptTensor& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* ptr_or_null(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+// Checks the LayerReg fields against the layer: G gates of H units, output
+// size P, x_proj's leading shape `rows_shape`.
+inline void check_reg(const Tensor& x_proj, const RegInputs& r, const Schedule& s, int64_t G,
+                      int64_t H, int64_t P, const char* op) {
+  auto rows_shape = [&](int64_t last) {
+    return detail::with_last(x_proj.sizes(), last);
+  };
+  auto check = [&](const OptTensor& t, at::IntArrayRef shape, const char* name) {
+    if (!t.has_value()) return;
+    check_same(x_proj, *t, op, name);
+    check_shape(*t, shape, op, name);
+  };
+  check(r.rec_mask, {s.B, P}, "rec_mask");
+  check(r.zone_h, rows_shape(P), "zone_h");
+  check(r.zone_c, rows_shape(H), "zone_c");
+  check(r.ln_hh, {G * H}, "ln_hh");
+  TORCH_CHECK(r.ln_c_w.has_value() == r.ln_c_b.has_value(), op,
+              ": ln_c_w and ln_c_b go together (the cell norm's gain and bias)");
+  check(r.ln_c_w, {H}, "ln_c_w");
+  check(r.ln_c_b, {H}, "ln_c_b");
+}
+
+// Note [One GEMM call site]
+// Every recurrent product of the loops (h_{t-1} W^T forward, da W backward)
+// goes through here: ATen's BLAS now, one place to swap in another GEMM.
+// out = a @ b, or out += a @ b; out is a contiguous block of rows.
+inline void step_mm(Tensor out, const Tensor& a, const Tensor& b, bool accumulate = false) {
+  if (accumulate) {
+    out.addmm_(a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+// rec_mask's rows as every step used them, [N, P]: step t used its first
+// batch_sizes[t]. Undefined without a mask.
+inline Tensor mask_rows(const OptTensor& mask, const Schedule& s, bool packed) {
+  if (!mask.has_value()) return Tensor();
+  if (!packed) return mask->repeat({s.T, 1});
+  std::vector<Tensor> parts;
+  parts.reserve(s.T);
+  for (int64_t t = 0; t < s.T; ++t) parts.push_back(mask->narrow(0, 0, s.sizes[t]));
+  return at::cat(parts);
+}
+
+// The GEMM input every step read, (rec_mask *) h_{t-1}, for all rows: [N, P].
+inline Tensor masked_prev(const Tensor& out, const Tensor& h0, const OptTensor& mask,
+                          const Schedule& s, bool packed) {
+  Tensor hp = detail::gather_prev(out, h0, s, packed);
+  return mask.has_value() ? hp.mul_(mask_rows(mask, s, packed)) : hp;
+}
+
+// Leading shape [rows] of a saved tensor that exists only when `on`.
+inline int64_t rows_if(bool on, int64_t N) { return on ? N : 0; }
+
+}  // namespace reg
+}  // namespace fusedrnn

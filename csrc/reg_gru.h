@@ -1,0 +1,282 @@
+// The time loops of gru_reg_forward / gru_reg_backward (the GRU with layer
+// norm, zoneout and recurrent dropout), written once for every device, as
+// reg_lstm.h is for the LSTM (its notes hold here too): per step one GEMM
+// (the classic form: two) and one fused pass over the rows (reg_gru_rows.h).
+#pragma once
+
+#include <ATen/Dispatch.h>
+
+#include <tuple>
+
+#include "reg_common.h"
+#include "reg_gru_rows.h"
+
+namespace fusedrnn {
+namespace reg {
+
+// (output, h_n, gates, norm_hh, stats); the last three are what backward
+// needs, in the accumulation dtype, with no rows unless train (and unless
+// their feature is on):
+//   gates   [N, 4H]  r, z, n, hn (hn = [LN(a) * ln_hh | a]_n + b_hn; classic: a_n + b_n)
+//   norm_hh [N, 3H]  LN_3H(a_t), the normalised recurrent product (ln_hh)
+//   stats   [N, 1]   rstd of that LN (ln_hh)
+using GruRegForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+// (d_x_proj, d_h0, d_w_hh, d_b_hh, d_ln_hh); [0] where absent.
+using GruRegBackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+inline void gru_reg_check_form(const RegInputs& r, bool reset_after, const char* op) {
+  TORCH_CHECK(!r.zone_c.has_value() && !r.ln_c(), op,
+              ": zone_c, ln_c_w and ln_c_b are the LSTM's cell state's; a GRU has none");
+  TORCH_CHECK(reset_after || !r.ln_hh.has_value(), op,
+              ": layer norm (ln_hh) needs the GRU form with reset_after=True");
+}
+
+// x [N, 3H] (contiguous, T = float/double), the rest checked, prepared.
+template <typename K, typename T>
+GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const Tensor& w_hh,
+                                      const Tensor& b_hh, const Schedule& s, int64_t H,
+                                      bool reset_after, bool train, const RegInputs& r) {
+  const auto opts = x.options();
+  const int64_t G = kGruGates * H;
+  Tensor h = h0.contiguous().clone();
+  Tensor hm = r.rec_mask.has_value() ? (*r.rec_mask * h).contiguous() : Tensor();
+  Tensor out = at::empty({s.N, H}, opts);
+  Tensor gates = at::empty({train ? s.N : s.B, kGruSaved * H}, opts);  // scratch unless train
+  Tensor norm_hh = at::empty({rows_if(train && r.ln_hh.has_value(), s.N), G}, opts);
+  Tensor stats = at::empty({rows_if(train && r.ln_hh.has_value(), s.N), kGruStats}, opts);
+  // torch's form: a = hm W_hh^T [B, 3H]; classic: a = hm W_rz^T [B, 2H],
+  // rh = r * hm, a_n = rh W_n^T.
+  Tensor a = at::empty({s.B, reset_after ? G : 2 * H}, opts);
+  Tensor rh = reset_after ? Tensor() : at::empty({s.B, H}, opts);
+  Tensor a_n = reset_after ? Tensor() : at::empty({s.B, H}, opts);
+  const Tensor w_t = w_hh.t();
+  const Tensor w_rz_t = w_t.narrow(1, 0, 2 * H), w_n_t = w_t.narrow(1, 2 * H, H);
+  const Tensor& rec_in = hm.defined() ? hm : h;
+
+  for (int64_t step = 0; step < s.T; ++step) {
+    const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
+    T* gates_rows = gates.data_ptr<T>() + (train ? off * kGruSaved * H : 0);
+    step_mm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), reset_after ? w_t : w_rz_t);
+    if (!reset_after) {
+      GruResetRows<T> rr;
+      rr.rows = bt;
+      rr.H = H;
+      rr.x = x.data_ptr<T>() + off * G;
+      rr.a = a.data_ptr<T>();
+      rr.b_hh = ptr_or_null<T>(b_hh);
+      rr.hm = rec_in.data_ptr<T>();
+      rr.gates = gates_rows;
+      rr.rh = rh.data_ptr<T>();
+      K::run(rr);
+      step_mm(a_n.narrow(0, 0, bt), rh.narrow(0, 0, bt), w_n_t);
+    }
+    GruForwardRows<T> f;
+    f.rows = bt;
+    f.H = H;
+    f.reset_after = reset_after;
+    f.x = x.data_ptr<T>() + off * G;
+    f.a = reset_after ? a.data_ptr<T>() : nullptr;
+    f.a_n = reset_after ? nullptr : a_n.data_ptr<T>();
+    f.b_hh = ptr_or_null<T>(b_hh);
+    f.ln_hh = ptr<T>(r.ln_hh);
+    f.gates = gates_rows;
+    if (train && r.ln_hh.has_value()) {
+      f.norm_hh = norm_hh.data_ptr<T>() + off * G;
+      f.stats = stats.data_ptr<T>() + off * kGruStats;
+    }
+    f.hidden.P = H;
+    f.hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * H : nullptr;
+    f.hidden.rec_mask = ptr<T>(r.rec_mask);
+    f.hidden.h = h.data_ptr<T>();
+    f.hidden.hm = ptr_or_null<T>(hm);
+    f.hidden.out = out.data_ptr<T>() + off * H;
+    K::run(f);
+  }
+  if (!train) gates = at::empty({0, kGruSaved * H}, opts);
+  return {out, h, gates, norm_hh, stats};
+}
+
+// x_proj [T, B, 3H] or packed [N, 3H]; h0 [B, H]; w_hh [3H, H]; b_hh [3H] or
+// none; r as in RegInputs (no zone_c or cell norm; ln_hh needs reset_after).
+template <typename K>
+GruRegForwardOut gru_reg_forward_impl(const Tensor& x_proj, const Tensor& h0, const Tensor& w_hh,
+                                      const OptTensor& b_hh, const OptTensor& batch_sizes,
+                                      bool reverse, bool reset_after, bool train,
+                                      const RegInputs& r) {
+  constexpr const char* op = "fusedrnn::gru_reg_forward";
+  const NoAutocast no_autocast;
+  const auto checked =
+      gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, op);
+  const Schedule& s = std::get<0>(checked);
+  const int64_t H = std::get<1>(checked);
+  gru_reg_check_form(r, reset_after, op);
+  check_reg(x_proj, r, s, kGruGates, H, H, op);
+  const auto dtype = x_proj.scalar_type();
+  const auto acc = acc_dtype(dtype);  // Note [Regularised halves]
+  auto prep = [&](const Tensor& t) { return t.to(acc).contiguous(); };
+  GruRegForwardOut res;
+  AT_DISPATCH_FLOATING_TYPES(acc, "gru_reg_forward", [&] {
+    res = gru_reg_forward_loop<K, scalar_t>(
+        prep(x_proj).view({s.N, kGruGates * H}), prep(h0), prep(w_hh),
+        b_hh.has_value() ? prep(*b_hh) : Tensor(), s, H, reset_after, train,
+        r.prepared(acc, s.N));
+  });
+  auto& [out, h_n, gates, norm_hh, stats] = res;
+  out = out.view(detail::with_last(x_proj.sizes(), H)).to(dtype);
+  h_n = h_n.to(dtype);
+  return res;
+}
+
+template <typename K, typename T>
+GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n,
+                                        const Tensor& out, const Tensor& gates,
+                                        const Tensor& norm_hh, const Tensor& stats,
+                                        const Tensor& h0, const Tensor& w_hh, const Schedule& s,
+                                        int64_t H, bool packed, bool reset_after, bool has_bias,
+                                        const RegInputs& r) {
+  const auto opts = g_out.options();
+  const int64_t G = kGruGates * H;
+  const bool ln = r.ln_hh.has_value();
+  Tensor dh = g_h_n.clone();
+  Tensor dh_mm = at::zeros({s.B, H}, opts);  // Note [Deferred recurrent gradient]
+  Tensor dx = at::empty({s.N, G}, opts);
+  // d a; the classic form's is d x_proj itself (no layer norm, hn's gradient is n's).
+  Tensor da = reset_after ? at::empty({s.N, G}, opts) : dx;
+  Tensor dab = ln ? at::empty({s.N, G}, opts) : Tensor();
+  Tensor drh = reset_after ? Tensor() : at::empty({s.B, H}, opts);
+  Tensor dh_new = at::empty({s.B, H}, opts);  // dL/dh~, per step
+  const Tensor w_rz = w_hh.narrow(0, 0, 2 * H), w_n = w_hh.narrow(0, 2 * H, H);
+
+  for (int64_t step = s.T - 1; step >= 0; --step) {
+    const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
+    const int64_t prow = s.prev_rows(t);
+    GruBackwardRows<T> b;
+    b.rows = bt;
+    b.H = H;
+    b.reset_after = reset_after;
+    b.gates = gates.data_ptr<T>() + off * kGruSaved * H;
+    b.h_prev = prow > 0 ? out.data_ptr<T>() + s.offsets[s.prev_time(t)] * H : nullptr;
+    b.prev_rows = prow;
+    b.h0 = h0.data_ptr<T>();
+    if (ln) {
+      b.norm_hh = norm_hh.data_ptr<T>() + off * G;
+      b.stats = stats.data_ptr<T>() + off * kGruStats;
+      b.ln_hh = ptr<T>(r.ln_hh);
+      b.dab = dab.data_ptr<T>() + off * G;
+    }
+    b.hidden.P = H;
+    b.hidden.grad_out = g_out.data_ptr<T>() + off * H;
+    b.hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * H : nullptr;
+    b.hidden.rec_mask = ptr<T>(r.rec_mask);
+    b.hidden.dh = dh.data_ptr<T>();
+    b.hidden.dh_mm = dh_mm.data_ptr<T>();
+    b.dh_new = dh_new.data_ptr<T>();
+    b.dx = dx.data_ptr<T>() + off * G;
+    b.da = da.data_ptr<T>() + off * G;
+    K::run(b);
+    const Tensor da_rows = da.narrow(0, off, bt);
+    if (reset_after) {
+      step_mm(dh_mm.narrow(0, 0, bt), da_rows, w_hh);
+      continue;
+    }
+    // Classic form: d(r hm) = dhn W_n, then r's gradient, then through W_rz.
+    step_mm(drh.narrow(0, 0, bt), da_rows.narrow(1, 2 * H, H), w_n);
+    GruResetBackwardRows<T> rb;
+    rb.rows = bt;
+    rb.H = H;
+    rb.gates = b.gates;
+    rb.h_prev = b.h_prev;
+    rb.prev_rows = prow;
+    rb.h0 = b.h0;
+    rb.rec_mask = ptr<T>(r.rec_mask);
+    rb.drh = drh.data_ptr<T>();
+    rb.dx = b.dx;
+    rb.dh_mm = dh_mm.data_ptr<T>();
+    K::run(rb);
+    step_mm(dh_mm.narrow(0, 0, bt), da_rows.narrow(1, 0, 2 * H), w_rz, /*accumulate=*/true);
+  }
+
+  const Tensor none = at::empty({0}, opts);
+  Tensor d_h0 = r.rec_mask.has_value() ? dh + *r.rec_mask * dh_mm : dh + dh_mm;
+  const Tensor hm = masked_prev(out, h0, r.rec_mask, s, packed);
+  Tensor d_w_hh;
+  if (reset_after) {
+    d_w_hh = at::mm(da.t(), hm);
+  } else {
+    // W_rz saw hm; W_n saw r * hm.
+    const Tensor r_all = gates.narrow(1, 0, H);
+    d_w_hh = at::cat({at::mm(da.narrow(1, 0, 2 * H).t(), hm),
+                      at::mm(da.narrow(1, 2 * H, H).t(), r_all * hm)});
+  }
+  Tensor d_b_hh = has_bias ? (ln ? dab : da).sum(0) : none;
+  Tensor d_ln_hh = ln ? (dab * norm_hh).sum(0) : none;
+  return {dx, d_h0, d_w_hh, d_b_hh, d_ln_hh};
+}
+
+// Checks what gru_reg_backward gets against the layer's shapes; returns the
+// schedule and H.
+inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output,
+    const Tensor& gates, const Tensor& norm_hh, const Tensor& stats, const Tensor& h0,
+    const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool reset_after,
+    const RegInputs& r) {
+  constexpr const char* op = "fusedrnn::gru_reg_backward";
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) > 0 && w_hh.size(0) == kGruGates * w_hh.size(1),
+              op, ": w_hh must be 2-D [3*hidden_size, hidden_size], got shape ", w_hh.sizes());
+  const int64_t H = w_hh.size(1);
+  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
+  const auto acc = acc_dtype(grad_output.scalar_type());
+  for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&output, "output"}, {&h0, "h0"},
+                         {&w_hh, "w_hh"}}) {
+    check_same(grad_output, *t, op, name);
+  }
+  check_shape(output, grad_output.sizes(), op, "output");
+  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
+  check_shape(h0, {s.B, H}, op, "h0");
+  for (auto [t, name] : {std::pair{&gates, "gates"}, {&norm_hh, "norm_hh"}, {&stats, "stats"}}) {
+    TORCH_CHECK(t->scalar_type() == acc && t->device() == grad_output.device(), op, ": ", name,
+                " must be ", acc, " on ", grad_output.device(), " (as forward saved it), got ",
+                t->scalar_type(), " on ", t->device());
+  }
+  const bool ln = r.ln_hh.has_value();
+  check_shape(gates, {s.N, kGruSaved * H}, op, "gates");
+  check_shape(norm_hh, {rows_if(ln, s.N), kGruGates * H}, op, "norm_hh");
+  check_shape(stats, {rows_if(ln, s.N), kGruStats}, op, "stats");
+  gru_reg_check_form(r, reset_after, op);
+  check_reg(grad_output, r, s, kGruGates, H, H, op);
+  return {s, H};
+}
+
+// grad_output like output; grad_h_n [B, H]; output and the saved tensors as
+// gru_reg_forward returned them; the rest its arguments.
+template <typename K>
+GruRegBackwardOut gru_reg_backward_impl(const Tensor& grad_output, const Tensor& grad_h_n,
+                                        const Tensor& output, const Tensor& gates,
+                                        const Tensor& norm_hh, const Tensor& stats,
+                                        const Tensor& h0, const Tensor& w_hh,
+                                        const OptTensor& batch_sizes, bool reverse,
+                                        bool reset_after, bool has_bias, const RegInputs& r) {
+  const NoAutocast no_autocast;
+  const auto checked = gru_reg_check_backward(grad_output, grad_h_n, output, gates, norm_hh,
+                                              stats, h0, w_hh, batch_sizes, reverse,
+                                              reset_after, r);
+  const Schedule& s = std::get<0>(checked);
+  const int64_t H = std::get<1>(checked);
+  const auto dtype = grad_output.scalar_type();
+  const auto acc = acc_dtype(dtype);  // Note [Regularised halves]
+  auto prep = [&](const Tensor& t) { return t.to(acc).contiguous(); };
+  GruRegBackwardOut res;
+  AT_DISPATCH_FLOATING_TYPES(acc, "gru_reg_backward", [&] {
+    res = gru_reg_backward_loop<K, scalar_t>(
+        prep(grad_output).view({s.N, H}), prep(grad_h_n), prep(output).view({s.N, H}),
+        gates.contiguous(), norm_hh.contiguous(), stats.contiguous(), prep(h0), prep(w_hh), s, H,
+        batch_sizes.has_value(), reset_after, has_bias, r.prepared(acc, s.N));
+  });
+  auto& [dx, d_h0, d_w_hh, d_b_hh, d_ln_hh] = res;
+  dx = dx.view(detail::with_last(grad_output.sizes(), kGruGates * H));
+  for (Tensor* t : {&dx, &d_h0, &d_w_hh, &d_b_hh, &d_ln_hh}) *t = t->to(dtype);
+  return res;
+}
+
+}  // namespace reg
+}  // namespace fusedrnn

@@ -1,0 +1,202 @@
+// Per-row math of the regularised ops (layer norm, zoneout, recurrent
+// dropout; fusedrnn/regularisers.py has the definitions), forward and
+// backward, written once for the CPU and the GPU. One call handles one batch
+// row of one time step: the LN statistics need the whole row, so a row is the
+// unit of work. `Row` says how the row's elements are shared out:
+//   row.loop(n, f)     f(j) for j in [0, n); every f(j) is visible afterwards
+//   row.sum<T>(n, f)   the sum of f(j) over [0, n), known to every caller
+//   row.leader()       true for exactly one caller (scalar stores)
+// The CPU runs a row on one thread (cpu/reg_cpu.cpp, CpuRow); CUDA runs it on
+// one thread block (cuda/reg_cuda.cu, CudaRow).
+//
+// Everything here is in one type T (float or double): half types are
+// computed in float32 by the caller (Note [Regularised halves] in reg_lstm.h).
+// Pointers to step rows ([rows, ...]) start at the step's first row; pointers
+// to state ([B, ...]) at row 0; both are indexed by the row b. Optional
+// inputs are null when absent.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "gates.h"
+
+namespace fusedrnn {
+namespace reg {
+
+// fusedrnn.regularisers.LN_EPS.
+constexpr double kLnEps = 1e-5;
+// Columns of the LSTM's saved per-row statistics.
+constexpr int kLstmStats = 3;  // rstd of LN(h W_hh^T), mean and rstd of LN(c)
+constexpr int kStatRstdHh = 0, kStatMeanC = 1, kStatRstdC = 2;
+constexpr int kGruStats = 1;   // rstd of LN(h W_hh^T)
+
+FUSEDRNN_HOST_DEVICE float rsqrt_(float x) { return 1.0f / sqrtf(x); }
+FUSEDRNN_HOST_DEVICE double rsqrt_(double x) { return 1.0 / sqrt(x); }
+
+// Note [Branch-free row loops]
+// f(std::true_type) or f(std::false_type): a choice that holds for a whole
+// loop (an optional input there or not) becomes a compile-time one, so the
+// loop body has no branch. The CPU vectorises only branch-free loops, and
+// its exp/tanh cost several times more unvectorised than the rest of a step.
+template <typename F>
+FUSEDRNN_HOST_DEVICE void with_flag(bool on, const F& f) {
+  if (on) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// h_t = d h_{t-1} + (1 - d) h~_t, as the reference writes it.
+template <typename T>
+FUSEDRNN_HOST_DEVICE T zoneout(T d, T prev, T next) {
+  return d * prev + (T(1) - d) * next;
+}
+
+// Mean and 1/sqrt(var + eps) of v[0, n) (biased variance, as F.layer_norm),
+// in two passes: the one-pass form loses digits when |mean| >> std.
+template <typename T, typename Row>
+FUSEDRNN_HOST_DEVICE void ln_stats(const Row& row, const T* v, int64_t n, T& mean, T& rstd) {
+  mean = row.template sum<T>(n, [&](int64_t j) { return v[j]; }) / T(n);
+  const T m = mean;
+  const T var = row.template sum<T>(n, [&](int64_t j) {
+    const T d = v[j] - m;
+    return d * d;
+  }) / T(n);
+  rstd = rsqrt_(var + T(kLnEps));
+}
+
+// Backward of y = LN(v) * gain given dy, with xhat = LN(v) and rstd: writes
+// dv[0, n). dy(j) and xhat(j) are functions of j (callers have them in
+// different places); dv may overwrite what they read only at the same j.
+template <typename T, typename Row, typename Dy, typename Xhat>
+FUSEDRNN_HOST_DEVICE void ln_backward(const Row& row, int64_t n, const T* gain, T rstd,
+                                      const Dy& dy, const Xhat& xhat, T* dv) {
+  const T m1 = row.template sum<T>(n, [&](int64_t j) { return dy(j) * gain[j]; }) / T(n);
+  const T m2 =
+      row.template sum<T>(n, [&](int64_t j) { return dy(j) * gain[j] * xhat(j); }) / T(n);
+  row.loop(n, [&](int64_t j) { dv[j] = rstd * (dy(j) * gain[j] - m1 - xhat(j) * m2); });
+}
+
+// LN(a) * gain of the recurrent product, in place: a [n] <- LN(a) * gain,
+// norm [n] <- LN(a) when saved. Returns rstd.
+template <typename T, typename Row>
+FUSEDRNN_HOST_DEVICE T ln_recurrent(const Row& row, T* a, int64_t n, const T* gain, T* norm) {
+  T mean, rstd;
+  ln_stats(row, a, n, mean, rstd);
+  with_flag(norm != nullptr, [&](auto saved) {
+    row.loop(n, [&](int64_t k) {
+      const T v = (a[k] - mean) * rstd;
+      if constexpr (decltype(saved)::value) norm[k] = v;
+      a[k] = v * gain[k];
+    });
+  });
+  return rstd;
+}
+
+// ------------------------------------------------------------------ hidden state
+// Where a new hidden state goes: zoneout, then the state, the output and the
+// masked copy the next step's GEMM reads.
+template <typename T>
+struct HiddenOut {
+  int64_t P = 0;
+  const T* zone_h = nullptr;    // [rows, P] or null
+  const T* rec_mask = nullptr;  // [B, P] or null
+  T* h = nullptr;               // [B, P] h_{t-1} in, h_t out
+  T* hm = nullptr;              // [B, P] rec_mask * h_t, or null (no mask)
+  T* out = nullptr;             // [rows, P] output rows
+
+  // Stores row b of h~ from src [P] (which may be that output row itself).
+  template <typename Row>
+  FUSEDRNN_HOST_DEVICE void store_row(const Row& row, int64_t b, const T* src) const {
+    const T* zr = zone_h ? zone_h + b * P : nullptr;
+    const T* mr = rec_mask ? rec_mask + b * P : nullptr;
+    T* hr = h + b * P;
+    T* hmr = hm ? hm + b * P : nullptr;
+    T* orow = out + b * P;
+    with_flag(zr != nullptr, [&](auto zone) {
+      with_flag(hmr != nullptr, [&](auto masked) {
+        row.loop(P, [&](int64_t j) {
+          T v = src[j];
+          if constexpr (decltype(zone)::value) v = zoneout(zr[j], hr[j], v);
+          hr[j] = v;
+          orow[j] = v;
+          if constexpr (decltype(masked)::value) hmr[j] = mr[j] * v;
+        });
+      });
+    });
+  }
+};
+
+// The gradient reaching h_t: from outside (grad_out), from the next step's
+// zoneout (dh), and through the next step's GEMM (dh_mm = da W_hh, masked
+// here, Note [Deferred recurrent gradient] in reg_lstm.h).
+template <typename T>
+struct HiddenGrad {
+  int64_t P = 0;
+  const T* grad_out = nullptr;  // [rows, P]
+  const T* zone_h = nullptr;    // [rows, P] or null
+  const T* rec_mask = nullptr;  // [B, P] or null
+  T* dh = nullptr;              // [B, P] in/out
+  const T* dh_mm = nullptr;     // [B, P]
+
+  // Row b: dst [P] <- dL/dh~_t; dh <- the part of dL/dh_{t-1} that zoneout
+  // takes past the cell.
+  template <typename Row>
+  FUSEDRNN_HOST_DEVICE void take_row(const Row& row, int64_t b, T* dst) const {
+    const T* g = grad_out + b * P;
+    const T* zr = zone_h ? zone_h + b * P : nullptr;
+    const T* mr = rec_mask ? rec_mask + b * P : nullptr;
+    const T* mm = dh_mm + b * P;
+    T* dr = dh + b * P;
+    with_flag(zr != nullptr, [&](auto zone) {
+      with_flag(mr != nullptr, [&](auto masked) {
+        row.loop(P, [&](int64_t j) {
+          T d = g[j] + dr[j];
+          if constexpr (decltype(masked)::value) {
+            d += mr[j] * mm[j];
+          } else {
+            d += mm[j];
+          }
+          if constexpr (decltype(zone)::value) {
+            dr[j] = zr[j] * d;
+            dst[j] = (T(1) - zr[j]) * d;
+          } else {
+            dr[j] = T(0);
+            dst[j] = d;
+          }
+        });
+      });
+    });
+  }
+};
+
+// A hidden state computed apart (the LSTM's projection h~ W_hr^T), stored.
+template <typename T>
+struct HiddenOutRows {
+  int64_t rows = 0;
+  const T* h_new = nullptr;  // [rows, P]
+  HiddenOut<T> dst;
+};
+
+template <typename T, typename Row>
+FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const HiddenOutRows<T>& a, int64_t b) {
+  a.dst.store_row(row, b, a.h_new + b * a.dst.P);
+}
+
+// The gradient of a hidden state computed apart: dh~ [rows, P] out.
+template <typename T>
+struct HiddenGradRows {
+  int64_t rows = 0;
+  HiddenGrad<T> src;
+  T* dh_new = nullptr;  // [rows, P]
+};
+
+template <typename T, typename Row>
+FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const HiddenGradRows<T>& a, int64_t b) {
+  a.src.take_row(row, b, a.dh_new + b * a.src.P);
+}
+
+}  // namespace reg
+}  // namespace fusedrnn
