@@ -94,6 +94,20 @@ def targets_x86_64(cxx):
     return target.startswith(("x86_64", "amd64"))
 
 
+# Each compiled for its own instruction set (a `#pragma GCC target` at the top),
+# in the order the linker must see them: Note [AVX-512 translation unit].
+X86_SOURCES = ["csrc/x86/fused_avx512.cpp", "csrc/x86/fused_avx512_bf16.cpp"]
+
+
+def check_link_order(sources):
+    """setuptools links the objects in the sorted order of their sources; those of
+    X86_SOURCES must come after every other one, in the order given."""
+    x86 = [s for s in X86_SOURCES if s in sources]
+    if sorted(sources)[len(sources) - len(x86):] != x86:
+        sys.exit(f"fusedrnn: {x86} must sort after every other source, in that order "
+                 "(Note [AVX-512 translation unit])")
+
+
 def want_cuda(torch_cuda, cuda_home):
     mode = os.environ.get("FUSEDRNN_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
@@ -127,7 +141,7 @@ def extensions():
     # path] and Note [AVX-512 translation unit].
     x86_sources, macros = [], []
     if targets_x86_64(get_cxx_compiler()):
-        x86_sources = ["csrc/cpu/fused_cpu.cpp", "csrc/cpu/fused_bf16.cpp"]
+        x86_sources = X86_SOURCES
         macros = [("FUSEDRNN_X86", None)]
     else:
         print("fusedrnn: no x86-64 target; the CPU kernels are the generic path only.")
@@ -155,6 +169,8 @@ def extensions():
 
 def main():
     exts, _ = extensions()
+    for ext in exts:
+        check_link_order(ext.sources)
     from torch.utils.cpp_extension import BuildExtension
 
     setup(

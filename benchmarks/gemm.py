@@ -60,7 +60,7 @@ LIBRARIES = ("fusedrnn", "oneDNN", "MKL")
 FUSEDRNN_GEMM_FLAGS = ("avx512f", "avx512vl", "avx512dq", "avx512bw")
 
 # Note [the GEMMs compared]
-# fusedrnn: its own AVX-512 GEMM (csrc/cpu/avx512_gemm.h), as the layer runs it:
+# fusedrnn: its own AVX-512 GEMM (csrc/x86/panel_gemm.h), as the layer runs it:
 #   fusedrnn::linear (the input projection) packs the weights into 64-column
 #   panels on every call; fusedrnn::linear_backward's input gradient likewise.
 #   The per-step recurrent product has no op of its own: inside

@@ -7,7 +7,7 @@
 #include <string>
 
 #include "../recurrence.h"
-#include "fused_cpu.h"
+#include "../x86/fused.h"
 
 namespace fusedrnn {
 namespace {
@@ -29,7 +29,7 @@ struct CpuKernels {
 };
 
 // Note [x86-only fused path]
-// The fused path (fused_cpu.cpp) is x86-64 code: setup.py compiles it, and
+// The fused path (csrc/x86/) is x86-64 code: setup.py compiles it, and
 // defines FUSEDRNN_X86, only where the compiler targets x86-64. Elsewhere
 // (aarch64, ...) every call below runs the generic loop of recurrence.h, and
 // the calls into the fused path are compiled out, since their definitions
@@ -84,7 +84,7 @@ bool fused_via_f32_ok(const at::Tensor& x, bool packed, bool proj) {
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
 #endif
 
-// Padded input without projection takes a fused path (fused_cpu.h) where the
+// Padded input without projection takes a fused path (x86/fused.h) where the
 // CPU has it: float32 on AVX-512, and the bfloat16 forward on AVX512-BF16;
 // everything else the generic loop.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
     dx = at::mm(g2, weight).view(input.sizes());
 #endif
   }
-  // MKL's SGEMM takes g2^T as it is (see recurrent_weight_grad in fused_cpu.cpp).
+  // MKL's SGEMM takes g2^T as it is (see recurrent_weight_grad in x86/fused_avx512.cpp).
   if (weight_grad) dw = at::mm(g2.t(), x2);
   if (bias_grad) db = g2.sum(0);
   return {dx, dw, db};

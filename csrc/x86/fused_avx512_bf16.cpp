@@ -1,4 +1,4 @@
-// The fused bfloat16 CPU path (AVX512-BF16): the forward of fused_cpu.cpp with
+// The fused bfloat16 CPU path (AVX512-BF16): the forward of fused_avx512.cpp with
 // bfloat16 activations and weights. The tile product runs vdpbf16ps, which
 // adds two bfloat16 products into each float32 lane, on panels that hold
 // k in pairs:
@@ -9,12 +9,12 @@
 // (gates.h, through the epilogues of fused_loop.h) and the cell state are
 // float32; h and the saved gates are rounded to bfloat16 once, as torch.nn
 // stores them. Entered only after has_avx512_bf16() (rnn_cpu.cpp); compiled
-// like fused_cpu.cpp (Note [AVX-512 translation unit]).
+// like fused_avx512.cpp (Note [AVX-512 translation unit]).
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
 
 #include <cstring>
 
-#include "fused_cpu.h"
+#include "fused.h"
 #include "fused_loop.h"
 
 namespace fusedrnn {
@@ -48,7 +48,7 @@ inline void mma_tile_bf16(const Bf16* a, int64_t sam, const Bf16* panel, int64_t
   store_acc<MR, NV>(acc, tile);
 }
 
-// The bfloat16 tile product for run_panels (avx512_gemm.h); A's k stride is 1.
+// The bfloat16 tile product for run_panels (panel_gemm.h); A's k stride is 1.
 struct MmaBf16 {
   using A = Bf16;
   using Packed = Bf16;

@@ -1,6 +1,6 @@
 // The fused float32 CPU path: per time step, one parallel pass over panels of
 // hidden units; each tile of gate pre-activations comes out of the AVX-512
-// GEMM (avx512_gemm.h) and goes through gates.h while still in L1.
+// GEMM (panel_gemm.h) and goes through gates.h while still in L1.
 //
 // Forward, LSTM (GRU alike with 3 gates, 8 rows per tile):
 //
@@ -16,11 +16,13 @@
 // This whole file is compiled for AVX-512 (the pragma below, before any
 // include) and is entered only after has_avx512() said yes (rnn_cpu.cpp).
 // Inline functions it shares with other files (ATen's, gates.h's) also get an
-// AVX-512 copy here; setup.py links this object last, so the linker keeps the
-// generic copies from the files before it.
+// AVX-512 copy here, and the linker keeps the first copy it meets. setuptools
+// links the objects in the sorted order of their sources, so the files of
+// csrc/x86/ come after every generic one (setup.py checks this), and the
+// generic copies win.
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
 
-#include "fused_cpu.h"
+#include "fused.h"
 
 #include <ATen/Parallel.h>
 

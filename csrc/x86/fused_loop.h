@@ -1,5 +1,5 @@
-// The time loop of the fused CPU paths, shared by the float32 (fused_cpu.cpp)
-// and bfloat16 (fused_bf16.cpp) translation units: the spin-barrier step loop,
+// The time loop of the fused CPU paths, shared by the float32 (fused_avx512.cpp)
+// and bfloat16 (fused_avx512_bf16.cpp) translation units: the spin-barrier step loop,
 // step buffers, and the forward epilogues and drivers, templated on the
 // storage type S (activations, gates, h) and on the GEMM that forms a tile.
 // The cell state and all gate math stay float32.
@@ -7,7 +7,7 @@
 // Everything here has internal linkage (the unnamed namespace): each ISA's
 // translation unit gets its own copy, compiled for its own instruction set, so
 // the linker never hands one unit's copy to the other (see Note [AVX-512
-// translation unit] in fused_cpu.cpp). Include only from those units.
+// translation unit] in fused_avx512.cpp). Include only from those units.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,7 +24,7 @@
 #include <type_traits>
 
 #include "../gates.h"
-#include "avx512_gemm.h"
+#include "panel_gemm.h"
 #include "vec16.h"
 
 namespace fusedrnn {
@@ -252,8 +252,8 @@ struct Steps {
 
 
 // The forward drivers' Gemm for storage type S: panels packed with k in groups
-// of KP (pack_gate_panels), the tile product of Mma (avx512_gemm.h's
-// MmaF32, fused_bf16.cpp's MmaBf16) through run_panels.
+// of KP (pack_gate_panels), the tile product of Mma (panel_gemm.h's
+// MmaF32, fused_avx512_bf16.cpp's MmaBf16) through run_panels.
 template <typename S_, typename Mma, int KP>
 struct PanelGemm {
   using S = S_;

@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_fused(
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh, bool reverse,
     bool has_bias);
 
-// The forwards above for bfloat16 (fused_bf16.cpp): H even, AVX512-BF16.
+// The forwards above for bfloat16 (fused_avx512_bf16.cpp): H even, AVX512-BF16.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_fused_bf16(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const at::Tensor& b_hh, bool reverse, bool train);

@@ -1,7 +1,7 @@
 // Vec16: 16 floats in one AVX-512 register, with just the operators and the
 // exp_/tanh_ that gates.h uses, so the gate math runs on whole vectors.
 //
-// Only for code compiled for AVX-512 (see fused_cpu.cpp, which includes this
+// Only for code compiled for AVX-512 (see fused_avx512.cpp, which includes this
 // under `#pragma GCC target`). exp_ and tanh_ use the same Cephes reductions
 // and polynomials as the scalar host versions in gates.h.
 #pragma once

@@ -70,7 +70,7 @@ inline void mma_tile(const float* a, int64_t sam, int64_t sak, const float* pane
 }
 
 // The float32 tile product for run_panels: mma_tile for a run-time row count
-// mr <= MR. (fused_bf16.cpp has the bfloat16 one, on k-pair panels.)
+// mr <= MR. (fused_avx512_bf16.cpp has the bfloat16 one, on k-pair panels.)
 struct MmaF32 {
   using A = float;
   using Packed = float;
