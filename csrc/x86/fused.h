@@ -1,7 +1,8 @@
-// The fused float32 CPU path (AVX-512): the per-step GEMM and the pointwise
-// update in one pass over each tile. Taken for padded (not packed) float32
-// input without projection on CPUs with AVX-512; everything else runs the
-// generic loop of recurrence.h.
+// The fused CPU paths (x86-64 only, Note [x86-only fused path] in
+// cpu/rnn_cpu.cpp): the per-step GEMM and the pointwise update in one pass
+// over each tile. Taken for padded (not packed) input without projection on
+// CPUs with AVX-512, or AVX2 and FMA; everything else runs the generic loop of
+// recurrence.h. rnn_cpu.cpp chooses.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,43 +12,42 @@
 namespace fusedrnn {
 namespace cpu {
 
-bool fused_path_ok(const at::Tensor& x_proj, bool packed, bool proj);
+using at::Tensor;
 
-// Same contracts as lstm_forward_impl / lstm_backward_impl etc. in
+// The float32 ops of one instruction set (fused_f32.h, compiled once per
+// set). Same contracts as lstm_forward_impl / lstm_backward_impl etc. in
 // recurrence.h, for x_proj [T, B, G*H]; arguments are already checked.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_fused(
-    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const at::Tensor& b_hh, bool reverse, bool train);
+struct FusedF32 {
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*lstm_forward)(
+      const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+      const Tensor& b_hh, bool reverse, bool train);
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> (*lstm_backward)(
+      const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+      const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
+      const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias);
+  std::tuple<Tensor, Tensor, Tensor> (*gru_forward)(const Tensor& x_proj, const Tensor& h0,
+                                                    const Tensor& w_hh, const Tensor& b_hh,
+                                                    bool reverse, bool train);
+  std::tuple<Tensor, Tensor, Tensor, Tensor> (*gru_backward)(
+      const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output,
+      const Tensor& gates, const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias);
+  // y [M, N] = x [M, K] w [N, K]^T (+ b [N]); float32, contiguous.
+  Tensor (*linear)(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b);
+  // dx [M, K] = dy [M, N] w [N, K]; float32, contiguous.
+  Tensor (*linear_input_grad)(const Tensor& dy, const Tensor& w);
+};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_backward_fused(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                    const at::Tensor& grad_c_n, const at::Tensor& output, const at::Tensor& gates,
-                    const at::Tensor& cells, const at::Tensor& h0, const at::Tensor& c0,
-                    const at::Tensor& w_hh, bool reverse, bool has_bias);
+extern const FusedF32 kFusedAvx512;  // fused_avx512.cpp: AVX-512 F, VL, DQ, BW
+extern const FusedF32 kFusedAvx2;    // fused_avx2.cpp: AVX2 and FMA
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_fused(
-    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh,
-    const at::Tensor& b_hh, bool reverse, bool train);
+// The float32 forwards for bfloat16 (fused_avx512_bf16.cpp): H even, AVX512-BF16.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
+    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const Tensor& b_hh, bool reverse, bool train);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_fused(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh, bool reverse,
-    bool has_bias);
-
-// The forwards above for bfloat16 (fused_avx512_bf16.cpp): H even, AVX512-BF16.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_fused_bf16(
-    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const at::Tensor& b_hh, bool reverse, bool train);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_fused_bf16(
-    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& w_hh,
-    const at::Tensor& b_hh, bool reverse, bool train);
-
-// y [M, N] = x [M, K] w [N, K]^T (+ b [N]); float32, contiguous.
-at::Tensor linear_fused(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b);
-
-// dx [M, K] = dy [M, N] w [N, K]; float32, contiguous.
-at::Tensor linear_input_grad_fused(const at::Tensor& dy, const at::Tensor& w);
+std::tuple<Tensor, Tensor, Tensor> gru_forward_fused_bf16(const Tensor& x_proj, const Tensor& h0,
+                                                          const Tensor& w_hh, const Tensor& b_hh,
+                                                          bool reverse, bool train);
 
 }  // namespace cpu
 }  // namespace fusedrnn
