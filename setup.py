@@ -3,8 +3,8 @@ toolchain and a CUDA build of torch are present (a visible GPU is not needed).
 
 Knobs (environment):
   FUSEDRNN_CUDA=auto|0|1   auto (default): build CUDA when nvcc and torch.version.cuda exist
-  FUSEDRNN_X86=auto|0      auto (default): the fused AVX-512 CPU path where the compiler
-                           targets x86-64; 0 leaves it out (the generic CPU path only)
+  FUSEDRNN_X86=auto|0      auto (default): the fused AVX-512 and AVX2 CPU paths where the
+                           compiler targets x86-64; 0 leaves them out (the generic CPU path only)
   TORCH_CUDA_ARCH_LIST     CUDA architectures; default: the visible GPU's, else "8.0;9.0+PTX"
   CUDA_HOME                the toolkit root, when it cannot be found from nvcc
   MAX_JOBS                 parallel compile jobs (ninja)
@@ -78,8 +78,8 @@ def nvidia_pip_includes(torch_file):
 
 
 def targets_x86_64(cxx):
-    """Whether the C++ compiler builds for x86-64, where the fused CPU path (AVX-512
-    intrinsics, x86 CPU feature checks) compiles; see Note [x86-only fused path]."""
+    """Whether the C++ compiler builds for x86-64, where the fused CPU paths (AVX-512
+    and AVX2 intrinsics, x86 CPU feature checks) compile; see Note [x86-only fused path]."""
     mode = os.environ.get("FUSEDRNN_X86", "auto").lower()
     if mode not in ("auto", "0"):
         sys.exit(f"FUSEDRNN_X86 must be auto or 0, got {mode!r}")
@@ -92,6 +92,21 @@ def targets_x86_64(cxx):
         target = ""
     target = (target or platform.machine()).lower()
     return target.startswith(("x86_64", "amd64"))
+
+
+# Each compiled for its own instruction set (a `#pragma GCC target` at the top),
+# in the order the linker must see them: Note [ISA translation units].
+X86_SOURCES = ["csrc/x86/fused_avx2.cpp", "csrc/x86/fused_avx512.cpp",
+               "csrc/x86/fused_avx512_bf16.cpp"]
+
+
+def check_link_order(sources):
+    """setuptools links the objects in the sorted order of their sources; those of
+    X86_SOURCES must come after every other one, in the order given."""
+    x86 = [s for s in X86_SOURCES if s in sources]
+    if sorted(sources)[len(sources) - len(x86):] != x86:
+        sys.exit(f"fusedrnn: {x86} must sort after every other source, in that order "
+                 "(Note [ISA translation units] in csrc/x86/fused_f32.h)")
 
 
 def want_cuda(torch_cuda, cuda_home):
@@ -122,15 +137,13 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension, get_cxx_compiler
 
     use_cuda = want_cuda(torch.version.cuda, cuda_home)
-    sources = ["csrc/ops.cpp", "csrc/cpu/rnn_cpu.cpp", "csrc/cpu/reg_cpu.cpp",
-               "csrc/cpu/step_buffers.cpp",
-               "csrc/persistent/emulate.cpp"]
-    # x86-64 only, compiled for AVX-512 and linked last: see Note [x86-only fused
-    # path] and Note [AVX-512 translation unit].
+    sources = ["csrc/ops.cpp", "csrc/cpu/reg_cpu.cpp", "csrc/cpu/rnn_cpu.cpp",
+               "csrc/cpu/step_buffers.cpp", "csrc/persistent/emulate.cpp"]
+    # x86-64 only, each for its instruction set, linked last: see Note [x86-only
+    # fused path] and Note [ISA translation units].
     x86_sources, macros = [], []
     if targets_x86_64(get_cxx_compiler()):
-        x86_sources = ["csrc/cpu/fused_cpu.cpp", "csrc/cpu/fused_bf16.cpp",
-                       "csrc/cpu/weight_grad.cpp"]
+        x86_sources = X86_SOURCES
         macros = [("FUSEDRNN_X86", None)]
     else:
         print("fusedrnn: no x86-64 target; the CPU kernels are the generic path only.")
@@ -159,6 +172,8 @@ def extensions():
 
 def main():
     exts, _ = extensions()
+    for ext in exts:
+        check_link_order(ext.sources)
     from torch.utils.cpp_extension import BuildExtension
 
     setup(

@@ -230,8 +230,9 @@ def run_device(device, args, cfgs):
                      "step, input projection as one GEMM), timed on the CPU only"
                      + (f"; skipped for H > {cap} in this set" if cap else ""))
     started = time.time()
-    path = report.result_path(args.out_dir, report.device_tag(device), args.label,
-                              env["variant"], report.timestamp())
+    # A CPU run on a forced path (FUSEDRNN_CPU_ISA) is kept apart: cpu-avx2-...
+    tag = report.device_tag(device) + (environment.cpu_path_tag(env) if device == "cpu" else "")
+    path = report.result_path(args.out_dir, tag, args.label, env["variant"], report.timestamp())
     doc = {
         "schema": report.SCHEMA_VERSION, "kind": "bench", "device": device, "set": args.label,
         "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

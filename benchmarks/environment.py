@@ -33,11 +33,14 @@ OMP_PASSIVE_FLAG = "--omp-passive"
 RUNTIME_VARIABLE_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "DNNL_", "ONEDNN_", "FUSEDRNN_")
 RUNTIME_VARIABLES_EXTRA = ("LD_PRELOAD",)
 # The /proc/cpuinfo flags that decide which GEMM and gate kernels can run
-# (fusedrnn's AVX-512 path needs avx512f, vl, dq and bw); any flag starting
-# with "amx" is recorded as well.
+# (fusedrnn's AVX-512 path needs avx512f, vl, dq and bw, its AVX2 path avx2 and
+# fma); any flag starting with "amx" is recorded as well.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512vl", "avx512dq", "avx512bw", "avx512_bf16",
              "avx512_fp16")
 VARIANT_OMP_PASSIVE = "omp-passive"
+# The knobs that force fusedrnn's CPU path (Note [choosing the CPU path] in
+# csrc/cpu/cpu_isa.h); auto or unset: the widest path the CPU has.
+CPU_PATH_KNOBS = ("FUSEDRNN_CPU_ISA", "FUSEDRNN_CPU_PATH")
 
 
 def reexec_if_passive_asked(argv=None):
@@ -94,6 +97,18 @@ def cpu_isa(cpuinfo=None):
     flags.update({f: True for f in sorted(have) if f.startswith("amx")})
     return {"torch_capability": torch.backends.cpu.get_cpu_capability(),
             "flags": flags if have else None}
+
+
+def fusedrnn_cpu_path(environ=None):
+    """The path fusedrnn's CPU ops take in this process: {'isa': 'avx512',
+    'avx2' or 'generic', 'forced': whether a knob of CPU_PATH_KNOBS chose it}."""
+    import torch
+
+    import fusedrnn  # noqa: F401 (registers torch.ops.fusedrnn)
+
+    environ = os.environ if environ is None else environ
+    forced = any(environ.get(k, "auto") not in ("", "auto") for k in CPU_PATH_KNOBS)
+    return {"isa": torch.ops.fusedrnn._cpu_isa(), "forced": forced}
 
 
 def cpu_cores(cpuinfo=None):
@@ -182,6 +197,7 @@ def record(device, threads):
         "platform": platform.platform(),
         "fusedrnn_commit": _git_commit(),
         "fusedrnn_backends": fusedrnn.backends(),
+        "fusedrnn_cpu_path": fusedrnn_cpu_path(),
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -243,8 +259,21 @@ def variant_title(env):
     return " [OMP_WAIT_POLICY=PASSIVE]" if recorded_variant(env) == VARIANT_OMP_PASSIVE else ""
 
 
+def forced_cpu_path(env):
+    """The CPU path a knob forced in a recorded environment ('avx2', ...), or None."""
+    path = env.get("fusedrnn_cpu_path") or {}
+    return path.get("isa") if path.get("forced") else None
+
+
+def cpu_path_tag(env):
+    """'-avx2' for result file names when a knob forced the CPU path, else ''."""
+    forced = forced_cpu_path(env)
+    return f"-{forced}" if forced else ""
+
+
 def isa_text(env):
-    """'AVX512; avx2 fma avx512f avx512_bf16; 2 cores' from a recorded environment."""
+    """'torch CPU capability AVX512; flags: avx2 fma avx512f; 2 logical CPUs;
+    fusedrnn CPU path avx512' from a recorded environment."""
     isa = env.get("cpu_isa") or {}
     cap = isa.get("torch_capability") or env.get("cpu_capability")
     flags = isa.get("flags")
@@ -257,4 +286,10 @@ def isa_text(env):
     if n:
         parts.append(f"{n} logical CPUs" + (f" ({cores['physical']} physical cores)"
                                             if cores.get("physical") else ""))
+    path = env.get("fusedrnn_cpu_path")
+    if path:
+        knobs = recorded_variables(env)
+        parts.append(f"fusedrnn CPU path {path['isa']}" + (
+            " (forced: " + ", ".join(f"{k}={knobs[k]}" for k in CPU_PATH_KNOBS if k in knobs)
+            + ")" if path.get("forced") else ""))
     return "; ".join(parts)

@@ -5,6 +5,7 @@ fraction of the machine's measured peak.
     python -m benchmarks.gemm              # --quick: the benchmark's quick set, LSTM and GRU
     python -m benchmarks.gemm --smoke      # seconds: one small config, short timing
     python -m benchmarks.gemm --omp-passive  # with OMP_WAIT_POLICY=PASSIVE, labelled so
+    python -m benchmarks.gemm --isa avx2   # fusedrnn's AVX2 GEMM (on an AVX-512 CPU too)
 
 Products, for a layer with G gates (LSTM 4, GRU 3) and config T, B, I, H
 (M x K times K x N, float32, row-major):
@@ -55,14 +56,16 @@ PEAK_SIZES = {"smoke": (256,), "quick": (256, 384, 512), "full": (256, 384, 512)
 # Config of the backend check: the run's first config with this many steps.
 CHECK_T = 2
 LIBRARIES = ("fusedrnn", "oneDNN", "MKL")
-# fusedrnn's GEMM runs where the CPU has these (csrc/cpu/rnn_cpu.cpp, has_avx512);
-# elsewhere fusedrnn::linear falls back to ATen's.
-FUSEDRNN_GEMM_FLAGS = ("avx512f", "avx512vl", "avx512dq", "avx512bw")
+# fusedrnn's own GEMM paths (FUSEDRNN_CPU_ISA); on the generic CPU path (no
+# AVX-512 nor AVX2, or forced) fusedrnn::linear falls back to ATen's.
+FUSEDRNN_GEMM_ISAS = ("avx512", "avx2")
 
 # Note [the GEMMs compared]
-# fusedrnn: its own AVX-512 GEMM (csrc/cpu/avx512_gemm.h), as the layer runs it:
-#   fusedrnn::linear (the input projection) packs the weights into 64-column
-#   panels on every call; fusedrnn::linear_backward's input gradient likewise.
+# fusedrnn: its own GEMM (csrc/x86/panel_gemm.h) for the CPU path in force
+#   (AVX-512 by default where the CPU has it, AVX2 with --isa avx2 or on an
+#   AVX2-only CPU), as the layer runs it: fusedrnn::linear (the input
+#   projection) packs the weights into panels of 64 (AVX-512) or 16 (AVX2)
+#   columns on every call; fusedrnn::linear_backward's input gradient likewise.
 #   The per-step recurrent product has no op of its own: inside
 #   fusedrnn::lstm_forward / gru_forward each tile of it goes through the gate
 #   math while still in L1, with W_hh packed once per sequence. So it is
@@ -419,9 +422,13 @@ def notes(doc):
                "its own (Note [the GEMMs compared] in benchmarks/gemm.py)")
     out.append("weight gradient: fusedrnn's layers compute it with torch.mm (MKL); the fusedrnn "
                "column is its own GEMM on operands transposed beforehand")
+    path = doc["env"].get("fusedrnn_cpu_path")
     if not doc.get("fusedrnn_gemm", True):
-        out.append("this CPU lacks AVX-512: the fusedrnn column is ATen's fallback, "
-                   "not fusedrnn's GEMM")
+        out.append("the generic CPU path is in force (no AVX-512 or AVX2, or forced): the "
+                   "fusedrnn column is ATen's fallback, not fusedrnn's GEMM")
+    elif path:
+        out.append(f"fusedrnn: its {path['isa']} GEMM and gate kernels"
+                   + (" (forced by FUSEDRNN_CPU_ISA)" if path.get("forced") else ""))
     chk = doc.get("backend_check") or {}
     if "error" in chk:
         out.append(f"backend check failed to run: {chk['error']}")
@@ -467,6 +474,9 @@ def parse_args(argv):
     w.add_argument(environment.OMP_PASSIVE_FLAG, action="store_true",
                    help="run with OMP_WAIT_POLICY=PASSIVE (set before torch loads; results "
                         "labelled omp-passive). Default: the environment as it is")
+    w.add_argument("--isa", choices=FUSEDRNN_GEMM_ISAS,
+                   help="fusedrnn's CPU path (sets FUSEDRNN_CPU_ISA for the run; default: as "
+                        "the environment says, else the widest the CPU has)")
     w.add_argument("--no-backend-check", action="store_true",
                    help="skip the check that each call runs the library it is named for")
     o = p.add_argument_group("output")
@@ -496,17 +506,19 @@ def main(argv=None):
                          "before torch loads; give the option on the command line")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.isa:
+        os.environ["FUSEDRNN_CPU_ISA"] = args.isa  # read by every op call
     cfgs = config_list(args)
-    env = environment.record("cpu", torch.get_num_threads())
-    flags = env["cpu_isa"].get("flags")
+    try:
+        env = environment.record("cpu", torch.get_num_threads())
+    except RuntimeError as exc:  # a path this CPU lacks, or a bad knob
+        raise SystemExit(f"fusedrnn's CPU path: {str(exc).splitlines()[0]}") from exc
     started = time.time()
     doc = {"schema": report.SCHEMA_VERSION, "kind": "gemm", "device": "cpu", "set": args.label,
            "argv": sys.argv[1:] if argv is None else list(argv),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": False, "env": env,
            "load_average_start": environment.load_average(),
-           # Where /proc/cpuinfo is missing, torch's capability stands in.
-           "fusedrnn_gemm": all(flags.get(f, False) for f in FUSEDRNN_GEMM_FLAGS) if flags
-           else env["cpu_capability"].startswith("AVX512"),
+           "fusedrnn_gemm": env["fusedrnn_cpu_path"]["isa"] in FUSEDRNN_GEMM_ISAS,
            "timing": {"method": "after warm-up, one torch.utils.benchmark.Timer.blocked_autorange"
                                 " per GEMM per round; rounds interleaved, order reversed every "
                                 "round; under torch.inference_mode()",
@@ -514,8 +526,9 @@ def main(argv=None):
                       "rounds": args.rounds or TIMING[args.label][0],
                       "min_run_time_s": args.min_run_time or TIMING[args.label][1]},
            "flops": "2 M K N per product", "rows": []}
-    path = report.result_path(args.out_dir, "gemm-" + report.device_tag("cpu"), args.label,
-                              env["variant"], report.timestamp())
+    path = report.result_path(args.out_dir,
+                              "gemm-" + report.device_tag("cpu") + environment.cpu_path_tag(env),
+                              args.label, env["variant"], report.timestamp())
     if not args.no_backend_check:
         doc["backend_check"] = backend_check(args.models[0], cfgs[0])
     doc["peak"], doc["rows"] = run(args, cfgs, env)

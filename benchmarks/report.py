@@ -23,6 +23,8 @@ SCHEMA_VERSION = 2
 # no result is ever stored twice. File names:
 #     <device>-<set>[-omp-passive]-<YYYYmmdd-HHMMSS>.json     bench.py
 #     gemm-<device>-<set>[-omp-passive]-<YYYYmmdd-HHMMSS>.json gemm.py
+# where a CPU run on a path forced by FUSEDRNN_CPU_ISA has the device cpu-<path>
+# (cpu-avx2), and is the newest of its own kind, apart from the default path's.
 # (results written before the set was part of the name: <device>-<stamp>.json).
 # Smoke runs (CI) write smoke-<...>.json, overwritten each time and ignored by
 # git and by newest_results().
@@ -61,8 +63,8 @@ def write_json(path, doc):
 def newest_results(root, kind=None, recursive=True):
     """The newest complete dated result of each kind under root (and its
     subfolders when recursive): one per folder, kind ('bench' or 'gemm'),
-    device, set, precisions measured and environment variant (Note [result files]). Sorted by
-    folder, then file name."""
+    device, set, precisions measured, environment variant and forced CPU path
+    (Note [result files]). Sorted by folder, then file name."""
     best = {}
     for path in sorted(Path(root).rglob("*.json") if recursive else Path(root).glob("*.json")):
         m = _DATED.match(path.name)
@@ -80,7 +82,7 @@ def newest_results(root, kind=None, recursive=True):
         env = doc.get("env", {})
         precisions = tuple(sorted({r.get("precision", "") for r in doc["rows"]}))
         key = (path.parent, doc_kind, doc.get("device"), env.get("gpu"), doc.get("set"),
-               precisions, environment.recorded_variant(env))
+               precisions, environment.recorded_variant(env), environment.forced_cpu_path(env))
         if key not in best or m["stamp"] > best[key][0]:
             best[key] = (m["stamp"], path)
     return sorted((p for _, p in best.values()), key=lambda p: (str(p.parent), p.name))

@@ -1,8 +1,8 @@
 // Pointwise LSTM and GRU math, forward and backward, written once for the CPU
 // and the GPU. Kernels only index, convert to the accumulation type `acc_t`,
 // call these functions and store. `acc_t` may also be a SIMD vector type
-// (cpu/vec16.h) that brings its own exp_/tanh_, found by argument-dependent
-// lookup: the calls below are unqualified on purpose.
+// (x86/vec16.h, vec8.h) that brings its own exp_/tanh_, found by
+// argument-dependent lookup: the calls below are unqualified on purpose.
 //
 // Gate order is torch's: LSTM (i, f, g, o), GRU (r, z, n). Arguments named
 // `*_pre` are pre-activations; others are activated values.

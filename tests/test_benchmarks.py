@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import bench, configs, environment, gemm, regularisers, report, results_md
+from isa_helpers import RUNNABLE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -189,7 +190,7 @@ def test_gemm_run_writes_a_labelled_result_and_markdown(tmp_path):
     argv = ["--config", "3,2,17,5", "--models", "GRU", "--rounds", "1", "--min-run-time",
             "0.001", "--out-dir", str(tmp_path)]
     assert gemm.main(argv) == 0
-    (path,) = tmp_path.glob("gemm-cpu-custom-*.json")
+    (path,) = tmp_path.glob("gemm-cpu*-custom-*.json")  # cpu-avx2-... under a forced path
     doc = json.loads(path.read_text())
     assert doc["kind"] == "gemm" and doc["complete"]
     assert doc["env"]["runtime_variables"] == environment.runtime_variables()
@@ -230,3 +231,46 @@ def test_regularisers_parity_catches_a_wrong_model(mode):
     with torch.no_grad():
         case.reg.layernorm_hh_weight_l0.mul_(1 + 1e-3)
     assert not case.parity(mode)["passed"]
+
+
+def test_the_cpu_path_is_recorded_and_kept_apart(tmp_path, monkeypatch):
+    """The path fusedrnn's CPU ops take, and whether FUSEDRNN_CPU_ISA (or the
+    older FUSEDRNN_CPU_PATH) forced it: in the environment, its text, the
+    result file names, and newest_results, which keeps forced runs apart."""
+    for knob in environment.CPU_PATH_KNOBS:
+        monkeypatch.delenv(knob, raising=False)
+    default = environment.fusedrnn_cpu_path()
+    assert default["isa"] in ("avx512", "avx2", "generic") and not default["forced"]
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", "generic")
+    assert environment.fusedrnn_cpu_path() == {"isa": "generic", "forced": True}
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", "auto")
+    monkeypatch.setenv("FUSEDRNN_CPU_PATH", "generic")
+    assert environment.fusedrnn_cpu_path() == {"isa": "generic", "forced": True}
+
+    forced = _doc(variables={"FUSEDRNN_CPU_ISA": "avx2"})
+    forced["env"]["fusedrnn_cpu_path"] = {"isa": "avx2", "forced": True}
+    plain = _doc()
+    plain["env"]["fusedrnn_cpu_path"] = {"isa": "avx512", "forced": False}
+    assert environment.isa_text(forced["env"]).endswith(
+        "fusedrnn CPU path avx2 (forced: FUSEDRNN_CPU_ISA=avx2)")
+    assert environment.isa_text(plain["env"]).endswith("fusedrnn CPU path avx512")
+    assert environment.cpu_path_tag(forced["env"]) == "-avx2"
+    assert environment.cpu_path_tag(plain["env"]) == environment.cpu_path_tag(_doc()["env"]) == ""
+    a = _write(tmp_path, "cpu-quick-20260101-000000.json", plain)
+    b = _write(tmp_path, "cpu-avx2-quick-20260102-000000.json", forced)
+    assert set(report.newest_results(tmp_path)) == {a, b}
+
+
+@pytest.mark.skipif("avx2" not in RUNNABLE, reason="no AVX2 path on this CPU or build")
+def test_gemm_runs_the_avx2_kernels_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", "auto")  # restored after main() sets it
+    argv = ["--config", "3,2,17,5", "--models", "LSTM", "--rounds", "1", "--min-run-time",
+            "0.001", "--no-backend-check", "--isa", "avx2", "--out-dir", str(tmp_path)]
+    assert gemm.main(argv) == 0
+    (path,) = tmp_path.glob("gemm-cpu-avx2-custom-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["env"]["fusedrnn_cpu_path"] == {"isa": "avx2", "forced": True}
+    assert doc["fusedrnn_gemm"] and all(
+        r["status"] == "ok" for row in doc["rows"] for r in row["results"].values())
+    assert ("fusedrnn: its avx2 GEMM and gate kernels (forced by FUSEDRNN_CPU_ISA)"
+            in gemm.notes(doc))

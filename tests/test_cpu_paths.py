@@ -1,24 +1,25 @@
-"""Every CPU path the dispatcher can choose, forced on this machine: the fused
-float32 path (AVX-512), the fused bfloat16 forward (AVX512-BF16) and the
-generic loop (FUSEDRNN_CPU_PATH=generic, and wherever no fused path applies).
-Low-precision results must stay within a small multiple of torch.nn's own
-error at that dtype against a float64 torch.nn."""
+"""Every CPU path the dispatcher can choose, forced on this machine
+(FUSEDRNN_CPU_ISA, isa_helpers.py): the fused float32 paths for AVX-512 and
+for AVX2 (forward, backward, the input projection), the fused bfloat16 forward
+(AVX512-BF16, under avx512) and the generic loop (generic, and wherever no
+fused path applies). Float32 results against a float64 reference or torch.nn;
+low-precision ones within a small multiple of torch.nn's own error at that
+dtype against a float64 torch.nn."""
 import pytest
 import torch
 from torch import nn
 
 import fusedrnn
+from fusedrnn import reference as ref
 
 from module_helpers import flat_outputs
-from helpers import rel_err
+from helpers import grad_tensors, layer_inputs, rel_err
+from isa_helpers import (CPU_ISAS, FUSED_ISAS, RUNNABLE, cpu_isa_in_force, force_cpu_isa,
+                         isa_params)
 
-
-def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return set()
+KINDS = ["lstm", "gru"]
+# Float32 against float64: the fused paths' error (fp32 accumulation) is ~1e-7.
+F32_TOL = 1e-5
 
 
 def run(module, x, dtype):
@@ -33,17 +34,17 @@ def run(module, x, dtype):
     return [t.double() for t in outs + list(grads)]
 
 
-@pytest.mark.parametrize("path", ["auto", "generic"])
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("H", [32, 17], ids=["even", "odd"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])
-def test_half_types_within_torch_error(path, kind, dtype, H, bidirectional, monkeypatch):
-    """bfloat16: the fused bfloat16 forward (even H, AVX512-BF16) or the fused
-    float32 one; float16: the fused float32 path; backward of both on the fused
-    float32 path (Note [half types on the fused float32 path]); generic: the
-    generic loop."""
-    monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
+def test_half_types_within_torch_error(isa, kind, dtype, H, bidirectional, monkeypatch):
+    """bfloat16: the fused bfloat16 forward (even H, AVX512-BF16, avx512 only)
+    or the fused float32 one; float16: the fused float32 path; backward of both
+    on the fused float32 path (Note [half types on the fused float32 path]);
+    generic: the generic loop."""
+    force_cpu_isa(monkeypatch, isa)
     ref = getattr(nn, kind)(24, H, num_layers=2, bidirectional=bidirectional).double()
     ours = fusedrnn.from_torch(ref)
     x = torch.randn(20, 8, 24, dtype=torch.float64)
@@ -60,14 +61,13 @@ def layer_call(kind, x, h0, c0, w, b, batch_sizes=None):
     return fusedrnn.gru_layer(x, h0, w, b, batch_sizes)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("isa", isa_params(("avx512", "avx2")))
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_types_take_a_fused_path_where_one_applies(kind, dtype, monkeypatch):
-    """auto differs from generic (float32 vs half-type rounding of the recurrent
-    product) on padded input, even and odd H; on packed input, where no fused
-    path applies, the two agree bitwise."""
-    if not ("avx512f" in cpu_flags() and "avx512bw" in cpu_flags()):
-        pytest.skip("no AVX-512: only the generic loop is built for this CPU")
+def test_half_types_take_a_fused_path_where_one_applies(isa, kind, dtype, monkeypatch):
+    """A fused path differs from generic (float32 vs half-type rounding of the
+    recurrent product) on padded input, even and odd H; on packed input, where
+    no fused path applies, the two agree bitwise."""
     G = 4 if kind == "lstm" else 3
     for H, packed in [(64, False), (33, False), (64, True)]:
         x = torch.randn(20 * 8 if packed else 20, *(() if packed else (8,)), G * H).to(dtype)
@@ -75,7 +75,149 @@ def test_half_types_take_a_fused_path_where_one_applies(kind, dtype, monkeypatch
         h0, c0 = torch.randn(8, H).to(dtype), torch.randn(8, H).to(dtype)
         w, b = (torch.randn(G * H, H) / H ** 0.5).to(dtype), torch.randn(G * H).to(dtype)
         res = []
-        for path in ("auto", "generic"):
-            monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
+        for path in (isa, "generic"):
+            force_cpu_isa(monkeypatch, path)
             res.append(layer_call(kind, x, h0, c0, w, b, bs))
         assert all(torch.equal(a, g) for a, g in zip(*res)) == packed, (H, packed)
+
+
+# ---------------------------------------------------------------- float32 on each path
+def run_layer(kind, d, reverse, impl):
+    if kind == "lstm":
+        return impl.lstm_layer(d["x_proj"], d["h0"], d["c0"], d["w_hh"], None, d["b_hh"], None,
+                               reverse)
+    return impl.gru_layer(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], None, reverse)
+
+
+def check_layer_against_float64(kind, T, B, H, reverse, bias):
+    """Values and all gradients of a float32 padded layer against the float64
+    reference, on the path in force."""
+    d64 = layer_inputs(kind, False, "cpu", torch.float64, bias=bias, T=T, B=B, H=H,
+                       requires_grad=True)
+    d32 = {k: (v.detach().float().requires_grad_(True) if isinstance(v, torch.Tensor)
+               and v.is_floating_point() else v) for k, v in d64.items()}
+    got, want = run_layer(kind, d32, reverse, fusedrnn), run_layer(kind, d64, reverse, ref)
+    weights = [torch.randn_like(w) for w in want]
+    g32 = torch.autograd.grad(sum((g.double() * c).sum() for g, c in zip(got, weights)),
+                              list(grad_tensors(d32).values()))
+    g64 = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, weights)),
+                              list(grad_tensors(d64).values()))
+    names = ["output", "h_n", "c_n"][:len(want)] + list(grad_tensors(d64))
+    for name, a, e in zip(names, list(got) + list(g32), list(want) + list(g64)):
+        assert a.dtype == torch.float32 and a.shape == e.shape, name
+        assert rel_err(a, e) < F32_TOL, (name, rel_err(a, e))
+
+
+# (T, B, H): one step, one row, tails of 8- and 16-lane vectors (5, 17, 70, 129),
+# whole vectors of AVX2 only (8, 24), batches that are not a multiple of any
+# tile's rows, a backward panel cut in depth on AVX-512 (4H > 512 at H=129).
+SHAPES = [(1, 1, 5), (1, 3, 8), (9, 1, 24), (7, 7, 17), (4, 13, 70), (3, 6, 129)]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,B,H", SHAPES, ids=[f"T{t}-B{b}-H{h}" for t, b, h in SHAPES])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_layer_float32_matches_float64_reference(isa, kind, T, B, H, reverse, bias, monkeypatch):
+    force_cpu_isa(monkeypatch, isa)
+    check_layer_against_float64(kind, T, B, H, reverse, bias)
+
+
+@pytest.mark.parametrize("isa", isa_params(("avx512", "avx2")))
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_panels_cut_in_depth(isa, kind, monkeypatch):
+    """H = 1100: forward and backward panels deeper than one pass
+    (panel_gemm.h, depth_block) on both vector widths, tiles summed in a buffer."""
+    force_cpu_isa(monkeypatch, isa)
+    check_layer_against_float64(kind, 2, 7, 1100, False, True)
+
+
+# (M, K, N): one row, tails of both vector widths, several row blocks (M > 192),
+# K deeper than one pass over a panel.
+LINEAR_SHAPES = [(1, 17, 5), (7, 33, 70), (200, 17, 33), (400, 9, 16), (13, 2100, 20)]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("M,K,N", LINEAR_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in LINEAR_SHAPES])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_linear_float32_matches_float64(isa, M, K, N, bias, monkeypatch):
+    """fusedrnn::linear and its input gradient (the fused GEMM on avx512 and
+    avx2, ATen's on generic), values and gradients."""
+    force_cpu_isa(monkeypatch, isa)
+    x = torch.randn(M, K, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(N, K, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(N, dtype=torch.float64, requires_grad=True) if bias else None
+    leaves = [x, w] + ([b] if bias else [])
+    leaves32 = [t.detach().float().requires_grad_(True) for t in leaves]
+    got = fusedrnn._ops.linear(*leaves32, *([] if bias else [None]))
+    want = torch.nn.functional.linear(x, w, b)
+    assert got.dtype == torch.float32 and rel_err(got, want) < F32_TOL
+    c = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad((got.double() * c).sum(), leaves32),
+                    torch.autograd.grad((want * c).sum(), leaves)):
+        assert rel_err(a, e) < F32_TOL
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_modules_float32_match_torch_nn(isa, kind, bidirectional, bias, monkeypatch):
+    """Two-layer modules (input projection, both directions) against a float64
+    torch.nn: outputs, states and every gradient."""
+    force_cpu_isa(monkeypatch, isa)
+    net = getattr(nn, kind)(17, 13, num_layers=2, bidirectional=bidirectional, bias=bias)
+    ours = fusedrnn.from_torch(net)
+    x = torch.randn(6, 5, 17, dtype=torch.float64)
+    for o, w in zip(run(ours, x, torch.float32), run(net.double(), x, torch.float64)):
+        assert rel_err(o, w) < F32_TOL
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_paths_agree(kind, monkeypatch):
+    """AVX-512 and AVX2 compute the same float32 products and gate math: the
+    same results up to the order of float32 sums."""
+    if len(FUSED_ISAS) < 2:
+        pytest.skip("needs both fused paths")
+    d = layer_inputs(kind, False, "cpu", torch.float32, T=5, B=7, H=37, requires_grad=True)
+    res = []
+    for isa in FUSED_ISAS:
+        force_cpu_isa(monkeypatch, isa)
+        outs = run_layer(kind, d, False, fusedrnn)
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
+        res.append(list(outs) + list(torch.autograd.grad(loss, list(grad_tensors(d).values()))))
+    for a, b in zip(*res):
+        assert rel_err(a, b) < 1e-6
+
+
+# ---------------------------------------------------------------- the knob
+def test_cpu_isa_knob(monkeypatch):
+    """Each runnable value forces its path; auto (or unset) is the widest the
+    CPU has; FUSEDRNN_CPU_PATH=generic wins; a path this machine lacks and a bad
+    value of either knob raise, through the ops too."""
+    monkeypatch.delenv("FUSEDRNN_CPU_PATH", raising=False)
+    for isa in RUNNABLE:
+        monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+        assert cpu_isa_in_force() == isa
+    for isa in set(CPU_ISAS) - set(RUNNABLE):
+        monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
+        with pytest.raises(RuntimeError, match=f"FUSEDRNN_CPU_ISA={isa}, but this"):
+            cpu_isa_in_force()
+    widest = next(isa for isa in CPU_ISAS if isa in RUNNABLE)
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", "auto")
+    assert cpu_isa_in_force() == widest
+    monkeypatch.delenv("FUSEDRNN_CPU_ISA")
+    assert cpu_isa_in_force() == widest
+    monkeypatch.setenv("FUSEDRNN_CPU_ISA", FUSED_ISAS[-1] if FUSED_ISAS else "auto")
+    monkeypatch.setenv("FUSEDRNN_CPU_PATH", "generic")
+    assert cpu_isa_in_force() == "generic"
+    d = layer_inputs("lstm", False, "cpu", torch.float32)
+    for name, value in [("FUSEDRNN_CPU_ISA", "avx3"), ("FUSEDRNN_CPU_PATH", "fused")]:
+        monkeypatch.setenv("FUSEDRNN_CPU_ISA", "auto")
+        monkeypatch.setenv("FUSEDRNN_CPU_PATH", "auto")
+        monkeypatch.setenv(name, value)
+        for call in (cpu_isa_in_force, lambda: run_layer("lstm", d, False, fusedrnn),
+                     lambda: fusedrnn._ops.linear(d["h0"], d["w_hh"], None)):
+            with pytest.raises(RuntimeError, match=f"{name} must be auto"):
+                call()

@@ -1,14 +1,17 @@
 """NaN and inf propagate exactly where torch.nn's do: the isnan/isinf masks of
-every output, state and gradient, step by step, on every CPU path and dtype."""
+every output, state and gradient, step by step, on every CPU path (each forced
+by FUSEDRNN_CPU_ISA: the fused AVX-512 and AVX2 paths, the generic loop) and
+dtype."""
 import pytest
 import torch
 from torch import nn
 
 import fusedrnn
 
+from isa_helpers import force_cpu_isa, isa_params
 from module_helpers import flat_outputs
 
-PATHS = ["auto", "generic"]  # auto: the fused AVX-512 path for padded float32 where built
+PATHS = isa_params()
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
@@ -42,7 +45,7 @@ def assert_same_masks(ref, ours, x, hx):
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=str)
 def test_layer_input(path, dtype, kind, value, monkeypatch):
-    monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
+    force_cpu_isa(monkeypatch, path)
     ref = getattr(nn, kind)(8, 16, num_layers=2).to(dtype)
     ours = fusedrnn.from_torch(ref)
     x = poisoned((6, 4, 8), (2, 1, 3), value, dtype)
@@ -57,7 +60,7 @@ def test_layer_input(path, dtype, kind, value, monkeypatch):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_layer_state(path, kind, monkeypatch):
-    monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
+    force_cpu_isa(monkeypatch, path)
     ref = getattr(nn, kind)(8, 16)
     ours = fusedrnn.from_torch(ref)
     x = torch.randn(5, 3, 8)
@@ -69,7 +72,7 @@ def test_layer_state(path, kind, monkeypatch):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
 def test_cell(path, kind, monkeypatch):
-    monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
+    force_cpu_isa(monkeypatch, path)
     ref = getattr(nn, kind)(8, 16)
     ours = fusedrnn.from_torch(ref)
     x = poisoned((4, 8), (1, 3), float("nan"), torch.float32)

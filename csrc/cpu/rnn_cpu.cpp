@@ -3,12 +3,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <string>
 
 #include "../recurrence.h"
-#include "fused_cpu.h"
-#include "weight_grad.h"
+#include "../x86/fused.h"
+#include "cpu_isa.h"
 
 namespace fusedrnn {
 namespace {
@@ -30,90 +29,83 @@ struct CpuKernels {
 };
 
 // Note [x86-only fused path]
-// The fused path (fused_cpu.cpp) is x86-64 code: setup.py compiles it, and
+// The fused paths (csrc/x86/) are x86-64 code: setup.py compiles them, and
 // defines FUSEDRNN_X86, only where the compiler targets x86-64. Elsewhere
-// (aarch64, ...) every call below runs the generic loop of recurrence.h, and
-// the calls into the fused path are compiled out, since their definitions
-// are not linked.
+// (aarch64, ...) every call below runs the generic loop of recurrence.h:
+// fused_f32() is null, and the bfloat16 kernels' calls are compiled out,
+// since their definitions are not linked.
+
+// The float32 kernels of the path in force (cpu_isa.h), or null: the generic loop.
+const cpu::FusedF32* fused_f32() {
+  switch (cpu_isa()) {
 #ifdef FUSEDRNN_X86
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-  return ok;
+    case CpuIsa::kAvx512:
+      return &cpu::kFusedAvx512;
+    case CpuIsa::kAvx2:
+      return &cpu::kFusedAvx2;
+#endif
+    default:
+      return nullptr;
+  }
 }
 
-bool has_avx512_bf16() {
-  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return ok;
+// Float32, padded, without projection: the fused float32 kernels, or null.
+const cpu::FusedF32* fused_f32_for(const at::Tensor& x, bool packed, bool proj) {
+  const cpu::FusedF32* ops = fused_f32();  // first: a bad knob raises on every call
+  return x.scalar_type() == at::kFloat && !packed && !proj ? ops : nullptr;
 }
 
-// FUSEDRNN_CPU_PATH=generic forces the generic loop (tests compare the two).
-bool generic_forced() {
-  const char* knob = std::getenv("FUSEDRNN_CPU_PATH");
-  return knob != nullptr && std::string(knob) == "generic";
-}
-
-}  // namespace
-
-namespace cpu {
-bool fused_path_ok(const at::Tensor& x_proj, bool packed, bool proj) {
-  return x_proj.scalar_type() == at::kFloat && !packed && !proj && has_avx512() &&
-         !generic_forced();
-}
-}  // namespace cpu
-
-namespace {
-
-// The bfloat16 forward: padded, no projection, an even hidden size (k-pairs).
+#ifdef FUSEDRNN_X86
+// The bfloat16 forward: padded, no projection, an even hidden size (k-pairs),
+// AVX512-BF16, and the AVX-512 path in force.
 bool fused_bf16_ok(const at::Tensor& x_proj, bool packed, bool proj, int64_t H) {
   return x_proj.scalar_type() == at::kBFloat16 && !packed && !proj && H % 2 == 0 &&
-         has_avx512_bf16() && !generic_forced();
+         has_avx512_bf16() && cpu_isa() == CpuIsa::kAvx512;
 }
+#endif
 
 // Note [half types on the fused float32 path]
 // Where no fused kernel reads a half type directly (the backward of both,
 // float16's forward), padded input without projection still takes the fused
 // float32 path: operands converted once, results rounded once. More accurate
 // than the generic loop, which rounds every step's matmul to the half type, and
-// several times faster.
-bool fused_via_f32_ok(const at::Tensor& x, bool packed, bool proj) {
+// several times faster. Returns the float32 kernels, or null.
+const cpu::FusedF32* fused_via_f32_for(const at::Tensor& x, bool packed, bool proj) {
   const auto dt = x.scalar_type();
-  return (dt == at::kHalf || dt == at::kBFloat16) && !packed && !proj && has_avx512() &&
-         !generic_forced();
+  return (dt == at::kHalf || dt == at::kBFloat16) && !packed && !proj ? fused_f32() : nullptr;
 }
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
-#endif
 
-// Padded input without projection takes a fused path (fused_cpu.h) where the
-// CPU has it: float32 on AVX-512, and the bfloat16 forward on AVX512-BF16;
-// everything else the generic loop.
+// Padded input without projection takes a fused path (x86/fused.h) where the
+// CPU has it: float32 on AVX-512 or AVX2, and the bfloat16 forward on
+// AVX512-BF16; everything else the generic loop.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
     bool train) {
   const NoAutocast no_autocast;
   const auto checked = lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
-#ifdef FUSEDRNN_X86
-  if (cpu::fused_path_ok(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
+  if (const auto* ops = fused_f32_for(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
     const int64_t G = kLstmGates * std::get<1>(checked);
-    return cpu::lstm_forward_fused(x_proj, h0, c0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
-                                   reverse, train);
+    return ops->lstm_forward(x_proj, h0, c0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
+                             reverse, train);
   }
+#ifdef FUSEDRNN_X86
   if (fused_bf16_ok(x_proj, batch_sizes.has_value(), w_hr.has_value(), std::get<1>(checked))) {
     const int64_t G = kLstmGates * std::get<1>(checked);
     return cpu::lstm_forward_fused_bf16(x_proj, h0, c0, w_hh,
                                         detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
   }
-  if (fused_via_f32_ok(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
+#endif
+  if (const auto* ops = fused_via_f32_for(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
     const int64_t G = kLstmGates * std::get<1>(checked);
     const auto dt = x_proj.scalar_type();
-    auto [out, h_n, c_n, gates, cells] = cpu::lstm_forward_fused(
+    auto [out, h_n, c_n, gates, cells] = ops->lstm_forward(
         f32(x_proj), f32(h0), f32(c0), f32(w_hh), f32(detail::defined_or_zeros(b_hh, G, x_proj)),
         reverse, train);
     return {out.to(dt), h_n.to(dt), c_n.to(dt), gates.to(dt), cells};
   }
-#endif
   return lstm_forward_impl<CpuKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                        train);
 }
@@ -125,21 +117,19 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
                   bool reverse, bool has_bias) {
   const NoAutocast no_autocast;
-#ifdef FUSEDRNN_X86
-  if (cpu::fused_path_ok(grad_output, batch_sizes.has_value(), w_hr.has_value()) &&
-      grad_output.dim() == 3) {
-    return cpu::lstm_backward_fused(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
-                                    w_hh, reverse, has_bias);
+  const auto* ops = fused_f32_for(grad_output, batch_sizes.has_value(), w_hr.has_value());
+  if (ops && grad_output.dim() == 3) {
+    return ops->lstm_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh,
+                              reverse, has_bias);
   }
-  if (fused_via_f32_ok(grad_output, batch_sizes.has_value(), w_hr.has_value()) &&
-      grad_output.dim() == 3) {
+  ops = fused_via_f32_for(grad_output, batch_sizes.has_value(), w_hr.has_value());
+  if (ops && grad_output.dim() == 3) {
     const auto dt = grad_output.scalar_type();
-    auto [dx, dh0, dc0, dw, dw_hr, db] = cpu::lstm_backward_fused(
+    auto [dx, dh0, dc0, dw, dw_hr, db] = ops->lstm_backward(
         f32(grad_output), f32(grad_h_n), f32(grad_c_n), f32(output), f32(gates), cells, f32(h0),
         f32(c0), f32(w_hh), reverse, has_bias);
     return {dx.to(dt), dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr.to(dt), db.to(dt)};
   }
-#endif
   return lstm_backward_impl<CpuKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
                                         c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
 }
@@ -150,26 +140,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const NoAutocast no_autocast;
   const auto checked =
       gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
-#ifdef FUSEDRNN_X86
-  if (reset_after && cpu::fused_path_ok(x_proj, batch_sizes.has_value(), false)) {
+  const auto* ops = fused_f32_for(x_proj, batch_sizes.has_value(), false);
+  if (reset_after && ops) {
     const int64_t G = kGruGates * std::get<1>(checked);
-    return cpu::gru_forward_fused(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
-                                  reverse, train);
+    return ops->gru_forward(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj), reverse,
+                            train);
   }
+#ifdef FUSEDRNN_X86
   if (reset_after && fused_bf16_ok(x_proj, batch_sizes.has_value(), false, std::get<1>(checked))) {
     const int64_t G = kGruGates * std::get<1>(checked);
     return cpu::gru_forward_fused_bf16(x_proj, h0, w_hh,
                                        detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
   }
-  if (reset_after && fused_via_f32_ok(x_proj, batch_sizes.has_value(), false)) {
+#endif
+  ops = fused_via_f32_for(x_proj, batch_sizes.has_value(), false);
+  if (reset_after && ops) {
     const int64_t G = kGruGates * std::get<1>(checked);
     const auto dt = x_proj.scalar_type();
     auto [out, h_n, gates] =
-        cpu::gru_forward_fused(f32(x_proj), f32(h0), f32(w_hh),
-                               f32(detail::defined_or_zeros(b_hh, G, x_proj)), reverse, train);
+        ops->gru_forward(f32(x_proj), f32(h0), f32(w_hh),
+                         f32(detail::defined_or_zeros(b_hh, G, x_proj)), reverse, train);
     return {out.to(dt), h_n.to(dt), gates.to(dt)};
   }
-#endif
   return gru_forward_impl<CpuKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                       train);
 }
@@ -179,49 +171,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
-#ifdef FUSEDRNN_X86
-  if (reset_after && cpu::fused_path_ok(grad_output, batch_sizes.has_value(), false) &&
-      grad_output.dim() == 3) {
-    return cpu::gru_backward_fused(grad_output, grad_h_n, output, gates, h0, w_hh, reverse,
-                                   has_bias);
+  const auto* ops = fused_f32_for(grad_output, batch_sizes.has_value(), false);
+  if (reset_after && ops && grad_output.dim() == 3) {
+    return ops->gru_backward(grad_output, grad_h_n, output, gates, h0, w_hh, reverse, has_bias);
   }
-  if (reset_after && fused_via_f32_ok(grad_output, batch_sizes.has_value(), false) &&
-      grad_output.dim() == 3) {
+  ops = fused_via_f32_for(grad_output, batch_sizes.has_value(), false);
+  if (reset_after && ops && grad_output.dim() == 3) {
     const auto dt = grad_output.scalar_type();
-    auto [dx, dh0, dw, db] = cpu::gru_backward_fused(f32(grad_output), f32(grad_h_n), f32(output),
-                                                     f32(gates), f32(h0), f32(w_hh), reverse,
-                                                     has_bias);
+    auto [dx, dh0, dw, db] = ops->gru_backward(f32(grad_output), f32(grad_h_n), f32(output),
+                                               f32(gates), f32(h0), f32(w_hh), reverse, has_bias);
     return {dx.to(dt), dh0.to(dt), dw.to(dt), db.to(dt)};
   }
-#endif
   return gru_backward_impl<CpuKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
                                        batch_sizes, reverse, reset_after, has_bias);
 }
 
-#ifdef FUSEDRNN_X86
-bool linear_fused_ok(const at::Tensor& a, const at::Tensor& w) {
-  return a.device().is_cpu() && a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
-         has_avx512() && a.numel() > 0;
+// The fused float32 kernels for a [M, K] times w, on the CPU; or null.
+const cpu::FusedF32* linear_fused_for(const at::Tensor& a, const at::Tensor& w) {
+  if (!a.device().is_cpu()) return nullptr;
+  const cpu::FusedF32* ops = fused_f32();
+  return a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && a.numel() > 0 ? ops
+                                                                                        : nullptr;
 }
-#endif
 
-// The input projection: our GEMM for float32 on AVX-512 CPUs, else ATen's.
-// Any device (registered as CompositeExplicitAutograd).
+// The input projection: our GEMM for float32 on AVX-512 and AVX2 CPUs, else
+// ATen's. Any device (registered as CompositeExplicitAutograd).
 at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
                       const OptTensor& bias) {
   const NoAutocast no_autocast;
   TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
               "fusedrnn::linear: input [..., ", weight.dim() == 2 ? weight.size(1) : -1,
               "] and weight [N, K] expected, got ", input.sizes(), " and ", weight.sizes());
-#ifdef FUSEDRNN_X86
-  if (linear_fused_ok(input, weight) &&
-      !(bias.has_value() && bias->scalar_type() != at::kFloat)) {
+  const auto* ops = linear_fused_for(input, weight);
+  if (ops && !(bias.has_value() && bias->scalar_type() != at::kFloat)) {
     auto out_shape = input.sizes().vec();
     out_shape.back() = weight.size(0);
     const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
-    return cpu::linear_fused(x2, weight.contiguous(), bias).view(out_shape);
+    return ops->linear(x2, weight.contiguous(), bias).view(out_shape);
   }
-#endif
   return at::linear(input, weight, bias);
 }
 
@@ -234,28 +221,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
   const at::Tensor none = at::empty({0}, grad.options());
   at::Tensor dx = none, dw = none, db = none;
   if (input_grad) {
-#ifdef FUSEDRNN_X86
-    dx = (linear_fused_ok(g2, weight) ? cpu::linear_input_grad_fused(g2, weight.contiguous())
-                                      : at::mm(g2, weight))
+    const auto* ops = linear_fused_for(g2, weight);
+    dx = (ops ? ops->linear_input_grad(g2, weight.contiguous()) : at::mm(g2, weight))
              .view(input.sizes());
-#else
-    dx = at::mm(g2, weight).view(input.sizes());
-#endif
   }
-#ifdef FUSEDRNN_X86
-  if (weight_grad && linear_fused_ok(g2, weight) && input.scalar_type() == at::kFloat) {
-    const at::Tensor xc = x2.contiguous();
-    auto [w, b] = cpu::weight_grad_fused({{g2.data_ptr<float>(), xc.data_ptr<float>(), g2.size(0)}},
-                                         g2.size(1), xc.size(1), bias_grad, g2.options());
-    return {dx, w, bias_grad ? b : none};
+  if (weight_grad) {
+    // Our weight-gradient GEMM where a fused path runs (Note [weight-gradient
+    // GEMM] in x86/weight_grad.h), else MKL's SGEMM.
+    const auto* ops = linear_fused_for(g2, weight);
+    if (ops && input.scalar_type() == at::kFloat) {
+      const at::Tensor xc = x2.contiguous();
+      auto [w, b] = ops->weight_grad({{g2.data_ptr<float>(), xc.data_ptr<float>(), g2.size(0)}},
+                                     g2.size(1), xc.size(1), bias_grad, g2.options());
+      return {dx, w, bias_grad ? b : none};
+    }
   }
-#endif
   if (weight_grad) dw = at::mm(g2.t(), x2);
   if (bias_grad) db = g2.sum(0);
   return {dx, dw, db};
 }
 
+// The CPU path in force: "avx512", "avx2" or "generic" (Note [choosing the
+// CPU path]). For tests and benchmark records.
+std::string cpu_path() { return cpu_isa_name(cpu_isa()); }
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
+  m.def("_cpu_isa() -> str", &cpu_path);
+}
 
 TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
   m.impl("linear", &linear_any);

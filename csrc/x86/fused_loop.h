@@ -1,13 +1,13 @@
-// The time loop of the fused CPU paths, shared by the float32 (fused_cpu.cpp)
-// and bfloat16 (fused_bf16.cpp) translation units: the spin-barrier step loop,
-// step buffers, and the forward epilogues and drivers, templated on the
-// storage type S (activations, gates, h) and on the GEMM that forms a tile.
-// The cell state and all gate math stay float32.
+// The time loop of the fused CPU paths, shared by the float32 (fused_f32.h)
+// and bfloat16 (fused_avx512_bf16.cpp) translation units: the spin-barrier step
+// loop, step buffers, and the forward epilogues and drivers, templated on the
+// vector type V (vec16.h, vec8.h), the storage type S (activations, gates, h)
+// and the GEMM that forms a tile. The cell state and all gate math stay float32.
 //
 // Everything here has internal linkage (the unnamed namespace): each ISA's
 // translation unit gets its own copy, compiled for its own instruction set, so
-// the linker never hands one unit's copy to the other (see Note [AVX-512
-// translation unit] in fused_cpu.cpp). Include only from those units.
+// the linker never hands one unit's copy to the other (Note [ISA translation
+// units] in fused_f32.h). Include only from those units, with vec16.h or vec8.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,41 +23,35 @@
 #include <type_traits>
 
 #include "../gates.h"
-#include "avx512_gemm.h"
-#include "step_buffers.h"
+#include "../cpu/step_buffers.h"
+#include "panel_gemm.h"
 #include "transpose16.h"
-#include "vec16.h"
 
 namespace fusedrnn {
 namespace cpu {
 namespace {
 
 using at::Tensor;
-using simd::Vec16;
 
-constexpr int kGateNV = 1;  // vectors per gate in a forward panel: 16 units
+constexpr int kGateNV = 1;  // vectors per gate in a forward panel: V::kLanes units
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline __mmask16 lanes(int64_t n) {
-  return n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-}
-
-// 16 values of storage type S to float32 and back (bfloat16: round to nearest
+// A vector of storage type S to float32 and back (bfloat16: round to nearest
 // even, NaN kept, as c10::BFloat16). The bfloat16 branch is instantiated only
-// in the unit compiled with AVX512-BF16.
-template <typename S>
-inline Vec16 load16(const S* p, __mmask16 m) {
+// in the unit compiled with AVX512-BF16, with V = Vec16.
+template <typename V, typename S>
+inline V load_v(const S* p, typename V::Mask m) {
   if constexpr (std::is_same_v<S, float>) {
-    return Vec16::load(p, m);
+    return V::load(p, m);
   } else {
     const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
   }
 }
 
-template <typename S>
-inline void store16(S* p, Vec16 v, __mmask16 m) {
+template <typename V, typename S>
+inline void store_v(S* p, V v, typename V::Mask m) {
   if constexpr (std::is_same_v<S, float>) {
     v.store(p, m);
   } else {
@@ -122,24 +116,26 @@ void run_steps(int64_t steps, int64_t P, const Body& body) {
   }
 }
 
-// Forward panels of w [G*H, K], 16 hidden units with all their gates each, k
-// in groups of KP (1, or 2 for the bfloat16 pairs; K a multiple of KP):
-//   packed[p][k / KP][g * 16 + j][k % KP] = w[g * H + 16 p + j][k]
-template <typename S, int KP>
+// Forward panels of w [G*H, K], L = V::kLanes hidden units with all their
+// gates each, k in groups of KP (1, or 2 for the bfloat16 pairs; K a multiple
+// of KP):
+//   packed[p][k / KP][g * L + j][k % KP] = w[g * H + L p + j][k]
+template <typename V, typename S, int KP>
 Tensor pack_gate_panels(const Tensor& w, int64_t G) {
+  constexpr int64_t kLanes = V::kLanes;
   const int64_t H = w.size(0) / G, K = w.size(1), P = ceil_div(H, kLanes);
   const int64_t width = G * kGateNV * kLanes;
   const S* src = w.data_ptr<S>();
-  if constexpr (std::is_same_v<S, float> && KP == 1) {
-    // Each gate's 16 units of a panel are 16 consecutive rows of w.
+  if constexpr (std::is_same_v<S, float> && KP == 1 && kLanes == 16) {
+    // Each gate's 16 units of a panel are 16 consecutive rows of w (AVX-512).
     Tensor packed = at::empty({P, K, width}, w.options());
     float* dst = packed.data_ptr<float>();
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int rows = static_cast<int>(std::min<int64_t>(kLanes, H - p * kLanes));
         for (int64_t g = 0; g < G; ++g) {
-          pack_rows_into_panel(src + (g * H + p * kLanes) * K, K, rows, dst + p * K * width,
-                               width, g * kLanes);
+          pack_rows_into_panel<kLanes>(src + (g * H + p * kLanes) * K, K, rows,
+                                       dst + p * K * width, width, g * kLanes);
         }
       }
     });
@@ -164,8 +160,8 @@ Tensor pack_gate_panels(const Tensor& w, int64_t G) {
 // ------------------------------------------------------------------ forward epilogues
 // Each gets rec: a float32 tile of recurrent terms, rows m0..m0+mr, row
 // stride ldr, and the panel index p; it indexes step-local buffers [B, ...]
-// and runs the gate math of gates.h on 16 hidden units at a time.
-template <typename S>
+// and runs the gate math of gates.h on V::kLanes hidden units at a time.
+template <typename V, typename S>
 struct LstmForwardEpi {
   int64_t H;
   const S *x, *bias;  // [B, 4H], [4H]
@@ -174,78 +170,78 @@ struct LstmForwardEpi {
   S* gates;           // [B, 4H] or null
   float* cells;       // [B, H] or null
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
-    const int64_t u0 = p * kLanes;
+    const int64_t u0 = p * V::kLanes;
     for (int64_t b = m0; b < m0 + mr; ++b) {
       for (int g = 0; g < 4; ++g) prefetch_read(x + b * 4 * H + g * H + u0);
     }
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    constexpr int64_t kLanes = V::kLanes;
     const int64_t u0 = p * kLanes;
-    const __mmask16 m = lanes(H - u0);
+    const auto m = V::mask(H - u0);
     const S* bb = bias + u0;
-    const Vec16 bi = load16(bb, m), bf = load16(bb + H, m),
-                bg = load16(bb + 2 * H, m), bo = load16(bb + 3 * H, m);
+    const V bi = load_v<V>(bb, m), bf = load_v<V>(bb + H, m), bg = load_v<V>(bb + 2 * H, m),
+            bo = load_v<V>(bb + 3 * H, m);
     for (int r = 0; r < mr; ++r) {
       const int64_t b = m0 + r;
       const float* t = rec + r * ldr;
       const S* xb = x + b * 4 * H + u0;
       float* cb = c + b * H + u0;
-      Vec16 i, f, g, o, c_new, h_new;
-      lstm_forward_point<Vec16>(
-          load16(t, m) + load16(xb, m) + bi,
-          load16(t + kLanes, m) + load16(xb + H, m) + bf,
-          load16(t + 2 * kLanes, m) + load16(xb + 2 * H, m) + bg,
-          load16(t + 3 * kLanes, m) + load16(xb + 3 * H, m) + bo,
-          load16(cb, m), i, f, g, o, c_new, h_new);
-      store16(cb, c_new, m);
-      store16(h + b * H + u0, h_new, m);
+      V i, f, g, o, c_new, h_new;
+      lstm_forward_point<V>(
+          load_v<V>(t, m) + load_v<V>(xb, m) + bi,
+          load_v<V>(t + kLanes, m) + load_v<V>(xb + H, m) + bf,
+          load_v<V>(t + 2 * kLanes, m) + load_v<V>(xb + 2 * H, m) + bg,
+          load_v<V>(t + 3 * kLanes, m) + load_v<V>(xb + 3 * H, m) + bo,
+          load_v<V>(cb, m), i, f, g, o, c_new, h_new);
+      store_v<V>(cb, c_new, m);
+      store_v<V>(h + b * H + u0, h_new, m);
       if (gates) {
         S* gb = gates + b * 4 * H + u0;
-        store16(gb, i, m);
-        store16(gb + H, f, m);
-        store16(gb + 2 * H, g, m);
-        store16(gb + 3 * H, o, m);
-        store16(cells + b * H + u0, c_new, m);
+        store_v<V>(gb, i, m);
+        store_v<V>(gb + H, f, m);
+        store_v<V>(gb + 2 * H, g, m);
+        store_v<V>(gb + 3 * H, o, m);
+        store_v<V>(cells + b * H + u0, c_new, m);
       }
     }
   }
 };
 
-template <typename S>
+template <typename V, typename S>
 struct GruForwardEpi {
   int64_t H;
   const S *x, *bias, *h_prev;  // [B, 3H], [3H], [B, H]
   S* h;                        // [B, H] h_t
   S* gates;                    // [B, 4H] or null
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
-    const int64_t u0 = p * kLanes;
+    const int64_t u0 = p * V::kLanes;
     for (int64_t b = m0; b < m0 + mr; ++b) {
       for (int g = 0; g < 3; ++g) prefetch_read(x + b * 3 * H + g * H + u0);
     }
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    constexpr int64_t kLanes = V::kLanes;
     const int64_t u0 = p * kLanes;
-    const __mmask16 m = lanes(H - u0);
+    const auto m = V::mask(H - u0);
     const S* bb = bias + u0;
-    const Vec16 br = load16(bb, m), bz = load16(bb + H, m),
-                bn = load16(bb + 2 * H, m);
+    const V br = load_v<V>(bb, m), bz = load_v<V>(bb + H, m), bn = load_v<V>(bb + 2 * H, m);
     for (int r = 0; r < mr; ++r) {
       const int64_t b = m0 + r;
       const float* t = rec + r * ldr;
       const S* xb = x + b * 3 * H + u0;
-      const Vec16 hn = load16(t + 2 * kLanes, m) + bn;
-      Vec16 rr, z, nn, h_new;
-      gru_forward_point<Vec16>(load16(xb, m), load16(xb + H, m),
-                               load16(xb + 2 * H, m), load16(t, m) + br,
-                               load16(t + kLanes, m) + bz, hn,
-                               load16(h_prev + b * H + u0, m), rr, z, nn, h_new);
-      store16(h + b * H + u0, h_new, m);
+      const V hn = load_v<V>(t + 2 * kLanes, m) + bn;
+      V rr, z, nn, h_new;
+      gru_forward_point<V>(load_v<V>(xb, m), load_v<V>(xb + H, m), load_v<V>(xb + 2 * H, m),
+                           load_v<V>(t, m) + br, load_v<V>(t + kLanes, m) + bz, hn,
+                           load_v<V>(h_prev + b * H + u0, m), rr, z, nn, h_new);
+      store_v<V>(h + b * H + u0, h_new, m);
       if (gates) {
         S* gb = gates + b * kGruSaved * H + u0;
-        store16(gb, rr, m);
-        store16(gb + H, z, m);
-        store16(gb + 2 * H, nn, m);
-        store16(gb + 3 * H, hn, m);
+        store_v<V>(gb, rr, m);
+        store_v<V>(gb + H, z, m);
+        store_v<V>(gb + 2 * H, nn, m);
+        store_v<V>(gb + 3 * H, hn, m);
       }
     }
   }
@@ -258,32 +254,36 @@ struct Steps {
 };
 
 
-// The forward drivers' Gemm for storage type S: panels packed with k in groups
-// of KP (pack_gate_panels), the tile product of Mma (avx512_gemm.h's
-// MmaF32, fused_bf16.cpp's MmaBf16) through run_panels.
-template <typename S_, typename Mma, int KP>
+// The forward drivers' Gemm for vector type V and storage type S: panels
+// packed with k in groups of KP (pack_gate_panels), the tile product of Mma
+// (panel_gemm.h's MmaF32, fused_avx512_bf16.cpp's MmaBf16) through run_panels.
+template <typename V_, typename S_, typename Mma, int KP>
 struct PanelGemm {
+  using V = V_;
   using S = S_;
   using Packed = typename Mma::Packed;
-  static Tensor pack_gates(const Tensor& w, int64_t G) { return pack_gate_panels<S, KP>(w, G); }
+  static Tensor pack_gates(const Tensor& w, int64_t G) {
+    return pack_gate_panels<V, S, KP>(w, G);
+  }
   template <int NV, typename Epi>
   static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const S* a, int64_t lda,
                   const Packed* packed, const Epi& epi) {
-    run_panels<NV, Mma>(p0, p1, M, K, a, lda, 1, packed, epi);
+    run_panels<V, NV, Mma>(p0, p1, M, K, a, lda, 1, packed, epi);
   }
 };
 
 // ------------------------------------------------------------------ forward drivers
-// Gemm: the tile product for one storage type: Gemm::S; Gemm::Packed, the
-// element type of its packed weights; Gemm::pack_gates(w [G*H, H], G) the
-// forward panels; Gemm::run<NV>(p0, p1, M, K, a, lda, packed, epi) runs
-// panels [p0, p1) over rows a [M, K] (row stride lda), handing each float32
-// tile to epi. Same contracts as lstm_forward_impl / gru_forward_impl in
+// Gemm: the tile product for one vector and storage type: Gemm::V, Gemm::S;
+// Gemm::Packed, the element type of its packed weights; Gemm::pack_gates(w
+// [G*H, H], G) the forward panels; Gemm::run<NV>(p0, p1, M, K, a, lda, packed,
+// epi) runs panels [p0, p1) over rows a [M, K] (row stride lda), handing each
+// float32 tile to epi. Same contracts as lstm_forward_impl / gru_forward_impl in
 // recurrence.h, for padded x_proj [T, B, G*H]; arguments already checked.
 template <typename Gemm>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_steps(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& b_hh, bool reverse, bool train) {
+  using V = typename Gemm::V;
   using S = typename Gemm::S;
   const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
   const Steps st{T, reverse};
@@ -299,10 +299,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_steps(
   float* cp = c.data_ptr<float>();
   S* gp = train ? gates.data_ptr<S>() : nullptr;
   float* clp = train ? cells.data_ptr<float>() : nullptr;
-  run_steps(T, ceil_div(H, kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
+  run_steps(T, ceil_div(H, V::kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
     const int64_t t = st.time_at(s);
     const S* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
-    const LstmForwardEpi<S> epi{H, xp + t * B * 4 * H, bp, cp, o + t * B * H,
+    const LstmForwardEpi<V, S> epi{H, xp + t * B * 4 * H, bp, cp, o + t * B * H,
                              gp ? gp + t * B * 4 * H : nullptr, clp ? clp + t * B * H : nullptr};
     Gemm::template run<kLstmGates * kGateNV>(p0, p1, B, H, a, H, wp, epi);
   });
@@ -314,6 +314,7 @@ template <typename Gemm>
 std::tuple<Tensor, Tensor, Tensor> gru_forward_steps(const Tensor& x_proj, const Tensor& h0,
                                                      const Tensor& w_hh, const Tensor& b_hh,
                                                      bool reverse, bool train) {
+  using V = typename Gemm::V;
   using S = typename Gemm::S;
   const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
   const Steps st{T, reverse};
@@ -325,10 +326,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_steps(const Tensor& x_proj, const
   const S *xp = x.data_ptr<S>(), *bp = bias.data_ptr<S>(), *h0p = h0c.data_ptr<S>();
   const auto* wp = packed.data_ptr<typename Gemm::Packed>();
   S* gp = train ? gates.data_ptr<S>() : nullptr;
-  run_steps(T, ceil_div(H, kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
+  run_steps(T, ceil_div(H, V::kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
     const int64_t t = st.time_at(s);
     const S* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
-    const GruForwardEpi<S> epi{H, xp + t * B * 3 * H, bp, a, o + t * B * H,
+    const GruForwardEpi<V, S> epi{H, xp + t * B * 3 * H, bp, a, o + t * B * H,
                             gp ? gp + t * B * kGruSaved * H : nullptr};
     Gemm::template run<kGruGates * kGateNV>(p0, p1, B, H, a, H, wp, epi);
   });

@@ -1,24 +1,44 @@
-// Vec16: 16 floats in one AVX-512 register, with just the operators and the
-// exp_/tanh_ that gates.h uses, so the gate math runs on whole vectors.
+// Vec16: 16 floats in one AVX-512 register: the operators and the exp_/tanh_
+// that gates.h uses, so the gate math runs on whole vectors, and the register
+// operations of the GEMM (panel_gemm.h). vec8.h has the same for AVX2.
 //
-// Only for code compiled for AVX-512 (see fused_cpu.cpp, which includes this
-// under `#pragma GCC target`). exp_ and tanh_ use the same Cephes reductions
-// and polynomials as the scalar host versions in gates.h.
+// Only for code compiled for AVX-512 (see Note [ISA translation units] in
+// fused_f32.h). exp_ and tanh_ use the same Cephes reductions and polynomials
+// as the scalar host versions in gates.h.
 #pragma once
 
 #include <immintrin.h>
+
+#include <cstdint>
 
 namespace fusedrnn {
 namespace cpu {
 namespace simd {
 
 struct Vec16 {
+  using Reg = __m512;
+  using Mask = __mmask16;  // the first n lanes of a tail
+  static constexpr int kLanes = 16;
+  static constexpr int kRegs = 32;  // zmm registers
+  // Column panels (backward, linear): 4 vectors, 64 columns.
+  static constexpr int kColumnNV = 4;
+  // Rows of a GEMM tile of nv vectors a row: at most 24 accumulators.
+  static constexpr int rows_per_tile(int nv) { return nv >= 4 ? 6 : 8; }
+
   __m512 v;
   Vec16() = default;
   Vec16(__m512 x) : v(x) {}  // NOLINT: implicit on purpose
   Vec16(float x) : v(_mm512_set1_ps(x)) {}  // NOLINT
-  static Vec16 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-  void store(float* p, __mmask16 m) const { _mm512_mask_storeu_ps(p, m, v); }
+  static Mask mask(int64_t n) { return n >= kLanes ? Mask(0xFFFF) : Mask((1u << n) - 1); }
+  static Vec16 load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
+
+  // The GEMM's registers.
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void storeu(float* p, Reg r) { _mm512_storeu_ps(p, r); }
+  static Reg set1(float x) { return _mm512_set1_ps(x); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
 };
 
 inline Vec16 operator+(Vec16 a, Vec16 b) { return _mm512_add_ps(a.v, b.v); }

@@ -1,5 +1,6 @@
-// The weight gradients of the fused float32 CPU path (AVX-512):
-// dW = dY^T X summed over all steps, and db = the column sums of dY.
+// The weight gradients of the fused float32 path, for one instruction set's
+// vector type V (included by fused_f32.h): dW = dY^T X summed over all
+// steps, and db = the column sums of dY.
 //
 // Note [weight-gradient GEMM]
 // dW [M, N] = sum_k dY[k, m] X[k, n] over K = T*B rows (thousands), M = G*H,
@@ -9,39 +10,42 @@
 // (a row of 2^n floats apart), and MKL's SGEMM on this shape runs at about
 // 40% of the FMA peak on the AMD CPUs we measure (benchmarks/NOTES.md, "CPU
 // weight gradients"). So the loop is GotoBLAS's: X is packed once into
-// panels of 64 columns ([K][64], as the backward's W panels); each thread
-// owns a range of dY's columns and, per block of kBlockK rows and kBlockM
-// columns, packs that block into tiles of MR columns ([k][MR]), reading each
-// row of dY once, contiguously; mma_tile then runs every tile of the block
-// against every panel, the panel's kBlockK rows (32 KiB) staying in L1 across
-// the block's tiles. The column sums db are taken during the same pack, in
-// double. The sums run over k in the same order whatever the thread count,
-// so the results do not depend on it.
-//
-// Compiled for AVX-512, like fused_cpu.cpp (Note [AVX-512 translation unit]).
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+// panels as wide as the backward's ([K][kW]: 64 columns on AVX-512, 16 on
+// AVX2); each thread owns a range of dY's columns and, per block of kBlockK
+// rows and 192 columns, packs that block into tiles of MR columns ([k][MR]),
+// reading each row of dY once, contiguously (and 4 rows ahead, prefetched);
+// mma_tile then runs every tile of the block against every panel, the
+// panel's kBlockK rows (32 KiB) staying in L1 across the block's tiles. The
+// column sums db are taken during the same pack, in double. The sums run over
+// k in the same order whatever the thread count, so the results do not
+// depend on it.
+#pragma once
 
-#include "weight_grad.h"
-
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
-#include "avx512_gemm.h"
-#include "step_buffers.h"
+#include "../cpu/step_buffers.h"
+#include "fused.h"
+#include "fused_loop.h"
+#include "panel_gemm.h"
 
 namespace fusedrnn {
 namespace cpu {
 namespace {
 
-constexpr int kNV = 4;                     // vectors per panel: 64 columns of X
-constexpr int64_t kW = kNV * kLanes;       // panel width
-constexpr int kMR = rows_per_tile<kNV>();  // columns of dY per tile: 6
-constexpr int64_t kBlockK = 128;           // rows per block: a panel slice of 32 KiB
-constexpr int64_t kBlockTiles = 32;        // tiles per block: 192 columns of dY
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The tile of V's backward panels: AVX-512 6 x 64, AVX2 6 x 16.
+template <typename V>
+struct WeightGradTile {
+  static constexpr int kNV = V::kColumnNV;             // vectors per panel of X
+  static constexpr int64_t kW = kNV * V::kLanes;       // panel width
+  static constexpr int kMR = V::rows_per_tile(kNV);    // columns of dY per tile
+  static constexpr int64_t kBlockK = 32 * 1024 / (kW * 4);  // a 32 KiB panel slice
+  static constexpr int64_t kBlockTiles = 192 / kMR;    // 192 columns of dY per block
+};
 
 // Row k of the concatenated segments: which segment, and the row within it.
 struct RowIndex {
@@ -57,7 +61,8 @@ struct RowIndex {
   }
 };
 
-// packed[q][k][c] = X[k][64 q + c], 0 beyond N.
+// packed[q][k][c] = X[k][kW q + c], 0 beyond N.
+template <int64_t kW>
 at::Tensor pack_x(const RowIndex& rows, int64_t K, int64_t N, const at::TensorOptions& options) {
   const int64_t Q = ceil_div(N, kW);
   at::Tensor packed = empty_for_steps({Q * K * kW}, options);
@@ -76,11 +81,15 @@ at::Tensor pack_x(const RowIndex& rows, int64_t K, int64_t N, const at::TensorOp
   return packed;
 }
 
-}  // namespace
-
-std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRows>& segs,
-                                                    int64_t M, int64_t N, bool want_db,
-                                                    const at::TensorOptions& options) {
+// dW [M, N] = sum over the segments' rows of dY^T X, and db [M] (want_db;
+// else [0]) = the column sums of dY.
+template <typename V>
+std::pair<at::Tensor, at::Tensor> weight_grad_f32(const std::vector<GradRows>& segs, int64_t M,
+                                                  int64_t N, bool want_db,
+                                                  const at::TensorOptions& options) {
+  using Tile = WeightGradTile<V>;
+  constexpr int kNV = Tile::kNV, kMR = Tile::kMR;
+  constexpr int64_t kW = Tile::kW, kBlockK = Tile::kBlockK, kBlockTiles = Tile::kBlockTiles;
   int64_t K = 0;
   for (const GradRows& s : segs) K += s.rows;
   at::Tensor dw = at::empty({M, N}, options);
@@ -91,7 +100,7 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRows>&
     return {dw, db};
   }
   const RowIndex rows{segs};
-  const at::Tensor xp = pack_x(rows, K, N, options);
+  const at::Tensor xp = pack_x<kW>(rows, K, N, options);
   const int64_t Q = ceil_div(N, kW), tiles = ceil_div(M, kMR);
   float* db_out = want_db ? db.data_ptr<float>() : nullptr;
   const int64_t grain = ceil_div(tiles, at::get_num_threads());
@@ -124,7 +133,7 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRows>&
           const float* panel = xp.data_ptr<float>() + (q * K + k0) * kW;
           for (int64_t i = 0; i < nt; ++i) {
             float* tile = acc.data() + (i * Q + q) * kMR * kW;
-            mma_tile<kMR, kNV>(ap.data() + i * kc * kMR, 1, kMR, panel, kc, tile, k0 > 0);
+            mma_tile<V, kMR, kNV>(ap.data() + i * kc * kMR, 1, kMR, panel, kc, tile, k0 > 0);
           }
         }
       }
@@ -147,5 +156,6 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRows>&
   return {dw, db};
 }
 
+}  // namespace
 }  // namespace cpu
 }  // namespace fusedrnn

@@ -1,33 +1,45 @@
-// The fused float32 CPU path: per time step, one parallel pass over panels of
-// hidden units; each tile of gate pre-activations comes out of the AVX-512
-// GEMM (avx512_gemm.h) and goes through gates.h while still in L1.
+// The fused float32 CPU path, written once for the vector types of vec16.h
+// (AVX-512) and vec8.h (AVX2): per time step, one parallel pass over panels of
+// hidden units; each tile of gate pre-activations comes out of the GEMM
+// (panel_gemm.h) and goes through gates.h while still in L1.
 //
-// Forward, LSTM (GRU alike with 3 gates, 8 rows per tile):
+// Forward, LSTM (GRU alike with 3 gates), L = lanes (AVX-512 16, AVX2 8):
 //
-//   packed W_hh panel p: [K = H][i 16 | f 16 | g 16 | o 16]  (units 16p..16p+15)
-//   tile (6 rows x 64)  = h_{t-1}[rows] @ panel  -> + x_proj + b_hh -> c_t, h_t
+//   packed W_hh panel p: [K = H][i L | f L | g L | o L]  (units Lp..Lp+L-1)
+//   tile (MR rows x 4L)  = h_{t-1}[rows] @ panel  -> + x_proj + b_hh -> c_t, h_t
+//
+//   AVX-512: MR = 6 (LSTM), 8 (GRU); AVX2: MR = 3 (LSTM), 4 (GRU)
 //
 // Backward fuses the other way round: the tile of dh_{t-1} = dG_t @ W_hh
-// (64 units per panel) goes straight into the pointwise backward of step t-1.
-// Panels are split into one contiguous range per thread, so each thread keeps
-// re-reading the same part of the weights from its own L2.
+// (kColumnNV * L units per panel: AVX-512 64, AVX2 16, 6 rows a tile) goes
+// straight into the pointwise backward of step t-1. Panels are split into one
+// contiguous range per thread, so each thread keeps re-reading the same part
+// of the weights from its own L2.
 //
-// Note [AVX-512 translation unit]
-// This whole file is compiled for AVX-512 (the pragma below, before any
-// include) and is entered only after has_avx512() said yes (rnn_cpu.cpp).
-// Inline functions it shares with other files (ATen's, gates.h's) also get an
-// AVX-512 copy here; setup.py links this object last, so the linker keeps the
-// generic copies from the files before it.
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
-
-#include "fused_cpu.h"
+// Note [ISA translation units]
+// Each instruction set has a translation unit that includes this file after
+// `#pragma GCC target(...)` and its vector header, before any other include:
+// fused_avx512.cpp, fused_avx2.cpp (fused_avx512_bf16.cpp for the bfloat16
+// forward). Everything here has internal linkage, so each unit has its own
+// copy of the algorithm compiled for its instruction set, and the unit is
+// entered only through its table of fused.h, after rnn_cpu.cpp has checked
+// the CPU. The table is constant-initialised: loading the library runs no code
+// compiled for an instruction set the CPU may lack.
+// Inline functions a unit shares with other files (ATen's, the standard
+// library's) also get a copy compiled for its instruction set, and the linker
+// keeps the first copy it meets. setuptools links the objects in the sorted
+// order of their sources, so the files of csrc/x86/ come after every generic
+// one, and among themselves in increasing order of instruction set (avx2,
+// avx512, avx512_bf16); setup.py checks this. A copy shared with a generic
+// file is then the generic one, and one shared by two units the narrower one.
+#pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 
-#include "../checks.h"
+#include "fused.h"
 #include "fused_loop.h"
 #include "weight_grad.h"
 
@@ -35,11 +47,15 @@ namespace fusedrnn {
 namespace cpu {
 namespace {
 
-constexpr int kUnitsNV = 4;  // vectors per backward panel: 64 units
-constexpr int kUnitsPerPanel = kUnitsNV * kLanes;
+// Columns of a backward (and linear) panel: V::kColumnNV vectors.
+template <typename V>
+constexpr int64_t kColumnPanel = V::kColumnNV * V::kLanes;
 
-// Backward panels of b [K, N]: packed[q][k][c] = b[k][64 q + c] (0 beyond N).
+// Backward panels of b [K, N], U = kColumnPanel<V> columns each:
+//   packed[q][k][c] = b[k][U q + c]     (0 beyond N)
+template <typename V>
 Tensor pack_column_panels(const Tensor& b) {
+  constexpr int64_t kUnitsPerPanel = kColumnPanel<V>;
   const int64_t K = b.size(0), N = b.size(1), Q = ceil_div(N, kUnitsPerPanel);
   Tensor packed = empty_for_steps({Q, K, kUnitsPerPanel}, b.options());
   const float* src = b.data_ptr<float>();
@@ -57,21 +73,35 @@ Tensor pack_column_panels(const Tensor& b) {
   return packed;
 }
 
-// Panels of w [N, K] read as B = w^T: packed[p][k][c] = w[64 p + c][k].
+// Panels of w [N, K] read as B = w^T: packed[p][k][c] = w[U p + c][k].
+template <typename V>
 Tensor pack_transposed_panels(const Tensor& w) {
+  constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
   const int64_t N = w.size(0), K = w.size(1), P = ceil_div(N, kUnitsPerPanel);
-  Tensor packed = at::empty({P, K, kUnitsPerPanel}, w.options());  // weights: small
   const float* src = w.data_ptr<float>();
+  if constexpr (kLanes == 16) {  // AVX-512: 16 x 16 transposes (transpose16.h)
+    Tensor packed = at::empty({P, K, kUnitsPerPanel}, w.options());  // weights: small
+    float* dst = packed.data_ptr<float>();
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t c0 = 0; c0 < kUnitsPerPanel; c0 += kLanes) {
+          const int64_t row = p * kUnitsPerPanel + c0;
+          const int rows = static_cast<int>(std::clamp<int64_t>(N - row, 0, kLanes));
+          pack_rows_into_panel<kLanes>(src + std::min(row, N) * K, K, rows,
+                                       dst + p * K * kUnitsPerPanel, kUnitsPerPanel, c0);
+        }
+      }
+    });
+    return packed;
+  }
+  Tensor packed = at::zeros({P, K, kUnitsPerPanel}, w.options());
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t c0 = 0; c0 < kUnitsPerPanel; c0 += kLanes) {
-        const int64_t row = p * kUnitsPerPanel + c0;
-        const int rows = static_cast<int>(std::clamp<int64_t>(N - row, 0, kLanes));
-        pack_rows_into_panel(src + std::min(row, N) * K, K, rows, dst + p * K * kUnitsPerPanel,
-                             kUnitsPerPanel, c0);
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < kUnitsPerPanel && p * kUnitsPerPanel + c < N; ++c) {
+        const float* row = src + (p * kUnitsPerPanel + c) * K;
+        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * kUnitsPerPanel + c] = row[k];
       }
-    }
   });
   return packed;
 }
@@ -83,11 +113,13 @@ void epilogue_only(int64_t p0, int64_t p1, int64_t M, const float* rec,
   for (int64_t p = p0; p < p1; ++p) epi(rec ? rec + p * units_per_panel : nullptr, ldr, 0, M, p);
 }
 
+template <typename V>
 struct LstmBackwardEpi {
   int64_t H;
   const float *grad_out, *gates, *cells, *c_prev;  // [B, H], [B, 4H], [B, H], [B, H]
   float *dc, *dgates;                              // [B, H] in/out, [B, 4H]
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
+    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t u0 = p * kUnitsPerPanel, n = std::min<int64_t>(kUnitsPerPanel, H - u0);
     for (int64_t b = m0; b < m0 + mr; ++b) {
       for (int64_t j = 0; j < n; j += kLanes) {
@@ -100,20 +132,21 @@ struct LstmBackwardEpi {
     }
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t u0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
       const int64_t b = m0 + r;
       for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
-        const __mmask16 m = lanes(H - u0 - j);
+        const auto m = V::mask(H - u0 - j);
         const int64_t u = u0 + j;
         const float* gs = gates + b * 4 * H + u;
-        Vec16 di, df, dgg, d_o, dcp;
-        lstm_backward_point<Vec16>(
-            Vec16::load(gs, m), Vec16::load(gs + H, m), Vec16::load(gs + 2 * H, m),
-            Vec16::load(gs + 3 * H, m), Vec16::load(cells + b * H + u, m),
-            Vec16::load(c_prev + b * H + u, m),
-            Vec16::load(grad_out + b * H + u, m) + Vec16::load(rec + r * ldr + j, m),
-            Vec16::load(dc + b * H + u, m), di, df, dgg, d_o, dcp);
+        V di, df, dgg, d_o, dcp;
+        lstm_backward_point<V>(
+            V::load(gs, m), V::load(gs + H, m), V::load(gs + 2 * H, m),
+            V::load(gs + 3 * H, m), V::load(cells + b * H + u, m),
+            V::load(c_prev + b * H + u, m),
+            V::load(grad_out + b * H + u, m) + V::load(rec + r * ldr + j, m),
+            V::load(dc + b * H + u, m), di, df, dgg, d_o, dcp);
         float* dg = dgates + b * 4 * H + u;
         di.store(dg, m);
         df.store(dg + H, m);
@@ -125,12 +158,14 @@ struct LstmBackwardEpi {
   }
 };
 
+template <typename V>
 struct GruBackwardEpi {
   int64_t H;
   const float *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
   float* dh;                               // [B, H] dh * z of the step after, then of this one
   float *dx, *dhh;                         // [B, 3H] each
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
+    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t u0 = p * kUnitsPerPanel, n = std::min<int64_t>(kUnitsPerPanel, H - u0);
     for (int64_t b = m0; b < m0 + mr; ++b) {
       for (int64_t j = 0; j < n; j += kLanes) {
@@ -142,19 +177,20 @@ struct GruBackwardEpi {
     }
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t u0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
       const int64_t b = m0 + r;
       for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
-        const __mmask16 m = lanes(H - u0 - j);
+        const auto m = V::mask(H - u0 - j);
         const int64_t u = u0 + j;
         const float* gs = gates + b * kGruSaved * H + u;
-        Vec16 d = Vec16::load(grad_out + b * H + u, m) + Vec16::load(dh + b * H + u, m);
-        if (rec) d = d + Vec16::load(rec + r * ldr + j, m);
-        Vec16 dr, dz, dn, dhn, dh_direct;
-        gru_backward_point<Vec16>(Vec16::load(gs, m), Vec16::load(gs + H, m),
-                                  Vec16::load(gs + 2 * H, m), Vec16::load(gs + 3 * H, m),
-                                  Vec16::load(h_prev + b * H + u, m), d, dr, dz, dn, dhn,
+        V d = V::load(grad_out + b * H + u, m) + V::load(dh + b * H + u, m);
+        if (rec) d = d + V::load(rec + r * ldr + j, m);
+        V dr, dz, dn, dhn, dh_direct;
+        gru_backward_point<V>(V::load(gs, m), V::load(gs + H, m),
+                                  V::load(gs + 2 * H, m), V::load(gs + 3 * H, m),
+                                  V::load(h_prev + b * H + u, m), d, dr, dz, dn, dhn,
                                   dh_direct);
         float* dxb = dx + b * 3 * H + u;
         float* dhhb = dhh + b * 3 * H + u;
@@ -171,19 +207,21 @@ struct GruBackwardEpi {
 };
 
 // dst = rec (+ add): the gradient for the initial hidden state.
+template <typename V>
 struct StoreEpi {
   int64_t H;
   const float* add;  // [B, H] or null
   float* dst;        // [B, H]
   void prefetch(int64_t, int, int64_t) const {}
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t u0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
       const int64_t b = m0 + r;
       for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
-        const __mmask16 m = lanes(H - u0 - j);
-        Vec16 v = Vec16::load(rec + r * ldr + j, m);
-        if (add) v = v + Vec16::load(add + b * H + u0 + j, m);
+        const auto m = V::mask(H - u0 - j);
+        V v = V::load(rec + r * ldr + j, m);
+        if (add) v = v + V::load(add + b * H + u0 + j, m);
         v.store(dst + b * H + u0 + j, m);
       }
     }
@@ -191,18 +229,20 @@ struct StoreEpi {
 };
 
 // y[m][64 p + c] = tile (+ bias): a plain GEMM output.
+template <typename V>
 struct StoreRowsEpi {
   int64_t N;
   const float* bias;  // [N] or null
   float* y;           // [M, N]
   void prefetch(int64_t, int, int64_t) const {}
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t n0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
       for (int64_t j = 0; j < kUnitsPerPanel && n0 + j < N; j += kLanes) {
-        const __mmask16 m = lanes(N - n0 - j);
-        Vec16 v = Vec16::load(rec + r * ldr + j, m);
-        if (bias) v = v + Vec16::load(bias + n0 + j, m);
+        const auto m = V::mask(N - n0 - j);
+        V v = V::load(rec + r * ldr + j, m);
+        if (bias) v = v + V::load(bias + n0 + j, m);
         v.store(y + (m0 + r) * N + n0 + j, m);
       }
     }
@@ -213,62 +253,66 @@ struct StoreRowsEpi {
 // thread runs its panels over it.
 constexpr int64_t kRowBlock = 192;
 
-// y [M, N] = a [M, K] @ B with B packed (packed_panels layout, 64 wide).
+// y [M, N] = a [M, K] @ B with B packed (pack_column_panels' layout).
+template <typename V>
 void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, const Tensor& packed,
                const float* bias, float* y) {
-  const int64_t P = ceil_div(N, kUnitsPerPanel);
+  const int64_t P = ceil_div(N, kColumnPanel<V>);
   const int64_t grain = ceil_div(P, at::get_num_threads());
   const float* bp = packed.data_ptr<float>();
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t mc = 0; mc < M; mc += kRowBlock) {
-      const StoreRowsEpi epi{N, bias, y + mc * N};
-      run_panels<kUnitsNV>(p0, p1, std::min(kRowBlock, M - mc), K, a + mc * K, K, 1, bp, epi);
+      const StoreRowsEpi<V> epi{N, bias, y + mc * N};
+      run_panels<V, V::kColumnNV>(p0, p1, std::min(kRowBlock, M - mc), K, a + mc * K, K, 1, bp,
+                                  epi);
     }
   });
 }
 
-using F32Gemm = PanelGemm<float, MmaF32, 1>;
+template <typename V>
+using F32Gemm = PanelGemm<V, float, MmaF32<V>, 1>;
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused(
+template <typename V>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_f32(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& b_hh, bool reverse, bool train) {
-  return lstm_forward_steps<F32Gemm>(x_proj, h0, c0, w_hh, b_hh, reverse, train);
+  return lstm_forward_steps<F32Gemm<V>>(x_proj, h0, c0, w_hh, b_hh, reverse, train);
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const Tensor& h0,
-                                                     const Tensor& w_hh, const Tensor& b_hh,
-                                                     bool reverse, bool train) {
-  return gru_forward_steps<F32Gemm>(x_proj, h0, w_hh, b_hh, reverse, train);
+template <typename V>
+std::tuple<Tensor, Tensor, Tensor> gru_forward_f32(const Tensor& x_proj, const Tensor& h0,
+                                                   const Tensor& w_hh, const Tensor& b_hh,
+                                                   bool reverse, bool train) {
+  return gru_forward_steps<F32Gemm<V>>(x_proj, h0, w_hh, b_hh, reverse, train);
 }
 
 // (dW_hh, db_hh) from the steps' dG: dW_hh = sum over steps of dG_t^T h_{t-1},
-// one GEMM (weight_grad.cpp) reading h_{t-1} in place: the output rows of
-// the T-1 steps before, and h0 for the first step.
+// one GEMM (weight_grad.h) reading h_{t-1} in place: the output rows of the
+// T-1 steps before, and h0 for the first step.
 // dg: [T*B, G], out: [T, B, H], h0: [B, H] -> [G, H], and [G] or [0].
-static std::pair<Tensor, Tensor> recurrent_weight_grads(const Tensor& dg, const Tensor& out,
-                                                        const Tensor& h0, bool reverse,
-                                                        bool has_bias) {
+template <typename V>
+std::pair<Tensor, Tensor> recurrent_weight_grads(const Tensor& dg, const Tensor& out,
+                                                 const Tensor& h0, bool reverse, bool has_bias) {
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2), G = dg.size(1);
   const int64_t BT = B * (T - 1);
   const float *d = dg.data_ptr<float>(), *o = out.data_ptr<float>();
   // Forward: step t reads out[t-1], step 0 reads h0. Reverse: t reads out[t+1], T-1 reads h0.
   std::vector<GradRows> segs{{d + (reverse ? BT : 0) * G, h0.data_ptr<float>(), B}};
   if (T > 1) segs.push_back({d + (reverse ? 0 : B) * G, o + (reverse ? B : 0) * H, BT});
-  return weight_grad_fused(segs, G, H, has_bias, dg.options());
+  return weight_grad_f32<V>(segs, G, H, has_bias, dg.options());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
+template <typename V>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_f32(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
     const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias) {
   const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
-  const int64_t G = kLstmGates * H, Q = ceil_div(H, kUnitsPerPanel);
+  const int64_t G = kLstmGates * H, Q = ceil_div(H, kColumnPanel<V>);
   const Steps st{T, reverse};
   const Tensor go = grad_output.contiguous(), gts = gates.contiguous(), cls = cells.contiguous();
   const Tensor c0c = c0.contiguous(), ghn = grad_h_n.contiguous();
-  const Tensor packed = pack_column_panels(w_hh.contiguous());
+  const Tensor packed = pack_column_panels<V>(w_hh.contiguous());
   Tensor dg = empty_for_steps({T * B, G}, go.options());
   Tensor dc = grad_c_n.contiguous().clone();
   Tensor d_h0 = at::empty({B, H}, go.options());
@@ -278,39 +322,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
   auto epi_at = [&](int64_t s) {
     const int64_t t = st.time_at(s);
     const float* c_prev = s == 0 ? c0p : clp + st.time_at(s - 1) * B * H;
-    return LstmBackwardEpi{H, gop + t * B * H, gtp + t * B * G, clp + t * B * H, c_prev, dcp,
+    return LstmBackwardEpi<V>{H, gop + t * B * H, gtp + t * B * G, clp + t * B * H, c_prev, dcp,
                            dgp + t * B * G};
   };
   // Steps in order: the pointwise backward of the last step (from grad_h_n),
   // T-1 fused GEMM + pointwise steps, then d_h0 = dG_0 W_hh.
-  const StoreEpi last{H, nullptr, d_h0.data_ptr<float>()};
+  const StoreEpi<V> last{H, nullptr, d_h0.data_ptr<float>()};
   run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
     if (k == 0) {
-      epilogue_only(p0, p1, B, ghn.data_ptr<float>(), H, kUnitsPerPanel, epi_at(T - 1));
+      epilogue_only(p0, p1, B, ghn.data_ptr<float>(), H, kColumnPanel<V>, epi_at(T - 1));
       return;
     }
     const int64_t s = T - k;  // GEMM on dG of step s
     const float* a = dgp + st.time_at(s) * B * G;
     if (s >= 1) {
-      run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
+      run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
     } else {
-      run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, last);
+      run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, last);
     }
   });
   auto [d_w_hh, d_b_hh] =
-      recurrent_weight_grads(dg, output.contiguous(), h0.contiguous(), reverse, has_bias);
+      recurrent_weight_grads<V>(dg, output.contiguous(), h0.contiguous(), reverse, has_bias);
   return {dg.view({T, B, G}), d_h0, dc, d_w_hh, at::empty({0}, go.options()), d_b_hh};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
+template <typename V>
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_f32(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
     const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias) {
   const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
-  const int64_t G = kGruGates * H, Q = ceil_div(H, kUnitsPerPanel);
+  const int64_t G = kGruGates * H, Q = ceil_div(H, kColumnPanel<V>);
   const Steps st{T, reverse};
   const Tensor go = grad_output.contiguous(), gts = gates.contiguous(), h0c = h0.contiguous();
   const Tensor out = output.contiguous();
-  const Tensor packed = pack_column_panels(w_hh.contiguous());
+  const Tensor packed = pack_column_panels<V>(w_hh.contiguous());
   Tensor dx = empty_for_steps({T * B, G}, go.options());
   Tensor dhh = empty_for_steps({T * B, G}, go.options());
   Tensor dh = grad_h_n.contiguous().clone();
@@ -321,43 +366,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
   auto epi_at = [&](int64_t s) {
     const int64_t t = st.time_at(s);
     const float* h_prev = s == 0 ? h0p : op + st.time_at(s - 1) * B * H;
-    return GruBackwardEpi{H, gop + t * B * H, gtp + t * B * kGruSaved * H, h_prev, dhp,
+    return GruBackwardEpi<V>{H, gop + t * B * H, gtp + t * B * kGruSaved * H, h_prev, dhp,
                           dxp + t * B * G, dhhp + t * B * G};
   };
   // As for the LSTM: last step's pointwise, T-1 fused steps, then d_h0.
-  const StoreEpi last{H, dhp, d_h0.data_ptr<float>()};
+  const StoreEpi<V> last{H, dhp, d_h0.data_ptr<float>()};
   run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
     if (k == 0) {
-      epilogue_only(p0, p1, B, nullptr, H, kUnitsPerPanel, epi_at(T - 1));
+      epilogue_only(p0, p1, B, nullptr, H, kColumnPanel<V>, epi_at(T - 1));
       return;
     }
     const int64_t s = T - k;
     const float* a = dhhp + st.time_at(s) * B * G;
     if (s >= 1) {
-      run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
+      run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
     } else {
-      run_panels<kUnitsNV>(p0, p1, B, G, a, G, 1, wp, last);
+      run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, last);
     }
   });
-  auto [d_w_hh, d_b_hh] = recurrent_weight_grads(dhh, out, h0c, reverse, has_bias);
+  auto [d_w_hh, d_b_hh] = recurrent_weight_grads<V>(dhh, out, h0c, reverse, has_bias);
   return {dx.view({T, B, G}), d_h0, d_w_hh, d_b_hh};
 }
 
-Tensor linear_fused(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b) {
+template <typename V>
+Tensor linear_f32(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   Tensor y = empty_for_steps({M, N}, x.options());
   const Tensor bias = b.has_value() ? b->contiguous() : Tensor();
-  gemm_rows(M, N, K, x.data_ptr<float>(), pack_transposed_panels(w),
-            bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  gemm_rows<V>(M, N, K, x.data_ptr<float>(), pack_transposed_panels<V>(w),
+               bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
   return y;
 }
 
-Tensor linear_input_grad_fused(const Tensor& dy, const Tensor& w) {
+template <typename V>
+Tensor linear_input_grad_f32(const Tensor& dy, const Tensor& w) {
   const int64_t M = dy.size(0), N = w.size(0), K = w.size(1);
   Tensor dx = empty_for_steps({M, K}, dy.options());
-  gemm_rows(M, K, N, dy.data_ptr<float>(), pack_column_panels(w), nullptr, dx.data_ptr<float>());
+  gemm_rows<V>(M, K, N, dy.data_ptr<float>(), pack_column_panels<V>(w), nullptr,
+               dx.data_ptr<float>());
   return dx;
 }
 
+// The table fused.h declares, for one vector type; constant-initialised (no
+// code of this unit runs before a CPU check has chosen it).
+template <typename V>
+constexpr FusedF32 fused_f32_ops() {
+  return {&lstm_forward_f32<V>, &lstm_backward_f32<V>, &gru_forward_f32<V>,
+          &gru_backward_f32<V>, &linear_f32<V>,        &linear_input_grad_f32<V>,
+          &weight_grad_f32<V>};
+}
+
+}  // namespace
 }  // namespace cpu
 }  // namespace fusedrnn

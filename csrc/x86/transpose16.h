@@ -1,8 +1,8 @@
 // 16 x 16 float transposes (AVX-512), for packing weight rows into the
 // k-major panels of the fused GEMMs: a transposed copy element by element
 // costs more than the product it feeds at batch 1 (about 85 us for a 1 MB
-// W_hh, against 20 us for ATen's whole addmm of one step). Include only from
-// code compiled for AVX-512 (Note [AVX-512 translation unit]).
+// W_hh, against 20 us for ATen's whole addmm of one step). Only the AVX-512
+// translation unit instantiates them.
 #pragma once
 
 #include <immintrin.h>
@@ -13,9 +13,12 @@ namespace fusedrnn {
 namespace cpu {
 
 // dst[k * ldd + c] = src[c * lds + k] for c < 16, k < nk (<= 16): row c of
-// src is read where c < nrows, and is 0 beyond.
-inline void transpose16(const float* src, int64_t lds, int nrows, int nk, float* dst,
+// src is read where c < nrows, and is 0 beyond. (Templates, so that only the
+// AVX-512 translation unit, which instantiates them, compiles their bodies.)
+template <int Lanes>
+void transpose16(const float* src, int64_t lds, int nrows, int nk, float* dst,
                         int64_t ldd) {
+  static_assert(Lanes == 16, "16 x 16 transposes need AVX-512");
   const __mmask16 km = nk >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nk) - 1);
   __m512 r[16], t[16];
   for (int c = 0; c < 16; ++c) {
@@ -50,11 +53,12 @@ inline void transpose16(const float* src, int64_t lds, int nrows, int nk, float*
 
 // Rows row0.. of w [*, K] (nrows of them, at most 16; zeros after) as
 // columns c0..c0+15 of a panel [K][width]: panel[k][c0 + c] = w[row0 + c][k].
-inline void pack_rows_into_panel(const float* w, int64_t K, int nrows, float* panel,
+template <int Lanes>
+void pack_rows_into_panel(const float* w, int64_t K, int nrows, float* panel,
                                  int64_t width, int64_t c0) {
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
     const int nk = static_cast<int>(K - k0 < 16 ? K - k0 : 16);
-    transpose16(w + k0, K, nrows, nk, panel + k0 * width + c0, width);
+    transpose16<Lanes>(w + k0, K, nrows, nk, panel + k0 * width + c0, width);
   }
 }
 

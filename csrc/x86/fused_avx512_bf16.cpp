@@ -1,4 +1,4 @@
-// The fused bfloat16 CPU path (AVX512-BF16): the forward of fused_cpu.cpp with
+// The fused bfloat16 CPU path (AVX512-BF16): the forward of fused_f32.h with
 // bfloat16 activations and weights. The tile product runs vdpbf16ps, which
 // adds two bfloat16 products into each float32 lane, on panels that hold
 // k in pairs:
@@ -9,12 +9,13 @@
 // (gates.h, through the epilogues of fused_loop.h) and the cell state are
 // float32; h and the saved gates are rounded to bfloat16 once, as torch.nn
 // stores them. Entered only after has_avx512_bf16() (rnn_cpu.cpp); compiled
-// like fused_cpu.cpp (Note [AVX-512 translation unit]).
+// like fused_avx512.cpp (Note [ISA translation units] in fused_f32.h).
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
 
 #include <cstring>
 
-#include "fused_cpu.h"
+#include "vec16.h"
+#include "fused.h"
 #include "fused_loop.h"
 
 namespace fusedrnn {
@@ -22,6 +23,8 @@ namespace cpu {
 namespace {
 
 using Bf16 = at::BFloat16;
+using simd::Vec16;
+constexpr int kLanes = Vec16::kLanes;
 
 // tile[MR][NV * 16] (+)= A[MR rows, K] * panel (k-pair layout above); element
 // (r, k) of A is a[r * sam + k]; K even.
@@ -29,7 +32,7 @@ template <int MR, int NV>
 inline void mma_tile_bf16(const Bf16* a, int64_t sam, const Bf16* panel, int64_t K, float* tile,
                           bool accumulate) {
   __m512 acc[MR][NV];
-  load_acc<MR, NV>(acc, tile, accumulate);
+  load_acc<Vec16, MR, NV>(acc, tile, accumulate);
   for (int64_t k = 0; k < K; k += 2) {
     __m512bh w[NV];
 #pragma GCC unroll 4
@@ -45,10 +48,10 @@ inline void mma_tile_bf16(const Bf16* a, int64_t sam, const Bf16* panel, int64_t
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, w[v]);
     }
   }
-  store_acc<MR, NV>(acc, tile);
+  store_acc<Vec16, MR, NV>(acc, tile);
 }
 
-// The bfloat16 tile product for run_panels (avx512_gemm.h); A's k stride is 1.
+// The bfloat16 tile product for run_panels (panel_gemm.h); A's k stride is 1.
 struct MmaBf16 {
   using A = Bf16;
   using Packed = Bf16;
@@ -62,7 +65,7 @@ struct MmaBf16 {
   }
 };
 
-using Bf16Gemm = PanelGemm<Bf16, MmaBf16, 2>;
+using Bf16Gemm = PanelGemm<Vec16, Bf16, MmaBf16, 2>;
 
 }  // namespace
 

@@ -1,5 +1,7 @@
-// A small AVX-512 GEMM for the recurrent step on the CPU. Include only from
-// code compiled for AVX-512 (see Note [AVX-512 translation unit]).
+// A small register-blocked GEMM for the recurrent step on the CPU, written once
+// for the vector types of vec16.h (AVX-512) and vec8.h (AVX2). Include only
+// from code compiled for that instruction set (Note [ISA translation units]
+// in fused_f32.h).
 //
 // Note [why our own GEMM]
 // On the 2-core AMD machines we are measured on, MKL's SGEMM is about 1.6x
@@ -8,14 +10,15 @@
 // pre-activations go through the pointwise update straight from L1, so it
 // never travels through memory between the matmul and the gate math.
 //
-// Layout: B is packed once per call into panels of kPanel (= NV * 16) columns,
-// each panel stored k-major so the kernel streams it contiguously:
+// Layout: B is packed once per call into panels of kPanel (= NV * lanes)
+// columns, each panel stored k-major so the kernel streams it contiguously:
 //
 //   packed[p][k][c] = B[k][p * kPanel + c]     (0 beyond N)
 //
-// A tile of MR rows x NV vectors accumulates in registers (MR * NV <= 24 of
-// the 32 zmm registers), is stored to a small L1 buffer and handed to an
-// epilogue functor, which applies the gate math of gates.h and stores.
+// A tile of MR rows x NV vectors accumulates in registers (V::rows_per_tile:
+// at most 24 of the 32 zmm, 12 of the 16 ymm), is stored to a small L1
+// buffer and handed to an epilogue functor, which applies the gate math of
+// gates.h and stores.
 #pragma once
 
 #include <immintrin.h>
@@ -28,49 +31,73 @@
 namespace fusedrnn {
 namespace cpu {
 
-constexpr int kLanes = 16;  // floats per zmm register
-
 // The MR x NV accumulators of a tile: from tile (accumulate) or zero, and back.
-template <int MR, int NV>
-inline void load_acc(__m512 (&acc)[MR][NV], const float* tile, bool accumulate) {
+template <typename V, int MR, int NV>
+inline void load_acc(typename V::Reg (&acc)[MR][NV], const float* tile, bool accumulate) {
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? _mm512_loadu_ps(tile + (r * NV + v) * kLanes) : _mm512_setzero_ps();
+      acc[r][v] = accumulate ? V::loadu(tile + (r * NV + v) * V::kLanes) : V::zero();
 }
 
-template <int MR, int NV>
-inline void store_acc(const __m512 (&acc)[MR][NV], float* tile) {
+template <typename V, int MR, int NV>
+inline void store_acc(const typename V::Reg (&acc)[MR][NV], float* tile) {
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(tile + (r * NV + v) * kLanes, acc[r][v]);
+    for (int v = 0; v < NV; ++v) V::storeu(tile + (r * NV + v) * V::kLanes, acc[r][v]);
 }
 
-// tile[MR][NV * 16] (+)= A[MR rows, K] * panel[K][NV * 16]; element (r, k) of
-// A is a[r * sam + k * sak]. accumulate: add to what tile holds.
-template <int MR, int NV>
+// Note [operands of a k step]
+// Each k step loads the NV panel vectors once and broadcasts each of the MR
+// values of A once (vbroadcastss from memory: a load, no shuffle), for
+// MR * NV FMAs: MR + NV loads, at most 2/3 of a load per FMA, which two load
+// ports serve beside two FMA pipes. Where the accumulators, the NV panel
+// vectors and a broadcast do not all fit in registers (AVX2's LSTM tile: 12 +
+// 4 + 1 > 16 ymm), the MR broadcasts stay in registers instead and the panel
+// vectors stream through one register (12 + 3 + 1): the same loads, no spill.
+
+// tile[MR][NV * lanes] (+)= A[MR rows, K] * panel[K][NV * lanes]; element
+// (r, k) of A is a[r * sam + k * sak]. accumulate: add to what tile holds.
+template <typename V, int MR, int NV>
 inline void mma_tile(const float* a, int64_t sam, int64_t sak, const float* panel, int64_t K,
                      float* tile, bool accumulate) {
-  __m512 acc[MR][NV];
-  load_acc<MR, NV>(acc, tile, accumulate);
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 w[NV];
+  using Reg = typename V::Reg;
+  Reg acc[MR][NV];
+  load_acc<V, MR, NV>(acc, tile, accumulate);
+  if constexpr (MR * NV + NV + 1 <= V::kRegs) {
+    for (int64_t k = 0; k < K; ++k) {
+      Reg w[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(panel + (k * NV + v) * kLanes);
+      for (int v = 0; v < NV; ++v) w[v] = V::loadu(panel + (k * NV + v) * V::kLanes);
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * sam + k * sak]);
+      for (int r = 0; r < MR; ++r) {
+        const Reg av = V::set1(a[r * sam + k * sak]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, w[v], acc[r][v]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, w[v], acc[r][v]);
+      }
+    }
+  } else {
+    static_assert(MR * NV + MR + 1 <= V::kRegs, "tile too large for the registers");
+    for (int64_t k = 0; k < K; ++k) {
+      Reg av[MR];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) av[r] = V::set1(a[r * sam + k * sak]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const Reg w = V::loadu(panel + (k * NV + v) * V::kLanes);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) acc[r][v] = V::fmadd(av[r], w, acc[r][v]);
+      }
     }
   }
-  store_acc<MR, NV>(acc, tile);
+  store_acc<V, MR, NV>(acc, tile);
 }
 
 // The float32 tile product for run_panels: mma_tile for a run-time row count
-// mr <= MR. (fused_bf16.cpp has the bfloat16 one, on k-pair panels.)
+// mr <= MR. (fused_avx512_bf16.cpp has the bfloat16 one, on k-pair panels.)
+template <typename V>
 struct MmaF32 {
   using A = float;
   using Packed = float;
@@ -80,31 +107,27 @@ struct MmaF32 {
     if constexpr (MR > 1) {
       if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate);
     }
-    mma_tile<MR, NV>(a, sam, sak, panel, K, tile, accumulate);
+    mma_tile<V, MR, NV>(a, sam, sak, panel, K, tile, accumulate);
   }
 };
-
-// Rows per tile for NV vectors per row: at most 24 accumulators.
-template <int NV>
-constexpr int rows_per_tile() {
-  return NV >= 4 ? 6 : 8;
-}
 
 // Depth of one pass over a panel: 128 KiB (512 x 64 floats), which stays in
 // L2 while every row block of A runs over it. Deeper panels (the backward's
 // K = 4H) are cut into such slices, the tiles summed in a buffer. (Slices of
 // 32 KiB, to stay in L1, measured no faster on the quick set.)
 constexpr int64_t kPanelChunkBytes = 128 * 1024;
-template <int NV, typename Mma>
+// A multiple of 16, so that chunks keep k-pairs (and cache lines) whole.
+constexpr int64_t kDepthMultiple = 16;
+template <typename V, int NV, typename Mma>
 constexpr int64_t depth_block() {
-  // A multiple of 16, so that chunks keep k-pairs (and cache lines) whole.
-  return kPanelChunkBytes / (NV * kLanes * static_cast<int64_t>(sizeof(typename Mma::Packed))) /
-         kLanes * kLanes;
+  return kPanelChunkBytes /
+         (NV * V::kLanes * static_cast<int64_t>(sizeof(typename Mma::Packed))) /
+         kDepthMultiple * kDepthMultiple;
 }
 
 // For panels [p0, p1) and all M rows: the float32 tile of rows m0..m0+mr of
 // A [M, K] (element (m, k) at a[m * sam + k * sak]) times the panel, then
-// epi(tile, row stride, m0, mr, p). A panel holds K x NV * 16 values of
+// epi(tile, row stride, m0, mr, p). A panel holds K x NV * lanes values of
 // Mma::Packed in the order Mma reads them.
 //
 // Note [prefetching the epilogue's rows]
@@ -118,12 +141,12 @@ constexpr int64_t depth_block() {
 // -> 8.3 ms. Prefetching also the rows the epilogue writes, or the running
 // state (in L2 already), took the gain back: only what is read from memory.
 inline void prefetch_read(const void* p) { __builtin_prefetch(p, 0, 3); }
-template <int NV, typename Mma = MmaF32, typename Epi>
+template <typename V, int NV, typename Mma = MmaF32<V>, typename Epi>
 void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma::A* a,
                 int64_t sam, int64_t sak, const typename Mma::Packed* packed, const Epi& epi) {
-  constexpr int MR = rows_per_tile<NV>();
-  constexpr int64_t W = NV * kLanes;
-  constexpr int64_t kDepthBlock = depth_block<NV, Mma>();
+  constexpr int MR = V::rows_per_tile(NV);
+  constexpr int64_t W = NV * V::kLanes;
+  constexpr int64_t kDepthBlock = depth_block<V, NV, Mma>();
   if (K <= kDepthBlock || M <= MR) {  // one row block: nothing to reuse across
     alignas(64) float tile[MR * W];
     for (int64_t p = p0; p < p1; ++p) {

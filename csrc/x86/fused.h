@@ -1,0 +1,68 @@
+// The fused CPU paths (x86-64 only, Note [x86-only fused path] in
+// cpu/rnn_cpu.cpp): the per-step GEMM and the pointwise update in one pass
+// over each tile. Taken for padded (not packed) input without projection on
+// CPUs with AVX-512, or AVX2 and FMA; everything else runs the generic loop of
+// recurrence.h. rnn_cpu.cpp chooses.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace fusedrnn {
+namespace cpu {
+
+using at::Tensor;
+
+// `rows` rows of dY [rows, M] and of X [rows, N], float32, row-major and
+// contiguous: one segment of the rows summed over in a weight gradient.
+struct GradRows {
+  const float* dy;
+  const float* x;
+  int64_t rows;
+};
+
+// The float32 ops of one instruction set (fused_f32.h, compiled once per
+// set). Same contracts as lstm_forward_impl / lstm_backward_impl etc. in
+// recurrence.h, for x_proj [T, B, G*H]; arguments are already checked.
+struct FusedF32 {
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*lstm_forward)(
+      const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+      const Tensor& b_hh, bool reverse, bool train);
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> (*lstm_backward)(
+      const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+      const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
+      const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias);
+  std::tuple<Tensor, Tensor, Tensor> (*gru_forward)(const Tensor& x_proj, const Tensor& h0,
+                                                    const Tensor& w_hh, const Tensor& b_hh,
+                                                    bool reverse, bool train);
+  std::tuple<Tensor, Tensor, Tensor, Tensor> (*gru_backward)(
+      const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output,
+      const Tensor& gates, const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias);
+  // y [M, N] = x [M, K] w [N, K]^T (+ b [N]); float32, contiguous.
+  Tensor (*linear)(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b);
+  // dx [M, K] = dy [M, N] w [N, K]; float32, contiguous.
+  Tensor (*linear_input_grad)(const Tensor& dy, const Tensor& w);
+  // (dW [M, N], db [M] or [0]): dY^T X and the column sums of dY over the
+  // rows of all segments (Note [weight-gradient GEMM] in weight_grad.h).
+  std::pair<Tensor, Tensor> (*weight_grad)(const std::vector<GradRows>& segs, int64_t M,
+                                           int64_t N, bool want_db,
+                                           const at::TensorOptions& options);
+};
+
+extern const FusedF32 kFusedAvx512;  // fused_avx512.cpp: AVX-512 F, VL, DQ, BW
+extern const FusedF32 kFusedAvx2;    // fused_avx2.cpp: AVX2 and FMA
+
+// The float32 forwards for bfloat16 (fused_avx512_bf16.cpp): H even, AVX512-BF16.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
+    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const Tensor& b_hh, bool reverse, bool train);
+
+std::tuple<Tensor, Tensor, Tensor> gru_forward_fused_bf16(const Tensor& x_proj, const Tensor& h0,
+                                                          const Tensor& w_hh, const Tensor& b_hh,
+                                                          bool reverse, bool train);
+
+}  // namespace cpu
+}  // namespace fusedrnn
