@@ -255,8 +255,11 @@ def variables_text(env):
 
 
 def variant_title(env):
-    """Suffix for titles: ' [OMP_WAIT_POLICY=PASSIVE]' for that variant, else ''."""
-    return " [OMP_WAIT_POLICY=PASSIVE]" if recorded_variant(env) == VARIANT_OMP_PASSIVE else ""
+    """Suffix for titles: ' [OMP_WAIT_POLICY=PASSIVE]' for that variant, and
+    ' [fusedrnn's avx2 path, forced]' where a knob forced the CPU path; else ''."""
+    omp = " [OMP_WAIT_POLICY=PASSIVE]" if recorded_variant(env) == VARIANT_OMP_PASSIVE else ""
+    forced = forced_cpu_path(env)
+    return omp + (f" [fusedrnn's {forced} path, forced]" if forced else "")
 
 
 def forced_cpu_path(env):

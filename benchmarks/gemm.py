@@ -73,10 +73,8 @@ FUSEDRNN_GEMM_ISAS = ("avx512", "avx2")
 #   family, W_hh packed on every call: packing reads and writes all of W_hh,
 #   at small B as much memory traffic as the product itself), and, as 'recurrent, packed', one step of the fused forward op
 #   (time of T steps / T, so it includes the gate math and the barrier between
-#   steps; GFLOP/s count the product only). The weight gradients of the layer
-#   are ATen's (torch.mm, i.e. MKL); the fusedrnn column of that row runs
-#   fusedrnn::linear on operands transposed beforehand (not timed): what the
-#   own GEMM would do there.
+#   steps; GFLOP/s count the product only). The weight gradients are the
+#   layers' own GEMM, fusedrnn::linear_backward's (packing included).
 # oneDNN: torch.ops.mkldnn._linear_pointwise (oneDNN inner product, which
 #   runs oneDNN's brgemm matmul kernels) with the weights as they are, or
 #   reordered once by torch.ops.mkldnn._reorder_linear_weight ('packed');
@@ -175,9 +173,8 @@ def calls(product, o):
                     [T * B, I], dg_dnnl, o.w_ih),
                 "MKL": lambda: torch.mm(o.dg, o.w_ih)}
     assert product == "weight_grad", product
-    dg_t, hs_t = o.dg.t().contiguous(), o.hs.t().contiguous()
     dg_dnnl, hs_dnnl, w_dnnl = o.dg.to_mkldnn(), o.hs.to_mkldnn(), o.w_hh.to_mkldnn()
-    return {"fusedrnn": lambda: ops.linear(dg_t, hs_t, None),
+    return {"fusedrnn": lambda: ops.linear_backward(o.dg, o.hs, o.w_hh, False, True, False)[1],
             "oneDNN": lambda: torch.ops.aten.mkldnn_linear_backward_weights(
                 dg_dnnl, hs_dnnl, w_dnnl, False)[0],
             "MKL": lambda: torch.mm(o.dg.t(), o.hs)}
@@ -420,8 +417,8 @@ def notes(doc):
     out.append("recurrent, packed: the fusedrnn column is one step of the fused forward op "
                "(GEMM and gate math; time of T steps / T); the per-step product has no op of "
                "its own (Note [the GEMMs compared] in benchmarks/gemm.py)")
-    out.append("weight gradient: fusedrnn's layers compute it with torch.mm (MKL); the fusedrnn "
-               "column is its own GEMM on operands transposed beforehand")
+    out.append("weight gradient: the fusedrnn column is the layers' own, "
+               "fusedrnn::linear_backward's (Note [weight-gradient GEMM])")
     path = doc["env"].get("fusedrnn_cpu_path")
     if not doc.get("fusedrnn_gemm", True):
         out.append("the generic CPU path is in force (no AVX-512 or AVX2, or forced): the "
