@@ -5,8 +5,8 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default OUT_DIR: benchmarks/results)
 #
-# Sized to finish in under 7 minutes, so that a short session on a GPU machine
-# leaves room for a second try: the build (~1.5 min on 16 cores), then stages with their
+# Sized to finish in under 7 minutes, so that 15 minutes on a GPU machine
+# leave room for a second try: the build (~1.5 min on 16 cores), then stages with their
 # own timeouts (315 s in all), most important first, so that a stage that
 # times out leaves the later ones their time:
 #   the persistent kernel's tests, with the largest layouts that fit (over

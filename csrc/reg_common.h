@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
+#include <utility>
+
 #include "checks.h"
 #include "recurrence.h"
 
@@ -70,15 +73,48 @@ inline void check_reg(const Tensor& x_proj, const RegInputs& r, const Schedule& 
 
 // Note [One GEMM call site]
 // Every recurrent product of the loops (h_{t-1} W^T forward, da W backward)
-// goes through here: ATen's BLAS now, one place to swap in another GEMM.
-// out = a @ b, or out += a @ b; out is a contiguous block of rows.
-inline void step_mm(Tensor out, const Tensor& a, const Tensor& b, bool accumulate = false) {
-  if (accumulate) {
-    out.addmm_(a, b);
-  } else {
-    at::mm_out(out, a, b);
+// multiplies by the same weight at every step: a StepGemm is made once per
+// weight before the loop, then called per step, out = a @ b or out += a @ b
+// (out a block of rows). The kernel policy K may bring its own (K::StepGemm:
+// the CPU's packs the weight once for the fused path's GEMM); else ATen's.
+struct AtenStepGemm {
+  Tensor b;
+  explicit AtenStepGemm(Tensor b_) : b(std::move(b_)) {}
+  void operator()(Tensor out, const Tensor& a, bool accumulate = false) const {
+    if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
   }
+};
+
+// dY^T X summed over all rows (dW_hh, dW_hr after the loop): the policy's
+// own (K::weight_grad, which may return an undefined tensor to decline) or
+// ATen's.
+template <typename K, typename = void>
+struct HasWeightGrad : std::false_type {};
+template <typename K>
+struct HasWeightGrad<K, std::void_t<decltype(K::weight_grad(Tensor(), Tensor()))>>
+    : std::true_type {};
+
+template <typename K>
+Tensor weight_grad(const Tensor& dy, const Tensor& x) {
+  if constexpr (HasWeightGrad<K>::value) {
+    Tensor w = K::weight_grad(dy, x);
+    if (w.defined()) return w;
+  }
+  return at::mm(dy.t(), x);
 }
+
+template <typename K, typename = void>
+struct StepGemmOf {
+  using type = AtenStepGemm;
+};
+template <typename K>
+struct StepGemmOf<K, std::void_t<typename K::StepGemm>> {
+  using type = typename K::StepGemm;
+};
 
 // rec_mask's rows as every step used them, [N, P]: step t used its first
 // batch_sizes[t]. Undefined without a mask.

@@ -50,13 +50,15 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
   Tensor rh = reset_after ? Tensor() : at::empty({s.B, H}, opts);
   Tensor a_n = reset_after ? Tensor() : at::empty({s.B, H}, opts);
   const Tensor w_t = w_hh.t();
-  const Tensor w_rz_t = w_t.narrow(1, 0, 2 * H), w_n_t = w_t.narrow(1, 2 * H, H);
+  using Gemm = typename StepGemmOf<K>::type;  // Note [One GEMM call site]
+  const Gemm rec_gemm(reset_after ? w_t : w_t.narrow(1, 0, 2 * H));
+  const Gemm n_gemm(reset_after ? Tensor() : w_t.narrow(1, 2 * H, H));
   const Tensor& rec_in = hm.defined() ? hm : h;
 
   for (int64_t step = 0; step < s.T; ++step) {
     const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
     T* gates_rows = gates.data_ptr<T>() + (train ? off * kGruSaved * H : 0);
-    step_mm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), reset_after ? w_t : w_rz_t);
+    rec_gemm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt));
     if (!reset_after) {
       GruResetRows<T> rr;
       rr.rows = bt;
@@ -68,7 +70,7 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
       rr.gates = gates_rows;
       rr.rh = rh.data_ptr<T>();
       K::run(rr);
-      step_mm(a_n.narrow(0, 0, bt), rh.narrow(0, 0, bt), w_n_t);
+      n_gemm(a_n.narrow(0, 0, bt), rh.narrow(0, 0, bt));
     }
     GruForwardRows<T> f;
     f.rows = bt;
@@ -145,7 +147,10 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
   Tensor dab = ln ? at::empty({s.N, G}, opts) : Tensor();
   Tensor drh = reset_after ? Tensor() : at::empty({s.B, H}, opts);
   Tensor dh_new = at::empty({s.B, H}, opts);  // dL/dh~, per step
-  const Tensor w_rz = w_hh.narrow(0, 0, 2 * H), w_n = w_hh.narrow(0, 2 * H, H);
+  using Gemm = typename StepGemmOf<K>::type;  // Note [One GEMM call site]
+  const Gemm rec_gemm(reset_after ? w_hh : Tensor());
+  const Gemm rz_gemm(reset_after ? Tensor() : w_hh.narrow(0, 0, 2 * H));
+  const Gemm n_gemm(reset_after ? Tensor() : w_hh.narrow(0, 2 * H, H));
 
   for (int64_t step = s.T - 1; step >= 0; --step) {
     const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
@@ -176,11 +181,11 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
     K::run(b);
     const Tensor da_rows = da.narrow(0, off, bt);
     if (reset_after) {
-      step_mm(dh_mm.narrow(0, 0, bt), da_rows, w_hh);
+      rec_gemm(dh_mm.narrow(0, 0, bt), da_rows);
       continue;
     }
     // Classic form: d(r hm) = dhn W_n, then r's gradient, then through W_rz.
-    step_mm(drh.narrow(0, 0, bt), da_rows.narrow(1, 2 * H, H), w_n);
+    n_gemm(drh.narrow(0, 0, bt), da_rows.narrow(1, 2 * H, H));
     GruResetBackwardRows<T> rb;
     rb.rows = bt;
     rb.H = H;
@@ -193,7 +198,7 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
     rb.dx = b.dx;
     rb.dh_mm = dh_mm.data_ptr<T>();
     K::run(rb);
-    step_mm(dh_mm.narrow(0, 0, bt), da_rows.narrow(1, 0, 2 * H), w_rz, /*accumulate=*/true);
+    rz_gemm(dh_mm.narrow(0, 0, bt), da_rows.narrow(1, 0, 2 * H), /*accumulate=*/true);
   }
 
   const Tensor none = at::empty({0}, opts);
@@ -201,12 +206,12 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
   const Tensor hm = masked_prev(out, h0, r.rec_mask, s, packed);
   Tensor d_w_hh;
   if (reset_after) {
-    d_w_hh = at::mm(da.t(), hm);
+    d_w_hh = weight_grad<K>(da, hm);
   } else {
     // W_rz saw hm; W_n saw r * hm.
     const Tensor r_all = gates.narrow(1, 0, H);
-    d_w_hh = at::cat({at::mm(da.narrow(1, 0, 2 * H).t(), hm),
-                      at::mm(da.narrow(1, 2 * H, H).t(), r_all * hm)});
+    d_w_hh = at::cat({weight_grad<K>(da.narrow(1, 0, 2 * H), hm),
+                      weight_grad<K>(da.narrow(1, 2 * H, H), r_all * hm)});
   }
   Tensor d_b_hh = has_bias ? (ln ? dab : da).sum(0) : none;
   Tensor d_ln_hh = ln ? (dab * norm_hh).sum(0) : none;

@@ -74,13 +74,14 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
   Tensor c_scratch = train ? Tensor() : at::empty({s.B, H}, opts);
   Tensor h_raw = proj ? at::empty({s.B, H}, opts) : Tensor();
   Tensor h_proj = proj ? at::empty({s.B, P}, opts) : Tensor();
-  const Tensor w_t = w_hh.t();
-  const Tensor w_hr_t = proj ? w_hr.t() : Tensor();
+  using Gemm = typename StepGemmOf<K>::type;  // Note [One GEMM call site]
+  const Gemm rec_gemm(w_hh.t());
+  const Gemm proj_gemm(proj ? w_hr.t() : Tensor());
   const Tensor& rec_in = hm.defined() ? hm : h;
 
   for (int64_t step = 0; step < s.T; ++step) {
     const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
-    step_mm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), w_t);
+    rec_gemm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt));
     HiddenOut<T> hidden;
     hidden.P = P;
     hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * P : nullptr;
@@ -117,7 +118,7 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
     f.h_raw = proj ? h_raw.data_ptr<T>() : nullptr;
     K::run(f);
     if (proj) {
-      step_mm(h_proj.narrow(0, 0, bt), h_raw.narrow(0, 0, bt), w_hr_t);
+      proj_gemm(h_proj.narrow(0, 0, bt), h_raw.narrow(0, 0, bt));
       HiddenOutRows<T> o;
       o.rows = bt;
       o.h_new = h_proj.data_ptr<T>();
@@ -234,6 +235,9 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor dh_raw = at::empty({s.B, H}, opts);  // dL/dh~ (before W_hr^T)
   Tensor h_raw = proj ? at::empty({s.N, H}, opts) : Tensor();
   const Tensor& c_new = r.zone_c.has_value() ? cell_new : cells;
+  using Gemm = typename StepGemmOf<K>::type;  // Note [One GEMM call site]
+  const Gemm rec_gemm(w_hh);
+  const Gemm proj_gemm(proj ? w_hr : Tensor());
 
   for (int64_t step = s.T - 1; step >= 0; --step) {
     const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
@@ -251,7 +255,7 @@ LstmRegBackwardOut lstm_reg_backward_loop(
       g.src = hg;
       g.dh_new = dh_new.data_ptr<T>() + off * P;
       K::run(g);
-      step_mm(dh_raw.narrow(0, 0, bt), dh_new.narrow(0, off, bt), w_hr);
+      proj_gemm(dh_raw.narrow(0, 0, bt), dh_new.narrow(0, off, bt));
     }
     LstmBackwardRows<T> b;
     b.rows = bt;
@@ -279,13 +283,13 @@ LstmRegBackwardOut lstm_reg_backward_loop(
     }
     b.h_raw = proj ? h_raw.data_ptr<T>() + off * H : nullptr;
     K::run(b);
-    step_mm(dh_mm.narrow(0, 0, bt), da.narrow(0, off, bt), w_hh);
+    rec_gemm(dh_mm.narrow(0, 0, bt), da.narrow(0, off, bt));
   }
 
   const Tensor none = at::empty({0}, opts);
   Tensor d_h0 = r.rec_mask.has_value() ? dh + *r.rec_mask * dh_mm : dh + dh_mm;
-  Tensor d_w_hh = at::mm(da.t(), masked_prev(out, h0, r.rec_mask, s, packed));
-  Tensor d_w_hr = proj ? at::mm(dh_new.t(), h_raw) : none;
+  Tensor d_w_hh = weight_grad<K>(da, masked_prev(out, h0, r.rec_mask, s, packed));
+  Tensor d_w_hr = proj ? weight_grad<K>(dh_new, h_raw) : none;
   Tensor d_b_hh = has_bias ? dx.sum(0) : none;
   Tensor d_ln_hh = r.ln_hh.has_value() ? (dx * norm_hh).sum(0) : none;
   Tensor d_ln_c_w = r.ln_c() ? dcn_xhat.sum(0) : none;

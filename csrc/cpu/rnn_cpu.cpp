@@ -35,23 +35,10 @@ struct CpuKernels {
 // fused_f32() is null, and the bfloat16 kernels' calls are compiled out,
 // since their definitions are not linked.
 
-// The float32 kernels of the path in force (cpu_isa.h), or null: the generic loop.
-const cpu::FusedF32* fused_f32() {
-  switch (cpu_isa()) {
-#ifdef FUSEDRNN_X86
-    case CpuIsa::kAvx512:
-      return &cpu::kFusedAvx512;
-    case CpuIsa::kAvx2:
-      return &cpu::kFusedAvx2;
-#endif
-    default:
-      return nullptr;
-  }
-}
 
 // Float32, padded, without projection: the fused float32 kernels, or null.
 const cpu::FusedF32* fused_f32_for(const at::Tensor& x, bool packed, bool proj) {
-  const cpu::FusedF32* ops = fused_f32();  // first: a bad knob raises on every call
+  const cpu::FusedF32* ops = cpu::fused_f32();  // first: a bad knob raises on every call
   return x.scalar_type() == at::kFloat && !packed && !proj ? ops : nullptr;
 }
 
@@ -72,7 +59,7 @@ bool fused_bf16_ok(const at::Tensor& x_proj, bool packed, bool proj, int64_t H) 
 // several times faster. Returns the float32 kernels, or null.
 const cpu::FusedF32* fused_via_f32_for(const at::Tensor& x, bool packed, bool proj) {
   const auto dt = x.scalar_type();
-  return (dt == at::kHalf || dt == at::kBFloat16) && !packed && !proj ? fused_f32() : nullptr;
+  return (dt == at::kHalf || dt == at::kBFloat16) && !packed && !proj ? cpu::fused_f32() : nullptr;
 }
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
@@ -189,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
 // The fused float32 kernels for a [M, K] times w, on the CPU; or null.
 const cpu::FusedF32* linear_fused_for(const at::Tensor& a, const at::Tensor& w) {
   if (!a.device().is_cpu()) return nullptr;
-  const cpu::FusedF32* ops = fused_f32();
+  const cpu::FusedF32* ops = cpu::fused_f32();
   return a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && a.numel() > 0 ? ops
                                                                                         : nullptr;
 }
@@ -250,6 +237,21 @@ std::string cpu_path() { return cpu_isa_name(cpu_isa()); }
 TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
   m.def("_cpu_isa() -> str", &cpu_path);
 }
+
+namespace cpu {
+const FusedF32* fused_f32() {
+  switch (cpu_isa()) {
+#ifdef FUSEDRNN_X86
+    case CpuIsa::kAvx512:
+      return &kFusedAvx512;
+    case CpuIsa::kAvx2:
+      return &kFusedAvx2;
+#endif
+    default:
+      return nullptr;
+  }
+}
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
   m.impl("linear", &linear_any);

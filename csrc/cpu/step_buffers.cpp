@@ -11,7 +11,7 @@
 // PyTorch's CUDA caching allocator keeps device memory. A request takes the
 // smallest cached block that holds it and is at most twice its size; blocks
 // beyond kCacheLimit of unused memory are unmapped, and
-// release_step_buffer_cache() (fusedrnn.cpu_empty_cache()) gives all unused
+// release_step_buffer_cache() (fusedrnn.empty_cpu_cache()) gives all unused
 // memory back. Tensors keep a resizable storage on this allocator, as
 // at::empty's do.
 #include "step_buffers.h"

@@ -50,7 +50,17 @@ struct FusedF32 {
   std::pair<Tensor, Tensor> (*weight_grad)(const std::vector<GradRows>& segs, int64_t M,
                                            int64_t N, bool want_db,
                                            const at::TensorOptions& options);
+  // A GEMM whose right operand is packed once for many calls (the regularised
+  // ops' step products): pack_rhs(b [K, N]), then gemm_packed(a [M, K],
+  // packed, out [M, N], accumulate): out (+)= a @ b. Rows of a and out with
+  // unit column stride.
+  Tensor (*pack_rhs)(const Tensor& b);
+  void (*gemm_packed)(const Tensor& a, const Tensor& packed, const Tensor& out, bool accumulate);
 };
+
+// The float32 kernels of the CPU path in force (cpu/cpu_isa.h), or null where
+// it is the generic loop (rnn_cpu.cpp). Raises for a bad FUSEDRNN_CPU_ISA.
+const FusedF32* fused_f32();
 
 extern const FusedF32 kFusedAvx512;  // fused_avx512.cpp: AVX-512 F, VL, DQ, BW
 extern const FusedF32 kFusedAvx2;    // fused_avx2.cpp: AVX2 and FMA

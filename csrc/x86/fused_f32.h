@@ -249,6 +249,28 @@ struct StoreRowsEpi {
   }
 };
 
+// y[m][U p + c] (+)= tile, rows ldy apart.
+template <typename V>
+struct StoreTileEpi {
+  int64_t N, ldy;
+  float* y;
+  bool accumulate;
+  void prefetch(int64_t, int, int64_t) const {}
+  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
+    const int64_t n0 = p * kUnitsPerPanel;
+    for (int r = 0; r < mr; ++r) {
+      float* row = y + (m0 + r) * ldy + n0;
+      for (int64_t j = 0; j < kUnitsPerPanel && n0 + j < N; j += kLanes) {
+        const auto m = V::mask(N - n0 - j);
+        V v = V::load(rec + r * ldr + j, m);
+        if (accumulate) v = v + V::load(row + j, m);
+        v.store(row + j, m);
+      }
+    }
+  }
+};
+
 // Rows per block of a large GEMM: a block of A stays in L2 while each
 // thread runs its panels over it.
 constexpr int64_t kRowBlock = 192;
@@ -265,6 +287,34 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, const Tensor& pa
       const StoreRowsEpi<V> epi{N, bias, y + mc * N};
       run_panels<V, V::kColumnNV>(p0, p1, std::min(kRowBlock, M - mc), K, a + mc * K, K, 1, bp,
                                   epi);
+    }
+  });
+}
+
+// b [K, N] (any strides) packed for gemm_packed_f32: W^T panels where b is a
+// transposed weight, else b's own.
+template <typename V>
+Tensor pack_rhs_f32(const Tensor& b) {
+  return b.t().is_contiguous() ? pack_transposed_panels<V>(b.t())
+                               : pack_column_panels<V>(b.contiguous());
+}
+
+// out (+)= a @ B, B packed by pack_rhs_f32: rows of a [M, K] and out [M, N]
+// with unit column stride, any row stride (the regularised ops' step GEMM).
+template <typename V>
+void gemm_packed_f32(const Tensor& a, const Tensor& packed, const Tensor& out, bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
+  const int64_t P = ceil_div(N, kColumnPanel<V>);
+  const float* ap = a.data_ptr<float>();
+  const float* bp = packed.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t lda = a.stride(0), ldy = out.stride(0);
+  const int64_t grain = ceil_div(P, at::get_num_threads());
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t mc = 0; mc < M; mc += kRowBlock) {
+      const StoreTileEpi<V> epi{N, ldy, y + mc * ldy, accumulate};
+      run_panels<V, V::kColumnNV>(p0, p1, std::min(kRowBlock, M - mc), K, ap + mc * lda, lda, 1,
+                                  bp, epi);
     }
   });
 }
@@ -413,7 +463,7 @@ template <typename V>
 constexpr FusedF32 fused_f32_ops() {
   return {&lstm_forward_f32<V>, &lstm_backward_f32<V>, &gru_forward_f32<V>,
           &gru_backward_f32<V>, &linear_f32<V>,        &linear_input_grad_f32<V>,
-          &weight_grad_f32<V>};
+          &weight_grad_f32<V>,  &pack_rhs_f32<V>,      &gemm_packed_f32<V>};
 }
 
 }  // namespace
