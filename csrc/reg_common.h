@@ -107,6 +107,24 @@ Tensor weight_grad(const Tensor& dy, const Tensor& x) {
   return at::mm(dy.t(), x);
 }
 
+// sum over rows of a * b, [N, C] each -> [C] (the layer-norm gains'
+// gradients): the policy's own (K::column_dot, without the [N, C] product
+// tensor; undefined to decline) or ATen's.
+template <typename K, typename = void>
+struct HasColumnDot : std::false_type {};
+template <typename K>
+struct HasColumnDot<K, std::void_t<decltype(K::column_dot(Tensor(), Tensor()))>>
+    : std::true_type {};
+
+template <typename K>
+Tensor column_dot(const Tensor& a, const Tensor& b) {
+  if constexpr (HasColumnDot<K>::value) {
+    Tensor d = K::column_dot(a, b);
+    if (d.defined()) return d;
+  }
+  return (a * b).sum(0);
+}
+
 template <typename K, typename = void>
 struct StepGemmOf {
   using type = AtenStepGemm;

@@ -214,7 +214,7 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
                       weight_grad<K>(da.narrow(1, 2 * H, H), r_all * hm)});
   }
   Tensor d_b_hh = has_bias ? (ln ? dab : da).sum(0) : none;
-  Tensor d_ln_hh = ln ? (dab * norm_hh).sum(0) : none;
+  Tensor d_ln_hh = ln ? column_dot<K>(dab, norm_hh) : none;
   return {dx, d_h0, d_w_hh, d_b_hh, d_ln_hh};
 }
 

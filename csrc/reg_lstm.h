@@ -291,7 +291,7 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor d_w_hh = weight_grad<K>(da, masked_prev(out, h0, r.rec_mask, s, packed));
   Tensor d_w_hr = proj ? weight_grad<K>(dh_new, h_raw) : none;
   Tensor d_b_hh = has_bias ? dx.sum(0) : none;
-  Tensor d_ln_hh = r.ln_hh.has_value() ? (dx * norm_hh).sum(0) : none;
+  Tensor d_ln_hh = r.ln_hh.has_value() ? column_dot<K>(dx, norm_hh) : none;
   Tensor d_ln_c_w = r.ln_c() ? dcn_xhat.sum(0) : none;
   Tensor d_ln_c_b = r.ln_c() ? dcn.sum(0) : none;
   return {dx, d_h0, dc, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b};

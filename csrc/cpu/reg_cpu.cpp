@@ -105,8 +105,41 @@ struct FusedStepGemm {
   }
 };
 
+// sum over rows of a * b for contiguous [N, C] of one floating type, in
+// column blocks per thread, each column summed in row order in double.
+template <typename T>
+at::Tensor column_dot_rows(const at::Tensor& a, const at::Tensor& b) {
+  constexpr int64_t kBlock = 64;
+  const int64_t N = a.size(0), C = a.size(1);
+  at::Tensor out = at::empty({C}, a.options());
+  const T *pa = a.data_ptr<T>(), *pb = b.data_ptr<T>();
+  T* po = out.data_ptr<T>();
+  at::parallel_for(0, (C + kBlock - 1) / kBlock, 1, [&](int64_t q0, int64_t q1) {
+    double acc[kBlock];
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t c0 = q * kBlock, n = std::min(kBlock, C - c0);
+      for (int64_t j = 0; j < n; ++j) acc[j] = 0.0;
+      for (int64_t r = 0; r < N; ++r) {
+        const T *ra = pa + r * C + c0, *rb = pb + r * C + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) acc[j] += double(ra[j]) * double(rb[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) po[c0 + j] = static_cast<T>(acc[j]);
+    }
+  });
+  return out;
+}
+
 struct CpuRegKernels {
   using StepGemm = FusedStepGemm;
+  static at::Tensor column_dot(const at::Tensor& a, const at::Tensor& b) {
+    if (!a.is_contiguous() || !b.is_contiguous() || a.scalar_type() != b.scalar_type()) {
+      return at::Tensor();
+    }
+    if (a.scalar_type() == at::kFloat) return column_dot_rows<float>(a, b);
+    if (a.scalar_type() == at::kDouble) return column_dot_rows<double>(a, b);
+    return at::Tensor();
+  }
   // dY^T X by the fused path's weight-gradient GEMM where it runs (float32,
   // contiguous rows); undefined (ATen's) otherwise.
   static at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
