@@ -46,17 +46,10 @@ def _check_size(t, expected, what, short_rank_error=RuntimeError):
         raise RuntimeError(msg())
 
 
-class _FusedRNNBase(nn.RNNBase, ScriptedRNN):
-    """Shared forward of LSTM and GRU (the eager one; TorchScript compiles
-    ScriptedRNN's, see scripting.py)."""
-
-    def __init__(self, mode, *args, reset_after=True, layer_norm=False, zoneout=0.0,
-                 zoneout_cell=0.0, recurrent_dropout=0.0, weight_drop=0.0, **kwargs):
-        super().__init__(mode, *args, **kwargs)
-        if mode == "GRU":
-            self.reset_after = bool(reset_after)
-        regularised.configure(self, mode == "LSTM", False, layer_norm, zoneout, zoneout_cell,
-                              recurrent_dropout, weight_drop)
+class _Regularisable:
+    """Layers' and cells' share of the regularisers (regularised.py): their
+    LayerNorm parameters through reset_parameters, their options in the repr,
+    and the TorchScript refusal. Comes before the torch.nn base."""
 
     def reset_parameters(self):
         super().reset_parameters()
@@ -68,6 +61,19 @@ class _FusedRNNBase(nn.RNNBase, ScriptedRNN):
     def __prepare_scriptable__(self):
         refuse_regularised(self)
         return self
+
+
+class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
+    """Shared forward of LSTM and GRU (the eager one; TorchScript compiles
+    ScriptedRNN's, see scripting.py)."""
+
+    def __init__(self, mode, *args, reset_after=True, layer_norm=False, zoneout=0.0,
+                 zoneout_cell=0.0, recurrent_dropout=0.0, weight_drop=0.0, **kwargs):
+        super().__init__(mode, *args, **kwargs)
+        if mode == "GRU":
+            self.reset_after = bool(reset_after)
+        regularised.configure(self, mode == "LSTM", False, layer_norm, zoneout, zoneout_cell,
+                              recurrent_dropout, weight_drop)
 
     def _layer_weights(self):
         suffixes = ["", "_reverse"] if self.bidirectional else [""]
@@ -262,24 +268,13 @@ def _cell_inputs(cell, name, input, hx, n_states):
     return input, states, batched
 
 
-class _CellOptions:
+class _CellOptions(_Regularisable):
     """What the cells share beyond torch.nn: the regularisers' options and
-    parameters (regularised.py), their repr and their TorchScript refusal."""
+    parameters (regularised.py)."""
 
     def _configure(self, lstm, layer_norm, zoneout, zoneout_cell, unsupported):
         regularised.refuse_on_cell(type(self).__name__, lstm, unsupported)
         regularised.configure(self, lstm, True, layer_norm, zoneout, zoneout_cell)
-
-    def reset_parameters(self):
-        super().reset_parameters()
-        regularised.reset_layer_norm(self)
-
-    def extra_repr(self):
-        return super().extra_repr() + regularised.repr_suffix(self)
-
-    def __prepare_scriptable__(self):
-        refuse_regularised(self)
-        return self
 
     def _cell(self, mode, input, states):
         return cell(mode, input, states, self.weight_ih, self.weight_hh, self.bias_ih,

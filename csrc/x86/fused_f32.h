@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 #include "fused.h"
 #include "fused_loop.h"
@@ -113,23 +114,29 @@ void epilogue_only(int64_t p0, int64_t p1, int64_t M, const float* rec,
   for (int64_t p = p0; p < p1; ++p) epi(rec ? rec + p * units_per_panel : nullptr, ldr, 0, M, p);
 }
 
+// A backward epilogue's prefetch (Note [prefetching the epilogue's rows]):
+// for rows m0..m0+mr and the units of panel p, the rows of `gated` [B, G*H]
+// (all G gates) and of each of `rows` [B, H].
+template <typename V, int G>
+void prefetch_unit_rows(int64_t m0, int mr, int64_t p, int64_t H, const float* gated,
+                        std::initializer_list<const float*> rows) {
+  constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
+  const int64_t u0 = p * kUnitsPerPanel, n = std::min<int64_t>(kUnitsPerPanel, H - u0);
+  for (int64_t b = m0; b < m0 + mr; ++b) {
+    for (int64_t j = 0; j < n; j += kLanes) {
+      for (int g = 0; g < G; ++g) prefetch_read(gated + (b * G + g) * H + u0 + j);
+      for (const float* r : rows) prefetch_read(r + b * H + u0 + j);
+    }
+  }
+}
+
 template <typename V>
 struct LstmBackwardEpi {
   int64_t H;
   const float *grad_out, *gates, *cells, *c_prev;  // [B, H], [B, 4H], [B, H], [B, H]
   float *dc, *dgates;                              // [B, H] in/out, [B, 4H]
-  void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
-    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
-    const int64_t u0 = p * kUnitsPerPanel, n = std::min<int64_t>(kUnitsPerPanel, H - u0);
-    for (int64_t b = m0; b < m0 + mr; ++b) {
-      for (int64_t j = 0; j < n; j += kLanes) {
-        const int64_t k = b * H + u0 + j;
-        for (int g = 0; g < 4; ++g) prefetch_read(gates + b * 4 * H + g * H + u0 + j);
-        prefetch_read(cells + k);
-        prefetch_read(c_prev + k);
-        prefetch_read(grad_out + k);
-      }
-    }
+  void prefetch(int64_t m0, int mr, int64_t p) const {
+    prefetch_unit_rows<V, 4>(m0, mr, p, H, gates, {cells, c_prev, grad_out});
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
@@ -164,17 +171,8 @@ struct GruBackwardEpi {
   const float *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
   float* dh;                               // [B, H] dh * z of the step after, then of this one
   float *dx, *dhh;                         // [B, 3H] each
-  void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
-    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
-    const int64_t u0 = p * kUnitsPerPanel, n = std::min<int64_t>(kUnitsPerPanel, H - u0);
-    for (int64_t b = m0; b < m0 + mr; ++b) {
-      for (int64_t j = 0; j < n; j += kLanes) {
-        const int64_t k = b * H + u0 + j;
-        for (int g = 0; g < kGruSaved; ++g) prefetch_read(gates + b * kGruSaved * H + g * H + u0 + j);
-        prefetch_read(h_prev + k);
-        prefetch_read(grad_out + k);
-      }
-    }
+  void prefetch(int64_t m0, int mr, int64_t p) const {
+    prefetch_unit_rows<V, kGruSaved>(m0, mr, p, H, gates, {h_prev, grad_out});
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
