@@ -10,7 +10,7 @@
 namespace fusedrnn {
 namespace cpu {
 
-constinit const FusedF32 kFusedAvx2 = fused_f32_ops<simd::Vec8>();
+constexpr FusedF32 kFusedAvx2 = fused_f32_ops<simd::Vec8>();
 
 }  // namespace cpu
 }  // namespace fusedrnn

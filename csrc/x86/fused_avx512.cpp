@@ -9,7 +9,7 @@
 namespace fusedrnn {
 namespace cpu {
 
-constinit const FusedF32 kFusedAvx512 = fused_f32_ops<simd::Vec16>();
+constexpr FusedF32 kFusedAvx512 = fused_f32_ops<simd::Vec16>();
 
 }  // namespace cpu
 }  // namespace fusedrnn
