@@ -7,7 +7,7 @@
 #
 # Sized to finish in under 7 minutes, so that 15 minutes on a GPU machine
 # leave room for a second try: the build (~1.5 min on 16 cores), then stages with their
-# own timeouts (315 s in all), most important first, so that a stage that
+# own timeouts (330 s in all), most important first, so that a stage that
 # times out leaves the later ones their time:
 #   the persistent kernel's tests, with the largest layouts that fit (over
 #   200 KB of shared memory: test_largest_layouts_cuda), and the CUDA-only
@@ -15,7 +15,8 @@
 #   B 1..64, H 256..1024, float32 and bfloat16; it holds the fastrnns config)
 #   with FUSEDRNN_ALGO=persistent (auto is step-wise until this kernel has GPU
 #   results); the op and module tests on CUDA under
-#   FUSEDRNN_ALGO=persistent; the same table step-wise; the op tests step-wise.
+#   FUSEDRNN_ALGO=persistent; the same table step-wise; the op tests step-wise,
+#   with the regularised ops' CUDA tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
@@ -58,8 +59,9 @@ print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, \
   stage "bench persistent set, stepwise" 45 env FUSEDRNN_ALGO=stepwise $PY -m benchmarks.bench \
     --device cuda --persistent --dtype float32,bfloat16 --rounds 2 --no-plot \
     --out-dir "$OUT/persistent-stepwise"
-  stage "op tests, stepwise" 25 env FUSEDRNN_ALGO=stepwise $PY -m pytest -q -rfE -k "cuda" \
-    tests/test_ops.py --junitxml="$OUT/gpu-tests-stepwise-ops-$STAMP.xml"
+  stage "op tests, stepwise; regularised ops" 40 env FUSEDRNN_ALGO=stepwise $PY -m pytest -q \
+    -rfE -k "cuda" tests/test_ops.py tests/test_reg_ops.py \
+    --junitxml="$OUT/gpu-tests-stepwise-ops-$STAMP.xml"
 } 2>&1 | tee "$LOG"
 
 # Keep a copy in the repo's results folder as well.
