@@ -174,17 +174,9 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
 
 
 class LSTM(_FusedRNNBase):
-    """torch.nn.LSTM computed by fusedrnn's kernels (same arguments and outputs).
-    See Beyond torch.nn, keyword arguments off by default (definitions: regularised.py):
-LSTM and GRU take layer_norm, zoneout, recurrent_dropout, weight_drop (and LSTM
-zoneout_cell); LSTMCell and GRUCell take layer_norm and zoneout (LSTMCell
-zoneout_cell); GRU and GRUCell take reset_after. layer_norm adds parameters
-named after torch's scheme: layernorm_ih_weight_l{k}[_reverse] and
-layernorm_hh_weight_l{k}[_reverse] (G*H), and for an LSTM layernorm_c_weight_l{k}
-and layernorm_c_bias_l{k} (H), initialised to ones and zeros (also by
-reset_parameters()); the cells' have no suffix.
-
-Note [Not a subclass of nn.LSTM]."""
+    """torch.nn.LSTM computed by fusedrnn's kernels (same arguments and outputs),
+    plus the options beyond torch.nn of this module's docstring.
+    See Note [Not a subclass of nn.LSTM]."""
 
     def __init__(self, *args, **kwargs):
         if "reset_after" in kwargs:
@@ -203,17 +195,9 @@ Note [Not a subclass of nn.LSTM]."""
 
 
 class GRU(_FusedRNNBase):
-    """torch.nn.GRU computed by fusedrnn's kernels (same arguments and outputs).
-    See Beyond torch.nn, keyword arguments off by default (definitions: regularised.py):
-LSTM and GRU take layer_norm, zoneout, recurrent_dropout, weight_drop (and LSTM
-zoneout_cell); LSTMCell and GRUCell take layer_norm and zoneout (LSTMCell
-zoneout_cell); GRU and GRUCell take reset_after. layer_norm adds parameters
-named after torch's scheme: layernorm_ih_weight_l{k}[_reverse] and
-layernorm_hh_weight_l{k}[_reverse] (G*H), and for an LSTM layernorm_c_weight_l{k}
-and layernorm_c_bias_l{k} (H), initialised to ones and zeros (also by
-reset_parameters()); the cells' have no suffix.
-
-Note [Not a subclass of nn.LSTM].
+    """torch.nn.GRU computed by fusedrnn's kernels (same arguments and outputs),
+    plus the options beyond torch.nn of this module's docstring.
+    See Note [Not a subclass of nn.LSTM].
 
     reset_after=False (beyond torch.nn) selects the classic form of Cho et al.,
     n = tanh(W_in x + b_in + W_hn (r * h) + b_hn); the default True is torch's

@@ -114,29 +114,15 @@ void epilogue_only(int64_t p0, int64_t p1, int64_t M, const float* rec,
   for (int64_t p = p0; p < p1; ++p) epi(rec ? rec + p * units_per_panel : nullptr, ldr, 0, M, p);
 }
 
-// A backward epilogue's prefetch (Note [prefetching the epilogue's rows]):
-// for rows m0..m0+mr and the units of panel p, the rows of `gated` [B, G*H]
-// (all G gates) and of each of `rows` [B, H].
-template <typename V, int G>
-void prefetch_unit_rows(int64_t m0, int mr, int64_t p, int64_t H, const float* gated,
-                        std::initializer_list<const float*> rows) {
-  constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
-  const int64_t u0 = p * kUnitsPerPanel, n = std::min<int64_t>(kUnitsPerPanel, H - u0);
-  for (int64_t b = m0; b < m0 + mr; ++b) {
-    for (int64_t j = 0; j < n; j += kLanes) {
-      for (int g = 0; g < G; ++g) prefetch_read(gated + (b * G + g) * H + u0 + j);
-      for (const float* r : rows) prefetch_read(r + b * H + u0 + j);
-    }
-  }
-}
-
 template <typename V>
 struct LstmBackwardEpi {
   int64_t H;
   const float *grad_out, *gates, *cells, *c_prev;  // [B, H], [B, 4H], [B, H], [B, H]
   float *dc, *dgates;                              // [B, H] in/out, [B, 4H]
-  void prefetch(int64_t m0, int mr, int64_t p) const {
-    prefetch_unit_rows<V, 4>(m0, mr, p, H, gates, {cells, c_prev, grad_out});
+  void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
+    const int64_t u0 = p * kColumnPanel<V>, n = std::min<int64_t>(kColumnPanel<V>, H - u0);
+    prefetch_rows(gates, 4, H, m0, mr, u0, n, V::kLanes);
+    for (const float* r : {cells, c_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
@@ -171,8 +157,10 @@ struct GruBackwardEpi {
   const float *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
   float* dh;                               // [B, H] dh * z of the step after, then of this one
   float *dx, *dhh;                         // [B, 3H] each
-  void prefetch(int64_t m0, int mr, int64_t p) const {
-    prefetch_unit_rows<V, kGruSaved>(m0, mr, p, H, gates, {h_prev, grad_out});
+  void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
+    const int64_t u0 = p * kColumnPanel<V>, n = std::min<int64_t>(kColumnPanel<V>, H - u0);
+    prefetch_rows(gates, kGruSaved, H, m0, mr, u0, n, V::kLanes);
+    for (const float* r : {h_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
@@ -226,32 +214,13 @@ struct StoreEpi {
   }
 };
 
-// y[m][64 p + c] = tile (+ bias): a plain GEMM output.
+// y[m][U p + c] = tile (+ bias) (+ what y held, with accumulate): a plain
+// GEMM output, rows ldy apart.
 template <typename V>
 struct StoreRowsEpi {
-  int64_t N;
-  const float* bias;  // [N] or null
-  float* y;           // [M, N]
-  void prefetch(int64_t, int, int64_t) const {}
-  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
-    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
-    const int64_t n0 = p * kUnitsPerPanel;
-    for (int r = 0; r < mr; ++r) {
-      for (int64_t j = 0; j < kUnitsPerPanel && n0 + j < N; j += kLanes) {
-        const auto m = V::mask(N - n0 - j);
-        V v = V::load(rec + r * ldr + j, m);
-        if (bias) v = v + V::load(bias + n0 + j, m);
-        v.store(y + (m0 + r) * N + n0 + j, m);
-      }
-    }
-  }
-};
-
-// y[m][U p + c] (+)= tile, rows ldy apart.
-template <typename V>
-struct StoreTileEpi {
   int64_t N, ldy;
-  float* y;
+  const float* bias;  // [N] or null
+  float* y;           // [M, ldy]
   bool accumulate;
   void prefetch(int64_t, int, int64_t) const {}
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
@@ -262,6 +231,7 @@ struct StoreTileEpi {
       for (int64_t j = 0; j < kUnitsPerPanel && n0 + j < N; j += kLanes) {
         const auto m = V::mask(N - n0 - j);
         V v = V::load(rec + r * ldr + j, m);
+        if (bias) v = v + V::load(bias + n0 + j, m);
         if (accumulate) v = v + V::load(row + j, m);
         v.store(row + j, m);
       }
@@ -273,18 +243,19 @@ struct StoreTileEpi {
 // thread runs its panels over it.
 constexpr int64_t kRowBlock = 192;
 
-// y [M, N] = a [M, K] @ B with B packed (pack_column_panels' layout).
+// y [M, N] (+)= a [M, K] @ B (+ bias), B packed (pack_column_panels' or
+// pack_transposed_panels' layout); rows of a lda apart, of y ldy apart.
 template <typename V>
-void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, const Tensor& packed,
-               const float* bias, float* y) {
+void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const Tensor& packed,
+               const float* bias, float* y, int64_t ldy, bool accumulate = false) {
   const int64_t P = ceil_div(N, kColumnPanel<V>);
   const int64_t grain = ceil_div(P, at::get_num_threads());
   const float* bp = packed.data_ptr<float>();
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t mc = 0; mc < M; mc += kRowBlock) {
-      const StoreRowsEpi<V> epi{N, bias, y + mc * N};
-      run_panels<V, V::kColumnNV>(p0, p1, std::min(kRowBlock, M - mc), K, a + mc * K, K, 1, bp,
-                                  epi);
+      const StoreRowsEpi<V> epi{N, ldy, bias, y + mc * ldy, accumulate};
+      run_panels<V, V::kColumnNV>(p0, p1, std::min(kRowBlock, M - mc), K, a + mc * lda, lda, 1,
+                                  bp, epi);
     }
   });
 }
@@ -301,20 +272,8 @@ Tensor pack_rhs_f32(const Tensor& b) {
 // with unit column stride, any row stride (the regularised ops' step GEMM).
 template <typename V>
 void gemm_packed_f32(const Tensor& a, const Tensor& packed, const Tensor& out, bool accumulate) {
-  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
-  const int64_t P = ceil_div(N, kColumnPanel<V>);
-  const float* ap = a.data_ptr<float>();
-  const float* bp = packed.data_ptr<float>();
-  float* y = out.data_ptr<float>();
-  const int64_t lda = a.stride(0), ldy = out.stride(0);
-  const int64_t grain = ceil_div(P, at::get_num_threads());
-  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t mc = 0; mc < M; mc += kRowBlock) {
-      const StoreTileEpi<V> epi{N, ldy, y + mc * ldy, accumulate};
-      run_panels<V, V::kColumnNV>(p0, p1, std::min(kRowBlock, M - mc), K, ap + mc * lda, lda, 1,
-                                  bp, epi);
-    }
-  });
+  gemm_rows<V>(a.size(0), out.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), packed,
+               nullptr, out.data_ptr<float>(), out.stride(0), accumulate);
 }
 
 template <typename V>
@@ -441,8 +400,8 @@ Tensor linear_f32(const Tensor& x, const Tensor& w, const c10::optional<Tensor>&
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   Tensor y = empty_for_steps({M, N}, x.options());
   const Tensor bias = b.has_value() ? b->contiguous() : Tensor();
-  gemm_rows<V>(M, N, K, x.data_ptr<float>(), pack_transposed_panels<V>(w),
-               bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  gemm_rows<V>(M, N, K, x.data_ptr<float>(), K, pack_transposed_panels<V>(w),
+               bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
   return y;
 }
 
@@ -450,8 +409,8 @@ template <typename V>
 Tensor linear_input_grad_f32(const Tensor& dy, const Tensor& w) {
   const int64_t M = dy.size(0), N = w.size(0), K = w.size(1);
   Tensor dx = empty_for_steps({M, K}, dy.options());
-  gemm_rows<V>(M, K, N, dy.data_ptr<float>(), pack_column_panels<V>(w), nullptr,
-               dx.data_ptr<float>());
+  gemm_rows<V>(M, K, N, dy.data_ptr<float>(), N, pack_column_panels<V>(w), nullptr,
+               dx.data_ptr<float>(), K);
   return dx;
 }
 

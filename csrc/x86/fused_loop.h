@@ -170,10 +170,7 @@ struct LstmForwardEpi {
   S* gates;           // [B, 4H] or null
   float* cells;       // [B, H] or null
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
-    const int64_t u0 = p * V::kLanes;
-    for (int64_t b = m0; b < m0 + mr; ++b) {
-      for (int g = 0; g < 4; ++g) prefetch_read(x + b * 4 * H + g * H + u0);
-    }
+    prefetch_rows(x, 4, H, m0, mr, p * V::kLanes, V::kLanes, V::kLanes);
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kLanes = V::kLanes;
@@ -215,10 +212,7 @@ struct GruForwardEpi {
   S* h;                        // [B, H] h_t
   S* gates;                    // [B, 4H] or null
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
-    const int64_t u0 = p * V::kLanes;
-    for (int64_t b = m0; b < m0 + mr; ++b) {
-      for (int g = 0; g < 3; ++g) prefetch_read(x + b * 3 * H + g * H + u0);
-    }
+    prefetch_rows(x, 3, H, m0, mr, p * V::kLanes, V::kLanes, V::kLanes);
   }
   void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kLanes = V::kLanes;

@@ -140,7 +140,17 @@ constexpr int64_t depth_block() {
 // T=100, I=H=512): B=64 40 -> 31 ms (68% -> 88% of the FMA peak), B=16 10.6
 // -> 8.3 ms. Prefetching also the rows the epilogue writes, or the running
 // state (in L2 already), took the gain back: only what is read from memory.
-inline void prefetch_read(const void* p) { __builtin_prefetch(p, 0, 3); }
+// Rows m0..m0+mr of `rows` ([B, G*H]: gate g of unit u at g * H + u), units
+// u0..u0+n of every gate, one prefetch per `step` units (one vector's worth).
+template <typename T>
+inline void prefetch_rows(const T* rows, int G, int64_t H, int64_t m0, int mr, int64_t u0,
+                          int64_t n, int64_t step) {
+  for (int64_t b = m0; b < m0 + mr; ++b) {
+    for (int g = 0; g < G; ++g) {
+      for (int64_t j = 0; j < n; j += step) __builtin_prefetch(rows + (b * G + g) * H + u0 + j, 0, 3);
+    }
+  }
+}
 template <typename V, int NV, typename Mma = MmaF32<V>, typename Epi>
 void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma::A* a,
                 int64_t sam, int64_t sak, const typename Mma::Packed* packed, const Epi& epi) {
