@@ -106,7 +106,7 @@ def check_link_order(sources):
     x86 = [s for s in X86_SOURCES if s in sources]
     if sorted(sources)[len(sources) - len(x86):] != x86:
         sys.exit(f"fusedrnn: {x86} must sort after every other source, in that order "
-                 "(Note [ISA translation units] in csrc/x86/fused_f32.h)")
+                 "(Note [ISA translation units] in csrc/x86/fused_ops.h)")
 
 
 def want_cuda(torch_cuda, cuda_home):

@@ -4,7 +4,7 @@
 // converts to `acc_t`, calls gates.h and stores. The CPU loop
 // (cpu/rnn_cpu.cpp), the CUDA step kernel (cuda/rnn_cuda.cu) and the
 // persistent kernel (persistent/phases.h) all call it; only the fused
-// x86 paths (x86/fused_f32.h) have their own, a vector of units at a time.
+// x86 paths (x86/fused_ops.h) have their own, a vector of units at a time.
 //
 // All pointers are row-major and contiguous; `rows` is the number of batch rows
 // active at this step (PackedSequence batch_sizes[t]) and H the hidden size.

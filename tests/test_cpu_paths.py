@@ -1,10 +1,11 @@
 """Every CPU path the dispatcher can choose, forced on this machine
 (FUSEDRNN_CPU_ISA, isa_helpers.py): the fused float32 paths for AVX-512 and
-for AVX2 (forward, backward, the input projection), the fused bfloat16 forward
-(AVX512-BF16, under avx512) and the generic loop (generic, and wherever no
-fused path applies). Float32 results against a float64 reference or torch.nn;
-low-precision ones within a small multiple of torch.nn's own error at that
-dtype against a float64 torch.nn."""
+for AVX2 (forward, backward, the input projection), the fused float64 path
+(AVX-512), the fused bfloat16 forward (AVX512-BF16, under avx512) and the
+generic loop (generic, and wherever no fused path applies). Float32 and
+float64 results against a float64 reference or torch.nn; low-precision ones
+within a small multiple of torch.nn's own error at that dtype against a
+float64 torch.nn."""
 import pytest
 import torch
 from torch import nn
@@ -18,8 +19,9 @@ from isa_helpers import (CPU_ISAS, FUSED_ISAS, RUNNABLE, cpu_isa_in_force, force
                          isa_params)
 
 KINDS = ["lstm", "gru"]
-# Float32 against float64: the fused paths' error (fp32 accumulation) is ~1e-7.
-F32_TOL = 1e-5
+# Against float64: the fused paths' error in float32 (fp32 accumulation) is
+# ~1e-7; in float64 ~1e-15 (sums in another order, exp/tanh within 2 ulp).
+TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
 
 def run(module, x, dtype):
@@ -89,12 +91,12 @@ def run_layer(kind, d, reverse, impl):
     return impl.gru_layer(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], None, reverse)
 
 
-def check_layer_against_float64(kind, T, B, H, reverse, bias):
-    """Values and all gradients of a float32 padded layer against the float64
-    reference, on the path in force."""
+def check_layer_against_float64(kind, T, B, H, reverse, bias, dtype=torch.float32):
+    """Values and all gradients of a float32 (float64) padded layer against the
+    float64 reference, on the path in force."""
     d64 = layer_inputs(kind, False, "cpu", torch.float64, bias=bias, T=T, B=B, H=H,
                        requires_grad=True)
-    d32 = {k: (v.detach().float().requires_grad_(True) if isinstance(v, torch.Tensor)
+    d32 = {k: (v.detach().to(dtype).requires_grad_(True) if isinstance(v, torch.Tensor)
                and v.is_floating_point() else v) for k, v in d64.items()}
     got, want = run_layer(kind, d32, reverse, fusedrnn), run_layer(kind, d64, reverse, ref)
     weights = [torch.randn_like(w) for w in want]
@@ -104,12 +106,12 @@ def check_layer_against_float64(kind, T, B, H, reverse, bias):
                               list(grad_tensors(d64).values()))
     names = ["output", "h_n", "c_n"][:len(want)] + list(grad_tensors(d64))
     for name, a, e in zip(names, list(got) + list(g32), list(want) + list(g64)):
-        assert a.dtype == torch.float32 and a.shape == e.shape, name
-        assert rel_err(a, e) < F32_TOL, (name, rel_err(a, e))
+        assert a.dtype == dtype and a.shape == e.shape, name
+        assert rel_err(a, e) < TOL[dtype], (name, rel_err(a, e))
 
 
 # (T, B, H): one step, one row, tails of 8- and 16-lane vectors (5, 17, 70, 129),
-# whole vectors of AVX2 only (8, 24), batches that are not a multiple of any
+# whole vectors of 8 lanes only (8, 24), batches that are not a multiple of any
 # tile's rows, a backward panel cut in depth on AVX-512 (4H > 512 at H=129).
 SHAPES = [(1, 1, 5), (1, 3, 8), (9, 1, 24), (7, 7, 17), (4, 13, 70), (3, 6, 129)]
 
@@ -119,18 +121,44 @@ SHAPES = [(1, 1, 5), (1, 3, 8), (9, 1, 24), (7, 7, 17), (4, 13, 70), (3, 6, 129)
 @pytest.mark.parametrize("T,B,H", SHAPES, ids=[f"T{t}-B{b}-H{h}" for t, b, h in SHAPES])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_layer_float32_matches_float64_reference(isa, kind, T, B, H, reverse, bias, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_layer_matches_float64_reference(isa, kind, T, B, H, reverse, bias, dtype, monkeypatch):
     force_cpu_isa(monkeypatch, isa)
-    check_layer_against_float64(kind, T, B, H, reverse, bias)
+    check_layer_against_float64(kind, T, B, H, reverse, bias, dtype)
 
 
 @pytest.mark.parametrize("isa", isa_params(("avx512", "avx2")))
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_panels_cut_in_depth(isa, kind, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_layer_panels_cut_in_depth(isa, kind, dtype, monkeypatch):
     """H = 1100: forward and backward panels deeper than one pass
-    (panel_gemm.h, depth_block) on both vector widths, tiles summed in a buffer."""
+    (panel_gemm.h, depth_block) on every vector width, tiles summed in a buffer."""
     force_cpu_isa(monkeypatch, isa)
-    check_layer_against_float64(kind, 2, 7, 1100, False, True)
+    check_layer_against_float64(kind, 2, 7, 1100, False, True, dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float64_takes_the_fused_path_where_one_applies(kind, monkeypatch):
+    """On avx512, padded float64 input runs the fused float64 path, whose sums
+    and exp/tanh differ from the generic loop's in the last bits; packed input,
+    which no fused path takes, agrees bitwise."""
+    if "avx512" not in RUNNABLE:
+        pytest.skip("this CPU or build has no avx512 path")
+    G = 4 if kind == "lstm" else 3
+    H = 37
+    for packed in (False, True):
+        x = torch.randn(20 * 8 if packed else 20, *(() if packed else (8,)), G * H,
+                        dtype=torch.float64)
+        bs = torch.full((20,), 8, dtype=torch.long) if packed else None
+        h0, c0 = torch.randn(8, H, dtype=torch.float64), torch.randn(8, H, dtype=torch.float64)
+        w = torch.randn(G * H, H, dtype=torch.float64) / H ** 0.5
+        b = torch.randn(G * H, dtype=torch.float64)
+        res = []
+        for path in ("avx512", "generic"):
+            force_cpu_isa(monkeypatch, path)
+            res.append(layer_call(kind, x, h0, c0, w, b, bs))
+        assert all(torch.equal(a, g) for a, g in zip(*res)) == packed, packed
+        assert all(rel_err(a, g) < TOL[torch.float64] for a, g in zip(*res))
 
 
 # (M, K, N): one row, tails of both vector widths, several row blocks (M > 192),
@@ -141,37 +169,39 @@ LINEAR_SHAPES = [(1, 17, 5), (7, 33, 70), (200, 17, 33), (400, 9, 16), (13, 2100
 @pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("M,K,N", LINEAR_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in LINEAR_SHAPES])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_linear_float32_matches_float64(isa, M, K, N, bias, monkeypatch):
-    """fusedrnn::linear and its input gradient (the fused GEMM on avx512 and
-    avx2, ATen's on generic), values and gradients."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_linear_matches_float64(isa, M, K, N, bias, dtype, monkeypatch):
+    """fusedrnn::linear and its gradients (the fused GEMMs on avx512 and avx2
+    in float32, on avx512 in float64; ATen's elsewhere), values and gradients."""
     force_cpu_isa(monkeypatch, isa)
     x = torch.randn(M, K, dtype=torch.float64, requires_grad=True)
     w = torch.randn(N, K, dtype=torch.float64, requires_grad=True)
     b = torch.randn(N, dtype=torch.float64, requires_grad=True) if bias else None
     leaves = [x, w] + ([b] if bias else [])
-    leaves32 = [t.detach().float().requires_grad_(True) for t in leaves]
-    got = fusedrnn._ops.linear(*leaves32, *([] if bias else [None]))
+    ours = [t.detach().to(dtype).requires_grad_(True) for t in leaves]
+    got = fusedrnn._ops.linear(*ours, *([] if bias else [None]))
     want = torch.nn.functional.linear(x, w, b)
-    assert got.dtype == torch.float32 and rel_err(got, want) < F32_TOL
+    assert got.dtype == dtype and rel_err(got, want) < TOL[dtype]
     c = torch.randn_like(want)
-    for a, e in zip(torch.autograd.grad((got.double() * c).sum(), leaves32),
+    for a, e in zip(torch.autograd.grad((got.double() * c).sum(), ours),
                     torch.autograd.grad((want * c).sum(), leaves)):
-        assert rel_err(a, e) < F32_TOL
+        assert a.dtype == dtype and rel_err(a, e) < TOL[dtype]
 
 
 @pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_modules_float32_match_torch_nn(isa, kind, bidirectional, bias, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_modules_match_torch_nn(isa, kind, bidirectional, bias, dtype, monkeypatch):
     """Two-layer modules (input projection, both directions) against a float64
     torch.nn: outputs, states and every gradient."""
     force_cpu_isa(monkeypatch, isa)
     net = getattr(nn, kind)(17, 13, num_layers=2, bidirectional=bidirectional, bias=bias)
     ours = fusedrnn.from_torch(net)
     x = torch.randn(6, 5, 17, dtype=torch.float64)
-    for o, w in zip(run(ours, x, torch.float32), run(net.double(), x, torch.float64)):
-        assert rel_err(o, w) < F32_TOL
+    for o, w in zip(run(ours, x, dtype), run(net.double(), x, torch.float64)):
+        assert rel_err(o, w) < TOL[dtype]
 
 
 @pytest.mark.parametrize("kind", KINDS)

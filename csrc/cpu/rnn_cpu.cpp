@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <type_traits>
 
 #include "../recurrence.h"
 #include "../x86/fused.h"
@@ -36,10 +37,15 @@ struct CpuKernels {
 // since their definitions are not linked.
 
 
-// Float32, padded, without projection: the fused float32 kernels, or null.
+// Float32 (float64), padded, without projection: the fused kernels of that
+// type, or null.
 const cpu::FusedF32* fused_f32_for(const at::Tensor& x, bool packed, bool proj) {
   const cpu::FusedF32* ops = cpu::fused_f32();  // first: a bad knob raises on every call
   return x.scalar_type() == at::kFloat && !packed && !proj ? ops : nullptr;
+}
+const cpu::FusedF64* fused_f64_for(const at::Tensor& x, bool packed, bool proj) {
+  const cpu::FusedF64* ops = cpu::fused_f64();
+  return x.scalar_type() == at::kDouble && !packed && !proj ? ops : nullptr;
 }
 
 #ifdef FUSEDRNN_X86
@@ -65,27 +71,30 @@ const cpu::FusedF32* fused_via_f32_for(const at::Tensor& x, bool packed, bool pr
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
 
 // Padded input without projection takes a fused path (x86/fused.h) where the
-// CPU has it: float32 on AVX-512 or AVX2, and the bfloat16 forward on
-// AVX512-BF16; everything else the generic loop.
+// CPU has it: float32 on AVX-512 or AVX2, float64 on AVX-512, and the
+// bfloat16 forward on AVX512-BF16; everything else the generic loop.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
     bool train) {
   const NoAutocast no_autocast;
   const auto checked = lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
-  if (const auto* ops = fused_f32_for(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
+  const bool packed = batch_sizes.has_value(), proj = w_hr.has_value();
+  const auto run = [&](const auto* ops) {
     const int64_t G = kLstmGates * std::get<1>(checked);
     return ops->lstm_forward(x_proj, h0, c0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
                              reverse, train);
-  }
+  };
+  if (const auto* ops = fused_f32_for(x_proj, packed, proj)) return run(ops);
+  if (const auto* ops = fused_f64_for(x_proj, packed, proj)) return run(ops);
 #ifdef FUSEDRNN_X86
-  if (fused_bf16_ok(x_proj, batch_sizes.has_value(), w_hr.has_value(), std::get<1>(checked))) {
+  if (fused_bf16_ok(x_proj, packed, proj, std::get<1>(checked))) {
     const int64_t G = kLstmGates * std::get<1>(checked);
     return cpu::lstm_forward_fused_bf16(x_proj, h0, c0, w_hh,
                                         detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
   }
 #endif
-  if (const auto* ops = fused_via_f32_for(x_proj, batch_sizes.has_value(), w_hr.has_value())) {
+  if (const auto* ops = fused_via_f32_for(x_proj, packed, proj)) {
     const int64_t G = kLstmGates * std::get<1>(checked);
     const auto dt = x_proj.scalar_type();
     auto [out, h_n, c_n, gates, cells] = ops->lstm_forward(
@@ -104,12 +113,17 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
                   bool reverse, bool has_bias) {
   const NoAutocast no_autocast;
-  const auto* ops = fused_f32_for(grad_output, batch_sizes.has_value(), w_hr.has_value());
-  if (ops && grad_output.dim() == 3) {
+  const bool packed = batch_sizes.has_value(), proj = w_hr.has_value();
+  const auto run = [&](const auto* ops) {
     return ops->lstm_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh,
                               reverse, has_bias);
+  };
+  const auto* f32_ops = fused_f32_for(grad_output, packed, proj);  // first: a bad knob raises
+  if (grad_output.dim() == 3) {
+    if (f32_ops) return run(f32_ops);
+    if (const auto* ops = fused_f64_for(grad_output, packed, proj)) return run(ops);
   }
-  ops = fused_via_f32_for(grad_output, batch_sizes.has_value(), w_hr.has_value());
+  const auto* ops = fused_via_f32_for(grad_output, packed, proj);
   if (ops && grad_output.dim() == 3) {
     const auto dt = grad_output.scalar_type();
     auto [dx, dh0, dc0, dw, dw_hr, db] = ops->lstm_backward(
@@ -127,20 +141,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const NoAutocast no_autocast;
   const auto checked =
       gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
-  const auto* ops = fused_f32_for(x_proj, batch_sizes.has_value(), false);
-  if (reset_after && ops) {
+  const bool packed = batch_sizes.has_value();
+  const auto run = [&](const auto* ops) {
     const int64_t G = kGruGates * std::get<1>(checked);
     return ops->gru_forward(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj), reverse,
                             train);
+  };
+  const auto* f32_ops = fused_f32_for(x_proj, packed, false);  // first: a bad knob raises
+  if (reset_after) {
+    if (f32_ops) return run(f32_ops);
+    if (const auto* ops = fused_f64_for(x_proj, packed, false)) return run(ops);
   }
 #ifdef FUSEDRNN_X86
-  if (reset_after && fused_bf16_ok(x_proj, batch_sizes.has_value(), false, std::get<1>(checked))) {
+  if (reset_after && fused_bf16_ok(x_proj, packed, false, std::get<1>(checked))) {
     const int64_t G = kGruGates * std::get<1>(checked);
     return cpu::gru_forward_fused_bf16(x_proj, h0, w_hh,
                                        detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
   }
 #endif
-  ops = fused_via_f32_for(x_proj, batch_sizes.has_value(), false);
+  const auto* ops = fused_via_f32_for(x_proj, packed, false);
   if (reset_after && ops) {
     const int64_t G = kGruGates * std::get<1>(checked);
     const auto dt = x_proj.scalar_type();
@@ -158,11 +177,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
-  const auto* ops = fused_f32_for(grad_output, batch_sizes.has_value(), false);
-  if (reset_after && ops && grad_output.dim() == 3) {
+  const bool packed = batch_sizes.has_value();
+  const auto run = [&](const auto* ops) {
     return ops->gru_backward(grad_output, grad_h_n, output, gates, h0, w_hh, reverse, has_bias);
+  };
+  const auto* f32_ops = fused_f32_for(grad_output, packed, false);  // first: a bad knob raises
+  if (reset_after && grad_output.dim() == 3) {
+    if (f32_ops) return run(f32_ops);
+    if (const auto* ops = fused_f64_for(grad_output, packed, false)) return run(ops);
   }
-  ops = fused_via_f32_for(grad_output, batch_sizes.has_value(), false);
+  const auto* ops = fused_via_f32_for(grad_output, packed, false);
   if (reset_after && ops && grad_output.dim() == 3) {
     const auto dt = grad_output.scalar_type();
     auto [dx, dh0, dw, db] = ops->gru_backward(f32(grad_output), f32(grad_h_n), f32(output),
@@ -173,28 +197,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
                                        batch_sizes, reverse, reset_after, has_bias);
 }
 
-// The fused float32 kernels for a [M, K] times w, on the CPU; or null.
-const cpu::FusedF32* linear_fused_for(const at::Tensor& a, const at::Tensor& w) {
+// The fused kernels of element type T for a [M, K] times w [N, K], on the
+// CPU, both of type T; or null.
+template <typename T>
+const cpu::FusedOps<T>* linear_fused_for(const at::Tensor& a, const at::Tensor& w) {
   if (!a.device().is_cpu()) return nullptr;
-  const cpu::FusedF32* ops = cpu::fused_f32();
-  return a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && a.numel() > 0 ? ops
-                                                                                        : nullptr;
+  const cpu::FusedOps<T>* ops = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    ops = cpu::fused_f32();
+  } else {
+    ops = cpu::fused_f64();
+  }
+  constexpr auto kType = c10::CppTypeToScalarType<T>::value;
+  return a.scalar_type() == kType && w.scalar_type() == kType && a.numel() > 0 ? ops : nullptr;
 }
 
-// The input projection: our GEMM for float32 on AVX-512 and AVX2 CPUs, else
-// ATen's. Any device (registered as CompositeExplicitAutograd).
+// f(ops) with the fused kernels for a times w (linear_fused_for), float32 or
+// float64; or nullopt where neither runs.
+template <typename F>
+auto with_linear_ops(const at::Tensor& a, const at::Tensor& w, const F& f)
+    -> c10::optional<decltype(f(cpu::fused_f32()))> {
+  if (const auto* ops = linear_fused_for<float>(a, w)) return f(ops);
+  if (const auto* ops = linear_fused_for<double>(a, w)) return f(ops);
+  return c10::nullopt;
+}
+
+// The input projection: our GEMM for float32 (float64) on CPUs with a fused
+// path, else ATen's. Any device (registered as CompositeExplicitAutograd).
 at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
                       const OptTensor& bias) {
   const NoAutocast no_autocast;
   TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
               "fusedrnn::linear: input [..., ", weight.dim() == 2 ? weight.size(1) : -1,
               "] and weight [N, K] expected, got ", input.sizes(), " and ", weight.sizes());
-  const auto* ops = linear_fused_for(input, weight);
-  if (ops && !(bias.has_value() && bias->scalar_type() != at::kFloat)) {
-    auto out_shape = input.sizes().vec();
-    out_shape.back() = weight.size(0);
-    const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
-    return ops->linear(x2, weight.contiguous(), bias).view(out_shape);
+  if (!(bias.has_value() && bias->scalar_type() != input.scalar_type())) {
+    const auto y = with_linear_ops(input, weight, [&](const auto* ops) {
+      auto out_shape = input.sizes().vec();
+      out_shape.back() = weight.size(0);
+      const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
+      return ops->linear(x2, weight.contiguous(), bias).view(out_shape);
+    });
+    if (y) return *y;
   }
   return at::linear(input, weight, bias);
 }
@@ -208,20 +251,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
   const at::Tensor none = at::empty({0}, grad.options());
   at::Tensor dx = none, dw = none, db = none;
   if (input_grad) {
-    const auto* ops = linear_fused_for(g2, weight);
-    dx = (ops ? ops->linear_input_grad(g2, weight.contiguous()) : at::mm(g2, weight))
-             .view(input.sizes());
+    const auto d = with_linear_ops(
+        g2, weight, [&](const auto* ops) { return ops->linear_input_grad(g2, weight.contiguous()); });
+    dx = (d ? *d : at::mm(g2, weight)).view(input.sizes());
   }
-  if (weight_grad) {
+  if (weight_grad && input.scalar_type() == g2.scalar_type()) {
     // Our weight-gradient GEMM where a fused path runs (Note [weight-gradient
-    // GEMM] in x86/weight_grad.h), else MKL's SGEMM.
-    const auto* ops = linear_fused_for(g2, weight);
-    if (ops && input.scalar_type() == at::kFloat) {
+    // GEMM] in x86/weight_grad.h), else MKL's.
+    const auto wb = with_linear_ops(g2, weight, [&](const auto* ops) {
+      using T = typename std::remove_pointer_t<decltype(ops)>::Elem;
       const at::Tensor xc = x2.contiguous();
-      auto [w, b] = ops->weight_grad({{g2.data_ptr<float>(), xc.data_ptr<float>(), g2.size(0)}},
-                                     g2.size(1), xc.size(1), bias_grad, g2.options());
-      return {dx, w, bias_grad ? b : none};
-    }
+      return ops->weight_grad({{g2.data_ptr<T>(), xc.data_ptr<T>(), g2.size(0)}}, g2.size(1),
+                              xc.size(1), bias_grad, g2.options());
+    });
+    if (wb) return {dx, wb->first, bias_grad ? wb->second : none};
   }
   if (weight_grad) dw = at::mm(g2.t(), x2);
   if (bias_grad) db = g2.sum(0);
@@ -250,6 +293,14 @@ const FusedF32* fused_f32() {
     default:
       return nullptr;
   }
+}
+const FusedF64* fused_f64() {
+#ifdef FUSEDRNN_X86
+  if (cpu_isa() == CpuIsa::kAvx512) return &kFusedAvx512F64;
+#else
+  (void)cpu_isa();  // a bad knob raises here too
+#endif
+  return nullptr;
 }
 }  // namespace cpu
 

@@ -16,18 +16,24 @@ namespace cpu {
 
 using at::Tensor;
 
-// `rows` rows of dY [rows, M] and of X [rows, N], float32, row-major and
-// contiguous: one segment of the rows summed over in a weight gradient.
-struct GradRows {
-  const float* dy;
-  const float* x;
+// `rows` rows of dY [rows, M] and of X [rows, N], of element type T,
+// row-major and contiguous: one segment of the rows summed over in a weight
+// gradient.
+template <typename T>
+struct GradRowsOf {
+  const T* dy;
+  const T* x;
   int64_t rows;
 };
+using GradRows = GradRowsOf<float>;
 
-// The float32 ops of one instruction set (fused_f32.h, compiled once per
-// set). Same contracts as lstm_forward_impl / lstm_backward_impl etc. in
-// recurrence.h, for x_proj [T, B, G*H]; arguments are already checked.
-struct FusedF32 {
+// The ops of one instruction set for one element type T (float32, float64):
+// fused_ops.h, compiled once per set. Same contracts as lstm_forward_impl /
+// lstm_backward_impl etc. in recurrence.h, for x_proj [T, B, G*H]; arguments
+// are already checked.
+template <typename T>
+struct FusedOps {
+  using Elem = T;
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*lstm_forward)(
       const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
       const Tensor& b_hh, bool reverse, bool train);
@@ -41,13 +47,13 @@ struct FusedF32 {
   std::tuple<Tensor, Tensor, Tensor, Tensor> (*gru_backward)(
       const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output,
       const Tensor& gates, const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias);
-  // y [M, N] = x [M, K] w [N, K]^T (+ b [N]); float32, contiguous.
+  // y [M, N] = x [M, K] w [N, K]^T (+ b [N]); contiguous.
   Tensor (*linear)(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b);
-  // dx [M, K] = dy [M, N] w [N, K]; float32, contiguous.
+  // dx [M, K] = dy [M, N] w [N, K]; contiguous.
   Tensor (*linear_input_grad)(const Tensor& dy, const Tensor& w);
   // (dW [M, N], db [M] or [0]): dY^T X and the column sums of dY over the
   // rows of all segments (Note [weight-gradient GEMM] in weight_grad.h).
-  std::pair<Tensor, Tensor> (*weight_grad)(const std::vector<GradRows>& segs, int64_t M,
+  std::pair<Tensor, Tensor> (*weight_grad)(const std::vector<GradRowsOf<T>>& segs, int64_t M,
                                            int64_t N, bool want_db,
                                            const at::TensorOptions& options);
   // A GEMM whose right operand is packed once for many calls (the regularised
@@ -57,13 +63,18 @@ struct FusedF32 {
   Tensor (*pack_rhs)(const Tensor& b);
   void (*gemm_packed)(const Tensor& a, const Tensor& packed, const Tensor& out, bool accumulate);
 };
+using FusedF32 = FusedOps<float>;
+using FusedF64 = FusedOps<double>;
 
-// The float32 kernels of the CPU path in force (cpu/cpu_isa.h), or null where
-// it is the generic loop (rnn_cpu.cpp). Raises for a bad FUSEDRNN_CPU_ISA.
+// The float32 (float64) kernels of the CPU path in force (cpu/cpu_isa.h), or
+// null where it is the generic loop (rnn_cpu.cpp). Raise for a bad
+// FUSEDRNN_CPU_ISA.
 const FusedF32* fused_f32();
+const FusedF64* fused_f64();
 
-extern const FusedF32 kFusedAvx512;  // fused_avx512.cpp: AVX-512 F, VL, DQ, BW
-extern const FusedF32 kFusedAvx2;    // fused_avx2.cpp: AVX2 and FMA
+extern const FusedF32 kFusedAvx512;     // fused_avx512.cpp: AVX-512 F, VL, DQ, BW
+extern const FusedF64 kFusedAvx512F64;  // the same, float64
+extern const FusedF32 kFusedAvx2;       // fused_avx2.cpp: AVX2 and FMA
 
 // The float32 forwards for bfloat16 (fused_avx512_bf16.cpp): H even, AVX512-BF16.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(

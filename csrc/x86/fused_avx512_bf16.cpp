@@ -1,4 +1,4 @@
-// The fused bfloat16 CPU path (AVX512-BF16): the forward of fused_f32.h with
+// The fused bfloat16 CPU path (AVX512-BF16): the forward of fused_ops.h with
 // bfloat16 activations and weights. The tile product runs vdpbf16ps, which
 // adds two bfloat16 products into each float32 lane, on panels that hold
 // k in pairs:
@@ -9,7 +9,7 @@
 // (gates.h, through the epilogues of fused_loop.h) and the cell state are
 // float32; h and the saved gates are rounded to bfloat16 once, as torch.nn
 // stores them. Entered only after has_avx512_bf16() (rnn_cpu.cpp); compiled
-// like fused_avx512.cpp (Note [ISA translation units] in fused_f32.h).
+// like fused_avx512.cpp (Note [ISA translation units] in fused_ops.h).
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
 
 #include <cstring>

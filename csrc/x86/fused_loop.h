@@ -1,13 +1,15 @@
-// The time loop of the fused CPU paths, shared by the float32 (fused_f32.h)
-// and bfloat16 (fused_avx512_bf16.cpp) translation units: the spin-barrier step
-// loop, step buffers, and the forward epilogues and drivers, templated on the
-// vector type V (vec16.h, vec8.h), the storage type S (activations, gates, h)
-// and the GEMM that forms a tile. The cell state and all gate math stay float32.
+// The time loop of the fused CPU paths, shared by the float32 and float64
+// (fused_ops.h) and bfloat16 (fused_avx512_bf16.cpp) translation units: the
+// spin-barrier step loop, step buffers, and the forward epilogues and drivers,
+// templated on the
+// vector type V (vec16.h, vec8.h, vec8d.h), the storage type S (activations,
+// gates, h) and the GEMM that forms a tile. The cell state and all gate math
+// are in V's element type V::T (float32 for bfloat16 storage).
 //
 // Everything here has internal linkage (the unnamed namespace): each ISA's
 // translation unit gets its own copy, compiled for its own instruction set, so
 // the linker never hands one unit's copy to the other (Note [ISA translation
-// units] in fused_f32.h). Include only from those units, with vec16.h or vec8.h.
+// units] in fused_ops.h). Include only from those units, with a vector header.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,12 +39,13 @@ constexpr int kGateNV = 1;  // vectors per gate in a forward panel: V::kLanes un
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// A vector of storage type S to float32 and back (bfloat16: round to nearest
-// even, NaN kept, as c10::BFloat16). The bfloat16 branch is instantiated only
-// in the unit compiled with AVX512-BF16, with V = Vec16.
+// A vector of storage type S to V's element type and back (bfloat16 to
+// float32: round to nearest even, NaN kept, as c10::BFloat16). The bfloat16
+// branch is instantiated only in the unit compiled with AVX512-BF16, with V =
+// Vec16.
 template <typename V, typename S>
 inline V load_v(const S* p, typename V::Mask m) {
-  if constexpr (std::is_same_v<S, float>) {
+  if constexpr (std::is_same_v<S, typename V::T>) {
     return V::load(p, m);
   } else {
     const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
@@ -52,7 +55,7 @@ inline V load_v(const S* p, typename V::Mask m) {
 
 template <typename V, typename S>
 inline void store_v(S* p, V v, typename V::Mask m) {
-  if constexpr (std::is_same_v<S, float>) {
+  if constexpr (std::is_same_v<S, typename V::T>) {
     v.store(p, m);
   } else {
     _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v.v));
@@ -127,7 +130,8 @@ Tensor pack_gate_panels(const Tensor& w, int64_t G) {
   const int64_t width = G * kGateNV * kLanes;
   const S* src = w.data_ptr<S>();
   if constexpr (std::is_same_v<S, float> && KP == 1 && kLanes == 16) {
-    // Each gate's 16 units of a panel are 16 consecutive rows of w (AVX-512).
+    // Each gate's 16 units of a panel are 16 consecutive rows of w (AVX-512
+    // float32).
     Tensor packed = at::empty({P, K, width}, w.options());
     float* dst = packed.data_ptr<float>();
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
@@ -158,21 +162,22 @@ Tensor pack_gate_panels(const Tensor& w, int64_t G) {
 }
 
 // ------------------------------------------------------------------ forward epilogues
-// Each gets rec: a float32 tile of recurrent terms, rows m0..m0+mr, row
+// Each gets rec: a tile of recurrent terms (V::T), rows m0..m0+mr, row
 // stride ldr, and the panel index p; it indexes step-local buffers [B, ...]
 // and runs the gate math of gates.h on V::kLanes hidden units at a time.
 template <typename V, typename S>
 struct LstmForwardEpi {
+  using E = typename V::T;
   int64_t H;
   const S *x, *bias;  // [B, 4H], [4H]
-  float* c;           // [B, H] running cell state
+  E* c;               // [B, H] running cell state
   S* h;               // [B, H] h_t
   S* gates;           // [B, 4H] or null
-  float* cells;       // [B, H] or null
+  E* cells;           // [B, H] or null
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     prefetch_rows(x, 4, H, m0, mr, p * V::kLanes, V::kLanes, V::kLanes);
   }
-  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+  void operator()(const typename V::T* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kLanes = V::kLanes;
     const int64_t u0 = p * kLanes;
     const auto m = V::mask(H - u0);
@@ -181,9 +186,9 @@ struct LstmForwardEpi {
             bo = load_v<V>(bb + 3 * H, m);
     for (int r = 0; r < mr; ++r) {
       const int64_t b = m0 + r;
-      const float* t = rec + r * ldr;
+      const E* t = rec + r * ldr;
       const S* xb = x + b * 4 * H + u0;
-      float* cb = c + b * H + u0;
+      E* cb = c + b * H + u0;
       V i, f, g, o, c_new, h_new;
       lstm_forward_point<V>(
           load_v<V>(t, m) + load_v<V>(xb, m) + bi,
@@ -214,7 +219,7 @@ struct GruForwardEpi {
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     prefetch_rows(x, 3, H, m0, mr, p * V::kLanes, V::kLanes, V::kLanes);
   }
-  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+  void operator()(const typename V::T* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kLanes = V::kLanes;
     const int64_t u0 = p * kLanes;
     const auto m = V::mask(H - u0);
@@ -222,7 +227,7 @@ struct GruForwardEpi {
     const V br = load_v<V>(bb, m), bz = load_v<V>(bb + H, m), bn = load_v<V>(bb + 2 * H, m);
     for (int r = 0; r < mr; ++r) {
       const int64_t b = m0 + r;
-      const float* t = rec + r * ldr;
+      const typename V::T* t = rec + r * ldr;
       const S* xb = x + b * 3 * H + u0;
       const V hn = load_v<V>(t + 2 * kLanes, m) + bn;
       V rr, z, nn, h_new;
@@ -250,7 +255,7 @@ struct Steps {
 
 // The forward drivers' Gemm for vector type V and storage type S: panels
 // packed with k in groups of KP (pack_gate_panels), the tile product of Mma
-// (panel_gemm.h's MmaF32, fused_avx512_bf16.cpp's MmaBf16) through run_panels.
+// (panel_gemm.h's MmaVec, fused_avx512_bf16.cpp's MmaBf16) through run_panels.
 template <typename V_, typename S_, typename Mma, int KP>
 struct PanelGemm {
   using V = V_;
@@ -271,7 +276,7 @@ struct PanelGemm {
 // Gemm::Packed, the element type of its packed weights; Gemm::pack_gates(w
 // [G*H, H], G) the forward panels; Gemm::run<NV>(p0, p1, M, K, a, lda, packed,
 // epi) runs panels [p0, p1) over rows a [M, K] (row stride lda), handing each
-// float32 tile to epi. Same contracts as lstm_forward_impl / gru_forward_impl in
+// tile (V::T) to epi. Same contracts as lstm_forward_impl / gru_forward_impl in
 // recurrence.h, for padded x_proj [T, B, G*H]; arguments already checked.
 template <typename Gemm>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_steps(
@@ -279,20 +284,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_steps(
     const Tensor& b_hh, bool reverse, bool train) {
   using V = typename Gemm::V;
   using S = typename Gemm::S;
+  using E = typename V::T;
+  constexpr auto kAcc = c10::CppTypeToScalarType<E>::value;
   const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
   const Steps st{T, reverse};
   const Tensor x = x_proj.contiguous(), bias = b_hh.contiguous(), h0c = h0.contiguous();
   const Tensor packed = Gemm::pack_gates(w_hh.contiguous(), kLstmGates);
   Tensor out = empty_for_steps({T, B, H}, x.options());
-  Tensor c = c0.to(at::kFloat).contiguous().clone();  // the cell state stays float32
+  Tensor c = c0.to(kAcc).contiguous().clone();  // the cell state stays in E
   Tensor gates = empty_for_steps({train ? T * B : 0, kLstmGates * H}, x.options());
-  Tensor cells = empty_for_steps({train ? T * B : 0, H}, x.options().dtype(at::kFloat));
+  Tensor cells = empty_for_steps({train ? T * B : 0, H}, x.options().dtype(kAcc));
   S* o = out.data_ptr<S>();
   const S *xp = x.data_ptr<S>(), *bp = bias.data_ptr<S>(), *h0p = h0c.data_ptr<S>();
   const auto* wp = packed.data_ptr<typename Gemm::Packed>();
-  float* cp = c.data_ptr<float>();
+  E* cp = c.data_ptr<E>();
   S* gp = train ? gates.data_ptr<S>() : nullptr;
-  float* clp = train ? cells.data_ptr<float>() : nullptr;
+  E* clp = train ? cells.data_ptr<E>() : nullptr;
   run_steps(T, ceil_div(H, V::kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
     const int64_t t = st.time_at(s);
     const S* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;

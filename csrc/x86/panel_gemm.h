@@ -1,7 +1,7 @@
 // A small register-blocked GEMM for the recurrent step on the CPU, written once
 // for the vector types of vec16.h (AVX-512) and vec8.h (AVX2). Include only
 // from code compiled for that instruction set (Note [ISA translation units]
-// in fused_f32.h).
+// in fused_ops.h).
 //
 // Note [why our own GEMM]
 // On the 2-core AMD machines we are measured on, MKL's SGEMM is about 1.6x
@@ -33,7 +33,7 @@ namespace cpu {
 
 // The MR x NV accumulators of a tile: from tile (accumulate) or zero, and back.
 template <typename V, int MR, int NV>
-inline void load_acc(typename V::Reg (&acc)[MR][NV], const float* tile, bool accumulate) {
+inline void load_acc(typename V::Reg (&acc)[MR][NV], const typename V::T* tile, bool accumulate) {
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
@@ -42,7 +42,7 @@ inline void load_acc(typename V::Reg (&acc)[MR][NV], const float* tile, bool acc
 }
 
 template <typename V, int MR, int NV>
-inline void store_acc(const typename V::Reg (&acc)[MR][NV], float* tile) {
+inline void store_acc(const typename V::Reg (&acc)[MR][NV], typename V::T* tile) {
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
@@ -60,9 +60,9 @@ inline void store_acc(const typename V::Reg (&acc)[MR][NV], float* tile) {
 
 // tile[MR][NV * lanes] (+)= A[MR rows, K] * panel[K][NV * lanes]; element
 // (r, k) of A is a[r * sam + k * sak]. accumulate: add to what tile holds.
-template <typename V, int MR, int NV>
-inline void mma_tile(const float* a, int64_t sam, int64_t sak, const float* panel, int64_t K,
-                     float* tile, bool accumulate) {
+template <typename V, int MR, int NV, typename E = typename V::T>
+inline void mma_tile(const E* a, int64_t sam, int64_t sak, const E* panel, int64_t K, E* tile,
+                     bool accumulate) {
   using Reg = typename V::Reg;
   Reg acc[MR][NV];
   load_acc<V, MR, NV>(acc, tile, accumulate);
@@ -95,15 +95,17 @@ inline void mma_tile(const float* a, int64_t sam, int64_t sak, const float* pane
   store_acc<V, MR, NV>(acc, tile);
 }
 
-// The float32 tile product for run_panels: mma_tile for a run-time row count
-// mr <= MR. (fused_avx512_bf16.cpp has the bfloat16 one, on k-pair panels.)
+// The tile product for run_panels in V's own element type: mma_tile for a
+// run-time row count mr <= MR. (fused_avx512_bf16.cpp has the bfloat16 one,
+// on k-pair panels, with float32 tiles.)
 template <typename V>
-struct MmaF32 {
-  using A = float;
-  using Packed = float;
+struct MmaVec {
+  using E = typename V::T;
+  using A = E;
+  using Packed = E;
   template <int MR, int NV>
-  static void rows(int mr, const float* a, int64_t sam, int64_t sak, const float* panel,
-                   int64_t K, float* tile, bool accumulate) {
+  static void rows(int mr, const E* a, int64_t sam, int64_t sak, const E* panel, int64_t K,
+                   E* tile, bool accumulate) {
     if constexpr (MR > 1) {
       if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate);
     }
@@ -125,7 +127,7 @@ constexpr int64_t depth_block() {
          kDepthMultiple * kDepthMultiple;
 }
 
-// For panels [p0, p1) and all M rows: the float32 tile of rows m0..m0+mr of
+// For panels [p0, p1) and all M rows: the tile (V::T) of rows m0..m0+mr of
 // A [M, K] (element (m, k) at a[m * sam + k * sak]) times the panel, then
 // epi(tile, row stride, m0, mr, p). A panel holds K x NV * lanes values of
 // Mma::Packed in the order Mma reads them.
@@ -151,14 +153,14 @@ inline void prefetch_rows(const T* rows, int G, int64_t H, int64_t m0, int mr, i
     }
   }
 }
-template <typename V, int NV, typename Mma = MmaF32<V>, typename Epi>
+template <typename V, int NV, typename Mma = MmaVec<V>, typename Epi>
 void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma::A* a,
                 int64_t sam, int64_t sak, const typename Mma::Packed* packed, const Epi& epi) {
   constexpr int MR = V::rows_per_tile(NV);
   constexpr int64_t W = NV * V::kLanes;
   constexpr int64_t kDepthBlock = depth_block<V, NV, Mma>();
   if (K <= kDepthBlock || M <= MR) {  // one row block: nothing to reuse across
-    alignas(64) float tile[MR * W];
+    alignas(64) typename V::T tile[MR * W];
     for (int64_t p = p0; p < p1; ++p) {
       const auto* panel = packed + p * K * W;
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
@@ -170,7 +172,7 @@ void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma
     }
     return;
   }
-  thread_local std::vector<float> sums;
+  thread_local std::vector<typename V::T> sums;
   sums.resize(static_cast<size_t>(M * W));
   for (int64_t p = p0; p < p1; ++p) {
     const auto* panel = packed + p * K * W;

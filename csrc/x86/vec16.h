@@ -3,7 +3,7 @@
 // operations of the GEMM (panel_gemm.h). vec8.h has the same for AVX2.
 //
 // Only for code compiled for AVX-512 (see Note [ISA translation units] in
-// fused_f32.h). exp_ and tanh_ use the same Cephes reductions and polynomials
+// fused_ops.h). exp_ and tanh_ use the same Cephes reductions and polynomials
 // as the scalar host versions in gates.h.
 #pragma once
 
@@ -16,6 +16,7 @@ namespace cpu {
 namespace simd {
 
 struct Vec16 {
+  using T = float;  // the element type
   using Reg = __m512;
   using Mask = __mmask16;  // the first n lanes of a tail
   static constexpr int kLanes = 16;

@@ -3,7 +3,7 @@
 // and the register operations of the GEMM (panel_gemm.h).
 //
 // Only for code compiled for AVX2 and FMA (see Note [ISA translation units] in
-// fused_f32.h). exp_ and tanh_ compute what vec16.h's do, lane for lane.
+// fused_ops.h). exp_ and tanh_ compute what vec16.h's do, lane for lane.
 #pragma once
 
 #include <immintrin.h>
@@ -15,6 +15,7 @@ namespace cpu {
 namespace simd {
 
 struct Vec8 {
+  using T = float;  // the element type
   using Reg = __m256;
   // Note [AVX2 tail masks]
   // AVX2 has no mask registers: a tail of n < 8 lanes is read and written with

@@ -1,9 +1,11 @@
-// The fused float32 CPU path, written once for the vector types of vec16.h
-// (AVX-512) and vec8.h (AVX2): per time step, one parallel pass over panels of
-// hidden units; each tile of gate pre-activations comes out of the GEMM
-// (panel_gemm.h) and goes through gates.h while still in L1.
+// The fused CPU path, written once for the vector types of vec16.h (AVX-512),
+// vec8.h (AVX2), float32, and vec8d.h (AVX-512, float64): per time step, one
+// parallel pass over panels of hidden units; each tile of gate
+// pre-activations comes out of the GEMM (panel_gemm.h) and goes through
+// gates.h while still in L1. Everything runs in the vector's element type.
 //
-// Forward, LSTM (GRU alike with 3 gates), L = lanes (AVX-512 16, AVX2 8):
+// Forward, LSTM (GRU alike with 3 gates), L = lanes (AVX-512 16, or 8 for
+// float64; AVX2 8):
 //
 //   packed W_hh panel p: [K = H][i L | f L | g L | o L]  (units Lp..Lp+L-1)
 //   tile (MR rows x 4L)  = h_{t-1}[rows] @ panel  -> + x_proj + b_hh -> c_t, h_t
@@ -11,10 +13,10 @@
 //   AVX-512: MR = 6 (LSTM), 8 (GRU); AVX2: MR = 3 (LSTM), 4 (GRU)
 //
 // Backward fuses the other way round: the tile of dh_{t-1} = dG_t @ W_hh
-// (kColumnNV * L units per panel: AVX-512 64, AVX2 16, 6 rows a tile) goes
-// straight into the pointwise backward of step t-1. Panels are split into one
-// contiguous range per thread, so each thread keeps re-reading the same part
-// of the weights from its own L2.
+// (kColumnNV * L units per panel: AVX-512 64 (float64 32), AVX2 16, 6 rows a
+// tile) goes straight into the pointwise backward of step t-1. Panels are
+// split into one contiguous range per thread, so each thread keeps re-reading
+// the same part of the weights from its own L2.
 //
 // Note [ISA translation units]
 // Each instruction set has a translation unit that includes this file after
@@ -48,6 +50,10 @@ namespace fusedrnn {
 namespace cpu {
 namespace {
 
+// The element type of V's lanes: float (vec16.h, vec8.h) or double (vec8d.h).
+template <typename V>
+using Elem = typename V::T;
+
 // Columns of a backward (and linear) panel: V::kColumnNV vectors.
 template <typename V>
 constexpr int64_t kColumnPanel = V::kColumnNV * V::kLanes;
@@ -59,15 +65,15 @@ Tensor pack_column_panels(const Tensor& b) {
   constexpr int64_t kUnitsPerPanel = kColumnPanel<V>;
   const int64_t K = b.size(0), N = b.size(1), Q = ceil_div(N, kUnitsPerPanel);
   Tensor packed = empty_for_steps({Q, K, kUnitsPerPanel}, b.options());
-  const float* src = b.data_ptr<float>();
-  float* dst = packed.data_ptr<float>();
+  const Elem<V>* src = b.data_ptr<Elem<V>>();
+  Elem<V>* dst = packed.data_ptr<Elem<V>>();
   at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t n = std::min<int64_t>(kUnitsPerPanel, N - q * kUnitsPerPanel);
       for (int64_t k = 0; k < K; ++k) {
-        float* row = dst + (q * K + k) * kUnitsPerPanel;
+        Elem<V>* row = dst + (q * K + k) * kUnitsPerPanel;
         std::copy(src + k * N + q * kUnitsPerPanel, src + k * N + q * kUnitsPerPanel + n, row);
-        std::fill(row + n, row + kUnitsPerPanel, 0.0f);
+        std::fill(row + n, row + kUnitsPerPanel, Elem<V>(0));
       }
     }
   });
@@ -79,10 +85,10 @@ template <typename V>
 Tensor pack_transposed_panels(const Tensor& w) {
   constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
   const int64_t N = w.size(0), K = w.size(1), P = ceil_div(N, kUnitsPerPanel);
-  const float* src = w.data_ptr<float>();
-  if constexpr (kLanes == 16) {  // AVX-512: 16 x 16 transposes (transpose16.h)
+  const Elem<V>* src = w.data_ptr<Elem<V>>();
+  if constexpr (std::is_same_v<Elem<V>, float> && kLanes == 16) {  // transpose16.h
     Tensor packed = at::empty({P, K, kUnitsPerPanel}, w.options());  // weights: small
-    float* dst = packed.data_ptr<float>();
+    Elem<V>* dst = packed.data_ptr<Elem<V>>();
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         for (int64_t c0 = 0; c0 < kUnitsPerPanel; c0 += kLanes) {
@@ -96,11 +102,11 @@ Tensor pack_transposed_panels(const Tensor& w) {
     return packed;
   }
   Tensor packed = at::zeros({P, K, kUnitsPerPanel}, w.options());
-  float* dst = packed.data_ptr<float>();
+  Elem<V>* dst = packed.data_ptr<Elem<V>>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t c = 0; c < kUnitsPerPanel && p * kUnitsPerPanel + c < N; ++c) {
-        const float* row = src + (p * kUnitsPerPanel + c) * K;
+        const Elem<V>* row = src + (p * kUnitsPerPanel + c) * K;
         for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * kUnitsPerPanel + c] = row[k];
       }
   });
@@ -108,8 +114,8 @@ Tensor pack_transposed_panels(const Tensor& w) {
 }
 
 // The epilogue alone, with the recurrent term read from rec [M, ldr].
-template <typename Epi>
-void epilogue_only(int64_t p0, int64_t p1, int64_t M, const float* rec,
+template <typename V, typename Epi>
+void epilogue_only(int64_t p0, int64_t p1, int64_t M, const Elem<V>* rec,
                                    int64_t ldr, int64_t units_per_panel, const Epi& epi) {
   for (int64_t p = p0; p < p1; ++p) epi(rec ? rec + p * units_per_panel : nullptr, ldr, 0, M, p);
 }
@@ -117,14 +123,14 @@ void epilogue_only(int64_t p0, int64_t p1, int64_t M, const float* rec,
 template <typename V>
 struct LstmBackwardEpi {
   int64_t H;
-  const float *grad_out, *gates, *cells, *c_prev;  // [B, H], [B, 4H], [B, H], [B, H]
-  float *dc, *dgates;                              // [B, H] in/out, [B, 4H]
+  const Elem<V> *grad_out, *gates, *cells, *c_prev;  // [B, H], [B, 4H], [B, H], [B, H]
+  Elem<V> *dc, *dgates;                              // [B, H] in/out, [B, 4H]
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     const int64_t u0 = p * kColumnPanel<V>, n = std::min<int64_t>(kColumnPanel<V>, H - u0);
     prefetch_rows(gates, 4, H, m0, mr, u0, n, V::kLanes);
-    for (const float* r : {cells, c_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
+    for (const Elem<V>* r : {cells, c_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
   }
-  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+  void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t u0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
@@ -132,7 +138,7 @@ struct LstmBackwardEpi {
       for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
         const auto m = V::mask(H - u0 - j);
         const int64_t u = u0 + j;
-        const float* gs = gates + b * 4 * H + u;
+        const Elem<V>* gs = gates + b * 4 * H + u;
         V di, df, dgg, d_o, dcp;
         lstm_backward_point<V>(
             V::load(gs, m), V::load(gs + H, m), V::load(gs + 2 * H, m),
@@ -140,7 +146,7 @@ struct LstmBackwardEpi {
             V::load(c_prev + b * H + u, m),
             V::load(grad_out + b * H + u, m) + V::load(rec + r * ldr + j, m),
             V::load(dc + b * H + u, m), di, df, dgg, d_o, dcp);
-        float* dg = dgates + b * 4 * H + u;
+        Elem<V>* dg = dgates + b * 4 * H + u;
         di.store(dg, m);
         df.store(dg + H, m);
         dgg.store(dg + 2 * H, m);
@@ -154,15 +160,15 @@ struct LstmBackwardEpi {
 template <typename V>
 struct GruBackwardEpi {
   int64_t H;
-  const float *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
-  float* dh;                               // [B, H] dh * z of the step after, then of this one
-  float *dx, *dhh;                         // [B, 3H] each
+  const Elem<V> *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
+  Elem<V>* dh;                               // [B, H] dh * z of the step after, then of this one
+  Elem<V> *dx, *dhh;                         // [B, 3H] each
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     const int64_t u0 = p * kColumnPanel<V>, n = std::min<int64_t>(kColumnPanel<V>, H - u0);
     prefetch_rows(gates, kGruSaved, H, m0, mr, u0, n, V::kLanes);
-    for (const float* r : {h_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
+    for (const Elem<V>* r : {h_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
   }
-  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+  void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t u0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
@@ -170,7 +176,7 @@ struct GruBackwardEpi {
       for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
         const auto m = V::mask(H - u0 - j);
         const int64_t u = u0 + j;
-        const float* gs = gates + b * kGruSaved * H + u;
+        const Elem<V>* gs = gates + b * kGruSaved * H + u;
         V d = V::load(grad_out + b * H + u, m) + V::load(dh + b * H + u, m);
         if (rec) d = d + V::load(rec + r * ldr + j, m);
         V dr, dz, dn, dhn, dh_direct;
@@ -178,8 +184,8 @@ struct GruBackwardEpi {
                                   V::load(gs + 2 * H, m), V::load(gs + 3 * H, m),
                                   V::load(h_prev + b * H + u, m), d, dr, dz, dn, dhn,
                                   dh_direct);
-        float* dxb = dx + b * 3 * H + u;
-        float* dhhb = dhh + b * 3 * H + u;
+        Elem<V>* dxb = dx + b * 3 * H + u;
+        Elem<V>* dhhb = dhh + b * 3 * H + u;
         dr.store(dxb, m);
         dr.store(dhhb, m);
         dz.store(dxb + H, m);
@@ -196,10 +202,10 @@ struct GruBackwardEpi {
 template <typename V>
 struct StoreEpi {
   int64_t H;
-  const float* add;  // [B, H] or null
-  float* dst;        // [B, H]
+  const Elem<V>* add;  // [B, H] or null
+  Elem<V>* dst;        // [B, H]
   void prefetch(int64_t, int, int64_t) const {}
-  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+  void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t u0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
@@ -219,15 +225,15 @@ struct StoreEpi {
 template <typename V>
 struct StoreRowsEpi {
   int64_t N, ldy;
-  const float* bias;  // [N] or null
-  float* y;           // [M, ldy]
+  const Elem<V>* bias;  // [N] or null
+  Elem<V>* y;           // [M, ldy]
   bool accumulate;
   void prefetch(int64_t, int, int64_t) const {}
-  void operator()(const float* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
+  void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
     const int64_t n0 = p * kUnitsPerPanel;
     for (int r = 0; r < mr; ++r) {
-      float* row = y + (m0 + r) * ldy + n0;
+      Elem<V>* row = y + (m0 + r) * ldy + n0;
       for (int64_t j = 0; j < kUnitsPerPanel && n0 + j < N; j += kLanes) {
         const auto m = V::mask(N - n0 - j);
         V v = V::load(rec + r * ldr + j, m);
@@ -246,11 +252,11 @@ constexpr int64_t kRowBlock = 192;
 // y [M, N] (+)= a [M, K] @ B (+ bias), B packed (pack_column_panels' or
 // pack_transposed_panels' layout); rows of a lda apart, of y ldy apart.
 template <typename V>
-void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const Tensor& packed,
-               const float* bias, float* y, int64_t ldy, bool accumulate = false) {
+void gemm_rows(int64_t M, int64_t N, int64_t K, const Elem<V>* a, int64_t lda, const Tensor& packed,
+               const Elem<V>* bias, Elem<V>* y, int64_t ldy, bool accumulate = false) {
   const int64_t P = ceil_div(N, kColumnPanel<V>);
   const int64_t grain = ceil_div(P, at::get_num_threads());
-  const float* bp = packed.data_ptr<float>();
+  const Elem<V>* bp = packed.data_ptr<Elem<V>>();
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t mc = 0; mc < M; mc += kRowBlock) {
       const StoreRowsEpi<V> epi{N, ldy, bias, y + mc * ldy, accumulate};
@@ -260,37 +266,37 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, con
   });
 }
 
-// b [K, N] (any strides) packed for gemm_packed_f32: W^T panels where b is a
+// b [K, N] (any strides) packed for gemm_packed_fused: W^T panels where b is a
 // transposed weight, else b's own.
 template <typename V>
-Tensor pack_rhs_f32(const Tensor& b) {
+Tensor pack_rhs_fused(const Tensor& b) {
   return b.t().is_contiguous() ? pack_transposed_panels<V>(b.t())
                                : pack_column_panels<V>(b.contiguous());
 }
 
-// out (+)= a @ B, B packed by pack_rhs_f32: rows of a [M, K] and out [M, N]
+// out (+)= a @ B, B packed by pack_rhs_fused: rows of a [M, K] and out [M, N]
 // with unit column stride, any row stride (the regularised ops' step GEMM).
 template <typename V>
-void gemm_packed_f32(const Tensor& a, const Tensor& packed, const Tensor& out, bool accumulate) {
-  gemm_rows<V>(a.size(0), out.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), packed,
-               nullptr, out.data_ptr<float>(), out.stride(0), accumulate);
+void gemm_packed_fused(const Tensor& a, const Tensor& packed, const Tensor& out, bool accumulate) {
+  gemm_rows<V>(a.size(0), out.size(1), a.size(1), a.data_ptr<Elem<V>>(), a.stride(0), packed,
+               nullptr, out.data_ptr<Elem<V>>(), out.stride(0), accumulate);
 }
 
 template <typename V>
-using F32Gemm = PanelGemm<V, float, MmaF32<V>, 1>;
+using VecGemm = PanelGemm<V, Elem<V>, MmaVec<V>, 1>;
 
 template <typename V>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_f32(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& b_hh, bool reverse, bool train) {
-  return lstm_forward_steps<F32Gemm<V>>(x_proj, h0, c0, w_hh, b_hh, reverse, train);
+  return lstm_forward_steps<VecGemm<V>>(x_proj, h0, c0, w_hh, b_hh, reverse, train);
 }
 
 template <typename V>
-std::tuple<Tensor, Tensor, Tensor> gru_forward_f32(const Tensor& x_proj, const Tensor& h0,
+std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const Tensor& h0,
                                                    const Tensor& w_hh, const Tensor& b_hh,
                                                    bool reverse, bool train) {
-  return gru_forward_steps<F32Gemm<V>>(x_proj, h0, w_hh, b_hh, reverse, train);
+  return gru_forward_steps<VecGemm<V>>(x_proj, h0, w_hh, b_hh, reverse, train);
 }
 
 // (dW_hh, db_hh) from the steps' dG: dW_hh = sum over steps of dG_t^T h_{t-1},
@@ -302,15 +308,15 @@ std::pair<Tensor, Tensor> recurrent_weight_grads(const Tensor& dg, const Tensor&
                                                  const Tensor& h0, bool reverse, bool has_bias) {
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2), G = dg.size(1);
   const int64_t BT = B * (T - 1);
-  const float *d = dg.data_ptr<float>(), *o = out.data_ptr<float>();
+  const Elem<V> *d = dg.data_ptr<Elem<V>>(), *o = out.data_ptr<Elem<V>>();
   // Forward: step t reads out[t-1], step 0 reads h0. Reverse: t reads out[t+1], T-1 reads h0.
-  std::vector<GradRows> segs{{d + (reverse ? BT : 0) * G, h0.data_ptr<float>(), B}};
+  std::vector<GradRowsOf<Elem<V>>> segs{{d + (reverse ? BT : 0) * G, h0.data_ptr<Elem<V>>(), B}};
   if (T > 1) segs.push_back({d + (reverse ? 0 : B) * G, o + (reverse ? B : 0) * H, BT});
-  return weight_grad_f32<V>(segs, G, H, has_bias, dg.options());
+  return weight_grad_fused<V>(segs, G, H, has_bias, dg.options());
 }
 
 template <typename V>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_f32(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
     const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias) {
@@ -323,25 +329,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_f32(
   Tensor dg = empty_for_steps({T * B, G}, go.options());
   Tensor dc = grad_c_n.contiguous().clone();
   Tensor d_h0 = at::empty({B, H}, go.options());
-  const float *gop = go.data_ptr<float>(), *gtp = gts.data_ptr<float>(), *clp = cls.data_ptr<float>();
-  const float *c0p = c0c.data_ptr<float>(), *wp = packed.data_ptr<float>();
-  float *dcp = dc.data_ptr<float>(), *dgp = dg.data_ptr<float>();
+  const Elem<V> *gop = go.data_ptr<Elem<V>>(), *gtp = gts.data_ptr<Elem<V>>(), *clp = cls.data_ptr<Elem<V>>();
+  const Elem<V> *c0p = c0c.data_ptr<Elem<V>>(), *wp = packed.data_ptr<Elem<V>>();
+  Elem<V> *dcp = dc.data_ptr<Elem<V>>(), *dgp = dg.data_ptr<Elem<V>>();
   auto epi_at = [&](int64_t s) {
     const int64_t t = st.time_at(s);
-    const float* c_prev = s == 0 ? c0p : clp + st.time_at(s - 1) * B * H;
+    const Elem<V>* c_prev = s == 0 ? c0p : clp + st.time_at(s - 1) * B * H;
     return LstmBackwardEpi<V>{H, gop + t * B * H, gtp + t * B * G, clp + t * B * H, c_prev, dcp,
                            dgp + t * B * G};
   };
   // Steps in order: the pointwise backward of the last step (from grad_h_n),
   // T-1 fused GEMM + pointwise steps, then d_h0 = dG_0 W_hh.
-  const StoreEpi<V> last{H, nullptr, d_h0.data_ptr<float>()};
+  const StoreEpi<V> last{H, nullptr, d_h0.data_ptr<Elem<V>>()};
   run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
     if (k == 0) {
-      epilogue_only(p0, p1, B, ghn.data_ptr<float>(), H, kColumnPanel<V>, epi_at(T - 1));
+      epilogue_only<V>(p0, p1, B, ghn.data_ptr<Elem<V>>(), H, kColumnPanel<V>, epi_at(T - 1));
       return;
     }
     const int64_t s = T - k;  // GEMM on dG of step s
-    const float* a = dgp + st.time_at(s) * B * G;
+    const Elem<V>* a = dgp + st.time_at(s) * B * G;
     if (s >= 1) {
       run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
     } else {
@@ -354,7 +360,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_f32(
 }
 
 template <typename V>
-std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_f32(
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
     const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias) {
   const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
@@ -367,24 +373,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_f32(
   Tensor dhh = empty_for_steps({T * B, G}, go.options());
   Tensor dh = grad_h_n.contiguous().clone();
   Tensor d_h0 = at::empty({B, H}, go.options());
-  const float *gop = go.data_ptr<float>(), *gtp = gts.data_ptr<float>(), *op = out.data_ptr<float>();
-  const float *h0p = h0c.data_ptr<float>(), *wp = packed.data_ptr<float>();
-  float *dhp = dh.data_ptr<float>(), *dxp = dx.data_ptr<float>(), *dhhp = dhh.data_ptr<float>();
+  const Elem<V> *gop = go.data_ptr<Elem<V>>(), *gtp = gts.data_ptr<Elem<V>>(), *op = out.data_ptr<Elem<V>>();
+  const Elem<V> *h0p = h0c.data_ptr<Elem<V>>(), *wp = packed.data_ptr<Elem<V>>();
+  Elem<V> *dhp = dh.data_ptr<Elem<V>>(), *dxp = dx.data_ptr<Elem<V>>(), *dhhp = dhh.data_ptr<Elem<V>>();
   auto epi_at = [&](int64_t s) {
     const int64_t t = st.time_at(s);
-    const float* h_prev = s == 0 ? h0p : op + st.time_at(s - 1) * B * H;
+    const Elem<V>* h_prev = s == 0 ? h0p : op + st.time_at(s - 1) * B * H;
     return GruBackwardEpi<V>{H, gop + t * B * H, gtp + t * B * kGruSaved * H, h_prev, dhp,
                           dxp + t * B * G, dhhp + t * B * G};
   };
   // As for the LSTM: last step's pointwise, T-1 fused steps, then d_h0.
-  const StoreEpi<V> last{H, dhp, d_h0.data_ptr<float>()};
+  const StoreEpi<V> last{H, dhp, d_h0.data_ptr<Elem<V>>()};
   run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
     if (k == 0) {
-      epilogue_only(p0, p1, B, nullptr, H, kColumnPanel<V>, epi_at(T - 1));
+      epilogue_only<V>(p0, p1, B, nullptr, H, kColumnPanel<V>, epi_at(T - 1));
       return;
     }
     const int64_t s = T - k;
-    const float* a = dhhp + st.time_at(s) * B * G;
+    const Elem<V>* a = dhhp + st.time_at(s) * B * G;
     if (s >= 1) {
       run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
     } else {
@@ -396,31 +402,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_f32(
 }
 
 template <typename V>
-Tensor linear_f32(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b) {
+Tensor linear_fused(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   Tensor y = empty_for_steps({M, N}, x.options());
   const Tensor bias = b.has_value() ? b->contiguous() : Tensor();
-  gemm_rows<V>(M, N, K, x.data_ptr<float>(), K, pack_transposed_panels<V>(w),
-               bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  gemm_rows<V>(M, N, K, x.data_ptr<Elem<V>>(), K, pack_transposed_panels<V>(w),
+               bias.defined() ? bias.data_ptr<Elem<V>>() : nullptr, y.data_ptr<Elem<V>>(), N);
   return y;
 }
 
 template <typename V>
-Tensor linear_input_grad_f32(const Tensor& dy, const Tensor& w) {
+Tensor linear_input_grad_fused(const Tensor& dy, const Tensor& w) {
   const int64_t M = dy.size(0), N = w.size(0), K = w.size(1);
   Tensor dx = empty_for_steps({M, K}, dy.options());
-  gemm_rows<V>(M, K, N, dy.data_ptr<float>(), N, pack_column_panels<V>(w), nullptr,
-               dx.data_ptr<float>(), K);
+  gemm_rows<V>(M, K, N, dy.data_ptr<Elem<V>>(), N, pack_column_panels<V>(w), nullptr,
+               dx.data_ptr<Elem<V>>(), K);
   return dx;
 }
 
 // The table fused.h declares, for one vector type; constant-initialised (no
 // code of this unit runs before a CPU check has chosen it).
 template <typename V>
-constexpr FusedF32 fused_f32_ops() {
-  return {&lstm_forward_f32<V>, &lstm_backward_f32<V>, &gru_forward_f32<V>,
-          &gru_backward_f32<V>, &linear_f32<V>,        &linear_input_grad_f32<V>,
-          &weight_grad_f32<V>,  &pack_rhs_f32<V>,      &gemm_packed_f32<V>};
+constexpr FusedOps<Elem<V>> fused_ops() {
+  return {&lstm_forward_fused<V>, &lstm_backward_fused<V>, &gru_forward_fused<V>,
+          &gru_backward_fused<V>, &linear_fused<V>,        &linear_input_grad_fused<V>,
+          &weight_grad_fused<V>,  &pack_rhs_fused<V>,      &gemm_packed_fused<V>};
 }
 
 }  // namespace
