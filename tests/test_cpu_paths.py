@@ -188,6 +188,35 @@ def test_linear_matches_float64(isa, M, K, N, bias, dtype, monkeypatch):
         assert a.dtype == dtype and rel_err(a, e) < TOL[dtype]
 
 
+# (M, K, N) with K even (the bfloat16 GEMM's k pairs; one deeper than a pass
+# over a panel) and odd (ATen's GEMM).
+HALF_LINEAR_SHAPES = [(1, 2, 5), (7, 34, 70), (200, 16, 33), (13, 2100, 20), (9, 33, 16)]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("M,K,N", HALF_LINEAR_SHAPES,
+                         ids=[f"{m}x{k}x{n}" for m, k, n in HALF_LINEAR_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_linear_half_types_within_torch_error(isa, M, K, N, dtype, monkeypatch):
+    """fusedrnn::linear in bfloat16 (the AVX512-BF16 GEMM on avx512 for even K,
+    ATen's elsewhere) and float16 (ATen's): values and gradients within a small
+    multiple of torch's own error at that dtype against float64."""
+    force_cpu_isa(monkeypatch, isa)
+    leaves = [torch.randn(M, K, dtype=torch.float64), torch.randn(N, K, dtype=torch.float64),
+              torch.randn(N, dtype=torch.float64)]
+    leaves = [t.to(dtype).double().requires_grad_(True) for t in leaves]  # exact in dtype
+    low = [t.detach().to(dtype).requires_grad_(True) for t in leaves]
+    want = torch.nn.functional.linear(*leaves)
+    c = torch.randn_like(want)
+    res = []
+    for f in (fusedrnn._ops.linear, torch.nn.functional.linear):
+        y = f(*low)
+        assert y.dtype == dtype
+        res.append([y] + list(torch.autograd.grad((y.double() * c).sum(), low)))
+    for o, t, w in zip(*res, [want] + list(torch.autograd.grad((want * c).sum(), leaves))):
+        assert rel_err(o, w) <= 4 * rel_err(t, w) + 1e-6, (rel_err(o, w), rel_err(t, w))
+
+
 @pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])

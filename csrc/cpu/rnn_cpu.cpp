@@ -222,8 +222,20 @@ auto with_linear_ops(const at::Tensor& a, const at::Tensor& w, const F& f)
   return c10::nullopt;
 }
 
-// The input projection: our GEMM for float32 (float64) on CPUs with a fused
-// path, else ATen's. Any device (registered as CompositeExplicitAutograd).
+#ifdef FUSEDRNN_X86
+// The bfloat16 projection (x86/fused.h): AVX512-BF16 with the AVX-512 path
+// in force, an even K (k-pairs), bfloat16 operands.
+bool linear_bf16_ok(const at::Tensor& a, const at::Tensor& w, const OptTensor& bias) {
+  const auto bf16 = at::kBFloat16;
+  return a.device().is_cpu() && a.scalar_type() == bf16 && w.scalar_type() == bf16 &&
+         !(bias.has_value() && bias->scalar_type() != bf16) && a.size(-1) % 2 == 0 &&
+         a.numel() > 0 && has_avx512_bf16() && cpu_isa() == CpuIsa::kAvx512;
+}
+#endif
+
+// The input projection: our GEMM for float32 (float64, bfloat16) on CPUs with
+// a fused path, else ATen's. Any device (registered as
+// CompositeExplicitAutograd).
 at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
                       const OptTensor& bias) {
   const NoAutocast no_autocast;
@@ -239,6 +251,14 @@ at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
     });
     if (y) return *y;
   }
+#ifdef FUSEDRNN_X86
+  if (linear_bf16_ok(input, weight, bias)) {
+    auto out_shape = input.sizes().vec();
+    out_shape.back() = weight.size(0);
+    const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
+    return cpu::linear_fused_bf16(x2, weight.contiguous(), bias).view(out_shape);
+  }
+#endif
   return at::linear(input, weight, bias);
 }
 

@@ -81,6 +81,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& b_hh, bool reverse, bool train);
 
+// y [M, N] = x [M, K] w [N, K]^T (+ b [N]), bfloat16, contiguous, K even;
+// float32 accumulation, rounded once (fused_avx512_bf16.cpp).
+Tensor linear_fused_bf16(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b);
+
 std::tuple<Tensor, Tensor, Tensor> gru_forward_fused_bf16(const Tensor& x_proj, const Tensor& h0,
                                                           const Tensor& w_hh, const Tensor& b_hh,
                                                           bool reverse, bool train);

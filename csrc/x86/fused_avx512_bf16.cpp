@@ -12,6 +12,7 @@
 // like fused_avx512.cpp (Note [ISA translation units] in fused_ops.h).
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
 
+#include <algorithm>
 #include <cstring>
 
 #include "vec16.h"
@@ -67,7 +68,76 @@ struct MmaBf16 {
 
 using Bf16Gemm = PanelGemm<Vec16, Bf16, MmaBf16, 2>;
 
+// The input projection's panels: 64 columns (4 vectors) of B = w^T, w [N, K],
+// k in pairs: packed[q][k / 2][c][k % 2] = w[64 q + c][k] (0 beyond N). A k
+// pair is one 32-bit unit, so each 16 columns are a 16 x 16 transpose of units.
+constexpr int kLinearNV = 4;
+constexpr int64_t kLinearPanel = kLinearNV * kLanes;
+
+Tensor pack_pair_panels(const Tensor& w) {
+  const int64_t N = w.size(0), K = w.size(1), KU = K / 2, Q = ceil_div(N, kLinearPanel);
+  Tensor packed = empty_for_steps({Q, K, kLinearPanel}, w.options());
+  const float* src = reinterpret_cast<const float*>(w.data_ptr<Bf16>());
+  float* dst = reinterpret_cast<float*>(packed.data_ptr<Bf16>());
+  at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      for (int64_t c0 = 0; c0 < kLinearPanel; c0 += kLanes) {
+        const int64_t row = q * kLinearPanel + c0;
+        const int rows = static_cast<int>(std::clamp<int64_t>(N - row, 0, kLanes));
+        pack_rows_into_panel<kLanes>(src + std::min(row, N) * KU, KU, rows,
+                                     dst + q * KU * kLinearPanel, kLinearPanel, c0);
+      }
+    }
+  });
+  return packed;
+}
+
+// y[m][64 q + c] = bfloat16(tile + bias), rows N apart: the projection's
+// output, rounded once.
+struct StoreBf16Epi {
+  int64_t N;
+  const Bf16* bias;  // [N] or null
+  Bf16* y;           // [M, N]
+  void prefetch(int64_t, int, int64_t) const {}
+  void operator()(const float* tile, int64_t ldt, int64_t m0, int mr, int64_t q) const {
+    const int64_t n0 = q * kLinearPanel;
+    for (int r = 0; r < mr; ++r) {
+      Bf16* row = y + (m0 + r) * N + n0;
+      for (int64_t j = 0; j < kLinearPanel && n0 + j < N; j += kLanes) {
+        const auto m = Vec16::mask(N - n0 - j);
+        Vec16 v = Vec16::load(tile + r * ldt + j, m);
+        if (bias) v = v + load_v<Vec16>(bias + n0 + j, m);
+        store_v<Vec16>(row + j, v, m);
+      }
+    }
+  }
+};
+
+// Rows per block: a block of x stays in L2 while each thread runs its panels
+// over it (as gemm_rows in fused_ops.h).
+constexpr int64_t kLinearRowBlock = 192;
+
 }  // namespace
+
+Tensor linear_fused_bf16(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t Q = ceil_div(N, kLinearPanel);
+  Tensor y = empty_for_steps({M, N}, x.options());
+  const Tensor packed = pack_pair_panels(w);
+  const Tensor bias = b.has_value() ? b->contiguous() : Tensor();
+  const Bf16* xp = x.data_ptr<Bf16>();
+  const Bf16* bp = bias.defined() ? bias.data_ptr<Bf16>() : nullptr;
+  const Bf16* wp = packed.data_ptr<Bf16>();
+  Bf16* yp = y.data_ptr<Bf16>();
+  at::parallel_for(0, Q, ceil_div(Q, at::get_num_threads()), [&](int64_t q0, int64_t q1) {
+    for (int64_t mc = 0; mc < M; mc += kLinearRowBlock) {
+      const StoreBf16Epi epi{N, bp, yp + mc * N};
+      run_panels<Vec16, kLinearNV, MmaBf16>(q0, q1, std::min(kLinearRowBlock, M - mc), K,
+                                            xp + mc * K, K, 1, wp, epi);
+    }
+  });
+  return y;
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,

@@ -129,17 +129,20 @@ Tensor pack_gate_panels(const Tensor& w, int64_t G) {
   const int64_t H = w.size(0) / G, K = w.size(1), P = ceil_div(H, kLanes);
   const int64_t width = G * kGateNV * kLanes;
   const S* src = w.data_ptr<S>();
-  if constexpr (std::is_same_v<S, float> && KP == 1 && kLanes == 16) {
-    // Each gate's 16 units of a panel are 16 consecutive rows of w (AVX-512
-    // float32).
-    Tensor packed = at::empty({P, K, width}, w.options());
-    float* dst = packed.data_ptr<float>();
+  if constexpr (sizeof(S) * KP == 4 && kLanes == 16) {
+    // AVX-512, float32 or bfloat16 pairs: a k group is one 32-bit unit, and
+    // each gate's 16 units of a panel are 16 consecutive rows of w, so the
+    // panel is a 16 x 16 transpose of 32-bit units (transpose16.h) per gate.
+    const int64_t KU = K / KP;  // units per row
+    Tensor packed = empty_for_steps({P, K, width}, w.options());
+    const float* src_u = reinterpret_cast<const float*>(src);
+    float* dst_u = reinterpret_cast<float*>(packed.data_ptr<S>());
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int rows = static_cast<int>(std::min<int64_t>(kLanes, H - p * kLanes));
         for (int64_t g = 0; g < G; ++g) {
-          pack_rows_into_panel<kLanes>(src + (g * H + p * kLanes) * K, K, rows,
-                                       dst + p * K * width, width, g * kLanes);
+          pack_rows_into_panel<kLanes>(src_u + (g * H + p * kLanes) * KU, KU, rows,
+                                       dst_u + p * KU * width, width, g * kLanes);
         }
       }
     });
