@@ -9,6 +9,7 @@
 #include "../recurrence.h"
 #include "../x86/fused.h"
 #include "cpu_isa.h"
+#include "step_buffers.h"
 
 namespace fusedrnn {
 namespace {
@@ -68,7 +69,16 @@ const cpu::FusedF32* fused_via_f32_for(const at::Tensor& x, bool packed, bool pr
   return (dt == at::kHalf || dt == at::kBFloat16) && !packed && !proj ? cpu::fused_f32() : nullptr;
 }
 
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
+// Copies to and from float32 for that path, large ones in step buffers: the
+// conversions of a training step's saved tensors are tens of MB, which
+// fresh allocations would page in (zero-fill) on every call.
+at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t;
+  at::Tensor out = cpu::empty_for_steps(t.sizes(), t.options().dtype(dtype));
+  out.copy_(t);
+  return out;
+}
+at::Tensor f32(const at::Tensor& t) { return converted(t, at::kFloat); }
 
 // Padded input without projection takes a fused path (x86/fused.h) where the
 // CPU has it: float32 on AVX-512 or AVX2, float64 on AVX-512, and the
@@ -100,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     auto [out, h_n, c_n, gates, cells] = ops->lstm_forward(
         f32(x_proj), f32(h0), f32(c0), f32(w_hh), f32(detail::defined_or_zeros(b_hh, G, x_proj)),
         reverse, train);
-    return {out.to(dt), h_n.to(dt), c_n.to(dt), gates.to(dt), cells};
+    return {converted(out, dt), h_n.to(dt), c_n.to(dt), converted(gates, dt), cells};
   }
   return lstm_forward_impl<CpuKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
                                        train);
@@ -129,7 +139,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     auto [dx, dh0, dc0, dw, dw_hr, db] = ops->lstm_backward(
         f32(grad_output), f32(grad_h_n), f32(grad_c_n), f32(output), f32(gates), cells, f32(h0),
         f32(c0), f32(w_hh), reverse, has_bias);
-    return {dx.to(dt), dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr.to(dt), db.to(dt)};
+    return {converted(dx, dt), dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr.to(dt), db.to(dt)};
   }
   return lstm_backward_impl<CpuKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
                                         c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
@@ -166,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     auto [out, h_n, gates] =
         ops->gru_forward(f32(x_proj), f32(h0), f32(w_hh),
                          f32(detail::defined_or_zeros(b_hh, G, x_proj)), reverse, train);
-    return {out.to(dt), h_n.to(dt), gates.to(dt)};
+    return {converted(out, dt), h_n.to(dt), converted(gates, dt)};
   }
   return gru_forward_impl<CpuKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
                                       train);
@@ -191,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const auto dt = grad_output.scalar_type();
     auto [dx, dh0, dw, db] = ops->gru_backward(f32(grad_output), f32(grad_h_n), f32(output),
                                                f32(gates), f32(h0), f32(w_hh), reverse, has_bias);
-    return {dx.to(dt), dh0.to(dt), dw.to(dt), db.to(dt)};
+    return {converted(dx, dt), dh0.to(dt), dw.to(dt), db.to(dt)};
   }
   return gru_backward_impl<CpuKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,
                                        batch_sizes, reverse, reset_after, has_bias);
