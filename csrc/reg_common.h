@@ -77,6 +77,9 @@ inline void check_reg(const Tensor& x_proj, const RegInputs& r, const Schedule& 
 // weight before the loop, then called per step, out = a @ b or out += a @ b
 // (out a block of rows). The kernel policy K may bring its own (K::StepGemm:
 // the CPU's packs the weight once for the fused path's GEMM); else ATen's.
+// A step's product and the row pass that reads it (then_rows) or writes its
+// input (after_rows) go through one call, so that a StepGemm may run both
+// in one parallel region (the CPU's does).
 struct AtenStepGemm {
   Tensor b;
   explicit AtenStepGemm(Tensor b_) : b(std::move(b_)) {}
@@ -86,6 +89,18 @@ struct AtenStepGemm {
     } else {
       at::mm_out(out, a, b);
     }
+  }
+  // out = a @ b, then K::run(rows).
+  template <typename K, typename Rows>
+  void then_rows(Tensor out, const Tensor& a, const Rows& rows) const {
+    (*this)(out, a);
+    K::run(rows);
+  }
+  // K::run(rows), then out (+)= a @ b.
+  template <typename K, typename Rows>
+  void after_rows(const Rows& rows, Tensor out, const Tensor& a, bool accumulate = false) const {
+    K::run(rows);
+    (*this)(out, a, accumulate);
   }
 };
 
@@ -123,6 +138,24 @@ Tensor column_dot(const Tensor& a, const Tensor& b) {
     if (d.defined()) return d;
   }
   return (a * b).sum(0);
+}
+
+// A buffer of all steps' rows ([N, ...]): the policy's own (K::empty: the
+// CPU's reuses large blocks, Note [reused step buffers] in
+// cpu/step_buffers.cpp) or at::empty.
+template <typename K, typename = void>
+struct HasEmpty : std::false_type {};
+template <typename K>
+struct HasEmpty<K, std::void_t<decltype(K::empty(at::IntArrayRef(), at::TensorOptions()))>>
+    : std::true_type {};
+
+template <typename K>
+Tensor step_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if constexpr (HasEmpty<K>::value) {
+    return K::empty(sizes, options);
+  } else {
+    return at::empty(sizes, options);
+  }
 }
 
 template <typename K, typename = void>

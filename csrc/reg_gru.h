@@ -40,10 +40,10 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
   const int64_t G = kGruGates * H;
   Tensor h = h0.contiguous().clone();
   Tensor hm = r.rec_mask.has_value() ? (*r.rec_mask * h).contiguous() : Tensor();
-  Tensor out = at::empty({s.N, H}, opts);
-  Tensor gates = at::empty({train ? s.N : s.B, kGruSaved * H}, opts);  // scratch unless train
-  Tensor norm_hh = at::empty({rows_if(train && r.ln_hh.has_value(), s.N), G}, opts);
-  Tensor stats = at::empty({rows_if(train && r.ln_hh.has_value(), s.N), kGruStats}, opts);
+  Tensor out = step_buffer<K>({s.N, H}, opts);
+  Tensor gates = step_buffer<K>({train ? s.N : s.B, kGruSaved * H}, opts);  // scratch unless train
+  Tensor norm_hh = step_buffer<K>({rows_if(train && r.ln_hh.has_value(), s.N), G}, opts);
+  Tensor stats = step_buffer<K>({rows_if(train && r.ln_hh.has_value(), s.N), kGruStats}, opts);
   // torch's form: a = hm W_hh^T [B, 3H]; classic: a = hm W_rz^T [B, 2H],
   // rh = r * hm, a_n = rh W_n^T.
   Tensor a = at::empty({s.B, reset_after ? G : 2 * H}, opts);
@@ -58,8 +58,8 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
   for (int64_t step = 0; step < s.T; ++step) {
     const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
     T* gates_rows = gates.data_ptr<T>() + (train ? off * kGruSaved * H : 0);
-    rec_gemm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt));
     if (!reset_after) {
+      rec_gemm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt));
       GruResetRows<T> rr;
       rr.rows = bt;
       rr.H = H;
@@ -92,7 +92,11 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
     f.hidden.h = h.data_ptr<T>();
     f.hidden.hm = ptr_or_null<T>(hm);
     f.hidden.out = out.data_ptr<T>() + off * H;
-    K::run(f);
+    if (reset_after) {
+      rec_gemm.template then_rows<K>(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), f);
+    } else {
+      K::run(f);
+    }
   }
   if (!train) gates = at::empty({0, kGruSaved * H}, opts);
   return {out, h, gates, norm_hh, stats};
@@ -141,10 +145,10 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
   const bool ln = r.ln_hh.has_value();
   Tensor dh = g_h_n.clone();
   Tensor dh_mm = at::zeros({s.B, H}, opts);  // Note [Deferred recurrent gradient]
-  Tensor dx = at::empty({s.N, G}, opts);
+  Tensor dx = step_buffer<K>({s.N, G}, opts);
   // d a; the classic form's is d x_proj itself (no layer norm, hn's gradient is n's).
-  Tensor da = reset_after ? at::empty({s.N, G}, opts) : dx;
-  Tensor dab = ln ? at::empty({s.N, G}, opts) : Tensor();
+  Tensor da = reset_after ? step_buffer<K>({s.N, G}, opts) : dx;
+  Tensor dab = ln ? step_buffer<K>({s.N, G}, opts) : Tensor();
   Tensor drh = reset_after ? Tensor() : at::empty({s.B, H}, opts);
   Tensor dh_new = at::empty({s.B, H}, opts);  // dL/dh~, per step
   using Gemm = typename StepGemmOf<K>::type;  // Note [One GEMM call site]
@@ -178,12 +182,12 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
     b.dh_new = dh_new.data_ptr<T>();
     b.dx = dx.data_ptr<T>() + off * G;
     b.da = da.data_ptr<T>() + off * G;
-    K::run(b);
     const Tensor da_rows = da.narrow(0, off, bt);
     if (reset_after) {
-      rec_gemm(dh_mm.narrow(0, 0, bt), da_rows);
+      rec_gemm.template after_rows<K>(b, dh_mm.narrow(0, 0, bt), da_rows);
       continue;
     }
+    K::run(b);
     // Classic form: d(r hm) = dhn W_n, then r's gradient, then through W_rz.
     n_gemm(drh.narrow(0, 0, bt), da_rows.narrow(1, 2 * H, H));
     GruResetBackwardRows<T> rb;

@@ -2,9 +2,9 @@
 // layer norm, zoneout and recurrent dropout), written once for every device:
 // K::run(rows) runs one row function of reg_lstm_rows.h over a step's rows
 // (cpu/reg_cpu.cpp, cuda/reg_cuda.cu). Per step: one GEMM for the recurrent
-// product, one fused pass over the rows (LN statistics, gates, cell norm,
-// zoneout), and with proj_size a second GEMM and a pass for the hidden
-// zoneout. Backward runs the reverse loop the same way, then forms dW_hh
+// product, then (in the same call, Note [One GEMM call site]) one fused pass
+// over the rows (LN statistics, gates, cell norm, zoneout), and with
+// proj_size a second GEMM and a pass for the hidden zoneout. Backward runs the reverse loop the same way, then forms dW_hh
 // (and dW_hr) with one GEMM over all steps and db_hh and the gains' gradients
 // with one reduction each.
 //
@@ -62,11 +62,11 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
   Tensor h = h0.contiguous().clone();
   Tensor c = c0.contiguous().clone();
   Tensor hm = r.rec_mask.has_value() ? (*r.rec_mask * h).contiguous() : Tensor();
-  Tensor out = at::empty({s.N, P}, opts);
-  Tensor gates = at::empty({rows_if(train, s.N), G}, opts);
-  Tensor cells = at::empty({rows_if(train, s.N), H}, opts);
-  Tensor cell_new = at::empty({rows_if(train && r.zone_c.has_value(), s.N), H}, opts);
-  Tensor norm_hh = at::empty({rows_if(train && r.ln_hh.has_value(), s.N), G}, opts);
+  Tensor out = step_buffer<K>({s.N, P}, opts);
+  Tensor gates = step_buffer<K>({rows_if(train, s.N), G}, opts);
+  Tensor cells = step_buffer<K>({rows_if(train, s.N), H}, opts);
+  Tensor cell_new = step_buffer<K>({rows_if(train && r.zone_c.has_value(), s.N), H}, opts);
+  Tensor norm_hh = step_buffer<K>({rows_if(train && r.ln_hh.has_value(), s.N), G}, opts);
   Tensor stats =
       at::zeros({rows_if(train && (r.ln_hh.has_value() || r.ln_c()), s.N), kLstmStats}, opts);
   Tensor a = at::empty({s.B, G}, opts);
@@ -81,7 +81,6 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
 
   for (int64_t step = 0; step < s.T; ++step) {
     const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
-    rec_gemm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt));
     HiddenOut<T> hidden;
     hidden.P = P;
     hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * P : nullptr;
@@ -116,7 +115,7 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
     }
     f.hidden = hidden;
     f.h_raw = proj ? h_raw.data_ptr<T>() : nullptr;
-    K::run(f);
+    rec_gemm.template then_rows<K>(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), f);
     if (proj) {
       proj_gemm(h_proj.narrow(0, 0, bt), h_raw.narrow(0, 0, bt));
       HiddenOutRows<T> o;
@@ -227,13 +226,13 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor dh = g_h_n.clone();
   Tensor dh_mm = at::zeros({s.B, P}, opts);
   Tensor dc = g_c_n.clone();
-  Tensor dx = at::empty({s.N, G}, opts);
-  Tensor da = r.ln_hh.has_value() ? at::empty({s.N, G}, opts) : dx;
-  Tensor dcn = r.ln_c() ? at::empty({s.N, H}, opts) : Tensor();
-  Tensor dcn_xhat = r.ln_c() ? at::empty({s.N, H}, opts) : Tensor();
-  Tensor dh_new = proj ? at::empty({s.N, P}, opts) : Tensor();  // dL/d(h~ W_hr^T)
+  Tensor dx = step_buffer<K>({s.N, G}, opts);
+  Tensor da = r.ln_hh.has_value() ? step_buffer<K>({s.N, G}, opts) : dx;
+  Tensor dcn = r.ln_c() ? step_buffer<K>({s.N, H}, opts) : Tensor();
+  Tensor dcn_xhat = r.ln_c() ? step_buffer<K>({s.N, H}, opts) : Tensor();
+  Tensor dh_new = proj ? step_buffer<K>({s.N, P}, opts) : Tensor();  // dL/d(h~ W_hr^T)
   Tensor dh_raw = at::empty({s.B, H}, opts);  // dL/dh~ (before W_hr^T)
-  Tensor h_raw = proj ? at::empty({s.N, H}, opts) : Tensor();
+  Tensor h_raw = proj ? step_buffer<K>({s.N, H}, opts) : Tensor();
   const Tensor& c_new = r.zone_c.has_value() ? cell_new : cells;
   using Gemm = typename StepGemmOf<K>::type;  // Note [One GEMM call site]
   const Gemm rec_gemm(w_hh);
@@ -282,8 +281,7 @@ LstmRegBackwardOut lstm_reg_backward_loop(
       b.dcn_xhat = dcn_xhat.data_ptr<T>() + off * H;
     }
     b.h_raw = proj ? h_raw.data_ptr<T>() + off * H : nullptr;
-    K::run(b);
-    rec_gemm(dh_mm.narrow(0, 0, bt), da.narrow(0, off, bt));
+    rec_gemm.template after_rows<K>(b, dh_mm.narrow(0, 0, bt), da.narrow(0, off, bt));
   }
 
   const Tensor none = at::empty({0}, opts);

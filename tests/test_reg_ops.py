@@ -10,7 +10,7 @@ from fusedrnn._ops import ops
 from fusedrnn.regularisers import LayerReg
 
 from helpers import B, H, P, T, grad_tensors, layer_inputs, rel_err
-from isa_helpers import force_cpu_isa
+from isa_helpers import force_cpu_isa, isa_params
 
 NO_GPU = not torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(NO_GPU, reason="no GPU visible"))]
@@ -356,17 +356,19 @@ def test_device_mismatch_is_rejected():
         lstm_call(reg_over=dict(rec_mask=torch.ones(B, H)), device="cuda")()
 
 
+@pytest.mark.parametrize("isa", isa_params(("avx512", "avx2")))
 @pytest.mark.parametrize("kind,fields", [("lstm", LSTM_FIELDS), ("gru", GRU_FIELDS)])
-def test_cpu_row_copies_agree(kind, fields, monkeypatch):
-    """FUSEDRNN_CPU_PATH=generic takes the rows' baseline copy instead of the
-    AVX2 one (Note [Vectorised row loops]); float32 values and gradients agree
-    to rounding."""
-    d, reg = inputs(kind, True, "cpu", torch.float32, fields, False, True, "train", H=37)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_cpu_row_copies_agree(isa, kind, fields, packed, monkeypatch):
+    """Each CPU path runs the rows in its own copy (Note [Vectorised row
+    loops]) and, padded, the step's product and rows in one parallel region;
+    float32 values and gradients agree with the generic path's to rounding."""
+    d, reg = inputs(kind, packed, "cpu", torch.float32, fields, False, True, "train", H=37)
     wanted = leaves(d, reg)
     weights = None
     results = []
-    for path in ("auto", "generic"):
-        monkeypatch.setenv("FUSEDRNN_CPU_PATH", path)
+    for path in (isa, "generic"):
+        force_cpu_isa(monkeypatch, path)
         outs = run(_ops, kind, d, reg, True)
         weights = weights or [torch.randn_like(o) for o in outs]
         results.append(values_and_grads(outs, wanted, weights))

@@ -9,23 +9,56 @@
 // default) forbids: hence the pragma, before any include so that every
 // function of this file agrees (it changes no result, only which floating
 // point exception flags may be raised). Their floor needs SSE4.1, beyond
-// x86-64's baseline, so on CPUs with AVX2 each row runs in a copy compiled
-// for it (rows_avx2), picked at run time.
+// x86-64's baseline, so on x86 CPUs each row runs in a copy compiled for the
+// CPU path in force (rows_avx512, rows_avx2; cpu_isa.h).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
 
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
 
 #include "../reg_gru.h"
 #include "../reg_lstm.h"
 #include "../x86/fused.h"
+#include "cpu_isa.h"
+#include "spin_barrier.h"
+#include "step_buffers.h"
 
 namespace fusedrnn {
+namespace reg {
+// Partial column sums of a * b for contiguous [N, C] (column_dot): "row" k is
+// the block of rows [k * kRows, (k + 1) * kRows), summed in double into
+// part[k] [C], so that the block runs in the copy of the row functions for
+// the CPU path in force (Note [Vectorised row loops]). CPU only.
+template <typename T>
+struct ColumnDotBlocks {
+  static constexpr int64_t kRows = 64;
+  int64_t rows = 0, N = 0, C = 0;  // rows: blocks
+  const T *a = nullptr, *b = nullptr;
+  double* part = nullptr;  // [rows, C]
+};
+
+template <typename T, typename Row>
+void run_row(const Row& row, const ColumnDotBlocks<T>& d, int64_t k) {
+  double* acc = d.part + k * d.C;
+  row.loop(d.C, [&](int64_t j) { acc[j] = 0.0; });
+  const int64_t r1 = std::min(d.N, (k + 1) * d.kRows);
+  for (int64_t r = k * d.kRows; r < r1; ++r) {
+    const T *ra = d.a + r * d.C, *rb = d.b + r * d.C;
+    row.loop(d.C, [&](int64_t j) { acc[j] += double(ra[j]) * double(rb[j]); });
+  }
+}
+}  // namespace reg
+
 namespace {
 
 // Rows per parallel task: a row is a few thousand elements at most, too
@@ -66,72 +99,166 @@ void rows_generic(const Rows& a, int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FUSEDRNN_REG_AVX2 1
-// flatten: everything the rows call is inlined here, so compiled for AVX2.
+#ifdef FUSEDRNN_X86
+// flatten: everything the rows call is inlined here, so compiled for the
+// function's instruction set. Which copy runs follows the CPU path in force
+// (cpu_isa.h), so FUSEDRNN_CPU_ISA forces each (tests compare them).
 template <typename Rows>
 __attribute__((target("avx2"), flatten)) void rows_avx2(const Rows& a, int64_t begin,
                                                         int64_t end) {
   for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
 }
-
-// FUSEDRNN_CPU_PATH=generic takes the baseline copy (tests compare the two).
-bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2");
-  const char* knob = std::getenv("FUSEDRNN_CPU_PATH");
-  return ok && !(knob != nullptr && std::string(knob) == "generic");
+template <typename Rows>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,prefer-vector-width=512"),
+               flatten)) void rows_avx512(const Rows& a, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
 }
 #endif
 
-// The step products of the loops (Note [One GEMM call site]): in float32
-// where a fused path runs, the fused path's GEMM with the weight packed once
-// per call (ATen's SGEMM takes 60 us per step at B=16, H=256 on the machines
-// we measure, three times the fused path's); else ATen's.
+// A step's rows [begin, end) in the copy for the CPU path in force.
+template <typename Rows>
+void rows_range(CpuIsa isa, const Rows& a, int64_t begin, int64_t end) {
+#ifdef FUSEDRNN_X86
+  if (isa == CpuIsa::kAvx512) return rows_avx512(a, begin, end);
+  if (isa == CpuIsa::kAvx2) return rows_avx2(a, begin, end);
+#endif
+  (void)isa;
+  rows_generic(a, begin, end);
+}
+
+template <typename Rows>
+void run_rows(const Rows& a) {
+  const CpuIsa isa = cpu_isa();
+  at::parallel_for(0, a.rows, kRegRowsPerTask,
+                   [&](int64_t begin, int64_t end) { rows_range(isa, a, begin, end); });
+}
+
+// The step products of the loops (Note [One GEMM call site]): in float32 and
+// float64 where a fused path runs, the fused path's GEMM with the weight
+// packed once per call (ATen's SGEMM takes 60 us per step at B=16, H=256 on
+// the machines we measure, three times the fused path's); else ATen's.
+//
+// Note [one parallel region per regularised step]
+// A step's product and its row pass (the rows read the whole product: the
+// layer norm's statistics) run in one parallel region: each thread runs its
+// share of the product's column panels, waits at a spin barrier, then runs
+// its share of the rows (backward: rows, barrier, product). Two fork/joins
+// per step were a tenth of a layer_norm=True training step at T=100, B=16,
+// H=256.
 struct FusedStepGemm {
   reg::AtenStepGemm aten;
-  const cpu::FusedF32* ops = nullptr;
-  at::Tensor packed;
+  void (*gemm)(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool) = nullptr;
+  at::Tensor packed;  // [panels, K, panel width]
   explicit FusedStepGemm(at::Tensor b) : aten(b) {
-    if (!b.defined() || b.scalar_type() != at::kFloat || b.numel() == 0) return;
-    ops = cpu::fused_f32();
-    if (ops) packed = ops->pack_rhs(b);
+    if (!b.defined() || b.numel() == 0) return;
+    auto take = [&](const auto* ops) {
+      if (!ops) return;
+      gemm = ops->gemm_packed;
+      packed = ops->pack_rhs(b);
+    };
+    if (b.scalar_type() == at::kFloat) take(cpu::fused_f32());
+    if (b.scalar_type() == at::kDouble) take(cpu::fused_f64());
+  }
+  bool fused(const at::Tensor& out, const at::Tensor& a) const {
+    return gemm && a.size(0) > 0 && a.stride(1) == 1 && out.stride(1) == 1;
   }
   void operator()(at::Tensor out, const at::Tensor& a, bool accumulate = false) const {
-    if (ops && a.size(0) > 0 && a.stride(1) == 1 && out.stride(1) == 1) {
-      ops->gemm_packed(a, packed, out, accumulate);
+    if (fused(out, a)) {
+      gemm(a, packed, out, accumulate);
     } else {
       aten(out, a, accumulate);
     }
   }
+  template <typename K, typename Rows>
+  void then_rows(at::Tensor out, const at::Tensor& a, const Rows& rows) const {
+    in_one_region(out, a, false, rows, /*gemm_first=*/true);
+  }
+  template <typename K, typename Rows>
+  void after_rows(const Rows& rows, at::Tensor out, const at::Tensor& a,
+                  bool accumulate = false) const {
+    in_one_region(out, a, accumulate, rows, /*gemm_first=*/false);
+  }
+
+ private:
+  template <typename Rows>
+  void in_one_region(at::Tensor out, const at::Tensor& a, bool accumulate, const Rows& rows,
+                     bool gemm_first) const {
+#ifdef _OPENMP
+    const int64_t nt = std::min<int64_t>(at::get_num_threads(), rows.rows);
+#else
+    const int64_t nt = 1;
+#endif
+    if (!fused(out, a) || nt <= 1 || at::in_parallel_region()) {
+      if (!gemm_first) run_rows(rows);
+      (*this)(out, a, accumulate);
+      if (gemm_first) run_rows(rows);
+      return;
+    }
+    const int64_t Q = packed.size(0), W = packed.size(2), N = out.size(1);
+    const CpuIsa isa = cpu_isa();
+    cpu::SpinBarrier barrier(static_cast<int>(nt));
+    // No num_threads clause (as run_steps in x86/fused_loop.h); threads beyond
+    // nt leave at once. Nothing here throws: the shapes were checked.
+#ifdef _OPENMP
+#pragma omp parallel
+    {
+      const int64_t tid = omp_get_thread_num();
+      if (tid < nt) {
+        const auto product = [&] {
+          const int64_t q0 = Q * tid / nt, q1 = Q * (tid + 1) / nt;
+          const int64_t c0 = q0 * W, c1 = std::min(N, q1 * W);
+          // Inside the region, the GEMM's own parallel_for runs inline.
+          if (c1 > c0) {
+            gemm(a, packed.narrow(0, q0, q1 - q0), out.narrow(1, c0, c1 - c0), accumulate);
+          }
+        };
+        const auto row_pass = [&] {
+          rows_range(isa, rows, rows.rows * tid / nt, rows.rows * (tid + 1) / nt);
+        };
+        if (gemm_first) {
+          product();
+          barrier.wait();
+          row_pass();
+        } else {
+          row_pass();
+          barrier.wait();
+          product();
+        }
+      }
+    }
+#endif
+  }
 };
 
 // sum over rows of a * b for contiguous [N, C] of one floating type, in
-// column blocks per thread, each column summed in row order in double.
+// double: blocks of rows in parallel (ColumnDotBlocks), then their partial
+// sums in block order, so the result does not depend on the thread count.
 template <typename T>
 at::Tensor column_dot_rows(const at::Tensor& a, const at::Tensor& b) {
-  constexpr int64_t kBlock = 64;
-  const int64_t N = a.size(0), C = a.size(1);
-  at::Tensor out = at::empty({C}, a.options());
-  const T *pa = a.data_ptr<T>(), *pb = b.data_ptr<T>();
+  reg::ColumnDotBlocks<T> d;
+  d.N = a.size(0);
+  d.C = a.size(1);
+  d.rows = (d.N + d.kRows - 1) / d.kRows;
+  d.a = a.data_ptr<T>();
+  d.b = b.data_ptr<T>();
+  std::vector<double> part(static_cast<size_t>(d.rows * d.C));
+  d.part = part.data();
+  run_rows(d);
+  at::Tensor out = at::empty({d.C}, a.options());
   T* po = out.data_ptr<T>();
-  at::parallel_for(0, (C + kBlock - 1) / kBlock, 1, [&](int64_t q0, int64_t q1) {
-    double acc[kBlock];
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t c0 = q * kBlock, n = std::min(kBlock, C - c0);
-      for (int64_t j = 0; j < n; ++j) acc[j] = 0.0;
-      for (int64_t r = 0; r < N; ++r) {
-        const T *ra = pa + r * C + c0, *rb = pb + r * C + c0;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) acc[j] += double(ra[j]) * double(rb[j]);
-      }
-      for (int64_t j = 0; j < n; ++j) po[c0 + j] = static_cast<T>(acc[j]);
-    }
-  });
+  for (int64_t j = 0; j < d.C; ++j) {
+    double s = 0.0;
+    for (int64_t k = 0; k < d.rows; ++k) s += part[k * d.C + j];
+    po[j] = static_cast<T>(s);
+  }
   return out;
 }
 
 struct CpuRegKernels {
   using StepGemm = FusedStepGemm;
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return cpu::empty_for_steps(sizes, options);
+  }
   static at::Tensor column_dot(const at::Tensor& a, const at::Tensor& b) {
     if (!a.is_contiguous() || !b.is_contiguous() || a.scalar_type() != b.scalar_type()) {
       return at::Tensor();
@@ -141,28 +268,23 @@ struct CpuRegKernels {
     return at::Tensor();
   }
   // dY^T X by the fused path's weight-gradient GEMM where it runs (float32,
-  // contiguous rows); undefined (ATen's) otherwise.
+  // float64); undefined (ATen's) otherwise.
   static at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
-    const cpu::FusedF32* ops = dy.scalar_type() == at::kFloat ? cpu::fused_f32() : nullptr;
-    if (!ops || x.scalar_type() != at::kFloat || dy.size(0) == 0) return at::Tensor();
-    const at::Tensor d = dy.contiguous(), xc = x.contiguous();
-    return ops->weight_grad({{d.data_ptr<float>(), xc.data_ptr<float>(), d.size(0)}}, d.size(1),
-                            xc.size(1), false, d.options()).first;
+    if (x.scalar_type() != dy.scalar_type() || dy.size(0) == 0) return at::Tensor();
+    const auto grad = [&](const auto* ops) {
+      using T = typename std::remove_pointer_t<decltype(ops)>::Elem;
+      if (!ops) return at::Tensor();
+      const at::Tensor d = dy.contiguous(), xc = x.contiguous();
+      return ops->weight_grad({{d.data_ptr<T>(), xc.data_ptr<T>(), d.size(0)}}, d.size(1),
+                              xc.size(1), false, d.options()).first;
+    };
+    if (dy.scalar_type() == at::kFloat) return grad(cpu::fused_f32());
+    if (dy.scalar_type() == at::kDouble) return grad(cpu::fused_f64());
+    return at::Tensor();
   }
   template <typename Rows>
   static void run(const Rows& a) {
-#ifdef FUSEDRNN_REG_AVX2
-    const bool avx2 = use_avx2();
-#else
-    const bool avx2 = false;
-#endif
-    at::parallel_for(0, a.rows, kRegRowsPerTask, [&](int64_t begin, int64_t end) {
-#ifdef FUSEDRNN_REG_AVX2
-      if (avx2) return rows_avx2(a, begin, end);
-#endif
-      rows_generic(a, begin, end);
-    });
-    (void)avx2;
+    run_rows(a);
   }
 };
 

@@ -18,13 +18,12 @@
 #include <immintrin.h>
 #include <omp.h>
 
-#include <atomic>
 #include <cstdint>
-#include <thread>
 #include <tuple>
 #include <type_traits>
 
 #include "../gates.h"
+#include "../cpu/spin_barrier.h"
 #include "../cpu/step_buffers.h"
 #include "panel_gemm.h"
 #include "transpose16.h"
@@ -66,33 +65,8 @@ inline void store_v(S* p, V v, typename V::Mask m) {
 // A fork/join per time step costs tens of microseconds when idle OpenMP
 // threads sleep (OMP_WAIT_POLICY=PASSIVE), as much as a whole small step. So
 // the time loop runs inside one parallel region, each thread on its own
-// contiguous panel range, with a spin barrier between steps that yields to
-// the OS after a while, so an oversubscribed machine still makes progress.
-class SpinBarrier {
- public:
-  explicit SpinBarrier(int n) : n_(n) {}
-  void wait() {
-    const int gen = generation_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < kSpinsBeforeYield) {
-        _mm_pause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  static constexpr int kSpinsBeforeYield = 1 << 14;
-  const int n_;
-  std::atomic<int> arrived_{0};
-  std::atomic<int> generation_{0};
-};
+// contiguous panel range, with a spin barrier between steps
+// (cpu/spin_barrier.h).
 
 // body(step, p0, p1) for step in [0, steps), panels [p0, p1) per thread, a
 // barrier after every step. body must not throw.
