@@ -1,13 +1,15 @@
-"""The weight gradients of the fused float32 CPU path (dW = dY^T X and the
-bias gradient, Note [weight-gradient GEMM]) against float64, over sizes that
-cross every blocking edge: rows per block (128), columns per tile (6) and per
-block (192), panel width (64); and the recurrent dW_hh/db_hh through the ops."""
+"""The weight gradients of the fused CPU paths (dW = dY^T X and the bias
+gradient, Note [weight-gradient GEMM]; float32, and bfloat16 in k-pairs)
+against float64, over sizes that cross every blocking edge: rows per block
+(128), columns per tile (6) and per block (192), panel width (64); and the
+recurrent dW_hh/db_hh through the ops."""
 import pytest
 import torch
 
 import fusedrnn
 from fusedrnn import reference
 from helpers import rel_err
+from isa_helpers import force_cpu_isa, isa_params
 
 ops = torch.ops.fusedrnn
 
@@ -69,3 +71,26 @@ def test_recurrent_weight_grad_matches_reference(kind, reverse):
     low = grads(torch.float32, rev(ref))
     for o, t, w64 in zip(ours, low, want):
         assert rel_err(o, w64) <= 4 * rel_err(t, w64) + 1e-6
+
+
+# ---------------------------------------------------------------- bfloat16
+@pytest.mark.parametrize("isa", isa_params(("avx512", "generic")))
+@pytest.mark.parametrize("K", [1, 2, 255, 257, 600])
+@pytest.mark.parametrize("M,N", [(1, 1), (7, 65), (200, 130)])
+def test_linear_weight_grad_bfloat16(isa, K, M, N, monkeypatch):
+    """bfloat16 dY and X (the AVX512-BF16 GEMM where the CPU has it, k in
+    pairs, an odd K padded; ATen's elsewhere): the products of bfloat16 values
+    are exact in float32, so dW and db against float64 of the same values are
+    off by float32 accumulation only, and rounded once to bfloat16."""
+    force_cpu_isa(monkeypatch, isa)
+    g = torch.Generator().manual_seed(K * 1000 + M + N)
+    dy = torch.randn(K, M, generator=g).bfloat16()
+    x = torch.randn(K, N, generator=g).bfloat16()
+    w = torch.randn(M, N, generator=g).bfloat16()
+    _, dw, db = ops.linear_backward(dy, x, w, False, True, True)
+    assert dw.dtype == db.dtype == torch.bfloat16
+    want_w = (dy.double().T @ x.double()).bfloat16().double()
+    want_b = dy.double().sum(0).bfloat16().double()
+    # One bfloat16 rounding of the float32 result: within one ulp (2^-8).
+    assert rel_err(dw, want_w) <= 2 ** -7 and rel_err(db, want_b) <= 2 ** -7
+    assert rel_err(dw, dy.double().T @ x.double()) <= 2 ** -8

@@ -49,12 +49,35 @@ const cpu::FusedF64* fused_f64_for(const at::Tensor& x, bool packed, bool proj) 
   return x.scalar_type() == at::kDouble && !packed && !proj ? ops : nullptr;
 }
 
+// Whether the bfloat16 kernels of x86/fused.h run: AVX512-BF16, and the
+// AVX-512 path in force.
+bool bf16_kernels_run() {
 #ifdef FUSEDRNN_X86
-// The bfloat16 forward: padded, no projection, an even hidden size (k-pairs),
-// AVX512-BF16, and the AVX-512 path in force.
+  return has_avx512_bf16() && cpu_isa() == CpuIsa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+#ifdef FUSEDRNN_X86
+// The bfloat16 forward: padded, no projection, an even hidden size (k-pairs).
 bool fused_bf16_ok(const at::Tensor& x_proj, bool packed, bool proj, int64_t H) {
   return x_proj.scalar_type() == at::kBFloat16 && !packed && !proj && H % 2 == 0 &&
-         has_avx512_bf16() && cpu_isa() == CpuIsa::kAvx512;
+         bf16_kernels_run();
+}
+
+// (dW_hh, db_hh) in float32 from bfloat16 dG [T, B, G], output [T, B, H] and
+// h0 [B, H] (x86/fused.h's weight_grad_bf16).
+std::pair<at::Tensor, at::Tensor> recurrent_weight_grads_bf16(const at::Tensor& dg,
+                                                             const at::Tensor& output,
+                                                             const at::Tensor& h0, bool reverse,
+                                                             bool has_bias) {
+  const at::Tensor d = dg.contiguous(), out = output.contiguous(), h = h0.contiguous();
+  const int64_t T = out.size(0), B = out.size(1), H = out.size(2), G = d.size(2);
+  using Bf16 = at::BFloat16;
+  const auto segs = cpu::recurrent_grad_rows(d.data_ptr<Bf16>(), out.data_ptr<Bf16>(),
+                                             h.data_ptr<Bf16>(), T, B, H, G, reverse);
+  return cpu::weight_grad_bf16(segs, G, H, has_bias, d.options().dtype(at::kFloat));
 }
 #endif
 
@@ -126,7 +149,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   const bool packed = batch_sizes.has_value(), proj = w_hr.has_value();
   const auto run = [&](const auto* ops) {
     return ops->lstm_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh,
-                              reverse, has_bias);
+                              reverse, has_bias, true);
   };
   const auto* f32_ops = fused_f32_for(grad_output, packed, proj);  // first: a bad knob raises
   if (grad_output.dim() == 3) {
@@ -136,10 +159,17 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   const auto* ops = fused_via_f32_for(grad_output, packed, proj);
   if (ops && grad_output.dim() == 3) {
     const auto dt = grad_output.scalar_type();
+    const bool bf16_w = dt == at::kBFloat16 && bf16_kernels_run();
     auto [dx, dh0, dc0, dw, dw_hr, db] = ops->lstm_backward(
         f32(grad_output), f32(grad_h_n), f32(grad_c_n), f32(output), f32(gates), cells, f32(h0),
-        f32(c0), f32(w_hh), reverse, has_bias);
-    return {converted(dx, dt), dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr.to(dt), db.to(dt)};
+        f32(c0), f32(w_hh), reverse, has_bias, !bf16_w);
+    const at::Tensor d_x = converted(dx, dt);
+#ifdef FUSEDRNN_X86
+    if (bf16_w) {  // dW_hh from the rounded dG, as the input projection's dW_ih
+      std::tie(dw, db) = recurrent_weight_grads_bf16(d_x, output, h0, reverse, has_bias);
+    }
+#endif
+    return {d_x, dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr.to(dt), db.to(dt)};
   }
   return lstm_backward_impl<CpuKernels>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0,
                                         c0, w_hh, w_hr, batch_sizes, reverse, has_bias);
@@ -239,7 +269,7 @@ bool linear_bf16_ok(const at::Tensor& a, const at::Tensor& w, const OptTensor& b
   const auto bf16 = at::kBFloat16;
   return a.device().is_cpu() && a.scalar_type() == bf16 && w.scalar_type() == bf16 &&
          !(bias.has_value() && bias->scalar_type() != bf16) && a.size(-1) % 2 == 0 &&
-         a.numel() > 0 && has_avx512_bf16() && cpu_isa() == CpuIsa::kAvx512;
+         a.numel() > 0 && bf16_kernels_run();
 }
 #endif
 
@@ -295,6 +325,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
                               xc.size(1), bias_grad, g2.options());
     });
     if (wb) return {dx, wb->first, bias_grad ? wb->second : none};
+#ifdef FUSEDRNN_X86
+    const auto bf16 = at::kBFloat16;
+    if (g2.device().is_cpu() && g2.scalar_type() == bf16 && input.scalar_type() == bf16 &&
+        g2.numel() > 0 && bf16_kernels_run()) {
+      const at::Tensor xc = x2.contiguous();
+      auto [w, b] = cpu::weight_grad_bf16({{g2.data_ptr<at::BFloat16>(),
+                                             xc.data_ptr<at::BFloat16>(), g2.size(0)}},
+                                          g2.size(1), xc.size(1), bias_grad,
+                                          g2.options().dtype(at::kFloat));
+      return {dx, w.to(bf16), bias_grad ? b.to(bf16) : none};
+    }
+#endif
   }
   if (weight_grad) dw = at::mm(g2.t(), x2);
   if (bias_grad) db = g2.sum(0);

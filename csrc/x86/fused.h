@@ -27,6 +27,19 @@ struct GradRowsOf {
 };
 using GradRows = GradRowsOf<float>;
 
+// The rows of dW_hh = sum over steps of dG_t^T h_{t-1}, read in place: dg
+// [T*B, G], out [T, B, H] and h0 [B, H], contiguous. Step t reads out[t-1]
+// (reverse: out[t+1]), the first step h0.
+template <typename T>
+std::vector<GradRowsOf<T>> recurrent_grad_rows(const T* dg, const T* out, const T* h0,
+                                               int64_t steps, int64_t B, int64_t H, int64_t G,
+                                               bool reverse) {
+  const int64_t BT = B * (steps - 1);
+  std::vector<GradRowsOf<T>> segs{{dg + (reverse ? BT : 0) * G, h0, B}};
+  if (steps > 1) segs.push_back({dg + (reverse ? 0 : B) * G, out + (reverse ? B : 0) * H, BT});
+  return segs;
+}
+
 // The ops of one instruction set for one element type T (float32, float64):
 // fused_ops.h, compiled once per set. Same contracts as lstm_forward_impl /
 // lstm_backward_impl etc. in recurrence.h, for x_proj [T, B, G*H]; arguments
@@ -37,10 +50,11 @@ struct FusedOps {
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*lstm_forward)(
       const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
       const Tensor& b_hh, bool reverse, bool train);
+  // weight_grads=false: d_w_hh and d_b_hh left [0] (the caller forms them).
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> (*lstm_backward)(
       const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
       const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
-      const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias);
+      const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias, bool weight_grads);
   std::tuple<Tensor, Tensor, Tensor> (*gru_forward)(const Tensor& x_proj, const Tensor& h0,
                                                     const Tensor& w_hh, const Tensor& b_hh,
                                                     bool reverse, bool train);
@@ -80,6 +94,13 @@ extern const FusedF32 kFusedAvx2;       // fused_avx2.cpp: AVX2 and FMA
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& b_hh, bool reverse, bool train);
+
+// The weight-gradient GEMM of FusedOps::weight_grad for bfloat16 dY and X,
+// k in pairs on vdpbf16ps; dW and db float32 (options' dtype), accumulated
+// in float32 (db in double) (fused_avx512_bf16.cpp).
+std::pair<Tensor, Tensor> weight_grad_bf16(const std::vector<GradRowsOf<at::BFloat16>>& segs,
+                                           int64_t M, int64_t N, bool want_db,
+                                           const at::TensorOptions& options);
 
 // y [M, N] = x [M, K] w [N, K]^T (+ b [N]), bfloat16, contiguous, K even;
 // float32 accumulation, rounded once (fused_avx512_bf16.cpp).

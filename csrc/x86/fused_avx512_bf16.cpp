@@ -18,6 +18,7 @@
 #include "vec16.h"
 #include "fused.h"
 #include "fused_loop.h"
+#include "weight_grad.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -27,11 +28,11 @@ using Bf16 = at::BFloat16;
 using simd::Vec16;
 constexpr int kLanes = Vec16::kLanes;
 
-// tile[MR][NV * 16] (+)= A[MR rows, K] * panel (k-pair layout above); element
-// (r, k) of A is a[r * sam + k]; K even.
+// tile[MR][NV * 16] (+)= A[MR rows, K] * panel (k-pair layout above); the
+// pair (r, k), (r, k + 1) of A (k even) is at a[r * sam + k * sak]; K even.
 template <int MR, int NV>
-inline void mma_tile_bf16(const Bf16* a, int64_t sam, const Bf16* panel, int64_t K, float* tile,
-                          bool accumulate) {
+inline void mma_tile_bf16(const Bf16* a, int64_t sam, int64_t sak, const Bf16* panel, int64_t K,
+                          float* tile, bool accumulate) {
   __m512 acc[MR][NV];
   load_acc<Vec16, MR, NV>(acc, tile, accumulate);
   for (int64_t k = 0; k < K; k += 2) {
@@ -43,7 +44,7 @@ inline void mma_tile_bf16(const Bf16* a, int64_t sam, const Bf16* panel, int64_t
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, a + r * sam + k, sizeof(pair));
+      std::memcpy(&pair, a + r * sam + k * sak, sizeof(pair));
       const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, w[v]);
@@ -52,17 +53,18 @@ inline void mma_tile_bf16(const Bf16* a, int64_t sam, const Bf16* panel, int64_t
   store_acc<Vec16, MR, NV>(acc, tile);
 }
 
-// The bfloat16 tile product for run_panels (panel_gemm.h); A's k stride is 1.
+// The bfloat16 tile product for run_panels (panel_gemm.h) and
+// weight_grad_fused (weight_grad.h): pairs of A as mma_tile_bf16 reads them.
 struct MmaBf16 {
   using A = Bf16;
   using Packed = Bf16;
   template <int MR, int NV>
-  static void rows(int mr, const Bf16* a, int64_t sam, int64_t /*sak*/, const Bf16* panel,
+  static void rows(int mr, const Bf16* a, int64_t sam, int64_t sak, const Bf16* panel,
                    int64_t K, float* tile, bool accumulate) {
     if constexpr (MR > 1) {
-      if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, 1, panel, K, tile, accumulate);
+      if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate);
     }
-    mma_tile_bf16<MR, NV>(a, sam, panel, K, tile, accumulate);
+    mma_tile_bf16<MR, NV>(a, sam, sak, panel, K, tile, accumulate);
   }
 };
 
@@ -118,6 +120,12 @@ struct StoreBf16Epi {
 constexpr int64_t kLinearRowBlock = 192;
 
 }  // namespace
+
+std::pair<Tensor, Tensor> weight_grad_bf16(const std::vector<GradRowsOf<Bf16>>& segs, int64_t M,
+                                           int64_t N, bool want_db,
+                                           const at::TensorOptions& options) {
+  return weight_grad_fused<Vec16, Bf16, MmaBf16, 2>(segs, M, N, want_db, options);
+}
 
 Tensor linear_fused_bf16(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);

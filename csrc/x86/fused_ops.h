@@ -300,18 +300,14 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const
 }
 
 // (dW_hh, db_hh) from the steps' dG: dW_hh = sum over steps of dG_t^T h_{t-1},
-// one GEMM (weight_grad.h) reading h_{t-1} in place: the output rows of the
-// T-1 steps before, and h0 for the first step.
+// one GEMM (weight_grad.h) reading h_{t-1} in place (recurrent_grad_rows).
 // dg: [T*B, G], out: [T, B, H], h0: [B, H] -> [G, H], and [G] or [0].
 template <typename V>
 std::pair<Tensor, Tensor> recurrent_weight_grads(const Tensor& dg, const Tensor& out,
                                                  const Tensor& h0, bool reverse, bool has_bias) {
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2), G = dg.size(1);
-  const int64_t BT = B * (T - 1);
-  const Elem<V> *d = dg.data_ptr<Elem<V>>(), *o = out.data_ptr<Elem<V>>();
-  // Forward: step t reads out[t-1], step 0 reads h0. Reverse: t reads out[t+1], T-1 reads h0.
-  std::vector<GradRowsOf<Elem<V>>> segs{{d + (reverse ? BT : 0) * G, h0.data_ptr<Elem<V>>(), B}};
-  if (T > 1) segs.push_back({d + (reverse ? 0 : B) * G, o + (reverse ? B : 0) * H, BT});
+  const auto segs = recurrent_grad_rows(dg.data_ptr<Elem<V>>(), out.data_ptr<Elem<V>>(),
+                                        h0.data_ptr<Elem<V>>(), T, B, H, G, reverse);
   return weight_grad_fused<V>(segs, G, H, has_bias, dg.options());
 }
 
@@ -319,7 +315,7 @@ template <typename V>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
-    const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias) {
+    const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias, bool weight_grads) {
   const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
   const int64_t G = kLstmGates * H, Q = ceil_div(H, kColumnPanel<V>);
   const Steps st{T, reverse};
@@ -354,9 +350,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
       run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, last);
     }
   });
+  const Tensor none = at::empty({0}, go.options());
+  if (!weight_grads) return {dg.view({T, B, G}), d_h0, dc, none, none, none};
   auto [d_w_hh, d_b_hh] =
       recurrent_weight_grads<V>(dg, output.contiguous(), h0.contiguous(), reverse, has_bias);
-  return {dg.view({T, B, G}), d_h0, dc, d_w_hh, at::empty({0}, go.options()), d_b_hh};
+  return {dg.view({T, B, G}), d_h0, dc, d_w_hh, none, d_b_hh};
 }
 
 template <typename V>

@@ -37,14 +37,15 @@ namespace fusedrnn {
 namespace cpu {
 namespace {
 
-// The tile of V's backward panels: AVX-512 6 x 64, AVX2 6 x 16.
-template <typename V>
+// The tile of V's backward panels: AVX-512 6 x 64, AVX2 6 x 16. In: the
+// element type of dY and X as packed (V::T, or bfloat16 in k-pairs).
+template <typename V, typename In = typename V::T>
 struct WeightGradTile {
   static constexpr int kNV = V::kColumnNV;             // vectors per panel of X
   static constexpr int64_t kW = kNV * V::kLanes;       // panel width
   static constexpr int kMR = V::rows_per_tile(kNV);    // columns of dY per tile
   static constexpr int64_t kBlockK =
-      32 * 1024 / (kW * static_cast<int64_t>(sizeof(typename V::T)));  // a 32 KiB panel slice
+      32 * 1024 / (kW * static_cast<int64_t>(sizeof(In)));  // a 32 KiB panel slice
   static constexpr int64_t kBlockTiles = 192 / kMR;    // 192 columns of dY per block
 };
 
@@ -63,37 +64,52 @@ struct RowIndex {
   }
 };
 
-// packed[q][k][c] = X[k][kW q + c], 0 beyond N.
-template <int64_t kW, typename E>
+// X in panels, k in groups of KP (1, or 2 for bfloat16 pairs; K2 = K rounded
+// up to KP, the padding row 0): packed[q][k / KP][c][k % KP] = X[k][kW q + c],
+// 0 beyond N.
+template <int64_t kW, int KP, typename E>
 at::Tensor pack_x(const RowIndex<E>& rows, int64_t K, int64_t N, const at::TensorOptions& options) {
-  const int64_t Q = ceil_div(N, kW);
-  at::Tensor packed = empty_for_steps({Q * K * kW}, options);
+  const int64_t Q = ceil_div(N, kW), K2 = ceil_div(K, KP) * KP;
+  at::Tensor packed = empty_for_steps({Q * K2 * kW}, options);
   E* dst = packed.data_ptr<E>();
   at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
     rows.each(k0, k1, [&](int64_t k, int64_t r, const GradRowsOf<E>& s) {
       const E* x = s.x + r * N;
       for (int64_t q = 0; q < Q; ++q) {
         const int64_t n = std::min(kW, N - q * kW);
-        E* row = dst + (q * K + k) * kW;
-        std::copy(x + q * kW, x + q * kW + n, row);
-        std::fill(row + n, row + kW, E(0));
+        E* row = dst + (q * K2 + k / KP * KP) * kW + k % KP;
+        if constexpr (KP == 1) {
+          std::copy(x + q * kW, x + q * kW + n, row);
+          std::fill(row + n, row + kW, E(0));
+        } else {
+          for (int64_t c = 0; c < kW; ++c) row[c * KP] = c < n ? x[q * kW + c] : E(0);
+        }
       }
     });
   });
+  if (K2 > K) {  // the padding row of the last pair
+    for (int64_t q = 0; q < Q; ++q) {
+      for (int64_t c = 0; c < kW; ++c) dst[(q * K2 + K2 - KP) * kW + c * KP + KP - 1] = E(0);
+    }
+  }
   return packed;
 }
 
 // dW [M, N] = sum over the segments' rows of dY^T X, and db [M] (want_db;
-// else [0]) = the column sums of dY.
-template <typename V, typename E = typename V::T>
-std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf<E>>& segs, int64_t M,
-                                                  int64_t N, bool want_db,
-                                                  const at::TensorOptions& options) {
-  using Tile = WeightGradTile<V>;
+// else [0]) = the column sums of dY; dW and db of options' dtype. The tile
+// product Mma (panel_gemm.h's MmaVec; MmaBf16 for bfloat16 dY and X, k in
+// pairs: KP = 2) accumulates in V::T.
+template <typename V, typename In = typename V::T, typename Mma = MmaVec<V>, int KP = 1>
+std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf<In>>& segs,
+                                                    int64_t M, int64_t N, bool want_db,
+                                                    const at::TensorOptions& options) {
+  using E = typename V::T;
+  using Tile = WeightGradTile<V, In>;
   constexpr int kNV = Tile::kNV, kMR = Tile::kMR;
   constexpr int64_t kW = Tile::kW, kBlockK = Tile::kBlockK, kBlockTiles = Tile::kBlockTiles;
+  static_assert(kBlockK % KP == 0, "blocks of whole k groups");
   int64_t K = 0;
-  for (const GradRowsOf<E>& s : segs) K += s.rows;
+  for (const GradRowsOf<In>& s : segs) K += s.rows;
   at::Tensor dw = at::empty({M, N}, options);
   at::Tensor db = at::empty({want_db ? M : 0}, options);
   if (K == 0 || M == 0 || N == 0) {
@@ -101,13 +117,16 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
     db.zero_();
     return {dw, db};
   }
-  const RowIndex<E> rows{segs};
-  const at::Tensor xp = pack_x<kW>(rows, K, N, options);
+  const RowIndex<In> rows{segs};
+  const int64_t K2 = ceil_div(K, KP) * KP;
+  const at::Tensor xp = pack_x<kW, KP>(rows, K, N, options.dtype(c10::CppTypeToScalarType<In>::value));
+  const In* xpp = xp.data_ptr<In>();
   const int64_t Q = ceil_div(N, kW), tiles = ceil_div(M, kMR);
   E* db_out = want_db ? db.data_ptr<E>() : nullptr;
   const int64_t grain = ceil_div(tiles, at::get_num_threads());
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<E> ap(static_cast<size_t>(kBlockTiles * kBlockK * kMR));
+    // dY's block as ap[tile][k / KP][kMR][k % KP].
+    std::vector<In> ap(static_cast<size_t>(kBlockTiles * kBlockK * kMR));
     std::vector<double> sums(static_cast<size_t>(kBlockTiles * kMR));
     // The block's accumulators: tile i, panel q at acc[(i * Q + q) * kMR * kW].
     std::vector<E> acc(static_cast<size_t>(kBlockTiles * Q * kMR * kW));
@@ -115,27 +134,35 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
       const int64_t nt = std::min(kBlockTiles, t1 - tb), m0 = tb * kMR;
       const int64_t mc = std::min(nt * kMR, M - m0);  // real columns of this block
       std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-        const int64_t kc = std::min(kBlockK, K - k0);
-        // Pack dY[k0:k0+kc, m0:m0+mc] as ap[tile][k][kMR], zeros past mc.
-        rows.each(k0, k0 + kc, [&](int64_t k, int64_t r, const GradRowsOf<E>& s) {
-          const E* y = s.dy + r * M + m0;
+      for (int64_t k0 = 0; k0 < K2; k0 += kBlockK) {
+        const int64_t kc = std::min(kBlockK, K2 - k0);  // a multiple of KP
+        if (k0 + kc > K) {  // the padding row: zeros
+          for (int64_t i = 0; i < nt; ++i) {
+            In* dst = ap.data() + (i * kc + kc - KP) * kMR + KP - 1;
+            for (int64_t c = 0; c < kMR; ++c) dst[c * KP] = In(0);
+          }
+        }
+        // Pack dY[k0:k0+kc, m0:m0+mc], zeros past mc.
+        rows.each(k0, std::min(k0 + kc, K), [&](int64_t k, int64_t r, const GradRowsOf<In>& s) {
+          const In* y = s.dy + r * M + m0;
           if (r + 4 < s.rows) {
             for (int64_t c = 0; c < mc; c += 16) __builtin_prefetch(y + 4 * M + c, 0, 3);
           }
-          for (int64_t c = 0; c < mc; ++c) sums[c] += y[c];
+          for (int64_t c = 0; c < mc; ++c) sums[c] += static_cast<double>(y[c]);
+          const int64_t kk = k - k0;
           for (int64_t i = 0; i < nt; ++i) {
-            E* dst = ap.data() + (i * kc + (k - k0)) * kMR;
+            In* dst = ap.data() + (i * kc + kk / KP * KP) * kMR + kk % KP;
             const int64_t n = std::min<int64_t>(kMR, mc - i * kMR);
-            for (int64_t c = 0; c < n; ++c) dst[c] = y[i * kMR + c];
-            for (int64_t c = n; c < kMR; ++c) dst[c] = E(0);
+            for (int64_t c = 0; c < n; ++c) dst[c * KP] = y[i * kMR + c];
+            for (int64_t c = n; c < kMR; ++c) dst[c * KP] = In(0);
           }
         });
         for (int64_t q = 0; q < Q; ++q) {
-          const E* panel = xp.data_ptr<E>() + (q * K + k0) * kW;
+          const In* panel = xpp + (q * K2 + k0) * kW;
           for (int64_t i = 0; i < nt; ++i) {
             E* tile = acc.data() + (i * Q + q) * kMR * kW;
-            mma_tile<V, kMR, kNV>(ap.data() + i * kc * kMR, 1, kMR, panel, kc, tile, k0 > 0);
+            Mma::template rows<kMR, kNV>(kMR, ap.data() + i * kc * kMR, KP, kMR, panel, kc, tile,
+                                         k0 > 0);
           }
         }
       }
