@@ -218,8 +218,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
   const bool packed = batch_sizes.has_value();
-  const auto run = [&](const auto* ops) {
-    return ops->gru_backward(grad_output, grad_h_n, output, gates, h0, w_hh, reverse, has_bias);
+  const auto run = [&](const auto* ops) -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+    auto [dx, dh0, dw, db, dhh] =
+        ops->gru_backward(grad_output, grad_h_n, output, gates, h0, w_hh, reverse, has_bias, true);
+    return {dx, dh0, dw, db};
   };
   const auto* f32_ops = fused_f32_for(grad_output, packed, false);  // first: a bad knob raises
   if (reset_after && grad_output.dim() == 3) {
@@ -229,8 +231,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
   const auto* ops = fused_via_f32_for(grad_output, packed, false);
   if (reset_after && ops && grad_output.dim() == 3) {
     const auto dt = grad_output.scalar_type();
-    auto [dx, dh0, dw, db] = ops->gru_backward(f32(grad_output), f32(grad_h_n), f32(output),
-                                               f32(gates), f32(h0), f32(w_hh), reverse, has_bias);
+    const bool bf16_w = dt == at::kBFloat16 && bf16_kernels_run();
+    auto [dx, dh0, dw, db, dhh] =
+        ops->gru_backward(f32(grad_output), f32(grad_h_n), f32(output), f32(gates), f32(h0),
+                          f32(w_hh), reverse, has_bias, !bf16_w);
+#ifdef FUSEDRNN_X86
+    if (bf16_w) {  // dW_hh from the rounded gradients, as the LSTM's
+      const int64_t T = grad_output.size(0), B = grad_output.size(1);
+      std::tie(dw, db) = recurrent_weight_grads_bf16(converted(dhh, dt).view({T, B, -1}), output,
+                                                     h0, reverse, has_bias);
+    }
+#endif
     return {converted(dx, dt), dh0.to(dt), dw.to(dt), db.to(dt)};
   }
   return gru_backward_impl<CpuKernels>(grad_output, grad_h_n, output, gates, h0, w_hh,

@@ -58,9 +58,12 @@ struct FusedOps {
   std::tuple<Tensor, Tensor, Tensor> (*gru_forward)(const Tensor& x_proj, const Tensor& h0,
                                                     const Tensor& w_hh, const Tensor& b_hh,
                                                     bool reverse, bool train);
-  std::tuple<Tensor, Tensor, Tensor, Tensor> (*gru_backward)(
+  // Also returns dhh [T*B, 3H], the gradients of the recurrent side's
+  // pre-activations (dr, dz, dhn), from which dW_hh and db_hh come.
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*gru_backward)(
       const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output,
-      const Tensor& gates, const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias);
+      const Tensor& gates, const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias,
+      bool weight_grads);
   // y [M, N] = x [M, K] w [N, K]^T (+ b [N]); contiguous.
   Tensor (*linear)(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b);
   // dx [M, K] = dy [M, N] w [N, K]; contiguous.

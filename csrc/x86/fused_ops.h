@@ -358,9 +358,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
 }
 
 template <typename V>
-std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
-    const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias) {
+    const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias, bool weight_grads) {
   const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
   const int64_t G = kGruGates * H, Q = ceil_div(H, kColumnPanel<V>);
   const Steps st{T, reverse};
@@ -395,8 +395,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
       run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, last);
     }
   });
+  const Tensor none = at::empty({0}, go.options());
+  if (!weight_grads) return {dx.view({T, B, G}), d_h0, none, none, dhh};
   auto [d_w_hh, d_b_hh] = recurrent_weight_grads<V>(dhh, out, h0c, reverse, has_bias);
-  return {dx.view({T, B, G}), d_h0, d_w_hh, d_b_hh};
+  return {dx.view({T, B, G}), d_h0, d_w_hh, d_b_hh, dhh};
 }
 
 template <typename V>
