@@ -16,7 +16,10 @@
 #   with FUSEDRNN_ALGO=persistent (auto is step-wise until this kernel has GPU
 #   results); the op and module tests on CUDA under
 #   FUSEDRNN_ALGO=persistent; the same table step-wise; the op tests step-wise,
-#   with the regularised ops' CUDA tests.
+#   with the regularised ops' CUDA tests. Last, only where a FlashRNN wheel was
+#   carried in (wheels/flashrnn-*.whl; the machine has no network): FlashRNN's
+#   README configuration against fusedrnn and cuDNN (benchmarks/flashrnn.py,
+#   120 s more, most of it FlashRNN compiling its kernels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
@@ -62,6 +65,11 @@ print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, \
   stage "op tests, stepwise; regularised ops" 40 env FUSEDRNN_ALGO=stepwise $PY -m pytest -q \
     -rfE -k "cuda" tests/test_ops.py tests/test_reg_ops.py \
     --junitxml="$OUT/gpu-tests-stepwise-ops-$STAMP.xml"
+  for wheel in wheels/flashrnn-*.whl; do
+    [ -e "$wheel" ] || continue
+    $PY -m pip install -q --no-deps --no-index "$wheel" &&
+      stage "FlashRNN's configuration" 120 $PY -m benchmarks.flashrnn --out-dir "$OUT"
+  done
 } 2>&1 | tee "$LOG"
 
 # Keep a copy in the repo's results folder as well.

@@ -274,3 +274,52 @@ def test_gemm_runs_the_avx2_kernels_on_request(tmp_path, monkeypatch):
         r["status"] == "ok" for row in doc["rows"] for r in row["results"].values())
     assert ("fusedrnn: its avx2 GEMM and gate kernels (forced by FUSEDRNN_CPU_ISA)"
             in gemm.notes(doc))
+
+
+# ---------------------------------------------------------------- benchmarks.flashrnn
+def _flashrnn_layout_lstm(Wx, R, b):
+    """FlashRNN's LSTM on its operands, written from its documented layout:
+    pre-activations Wx[:, t] + R h_{t-1} + b, R[g, 0, u, k] weighting h[k] into
+    gate g of unit u; gates i, f, z, o; output h as [T, B, H]."""
+    B_, T_, _, _, H_ = Wx.shape
+    h = Wx.new_zeros(B_, H_)
+    c = Wx.new_zeros(B_, H_)
+    outs = []
+    for t in range(T_):
+        pre = Wx[:, t, :, 0, :] + torch.einsum("guk,bk->bgu", R[:, 0], h) + b[:, 0]
+        i, f, z, o = pre.unbind(1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs)
+
+
+def test_flashrnn_operands_are_torch_weights_in_flashrnn_layout():
+    from benchmarks import flashrnn as fr
+    from fusedrnn import reference
+    g = torch.Generator().manual_seed(5)
+    T_, B_, H_ = 6, 3, 8
+    x_proj = torch.randn(T_, B_, 4 * H_, generator=g, dtype=torch.float64)
+    w_hh = torch.randn(4 * H_, H_, generator=g, dtype=torch.float64) / H_ ** 0.5
+    b_hh = torch.randn(4 * H_, generator=g, dtype=torch.float64)
+    zeros = torch.zeros(B_, H_, dtype=torch.float64)
+    want = reference.lstm_layer(x_proj, zeros, zeros, w_hh, None, b_hh)[0]
+    got = _flashrnn_layout_lstm(*fr.flashrnn_operands(x_proj, w_hh, b_hh))
+    assert (got - want).abs().max() < 1e-12
+    # The states output [S, B, T, 1, H] back to [T, B, H].
+    states = torch.stack([got.transpose(0, 1), -got.transpose(0, 1)])[:, :, :, None, :]
+    assert torch.equal(fr.flashrnn_output(states), got)
+    flash = fr.load_flashrnn()
+    if flash is not None:  # FlashRNN's own pure-torch backend, where it is installed
+        h, _ = flash(*fr.flashrnn_operands(x_proj.float(), w_hh.float(), b_hh.float()),
+                     function="lstm", backend="vanilla", dtype="float32")
+        assert (fr.flashrnn_output(h).double() - want).abs().max() < 1e-5
+
+
+def test_flashrnn_benchmark_without_gpu_runs_nothing(capsys, tmp_path):
+    from benchmarks import flashrnn as fr
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the benchmark would run")
+    assert fr.main(["--out-dir", str(tmp_path)]) == 0
+    assert "no GPU visible" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
