@@ -158,6 +158,27 @@ Tensor step_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
   }
 }
 
+// Note [The time loop]
+// Each loop of reg_lstm.h / reg_gru.h runs as time_loop<K, T>(loop): the
+// policy's own way (K::time_loop<T>: the CPU's runs the whole loop in one
+// thread team, Note [a thread team per regularised loop] in
+// cpu/step_team.h), or just loop().
+template <typename K, typename = void>
+struct HasTimeLoop : std::false_type {};
+template <typename K>
+struct HasTimeLoop<
+    K, std::void_t<decltype(K::template time_loop<float>(std::declval<void (*)()>()))>>
+    : std::true_type {};
+
+template <typename K, typename T, typename Loop>
+void time_loop(const Loop& loop) {
+  if constexpr (HasTimeLoop<K>::value) {
+    K::template time_loop<T>(loop);
+  } else {
+    loop();
+  }
+}
+
 template <typename K, typename = void>
 struct StepGemmOf {
   using type = AtenStepGemm;

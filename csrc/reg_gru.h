@@ -55,49 +55,51 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
   const Gemm n_gemm(reset_after ? Tensor() : w_t.narrow(1, 2 * H, H));
   const Tensor& rec_in = hm.defined() ? hm : h;
 
-  for (int64_t step = 0; step < s.T; ++step) {
-    const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
-    T* gates_rows = gates.data_ptr<T>() + (train ? off * kGruSaved * H : 0);
-    if (!reset_after) {
-      rec_gemm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt));
-      GruResetRows<T> rr;
-      rr.rows = bt;
-      rr.H = H;
-      rr.x = x.data_ptr<T>() + off * G;
-      rr.a = a.data_ptr<T>();
-      rr.b_hh = ptr_or_null<T>(b_hh);
-      rr.hm = rec_in.data_ptr<T>();
-      rr.gates = gates_rows;
-      rr.rh = rh.data_ptr<T>();
-      K::run(rr);
-      n_gemm(a_n.narrow(0, 0, bt), rh.narrow(0, 0, bt));
+  time_loop<K, T>([&] {  // Note [The time loop]
+    for (int64_t step = 0; step < s.T; ++step) {
+      const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
+      T* gates_rows = gates.data_ptr<T>() + (train ? off * kGruSaved * H : 0);
+      if (!reset_after) {
+        rec_gemm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt));
+        GruResetRows<T> rr;
+        rr.rows = bt;
+        rr.H = H;
+        rr.x = x.data_ptr<T>() + off * G;
+        rr.a = a.data_ptr<T>();
+        rr.b_hh = ptr_or_null<T>(b_hh);
+        rr.hm = rec_in.data_ptr<T>();
+        rr.gates = gates_rows;
+        rr.rh = rh.data_ptr<T>();
+        K::run(rr);
+        n_gemm(a_n.narrow(0, 0, bt), rh.narrow(0, 0, bt));
+      }
+      GruForwardRows<T> f;
+      f.rows = bt;
+      f.H = H;
+      f.reset_after = reset_after;
+      f.x = x.data_ptr<T>() + off * G;
+      f.a = reset_after ? a.data_ptr<T>() : nullptr;
+      f.a_n = reset_after ? nullptr : a_n.data_ptr<T>();
+      f.b_hh = ptr_or_null<T>(b_hh);
+      f.ln_hh = ptr<T>(r.ln_hh);
+      f.gates = gates_rows;
+      if (train && r.ln_hh.has_value()) {
+        f.norm_hh = norm_hh.data_ptr<T>() + off * G;
+        f.stats = stats.data_ptr<T>() + off * kGruStats;
+      }
+      f.hidden.P = H;
+      f.hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * H : nullptr;
+      f.hidden.rec_mask = ptr<T>(r.rec_mask);
+      f.hidden.h = h.data_ptr<T>();
+      f.hidden.hm = ptr_or_null<T>(hm);
+      f.hidden.out = out.data_ptr<T>() + off * H;
+      if (reset_after) {
+        rec_gemm.template then_rows<K>(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), f);
+      } else {
+        K::run(f);
+      }
     }
-    GruForwardRows<T> f;
-    f.rows = bt;
-    f.H = H;
-    f.reset_after = reset_after;
-    f.x = x.data_ptr<T>() + off * G;
-    f.a = reset_after ? a.data_ptr<T>() : nullptr;
-    f.a_n = reset_after ? nullptr : a_n.data_ptr<T>();
-    f.b_hh = ptr_or_null<T>(b_hh);
-    f.ln_hh = ptr<T>(r.ln_hh);
-    f.gates = gates_rows;
-    if (train && r.ln_hh.has_value()) {
-      f.norm_hh = norm_hh.data_ptr<T>() + off * G;
-      f.stats = stats.data_ptr<T>() + off * kGruStats;
-    }
-    f.hidden.P = H;
-    f.hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * H : nullptr;
-    f.hidden.rec_mask = ptr<T>(r.rec_mask);
-    f.hidden.h = h.data_ptr<T>();
-    f.hidden.hm = ptr_or_null<T>(hm);
-    f.hidden.out = out.data_ptr<T>() + off * H;
-    if (reset_after) {
-      rec_gemm.template then_rows<K>(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), f);
-    } else {
-      K::run(f);
-    }
-  }
+  });
   if (!train) gates = at::empty({0, kGruSaved * H}, opts);
   return {out, h, gates, norm_hh, stats};
 }
@@ -156,54 +158,56 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
   const Gemm rz_gemm(reset_after ? Tensor() : w_hh.narrow(0, 0, 2 * H));
   const Gemm n_gemm(reset_after ? Tensor() : w_hh.narrow(0, 2 * H, H));
 
-  for (int64_t step = s.T - 1; step >= 0; --step) {
-    const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
-    const int64_t prow = s.prev_rows(t);
-    GruBackwardRows<T> b;
-    b.rows = bt;
-    b.H = H;
-    b.reset_after = reset_after;
-    b.gates = gates.data_ptr<T>() + off * kGruSaved * H;
-    b.h_prev = prow > 0 ? out.data_ptr<T>() + s.offsets[s.prev_time(t)] * H : nullptr;
-    b.prev_rows = prow;
-    b.h0 = h0.data_ptr<T>();
-    if (ln) {
-      b.norm_hh = norm_hh.data_ptr<T>() + off * G;
-      b.stats = stats.data_ptr<T>() + off * kGruStats;
-      b.ln_hh = ptr<T>(r.ln_hh);
-      b.dab = dab.data_ptr<T>() + off * G;
+  time_loop<K, T>([&] {  // Note [The time loop]
+    for (int64_t step = s.T - 1; step >= 0; --step) {
+      const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
+      const int64_t prow = s.prev_rows(t);
+      GruBackwardRows<T> b;
+      b.rows = bt;
+      b.H = H;
+      b.reset_after = reset_after;
+      b.gates = gates.data_ptr<T>() + off * kGruSaved * H;
+      b.h_prev = prow > 0 ? out.data_ptr<T>() + s.offsets[s.prev_time(t)] * H : nullptr;
+      b.prev_rows = prow;
+      b.h0 = h0.data_ptr<T>();
+      if (ln) {
+        b.norm_hh = norm_hh.data_ptr<T>() + off * G;
+        b.stats = stats.data_ptr<T>() + off * kGruStats;
+        b.ln_hh = ptr<T>(r.ln_hh);
+        b.dab = dab.data_ptr<T>() + off * G;
+      }
+      b.hidden.P = H;
+      b.hidden.grad_out = g_out.data_ptr<T>() + off * H;
+      b.hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * H : nullptr;
+      b.hidden.rec_mask = ptr<T>(r.rec_mask);
+      b.hidden.dh = dh.data_ptr<T>();
+      b.hidden.dh_mm = dh_mm.data_ptr<T>();
+      b.dh_new = dh_new.data_ptr<T>();
+      b.dx = dx.data_ptr<T>() + off * G;
+      b.da = da.data_ptr<T>() + off * G;
+      const Tensor da_rows = da.narrow(0, off, bt);
+      if (reset_after) {
+        rec_gemm.template after_rows<K>(b, dh_mm.narrow(0, 0, bt), da_rows);
+        continue;
+      }
+      K::run(b);
+      // Classic form: d(r hm) = dhn W_n, then r's gradient, then through W_rz.
+      n_gemm(drh.narrow(0, 0, bt), da_rows.narrow(1, 2 * H, H));
+      GruResetBackwardRows<T> rb;
+      rb.rows = bt;
+      rb.H = H;
+      rb.gates = b.gates;
+      rb.h_prev = b.h_prev;
+      rb.prev_rows = prow;
+      rb.h0 = b.h0;
+      rb.rec_mask = ptr<T>(r.rec_mask);
+      rb.drh = drh.data_ptr<T>();
+      rb.dx = b.dx;
+      rb.dh_mm = dh_mm.data_ptr<T>();
+      K::run(rb);
+      rz_gemm(dh_mm.narrow(0, 0, bt), da_rows.narrow(1, 0, 2 * H), /*accumulate=*/true);
     }
-    b.hidden.P = H;
-    b.hidden.grad_out = g_out.data_ptr<T>() + off * H;
-    b.hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * H : nullptr;
-    b.hidden.rec_mask = ptr<T>(r.rec_mask);
-    b.hidden.dh = dh.data_ptr<T>();
-    b.hidden.dh_mm = dh_mm.data_ptr<T>();
-    b.dh_new = dh_new.data_ptr<T>();
-    b.dx = dx.data_ptr<T>() + off * G;
-    b.da = da.data_ptr<T>() + off * G;
-    const Tensor da_rows = da.narrow(0, off, bt);
-    if (reset_after) {
-      rec_gemm.template after_rows<K>(b, dh_mm.narrow(0, 0, bt), da_rows);
-      continue;
-    }
-    K::run(b);
-    // Classic form: d(r hm) = dhn W_n, then r's gradient, then through W_rz.
-    n_gemm(drh.narrow(0, 0, bt), da_rows.narrow(1, 2 * H, H));
-    GruResetBackwardRows<T> rb;
-    rb.rows = bt;
-    rb.H = H;
-    rb.gates = b.gates;
-    rb.h_prev = b.h_prev;
-    rb.prev_rows = prow;
-    rb.h0 = b.h0;
-    rb.rec_mask = ptr<T>(r.rec_mask);
-    rb.drh = drh.data_ptr<T>();
-    rb.dx = b.dx;
-    rb.dh_mm = dh_mm.data_ptr<T>();
-    K::run(rb);
-    rz_gemm(dh_mm.narrow(0, 0, bt), da_rows.narrow(1, 0, 2 * H), /*accumulate=*/true);
-  }
+  });
 
   const Tensor none = at::empty({0}, opts);
   Tensor d_h0 = r.rec_mask.has_value() ? dh + *r.rec_mask * dh_mm : dh + dh_mm;

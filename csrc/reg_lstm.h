@@ -79,52 +79,54 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
   const Gemm proj_gemm(proj ? w_hr.t() : Tensor());
   const Tensor& rec_in = hm.defined() ? hm : h;
 
-  for (int64_t step = 0; step < s.T; ++step) {
-    const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
-    HiddenOut<T> hidden;
-    hidden.P = P;
-    hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * P : nullptr;
-    hidden.rec_mask = ptr<T>(r.rec_mask);
-    hidden.h = h.data_ptr<T>();
-    hidden.hm = ptr_or_null<T>(hm);
-    hidden.out = out.data_ptr<T>() + off * P;
-    LstmForwardRows<T> f;
-    f.rows = bt;
-    f.H = H;
-    f.x = x.data_ptr<T>() + off * G;
-    f.a = a.data_ptr<T>();
-    f.b_hh = ptr_or_null<T>(b_hh);
-    f.ln_hh = ptr<T>(r.ln_hh);
-    f.ln_c_w = ptr<T>(r.ln_c_w);
-    f.ln_c_b = ptr<T>(r.ln_c_b);
-    f.zone_c = r.zone_c.has_value() ? ptr<T>(r.zone_c) + off * H : nullptr;
-    f.c = c.data_ptr<T>();
-    if (!train) {
-      f.c_new = c_scratch.data_ptr<T>();
-      f.gates = f.a;
-    } else {
-      f.gates = gates.data_ptr<T>() + off * G;
-      if (r.zone_c.has_value()) {
-        f.c_new = cell_new.data_ptr<T>() + off * H;
-        f.cells = cells.data_ptr<T>() + off * H;
+  time_loop<K, T>([&] {  // Note [The time loop]
+    for (int64_t step = 0; step < s.T; ++step) {
+      const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
+      HiddenOut<T> hidden;
+      hidden.P = P;
+      hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * P : nullptr;
+      hidden.rec_mask = ptr<T>(r.rec_mask);
+      hidden.h = h.data_ptr<T>();
+      hidden.hm = ptr_or_null<T>(hm);
+      hidden.out = out.data_ptr<T>() + off * P;
+      LstmForwardRows<T> f;
+      f.rows = bt;
+      f.H = H;
+      f.x = x.data_ptr<T>() + off * G;
+      f.a = a.data_ptr<T>();
+      f.b_hh = ptr_or_null<T>(b_hh);
+      f.ln_hh = ptr<T>(r.ln_hh);
+      f.ln_c_w = ptr<T>(r.ln_c_w);
+      f.ln_c_b = ptr<T>(r.ln_c_b);
+      f.zone_c = r.zone_c.has_value() ? ptr<T>(r.zone_c) + off * H : nullptr;
+      f.c = c.data_ptr<T>();
+      if (!train) {
+        f.c_new = c_scratch.data_ptr<T>();
+        f.gates = f.a;
       } else {
-        f.c_new = cells.data_ptr<T>() + off * H;
+        f.gates = gates.data_ptr<T>() + off * G;
+        if (r.zone_c.has_value()) {
+          f.c_new = cell_new.data_ptr<T>() + off * H;
+          f.cells = cells.data_ptr<T>() + off * H;
+        } else {
+          f.c_new = cells.data_ptr<T>() + off * H;
+        }
+        if (r.ln_hh.has_value()) f.norm_hh = norm_hh.data_ptr<T>() + off * G;
+        if (stats.numel() > 0) f.stats = stats.data_ptr<T>() + off * kLstmStats;
       }
-      if (r.ln_hh.has_value()) f.norm_hh = norm_hh.data_ptr<T>() + off * G;
-      if (stats.numel() > 0) f.stats = stats.data_ptr<T>() + off * kLstmStats;
+      f.hidden = hidden;
+      f.h_raw = proj ? h_raw.data_ptr<T>() : nullptr;
+      rec_gemm.template then_rows<K>(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), f);
+      if (proj) {
+        proj_gemm(h_proj.narrow(0, 0, bt), h_raw.narrow(0, 0, bt));
+        HiddenOutRows<T> o;
+        o.rows = bt;
+        o.h_new = h_proj.data_ptr<T>();
+        o.dst = hidden;
+        K::run(o);
+      }
     }
-    f.hidden = hidden;
-    f.h_raw = proj ? h_raw.data_ptr<T>() : nullptr;
-    rec_gemm.template then_rows<K>(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), f);
-    if (proj) {
-      proj_gemm(h_proj.narrow(0, 0, bt), h_raw.narrow(0, 0, bt));
-      HiddenOutRows<T> o;
-      o.rows = bt;
-      o.h_new = h_proj.data_ptr<T>();
-      o.dst = hidden;
-      K::run(o);
-    }
-  }
+  });
   return {out, h, c, gates, cells, cell_new, norm_hh, stats};
 }
 
@@ -238,51 +240,53 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   const Gemm rec_gemm(w_hh);
   const Gemm proj_gemm(proj ? w_hr : Tensor());
 
-  for (int64_t step = s.T - 1; step >= 0; --step) {
-    const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
-    const int64_t prow = s.prev_rows(t);
-    HiddenGrad<T> hg;
-    hg.P = P;
-    hg.grad_out = g_out.data_ptr<T>() + off * P;
-    hg.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * P : nullptr;
-    hg.rec_mask = ptr<T>(r.rec_mask);
-    hg.dh = dh.data_ptr<T>();
-    hg.dh_mm = dh_mm.data_ptr<T>();
-    if (proj) {
-      HiddenGradRows<T> g;
-      g.rows = bt;
-      g.src = hg;
-      g.dh_new = dh_new.data_ptr<T>() + off * P;
-      K::run(g);
-      proj_gemm(dh_raw.narrow(0, 0, bt), dh_new.narrow(0, off, bt));
+  time_loop<K, T>([&] {  // Note [The time loop]
+    for (int64_t step = s.T - 1; step >= 0; --step) {
+      const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
+      const int64_t prow = s.prev_rows(t);
+      HiddenGrad<T> hg;
+      hg.P = P;
+      hg.grad_out = g_out.data_ptr<T>() + off * P;
+      hg.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * P : nullptr;
+      hg.rec_mask = ptr<T>(r.rec_mask);
+      hg.dh = dh.data_ptr<T>();
+      hg.dh_mm = dh_mm.data_ptr<T>();
+      if (proj) {
+        HiddenGradRows<T> g;
+        g.rows = bt;
+        g.src = hg;
+        g.dh_new = dh_new.data_ptr<T>() + off * P;
+        K::run(g);
+        proj_gemm(dh_raw.narrow(0, 0, bt), dh_new.narrow(0, off, bt));
+      }
+      LstmBackwardRows<T> b;
+      b.rows = bt;
+      b.H = H;
+      b.gates = gates.data_ptr<T>() + off * G;
+      b.c_new = c_new.data_ptr<T>() + off * H;
+      b.c_prev = prow > 0 ? cells.data_ptr<T>() + s.offsets[s.prev_time(t)] * H : nullptr;
+      b.prev_rows = prow;
+      b.c0 = c0.data_ptr<T>();
+      b.norm_hh = r.ln_hh.has_value() ? norm_hh.data_ptr<T>() + off * G : nullptr;
+      b.stats = stats.numel() > 0 ? stats.data_ptr<T>() + off * kLstmStats : nullptr;
+      b.ln_hh = ptr<T>(r.ln_hh);
+      b.ln_c_w = ptr<T>(r.ln_c_w);
+      b.ln_c_b = ptr<T>(r.ln_c_b);
+      b.zone_c = r.zone_c.has_value() ? ptr<T>(r.zone_c) + off * H : nullptr;
+      b.dh_raw = dh_raw.data_ptr<T>();
+      b.take_hidden = !proj;
+      b.hidden = hg;
+      b.dc = dc.data_ptr<T>();
+      b.dx = dx.data_ptr<T>() + off * G;
+      b.da = da.data_ptr<T>() + off * G;
+      if (r.ln_c()) {
+        b.dcn = dcn.data_ptr<T>() + off * H;
+        b.dcn_xhat = dcn_xhat.data_ptr<T>() + off * H;
+      }
+      b.h_raw = proj ? h_raw.data_ptr<T>() + off * H : nullptr;
+      rec_gemm.template after_rows<K>(b, dh_mm.narrow(0, 0, bt), da.narrow(0, off, bt));
     }
-    LstmBackwardRows<T> b;
-    b.rows = bt;
-    b.H = H;
-    b.gates = gates.data_ptr<T>() + off * G;
-    b.c_new = c_new.data_ptr<T>() + off * H;
-    b.c_prev = prow > 0 ? cells.data_ptr<T>() + s.offsets[s.prev_time(t)] * H : nullptr;
-    b.prev_rows = prow;
-    b.c0 = c0.data_ptr<T>();
-    b.norm_hh = r.ln_hh.has_value() ? norm_hh.data_ptr<T>() + off * G : nullptr;
-    b.stats = stats.numel() > 0 ? stats.data_ptr<T>() + off * kLstmStats : nullptr;
-    b.ln_hh = ptr<T>(r.ln_hh);
-    b.ln_c_w = ptr<T>(r.ln_c_w);
-    b.ln_c_b = ptr<T>(r.ln_c_b);
-    b.zone_c = r.zone_c.has_value() ? ptr<T>(r.zone_c) + off * H : nullptr;
-    b.dh_raw = dh_raw.data_ptr<T>();
-    b.take_hidden = !proj;
-    b.hidden = hg;
-    b.dc = dc.data_ptr<T>();
-    b.dx = dx.data_ptr<T>() + off * G;
-    b.da = da.data_ptr<T>() + off * G;
-    if (r.ln_c()) {
-      b.dcn = dcn.data_ptr<T>() + off * H;
-      b.dcn_xhat = dcn_xhat.data_ptr<T>() + off * H;
-    }
-    b.h_raw = proj ? h_raw.data_ptr<T>() + off * H : nullptr;
-    rec_gemm.template after_rows<K>(b, dh_mm.narrow(0, 0, bt), da.narrow(0, off, bt));
-  }
+  });
 
   const Tensor none = at::empty({0}, opts);
   Tensor d_h0 = r.rec_mask.has_value() ? dh + *r.rec_mask * dh_mm : dh + dh_mm;

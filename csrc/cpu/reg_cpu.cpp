@@ -16,9 +16,6 @@
 #endif
 
 #include <ATen/Parallel.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,7 +27,7 @@
 #include "../reg_lstm.h"
 #include "../x86/fused.h"
 #include "cpu_isa.h"
-#include "spin_barrier.h"
+#include "step_team.h"
 #include "step_buffers.h"
 
 namespace fusedrnn {
@@ -126,11 +123,17 @@ void rows_range(CpuIsa isa, const Rows& a, int64_t begin, int64_t end) {
   rows_generic(a, begin, end);
 }
 
+// A step's rows, shared out over the threads of the loop's team (Note [a
+// thread team per regularised loop]), or over up to one thread per
+// kRegRowsPerTask rows.
 template <typename Rows>
 void run_rows(const Rows& a) {
   const CpuIsa isa = cpu_isa();
-  at::parallel_for(0, a.rows, kRegRowsPerTask,
-                   [&](int64_t begin, int64_t end) { rows_range(isa, a, begin, end); });
+  cpu::StepTeam::on_team((a.rows + kRegRowsPerTask - 1) / kRegRowsPerTask,
+                         [&](cpu::StepTeam& team, int tid) {
+                           const int n = team.size();
+                           rows_range(isa, a, a.rows * tid / n, a.rows * (tid + 1) / n);
+                         });
 }
 
 // The step products of the loops (Note [One GEMM call site]): in float32 and
@@ -140,11 +143,11 @@ void run_rows(const Rows& a) {
 //
 // Note [one parallel region per regularised step]
 // A step's product and its row pass (the rows read the whole product: the
-// layer norm's statistics) run in one parallel region: each thread runs its
-// share of the product's column panels, waits at a spin barrier, then runs
-// its share of the rows (backward: rows, barrier, product). Two fork/joins
-// per step were a tenth of a layer_norm=True training step at T=100, B=16,
-// H=256.
+// layer norm's statistics) run as one task of the loop's thread team (Note
+// [a thread team per regularised loop]): each thread runs its share of the
+// product's column panels, waits at the team's barrier, then runs its share
+// of the rows (backward: rows, barrier, product). Two fork/joins per step
+// were a tenth of a layer_norm=True training step at T=100, B=16, H=256.
 struct FusedStepGemm {
   reg::AtenStepGemm aten;
   void (*gemm)(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool) = nullptr;
@@ -163,70 +166,61 @@ struct FusedStepGemm {
     return gemm && a.size(0) > 0 && a.stride(1) == 1 && out.stride(1) == 1;
   }
   void operator()(at::Tensor out, const at::Tensor& a, bool accumulate = false) const {
-    if (fused(out, a)) {
-      gemm(a, packed, out, accumulate);
-    } else {
-      aten(out, a, accumulate);
-    }
+    if (!fused(out, a)) return aten(out, a, accumulate);
+    if (cpu::StepTeam::current() == nullptr) return gemm(a, packed, out, accumulate);
+    cpu::StepTeam::on_team(1, [&](cpu::StepTeam& team, int tid) {
+      product(out, a, accumulate, tid, team.size());
+    });
   }
   template <typename K, typename Rows>
   void then_rows(at::Tensor out, const at::Tensor& a, const Rows& rows) const {
-    in_one_region(out, a, false, rows, /*gemm_first=*/true);
+    with_rows(out, a, false, rows, /*gemm_first=*/true);
   }
   template <typename K, typename Rows>
   void after_rows(const Rows& rows, at::Tensor out, const at::Tensor& a,
                   bool accumulate = false) const {
-    in_one_region(out, a, accumulate, rows, /*gemm_first=*/false);
+    with_rows(out, a, accumulate, rows, /*gemm_first=*/false);
   }
 
  private:
+  // Thread tid of n's share of the product: a range of the column panels.
+  // (Inside a team, the GEMM's own parallel_for runs inline.)
+  void product(at::Tensor out, const at::Tensor& a, bool accumulate, int tid, int n) const {
+    const int64_t Q = packed.size(0), W = packed.size(2), N = out.size(1);
+    const int64_t q0 = Q * tid / n, q1 = Q * (tid + 1) / n;
+    const int64_t c0 = q0 * W, c1 = std::min(N, q1 * W);
+    if (c1 > c0) {
+      gemm(a, packed.narrow(0, q0, q1 - q0), out.narrow(1, c0, c1 - c0), accumulate);
+    }
+  }
+
+  // The product and the rows in one task of the team (Note [one parallel
+  // region per regularised step]).
   template <typename Rows>
-  void in_one_region(at::Tensor out, const at::Tensor& a, bool accumulate, const Rows& rows,
-                     bool gemm_first) const {
-#ifdef _OPENMP
-    const int64_t nt = std::min<int64_t>(at::get_num_threads(), rows.rows);
-#else
-    const int64_t nt = 1;
-#endif
-    if (!fused(out, a) || nt <= 1 || at::in_parallel_region()) {
+  void with_rows(at::Tensor out, const at::Tensor& a, bool accumulate, const Rows& rows,
+                 bool gemm_first) const {
+    if (!fused(out, a)) {
       if (!gemm_first) run_rows(rows);
       (*this)(out, a, accumulate);
       if (gemm_first) run_rows(rows);
       return;
     }
-    const int64_t Q = packed.size(0), W = packed.size(2), N = out.size(1);
     const CpuIsa isa = cpu_isa();
-    cpu::SpinBarrier barrier(static_cast<int>(nt));
-    // No num_threads clause (as run_steps in x86/fused_loop.h); threads beyond
-    // nt leave at once. Nothing here throws: the shapes were checked.
-#ifdef _OPENMP
-#pragma omp parallel
-    {
-      const int64_t tid = omp_get_thread_num();
-      if (tid < nt) {
-        const auto product = [&] {
-          const int64_t q0 = Q * tid / nt, q1 = Q * (tid + 1) / nt;
-          const int64_t c0 = q0 * W, c1 = std::min(N, q1 * W);
-          // Inside the region, the GEMM's own parallel_for runs inline.
-          if (c1 > c0) {
-            gemm(a, packed.narrow(0, q0, q1 - q0), out.narrow(1, c0, c1 - c0), accumulate);
-          }
-        };
-        const auto row_pass = [&] {
-          rows_range(isa, rows, rows.rows * tid / nt, rows.rows * (tid + 1) / nt);
-        };
-        if (gemm_first) {
-          product();
-          barrier.wait();
-          row_pass();
-        } else {
-          row_pass();
-          barrier.wait();
-          product();
-        }
+    cpu::StepTeam::on_team(rows.rows, [&](cpu::StepTeam& team, int tid) {
+      const int n = team.size();
+      const auto row_pass = [&] {
+        rows_range(isa, rows, rows.rows * tid / n, rows.rows * (tid + 1) / n);
+      };
+      if (!gemm_first) {
+        row_pass();
+        team.sync();
       }
-    }
-#endif
+      product(out, a, accumulate, tid, n);
+      if (gemm_first) {
+        team.sync();
+        row_pass();
+      }
+    });
   }
 };
 
@@ -285,6 +279,19 @@ struct CpuRegKernels {
   template <typename Rows>
   static void run(const Rows& a) {
     run_rows(a);
+  }
+  // Note [The time loop]: one thread team for the loop where its products
+  // run on the fused path (else ATen's GEMMs would run on one thread).
+  template <typename T, typename Loop>
+  static void time_loop(const Loop& loop) {
+    bool fused = false;
+    if constexpr (std::is_same_v<T, float>) fused = cpu::fused_f32() != nullptr;
+    if constexpr (std::is_same_v<T, double>) fused = cpu::fused_f64() != nullptr;
+    if (fused) {
+      cpu::StepTeam::run(at::get_num_threads(), loop);
+    } else {
+      loop();
+    }
   }
 };
 

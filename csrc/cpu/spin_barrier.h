@@ -15,6 +15,14 @@ namespace cpu {
 
 class SpinBarrier {
  public:
+  // Spins before a waiting thread yields to the OS; one spin's pause.
+  static constexpr int kSpinsBeforeYield = 1 << 14;
+  static void pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#endif
+  }
+
   explicit SpinBarrier(int n) : n_(n) {}
   void wait() {
     const int gen = generation_.load(std::memory_order_acquire);
@@ -33,12 +41,6 @@ class SpinBarrier {
   }
 
  private:
-  static void pause() {
-#if defined(__x86_64__) || defined(_M_X64)
-    _mm_pause();
-#endif
-  }
-  static constexpr int kSpinsBeforeYield = 1 << 14;
   const int n_;
   std::atomic<int> arrived_{0};
   std::atomic<int> generation_{0};
