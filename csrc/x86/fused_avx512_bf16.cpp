@@ -77,20 +77,11 @@ constexpr int kLinearNV = 4;
 constexpr int64_t kLinearPanel = kLinearNV * kLanes;
 
 Tensor pack_pair_panels(const Tensor& w) {
-  const int64_t N = w.size(0), K = w.size(1), KU = K / 2, Q = ceil_div(N, kLinearPanel);
+  const int64_t N = w.size(0), K = w.size(1), Q = ceil_div(N, kLinearPanel);
   Tensor packed = empty_for_steps({Q, K, kLinearPanel}, w.options());
-  const float* src = reinterpret_cast<const float*>(w.data_ptr<Bf16>());
-  float* dst = reinterpret_cast<float*>(packed.data_ptr<Bf16>());
-  at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      for (int64_t c0 = 0; c0 < kLinearPanel; c0 += kLanes) {
-        const int64_t row = q * kLinearPanel + c0;
-        const int rows = static_cast<int>(std::clamp<int64_t>(N - row, 0, kLanes));
-        pack_rows_into_panel<kLanes>(src + std::min(row, N) * KU, KU, rows,
-                                     dst + q * KU * kLinearPanel, kLinearPanel, c0);
-      }
-    }
-  });
+  pack_units_transposed<kLinearPanel, kLanes>(reinterpret_cast<const float*>(w.data_ptr<Bf16>()),
+                                              N, K / 2,
+                                              reinterpret_cast<float*>(packed.data_ptr<Bf16>()));
   return packed;
 }
 

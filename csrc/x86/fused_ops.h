@@ -88,17 +88,7 @@ Tensor pack_transposed_panels(const Tensor& w) {
   const Elem<V>* src = w.data_ptr<Elem<V>>();
   if constexpr (std::is_same_v<Elem<V>, float> && kLanes == 16) {  // transpose16.h
     Tensor packed = at::empty({P, K, kUnitsPerPanel}, w.options());  // weights: small
-    Elem<V>* dst = packed.data_ptr<Elem<V>>();
-    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        for (int64_t c0 = 0; c0 < kUnitsPerPanel; c0 += kLanes) {
-          const int64_t row = p * kUnitsPerPanel + c0;
-          const int rows = static_cast<int>(std::clamp<int64_t>(N - row, 0, kLanes));
-          pack_rows_into_panel<kLanes>(src + std::min(row, N) * K, K, rows,
-                                       dst + p * K * kUnitsPerPanel, kUnitsPerPanel, c0);
-        }
-      }
-    });
+    pack_units_transposed<kUnitsPerPanel, kLanes>(src, N, K, packed.data_ptr<float>());
     return packed;
   }
   Tensor packed = at::zeros({P, K, kUnitsPerPanel}, w.options());

@@ -5,6 +5,7 @@
 // translation unit instantiates them.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -60,6 +61,25 @@ void pack_rows_into_panel(const float* w, int64_t K, int nrows, float* panel,
     const int nk = static_cast<int>(K - k0 < 16 ? K - k0 : 16);
     transpose16<Lanes>(w + k0, K, nrows, nk, panel + k0 * width + c0, width);
   }
+}
+
+// Panels of w [N, KU] read as B = w^T, in 32-bit units (a float, or a pair
+// of bfloat16 along k): panel[p][k][c] = w[W p + c][k], 0 beyond N; W a
+// multiple of 16. Panels in parallel.
+template <int64_t W, int Lanes>
+void pack_units_transposed(const float* w, int64_t N, int64_t KU, float* panels) {
+  static_assert(W % 16 == 0, "whole 16 x 16 transposes");
+  const int64_t P = (N + W - 1) / W;
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t c0 = 0; c0 < W; c0 += 16) {
+        const int64_t row = p * W + c0;
+        const int rows = static_cast<int>(row >= N ? 0 : (N - row < 16 ? N - row : 16));
+        pack_rows_into_panel<Lanes>(w + (row < N ? row : N) * KU, KU, rows,
+                                    panels + p * KU * W, W, c0);
+      }
+    }
+  });
 }
 
 }  // namespace cpu
