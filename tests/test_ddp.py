@@ -1,7 +1,6 @@
 """DistributedDataParallel over the modules: 2 processes, gloo, loopback only.
 Gradients equal those of one process on the concatenated batch."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -13,7 +12,6 @@ import fusedrnn
 
 WORLD = 2
 I, H, T, B_PER_RANK = 7, 6, 5, 3
-LOOPBACK = "127.0.0.1"
 
 
 class _Model(nn.Module):
@@ -52,11 +50,12 @@ def _grads(model, x, lengths, y):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, out_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{port}", rank=rank,
-                            world_size=WORLD)
+    # Rendezvous through a file: no port to pick beforehand (and lose in a race).
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+                            rank=rank, world_size=WORLD)
     try:
         ddp = nn.parallel.DistributedDataParallel(_model())
         x, lengths, y = _data()
@@ -72,14 +71,8 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_gradients_equal_single_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     want = _grads(_model(), *_data())
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
