@@ -154,13 +154,11 @@ struct FusedStepGemm {
   at::Tensor packed;  // [panels, K, panel width]
   explicit FusedStepGemm(at::Tensor b) : aten(b) {
     if (!b.defined() || b.numel() == 0) return;
-    auto take = [&](const auto* ops) {
-      if (!ops) return;
+    cpu::with_fused_ops(b.scalar_type(), [&](const auto* ops) {
       gemm = ops->gemm_packed;
       packed = ops->pack_rhs(b);
-    };
-    if (b.scalar_type() == at::kFloat) take(cpu::fused_f32());
-    if (b.scalar_type() == at::kDouble) take(cpu::fused_f64());
+      return true;
+    });
   }
   bool fused(const at::Tensor& out, const at::Tensor& a) const {
     return gemm && a.size(0) > 0 && a.stride(1) == 1 && out.stride(1) == 1;
@@ -265,16 +263,13 @@ struct CpuRegKernels {
   // float64); undefined (ATen's) otherwise.
   static at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
     if (x.scalar_type() != dy.scalar_type() || dy.size(0) == 0) return at::Tensor();
-    const auto grad = [&](const auto* ops) {
+    const auto dw = cpu::with_fused_ops(dy.scalar_type(), [&](const auto* ops) {
       using T = typename std::remove_pointer_t<decltype(ops)>::Elem;
-      if (!ops) return at::Tensor();
       const at::Tensor d = dy.contiguous(), xc = x.contiguous();
       return ops->weight_grad({{d.data_ptr<T>(), xc.data_ptr<T>(), d.size(0)}}, d.size(1),
                               xc.size(1), false, d.options()).first;
-    };
-    if (dy.scalar_type() == at::kFloat) return grad(cpu::fused_f32());
-    if (dy.scalar_type() == at::kDouble) return grad(cpu::fused_f64());
-    return at::Tensor();
+    });
+    return dw ? *dw : at::Tensor();
   }
   template <typename Rows>
   static void run(const Rows& a) {
@@ -284,9 +279,9 @@ struct CpuRegKernels {
   // run on the fused path (else ATen's GEMMs would run on one thread).
   template <typename T, typename Loop>
   static void time_loop(const Loop& loop) {
-    bool fused = false;
-    if constexpr (std::is_same_v<T, float>) fused = cpu::fused_f32() != nullptr;
-    if constexpr (std::is_same_v<T, double>) fused = cpu::fused_f64() != nullptr;
+    const bool fused = cpu::with_fused_ops(c10::CppTypeToScalarType<T>::value,
+                                           [](const auto*) { return true; })
+                           .has_value();
     if (fused) {
       cpu::StepTeam::run(at::get_num_threads(), loop);
     } else {

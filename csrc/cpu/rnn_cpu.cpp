@@ -248,29 +248,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
                                        batch_sizes, reverse, reset_after, has_bias);
 }
 
-// The fused kernels of element type T for a [M, K] times w [N, K], on the
-// CPU, both of type T; or null.
-template <typename T>
-const cpu::FusedOps<T>* linear_fused_for(const at::Tensor& a, const at::Tensor& w) {
-  if (!a.device().is_cpu()) return nullptr;
-  const cpu::FusedOps<T>* ops = nullptr;
-  if constexpr (std::is_same_v<T, float>) {
-    ops = cpu::fused_f32();
-  } else {
-    ops = cpu::fused_f64();
-  }
-  constexpr auto kType = c10::CppTypeToScalarType<T>::value;
-  return a.scalar_type() == kType && w.scalar_type() == kType && a.numel() > 0 ? ops : nullptr;
-}
-
-// f(ops) with the fused kernels for a times w (linear_fused_for), float32 or
-// float64; or nullopt where neither runs.
+// f(ops) with the fused kernels for a [M, K] times w [N, K] (float32 or
+// float64, on the CPU, both of one dtype); or nullopt where none runs.
 template <typename F>
-auto with_linear_ops(const at::Tensor& a, const at::Tensor& w, const F& f)
-    -> c10::optional<decltype(f(cpu::fused_f32()))> {
-  if (const auto* ops = linear_fused_for<float>(a, w)) return f(ops);
-  if (const auto* ops = linear_fused_for<double>(a, w)) return f(ops);
-  return c10::nullopt;
+auto with_linear_ops(const at::Tensor& a, const at::Tensor& w, const F& f) {
+  using R = decltype(cpu::with_fused_ops(a.scalar_type(), f));
+  if (!a.device().is_cpu()) return R();
+  const bool ok = a.numel() > 0 && w.scalar_type() == a.scalar_type();
+  return cpu::with_fused_ops(ok ? a.scalar_type() : at::ScalarType::Undefined, f);
 }
 
 #ifdef FUSEDRNN_X86

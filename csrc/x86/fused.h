@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Optional.h>
 
 #include <tuple>
 #include <utility>
@@ -88,6 +89,20 @@ using FusedF64 = FusedOps<double>;
 // FUSEDRNN_CPU_ISA.
 const FusedF32* fused_f32();
 const FusedF64* fused_f64();
+
+// f(ops) with the kernels of the CPU path in force for dtype (float32 or
+// float64): its result, or nullopt where that dtype has none there. A bad
+// FUSEDRNN_CPU_ISA raises whatever the dtype.
+template <typename F>
+auto with_fused_ops(at::ScalarType dtype, const F& f)
+    -> c10::optional<decltype(f(static_cast<const FusedF32*>(nullptr)))> {
+  const FusedF32* f32 = fused_f32();
+  if (dtype == at::kFloat && f32 != nullptr) return f(f32);
+  if (dtype == at::kDouble) {
+    if (const FusedF64* f64 = fused_f64()) return f(f64);
+  }
+  return c10::nullopt;
+}
 
 extern const FusedF32 kFusedAvx512;     // fused_avx512.cpp: AVX-512 F, VL, DQ, BW
 extern const FusedF64 kFusedAvx512F64;  // the same, float64
