@@ -24,6 +24,8 @@ struct RegInputs {
   OptTensor ln_hh;     // [G*H]
   OptTensor ln_c_w;    // [H] (LSTM, with ln_c_b)
   OptTensor ln_c_b;    // [H]
+  OptTensor ln_ih;     // [G*H] the input side's gain (x_proj is then x W_ih^T, no bias)
+  OptTensor b_ih;      // [G*H] added after that norm (with ln_ih)
 
   bool ln_c() const { return ln_c_w.has_value(); }
 
@@ -34,8 +36,9 @@ struct RegInputs {
       Tensor v = t->to(dtype).contiguous();
       return rows ? v.view({N, v.size(-1)}) : v;
     };
-    return {prep(rec_mask, false), prep(zone_h, true), prep(zone_c, true),
-            prep(ln_hh, false),    prep(ln_c_w, false), prep(ln_c_b, false)};
+    return {prep(rec_mask, false), prep(zone_h, true),  prep(zone_c, true),
+            prep(ln_hh, false),    prep(ln_c_w, false), prep(ln_c_b, false),
+            prep(ln_ih, false),    prep(b_ih, false)};
   }
 };
 
@@ -69,6 +72,10 @@ inline void check_reg(const Tensor& x_proj, const RegInputs& r, const Schedule& 
               ": ln_c_w and ln_c_b go together (the cell norm's gain and bias)");
   check(r.ln_c_w, {H}, "ln_c_w");
   check(r.ln_c_b, {H}, "ln_c_b");
+  TORCH_CHECK(r.ln_ih.has_value() || !r.b_ih.has_value(), op,
+              ": b_ih goes with ln_ih (without it, b_ih is part of x_proj)");
+  check(r.ln_ih, {G * H}, "ln_ih");
+  check(r.b_ih, {G * H}, "b_ih");
 }
 
 // Note [One GEMM call site]

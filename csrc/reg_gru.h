@@ -14,21 +14,27 @@
 namespace fusedrnn {
 namespace reg {
 
-// (output, h_n, gates, norm_hh, stats); the last three are what backward
-// needs, in the accumulation dtype, with no rows unless train (and unless
-// their feature is on):
+// (output, h_n, gates, norm_hh, norm_ih, stats); the last four are what
+// backward needs, in the accumulation dtype, with no rows unless train (and
+// unless their feature is on):
 //   gates   [N, 4H]  r, z, n, hn (hn = [LN(a) * ln_hh | a]_n + b_hn; classic: a_n + b_n)
 //   norm_hh [N, 3H]  LN_3H(a_t), the normalised recurrent product (ln_hh)
-//   stats   [N, 1]   rstd of that LN (ln_hh)
-using GruRegForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-// (d_x_proj, d_h0, d_w_hh, d_b_hh, d_ln_hh); [0] where absent.
-using GruRegBackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+//   norm_ih [N, 3H]  LN_3H(x_proj), the normalised input side (ln_ih)
+//   stats   [N, 2]   rstd of LN(a_t), rstd of LN(x_proj) (either norm on; 0
+//                    for one that is off)
+using GruRegForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+// (d_x_proj, d_h0, d_w_hh, d_b_hh, d_ln_hh, d_ln_ih, d_b_ih); [0] where absent.
+using GruRegBackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 inline void gru_reg_check_form(const RegInputs& r, bool reset_after, const char* op) {
   TORCH_CHECK(!r.zone_c.has_value() && !r.ln_c(), op,
               ": zone_c, ln_c_w and ln_c_b are the LSTM's cell state's; a GRU has none");
-  TORCH_CHECK(reset_after || !r.ln_hh.has_value(), op,
-              ": layer norm (ln_hh) needs the GRU form with reset_after=True");
+  TORCH_CHECK(reset_after || (!r.ln_hh.has_value() && !r.ln_ih.has_value()), op,
+              ": layer norm (ln_hh, ln_ih) needs the GRU form with reset_after=True");
+}
+
+inline bool gru_any_norm(const RegInputs& r) {
+  return r.ln_hh.has_value() || r.ln_ih.has_value();
 }
 
 // x [N, 3H] (contiguous, T = float/double), the rest checked, prepared.
@@ -43,7 +49,9 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
   Tensor out = step_buffer<K>({s.N, H}, opts);
   Tensor gates = step_buffer<K>({train ? s.N : s.B, kGruSaved * H}, opts);  // scratch unless train
   Tensor norm_hh = step_buffer<K>({rows_if(train && r.ln_hh.has_value(), s.N), G}, opts);
-  Tensor stats = step_buffer<K>({rows_if(train && r.ln_hh.has_value(), s.N), kGruStats}, opts);
+  Tensor norm_ih = step_buffer<K>({rows_if(train && r.ln_ih.has_value(), s.N), G}, opts);
+  Tensor stats = at::zeros({rows_if(train && gru_any_norm(r), s.N), kGruStats}, opts);
+  Tensor xs = r.ln_ih.has_value() ? at::empty({s.B, G}, opts) : Tensor();
   // torch's form: a = hm W_hh^T [B, 3H]; classic: a = hm W_rz^T [B, 2H],
   // rh = r * hm, a_n = rh W_n^T.
   Tensor a = at::empty({s.B, reset_after ? G : 2 * H}, opts);
@@ -78,15 +86,17 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
       f.H = H;
       f.reset_after = reset_after;
       f.x = x.data_ptr<T>() + off * G;
+      f.in.ln_ih = ptr<T>(r.ln_ih);
+      f.in.b_ih = ptr<T>(r.b_ih);
+      f.in.xs = ptr_or_null<T>(xs);
       f.a = reset_after ? a.data_ptr<T>() : nullptr;
       f.a_n = reset_after ? nullptr : a_n.data_ptr<T>();
       f.b_hh = ptr_or_null<T>(b_hh);
       f.ln_hh = ptr<T>(r.ln_hh);
       f.gates = gates_rows;
-      if (train && r.ln_hh.has_value()) {
-        f.norm_hh = norm_hh.data_ptr<T>() + off * G;
-        f.stats = stats.data_ptr<T>() + off * kGruStats;
-      }
+      if (train && r.ln_hh.has_value()) f.norm_hh = norm_hh.data_ptr<T>() + off * G;
+      if (train && r.ln_ih.has_value()) f.in.norm = norm_ih.data_ptr<T>() + off * G;
+      if (stats.numel() > 0) f.stats = stats.data_ptr<T>() + off * kGruStats;
       f.hidden.P = H;
       f.hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * H : nullptr;
       f.hidden.rec_mask = ptr<T>(r.rec_mask);
@@ -101,7 +111,7 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
     }
   });
   if (!train) gates = at::empty({0, kGruSaved * H}, opts);
-  return {out, h, gates, norm_hh, stats};
+  return {out, h, gates, norm_hh, norm_ih, stats};
 }
 
 // x_proj [T, B, 3H] or packed [N, 3H]; h0 [B, H]; w_hh [3H, H]; b_hh [3H] or
@@ -129,7 +139,7 @@ GruRegForwardOut gru_reg_forward_impl(const Tensor& x_proj, const Tensor& h0, co
         b_hh.has_value() ? prep(*b_hh) : Tensor(), s, H, reset_after, train,
         r.prepared(acc, s.N));
   });
-  auto& [out, h_n, gates, norm_hh, stats] = res;
+  auto& [out, h_n, gates, norm_hh, norm_ih, stats] = res;
   out = out.view(detail::with_last(x_proj.sizes(), H)).to(dtype);
   h_n = h_n.to(dtype);
   return res;
@@ -138,8 +148,9 @@ GruRegForwardOut gru_reg_forward_impl(const Tensor& x_proj, const Tensor& h0, co
 template <typename K, typename T>
 GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n,
                                         const Tensor& out, const Tensor& gates,
-                                        const Tensor& norm_hh, const Tensor& stats,
-                                        const Tensor& h0, const Tensor& w_hh, const Schedule& s,
+                                        const Tensor& norm_hh, const Tensor& norm_ih,
+                                        const Tensor& stats, const Tensor& h0,
+                                        const Tensor& w_hh, const Schedule& s,
                                         int64_t H, bool packed, bool reset_after, bool has_bias,
                                         const RegInputs& r) {
   const auto opts = g_out.options();
@@ -151,6 +162,7 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
   // d a; the classic form's is d x_proj itself (no layer norm, hn's gradient is n's).
   Tensor da = reset_after ? step_buffer<K>({s.N, G}, opts) : dx;
   Tensor dab = ln ? step_buffer<K>({s.N, G}, opts) : Tensor();
+  Tensor dx_raw = r.ln_ih.has_value() ? step_buffer<K>({s.N, G}, opts) : dx;
   Tensor drh = reset_after ? Tensor() : at::empty({s.B, H}, opts);
   Tensor dh_new = at::empty({s.B, H}, opts);  // dL/dh~, per step
   using Gemm = typename StepGemmOf<K>::type;  // Note [One GEMM call site]
@@ -172,10 +184,15 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
       b.h0 = h0.data_ptr<T>();
       if (ln) {
         b.norm_hh = norm_hh.data_ptr<T>() + off * G;
-        b.stats = stats.data_ptr<T>() + off * kGruStats;
         b.ln_hh = ptr<T>(r.ln_hh);
         b.dab = dab.data_ptr<T>() + off * G;
       }
+      if (r.ln_ih.has_value()) {
+        b.norm_ih = norm_ih.data_ptr<T>() + off * G;
+        b.ln_ih = ptr<T>(r.ln_ih);
+      }
+      if (stats.numel() > 0) b.stats = stats.data_ptr<T>() + off * kGruStats;
+      b.dx_raw = dx_raw.data_ptr<T>() + off * G;
       b.hidden.P = H;
       b.hidden.grad_out = g_out.data_ptr<T>() + off * H;
       b.hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * H : nullptr;
@@ -223,16 +240,18 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
   }
   Tensor d_b_hh = has_bias ? (ln ? dab : da).sum(0) : none;
   Tensor d_ln_hh = ln ? column_dot<K>(dab, norm_hh) : none;
-  return {dx, d_h0, d_w_hh, d_b_hh, d_ln_hh};
+  Tensor d_ln_ih = r.ln_ih.has_value() ? column_dot<K>(dx, norm_ih) : none;
+  Tensor d_b_ih = r.b_ih.has_value() ? dx.sum(0) : none;
+  return {dx_raw, d_h0, d_w_hh, d_b_hh, d_ln_hh, d_ln_ih, d_b_ih};
 }
 
 // Checks what gru_reg_backward gets against the layer's shapes; returns the
 // schedule and H.
 inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output,
-    const Tensor& gates, const Tensor& norm_hh, const Tensor& stats, const Tensor& h0,
-    const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool reset_after,
-    const RegInputs& r) {
+    const Tensor& gates, const Tensor& norm_hh, const Tensor& norm_ih, const Tensor& stats,
+    const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
+    bool reset_after, const RegInputs& r) {
   constexpr const char* op = "fusedrnn::gru_reg_backward";
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) > 0 && w_hh.size(0) == kGruGates * w_hh.size(1),
               op, ": w_hh must be 2-D [3*hidden_size, hidden_size], got shape ", w_hh.sizes());
@@ -246,7 +265,8 @@ inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
   check_shape(output, grad_output.sizes(), op, "output");
   check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
   check_shape(h0, {s.B, H}, op, "h0");
-  for (auto [t, name] : {std::pair{&gates, "gates"}, {&norm_hh, "norm_hh"}, {&stats, "stats"}}) {
+  for (auto [t, name] : {std::pair{&gates, "gates"}, {&norm_hh, "norm_hh"},
+                         {&norm_ih, "norm_ih"}, {&stats, "stats"}}) {
     TORCH_CHECK(t->scalar_type() == acc && t->device() == grad_output.device(), op, ": ", name,
                 " must be ", acc, " on ", grad_output.device(), " (as forward saved it), got ",
                 t->scalar_type(), " on ", t->device());
@@ -254,7 +274,8 @@ inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
   const bool ln = r.ln_hh.has_value();
   check_shape(gates, {s.N, kGruSaved * H}, op, "gates");
   check_shape(norm_hh, {rows_if(ln, s.N), kGruGates * H}, op, "norm_hh");
-  check_shape(stats, {rows_if(ln, s.N), kGruStats}, op, "stats");
+  check_shape(norm_ih, {rows_if(r.ln_ih.has_value(), s.N), kGruGates * H}, op, "norm_ih");
+  check_shape(stats, {rows_if(gru_any_norm(r), s.N), kGruStats}, op, "stats");
   gru_reg_check_form(r, reset_after, op);
   check_reg(grad_output, r, s, kGruGates, H, H, op);
   return {s, H};
@@ -265,13 +286,14 @@ inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
 template <typename K>
 GruRegBackwardOut gru_reg_backward_impl(const Tensor& grad_output, const Tensor& grad_h_n,
                                         const Tensor& output, const Tensor& gates,
-                                        const Tensor& norm_hh, const Tensor& stats,
-                                        const Tensor& h0, const Tensor& w_hh,
-                                        const OptTensor& batch_sizes, bool reverse,
+                                        const Tensor& norm_hh, const Tensor& norm_ih,
+                                        const Tensor& stats, const Tensor& h0,
+                                        const Tensor& w_hh, const OptTensor& batch_sizes,
+                                        bool reverse,
                                         bool reset_after, bool has_bias, const RegInputs& r) {
   const NoAutocast no_autocast;
   const auto checked = gru_reg_check_backward(grad_output, grad_h_n, output, gates, norm_hh,
-                                              stats, h0, w_hh, batch_sizes, reverse,
+                                              norm_ih, stats, h0, w_hh, batch_sizes, reverse,
                                               reset_after, r);
   const Schedule& s = std::get<0>(checked);
   const int64_t H = std::get<1>(checked);
@@ -282,12 +304,15 @@ GruRegBackwardOut gru_reg_backward_impl(const Tensor& grad_output, const Tensor&
   AT_DISPATCH_FLOATING_TYPES(acc, "gru_reg_backward", [&] {
     res = gru_reg_backward_loop<K, scalar_t>(
         prep(grad_output).view({s.N, H}), prep(grad_h_n), prep(output).view({s.N, H}),
-        gates.contiguous(), norm_hh.contiguous(), stats.contiguous(), prep(h0), prep(w_hh), s, H,
+        gates.contiguous(), norm_hh.contiguous(), norm_ih.contiguous(), stats.contiguous(),
+        prep(h0), prep(w_hh), s, H,
         batch_sizes.has_value(), reset_after, has_bias, r.prepared(acc, s.N));
   });
-  auto& [dx, d_h0, d_w_hh, d_b_hh, d_ln_hh] = res;
+  auto& [dx, d_h0, d_w_hh, d_b_hh, d_ln_hh, d_ln_ih, d_b_ih] = res;
   dx = dx.view(detail::with_last(grad_output.sizes(), kGruGates * H));
-  for (Tensor* t : {&dx, &d_h0, &d_w_hh, &d_b_hh, &d_ln_hh}) *t = t->to(dtype);
+  for (Tensor* t : {&dx, &d_h0, &d_w_hh, &d_b_hh, &d_ln_hh, &d_ln_ih, &d_b_ih}) {
+    *t = t->to(dtype);
+  }
   return res;
 }
 

@@ -2,6 +2,7 @@
 // hm = rec_mask * h_{t-1}; torch's form (reset_after):
 //
 //   a     = hm W_hh^T                                      (the step's GEMM)
+//   x          = [LN_3H(x_proj) * ln_ih + b_ih | x_proj]
 //   hr, hz, hn = [LN_3H(a) * ln_hh | a] + b_hh
 //   r = s(x_r + hr), z = s(x_z + hz), n = tanh(x_n + r hn)
 //   h~ = (1 - z) n + z h_{t-1},  h_t = zoneout(zone_h, h_{t-1}, h~)
@@ -58,6 +59,7 @@ struct GruForwardRows {
   int64_t rows = 0, H = 0;
   bool reset_after = true;
   const T* x = nullptr;       // [rows, 3H]
+  InputNorm<T> in;            // the input side's layer norm, if on (reset_after only)
   T* a = nullptr;             // [rows, 3H] the step's GEMM (reset_after); overwritten
   const T* a_n = nullptr;     // [rows, H] (r hm) W_n^T (classic form), else null
   const T* b_hh = nullptr;    // [3H] or null
@@ -71,7 +73,8 @@ struct GruForwardRows {
 template <typename T, typename Row>
 FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruForwardRows<T>& a, int64_t b) {
   const int64_t H = a.H;
-  const T* xr = a.x + b * kGruGates * H;
+  const T* xr = a.in.row_x(row, a.x + b * kGruGates * H, kGruGates * H, b,
+                           a.stats ? a.stats + b * kGruStats + kGruStatRstdIh : nullptr);
   T* ar = a.a ? a.a + b * kGruGates * H : nullptr;
   const T* an = a.a_n ? a.a_n + b * H : nullptr;
   const T* bias = a.b_hh;
@@ -81,7 +84,7 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruForwardRows<T>& a, in
   if (a.ln_hh) {
     const T rstd = ln_recurrent(row, ar, kGruGates * H, a.ln_hh,
                                 a.norm_hh ? a.norm_hh + b * kGruGates * H : nullptr);
-    if (a.stats && row.leader()) a.stats[b * kGruStats] = rstd;
+    if (a.stats && row.leader()) a.stats[b * kGruStats + kStatRstdHh] = rstd;
   }
   with_flag(a.reset_after, [&](auto torch_form) {  // Note [Branch-free row loops]
     with_flag(bias != nullptr, [&](auto has_bias) {
@@ -120,11 +123,14 @@ struct GruBackwardRows {
   int64_t prev_rows = 0;       // rows >= prev_rows start from h0
   const T* h0 = nullptr;       // [B, H]
   const T* norm_hh = nullptr;  // [rows, 3H], with ln_hh
-  const T* stats = nullptr;    // [rows, kGruStats], with ln_hh
+  const T* norm_ih = nullptr;  // [rows, 3H] LN_3H(x_proj), with ln_ih
+  const T* stats = nullptr;    // [rows, kGruStats], with ln_hh or ln_ih
   const T* ln_hh = nullptr;
+  const T* ln_ih = nullptr;
   HiddenGrad<T> hidden;
   T* dh_new = nullptr;         // [B, H] scratch: dL/dh~_t
-  T* dx = nullptr;             // [rows, 3H] d x_proj (classic: r part left to GruResetBackwardRows)
+  T* dx = nullptr;             // [rows, 3H] d x (classic: r part left to GruResetBackwardRows)
+  T* dx_raw = nullptr;         // [rows, 3H] d x_proj through the input norm, with ln_ih
   T* dab = nullptr;            // [rows, 3H] d(LN_3H(a) * ln_hh + b_hh), with ln_hh
   T* da = nullptr;             // [rows, 3H] d a
 };
@@ -160,8 +166,14 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruBackwardRows<T>& a, i
   if (a.ln_hh) {
     const T* nh = a.norm_hh + b * kGruGates * H;
     ln_backward(
-        row, kGruGates * H, a.ln_hh, a.stats[b * kGruStats], [&](int64_t k) { return dst[k]; },
+        row, kGruGates * H, a.ln_hh, a.stats[b * kGruStats + kStatRstdHh],
+        [&](int64_t k) { return dst[k]; },
         [&](int64_t k) { return nh[k]; }, a.da + b * kGruGates * H);
+  }
+  if (a.ln_ih) {
+    ln_input_backward(row, kGruGates * H, a.ln_ih, a.norm_ih + b * kGruGates * H,
+                      a.stats[b * kGruStats + kGruStatRstdIh], dxr,
+                      a.dx_raw + b * kGruGates * H);
   }
 }
 

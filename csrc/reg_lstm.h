@@ -24,19 +24,27 @@
 namespace fusedrnn {
 namespace reg {
 
-// (output, h_n, c_n, gates, cells, cell_new, norm_hh, stats); the last five
-// are what backward needs, in the accumulation dtype, with no rows unless
-// train (and unless their feature is on):
+// (output, h_n, c_n, gates, cells, cell_new, norm_hh, norm_ih, stats); the
+// last six are what backward needs, in the accumulation dtype, with no rows
+// unless train (and unless their feature is on):
 //   gates    [N, 4H]  activated i, f, g, o
 //   cells    [N, H]   c_t, the state after zoneout
 //   cell_new [N, H]   c~_t, before zoneout            (zone_c)
 //   norm_hh  [N, 4H]  LN_4H(a_t), the normalised recurrent product (ln_hh)
-//   stats    [N, 3]   rstd of that LN, mean and rstd of the cell norm (ln_hh
-//                     or ln_c; a column of a norm that is off holds 0)
-using LstmRegForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-// (d_x_proj, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b); [0] where absent.
-using LstmRegBackwardOut =
+//   norm_ih  [N, 4H]  LN_4H(x_proj), the normalised input side (ln_ih)
+//   stats    [N, 4]   rstd of LN(a_t), mean and rstd of the cell norm, rstd of
+//                     LN(x_proj) (any norm on; a column of one that is off holds 0)
+using LstmRegForwardOut =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+// (d_x_proj, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b,
+// d_ln_ih, d_b_ih); [0] where absent.
+using LstmRegBackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                      Tensor, Tensor, Tensor, Tensor>;
+
+// Whether any layer norm is on, so that the per-row statistics are saved.
+inline bool lstm_any_norm(const RegInputs& r) {
+  return r.ln_hh.has_value() || r.ln_c() || r.ln_ih.has_value();
+}
 
 // Checks every argument of lstm_reg_forward; returns the schedule, H and P.
 inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check(
@@ -67,9 +75,10 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
   Tensor cells = step_buffer<K>({rows_if(train, s.N), H}, opts);
   Tensor cell_new = step_buffer<K>({rows_if(train && r.zone_c.has_value(), s.N), H}, opts);
   Tensor norm_hh = step_buffer<K>({rows_if(train && r.ln_hh.has_value(), s.N), G}, opts);
-  Tensor stats =
-      at::zeros({rows_if(train && (r.ln_hh.has_value() || r.ln_c()), s.N), kLstmStats}, opts);
+  Tensor norm_ih = step_buffer<K>({rows_if(train && r.ln_ih.has_value(), s.N), G}, opts);
+  Tensor stats = at::zeros({rows_if(train && lstm_any_norm(r), s.N), kLstmStats}, opts);
   Tensor a = at::empty({s.B, G}, opts);
+  Tensor xs = r.ln_ih.has_value() ? at::empty({s.B, G}, opts) : Tensor();
   // c~ goes to cell_new, or (no zoneout: c~ is c_t) to cells, or to scratch.
   Tensor c_scratch = train ? Tensor() : at::empty({s.B, H}, opts);
   Tensor h_raw = proj ? at::empty({s.B, H}, opts) : Tensor();
@@ -93,6 +102,9 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
       f.rows = bt;
       f.H = H;
       f.x = x.data_ptr<T>() + off * G;
+      f.in.ln_ih = ptr<T>(r.ln_ih);
+      f.in.b_ih = ptr<T>(r.b_ih);
+      f.in.xs = ptr_or_null<T>(xs);
       f.a = a.data_ptr<T>();
       f.b_hh = ptr_or_null<T>(b_hh);
       f.ln_hh = ptr<T>(r.ln_hh);
@@ -112,6 +124,7 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
           f.c_new = cells.data_ptr<T>() + off * H;
         }
         if (r.ln_hh.has_value()) f.norm_hh = norm_hh.data_ptr<T>() + off * G;
+        if (r.ln_ih.has_value()) f.in.norm = norm_ih.data_ptr<T>() + off * G;
         if (stats.numel() > 0) f.stats = stats.data_ptr<T>() + off * kLstmStats;
       }
       f.hidden = hidden;
@@ -127,7 +140,7 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
       }
     }
   });
-  return {out, h, c, gates, cells, cell_new, norm_hh, stats};
+  return {out, h, c, gates, cells, cell_new, norm_hh, norm_ih, stats};
 }
 
 // x_proj [T, B, 4H] or packed [N, 4H]; h0 [B, P]; c0 [B, H]; w_hh [4H, P];
@@ -154,7 +167,7 @@ LstmRegForwardOut lstm_reg_forward_impl(const Tensor& x_proj, const Tensor& h0,
     res = lstm_reg_forward_loop<K, scalar_t>(x, prep(h0), prep(c0), prep(w_hh), w_r, b, s, H, P,
                                              train, r.prepared(acc, s.N));
   });
-  auto& [out, h_n, c_n, gates, cells, cell_new, norm_hh, stats] = res;
+  auto& [out, h_n, c_n, gates, cells, cell_new, norm_hh, norm_ih, stats] = res;
   out = out.view(detail::with_last(x_proj.sizes(), P)).to(dtype);
   h_n = h_n.to(dtype);
   c_n = c_n.to(dtype);
@@ -166,9 +179,9 @@ LstmRegForwardOut lstm_reg_forward_impl(const Tensor& x_proj, const Tensor& h0,
 inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& cell_new,
-    const Tensor& norm_hh, const Tensor& stats, const Tensor& h0, const Tensor& c0,
-    const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
-    const RegInputs& r) {
+    const Tensor& norm_hh, const Tensor& norm_ih, const Tensor& stats, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+    bool reverse, const RegInputs& r) {
   constexpr const char* op = "fusedrnn::lstm_reg_backward";
   // The forward's checks, with grad_output standing in for x_proj's shape.
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % kLstmGates == 0 && w_hh.size(0) > 0, op,
@@ -194,7 +207,7 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
                 w_hh.sizes());
   }
   for (auto [t, name] : {std::pair{&gates, "gates"}, {&cells, "cells"}, {&cell_new, "cell_new"},
-                         {&norm_hh, "norm_hh"}, {&stats, "stats"}}) {
+                         {&norm_hh, "norm_hh"}, {&norm_ih, "norm_ih"}, {&stats, "stats"}}) {
     TORCH_CHECK(t->scalar_type() == acc && t->device() == grad_output.device(), op, ": ", name,
                 " must be ", acc, " on ", grad_output.device(), " (as forward saved it), got ",
                 t->scalar_type(), " on ", t->device());
@@ -203,7 +216,8 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
   check_shape(cells, {s.N, H}, op, "cells");
   check_shape(cell_new, {rows_if(r.zone_c.has_value(), s.N), H}, op, "cell_new");
   check_shape(norm_hh, {rows_if(r.ln_hh.has_value(), s.N), kLstmGates * H}, op, "norm_hh");
-  check_shape(stats, {rows_if(r.ln_hh.has_value() || r.ln_c(), s.N), kLstmStats}, op, "stats");
+  check_shape(norm_ih, {rows_if(r.ln_ih.has_value(), s.N), kLstmGates * H}, op, "norm_ih");
+  check_shape(stats, {rows_if(lstm_any_norm(r), s.N), kLstmStats}, op, "stats");
   check_reg(grad_output, r, s, kLstmGates, H, P, op);
   return {s, H, P};
 }
@@ -219,9 +233,9 @@ template <typename K, typename T>
 LstmRegBackwardOut lstm_reg_backward_loop(
     const Tensor& g_out, const Tensor& g_h_n, const Tensor& g_c_n, const Tensor& out,
     const Tensor& gates, const Tensor& cells, const Tensor& cell_new, const Tensor& norm_hh,
-    const Tensor& stats, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const Tensor& w_hr, const Schedule& s, int64_t H, int64_t P, bool packed, bool has_bias,
-    const RegInputs& r) {
+    const Tensor& norm_ih, const Tensor& stats, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_hh, const Tensor& w_hr, const Schedule& s, int64_t H, int64_t P, bool packed,
+    bool has_bias, const RegInputs& r) {
   const bool proj = w_hr.defined();
   const auto opts = g_out.options();
   const int64_t G = kLstmGates * H;
@@ -230,6 +244,7 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor dc = g_c_n.clone();
   Tensor dx = step_buffer<K>({s.N, G}, opts);
   Tensor da = r.ln_hh.has_value() ? step_buffer<K>({s.N, G}, opts) : dx;
+  Tensor dx_raw = r.ln_ih.has_value() ? step_buffer<K>({s.N, G}, opts) : dx;
   Tensor dcn = r.ln_c() ? step_buffer<K>({s.N, H}, opts) : Tensor();
   Tensor dcn_xhat = r.ln_c() ? step_buffer<K>({s.N, H}, opts) : Tensor();
   Tensor dh_new = proj ? step_buffer<K>({s.N, P}, opts) : Tensor();  // dL/d(h~ W_hr^T)
@@ -270,6 +285,8 @@ LstmRegBackwardOut lstm_reg_backward_loop(
       b.norm_hh = r.ln_hh.has_value() ? norm_hh.data_ptr<T>() + off * G : nullptr;
       b.stats = stats.numel() > 0 ? stats.data_ptr<T>() + off * kLstmStats : nullptr;
       b.ln_hh = ptr<T>(r.ln_hh);
+      b.ln_ih = ptr<T>(r.ln_ih);
+      b.norm_ih = r.ln_ih.has_value() ? norm_ih.data_ptr<T>() + off * G : nullptr;
       b.ln_c_w = ptr<T>(r.ln_c_w);
       b.ln_c_b = ptr<T>(r.ln_c_b);
       b.zone_c = r.zone_c.has_value() ? ptr<T>(r.zone_c) + off * H : nullptr;
@@ -279,6 +296,7 @@ LstmRegBackwardOut lstm_reg_backward_loop(
       b.dc = dc.data_ptr<T>();
       b.dx = dx.data_ptr<T>() + off * G;
       b.da = da.data_ptr<T>() + off * G;
+      b.dx_raw = dx_raw.data_ptr<T>() + off * G;
       if (r.ln_c()) {
         b.dcn = dcn.data_ptr<T>() + off * H;
         b.dcn_xhat = dcn_xhat.data_ptr<T>() + off * H;
@@ -292,11 +310,16 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor d_h0 = r.rec_mask.has_value() ? dh + *r.rec_mask * dh_mm : dh + dh_mm;
   Tensor d_w_hh = weight_grad<K>(da, masked_prev(out, h0, r.rec_mask, s, packed));
   Tensor d_w_hr = proj ? weight_grad<K>(dh_new, h_raw) : none;
-  Tensor d_b_hh = has_bias ? dx.sum(0) : none;
+  // b_ih (after the input norm) and b_hh both add to the gates' pre-activation.
+  const bool any_bias = has_bias || r.b_ih.has_value();
+  Tensor d_bias = any_bias ? dx.sum(0) : none;
+  Tensor d_b_hh = has_bias ? d_bias : none;
+  Tensor d_b_ih = r.b_ih.has_value() ? (has_bias ? d_bias.clone() : d_bias) : none;
   Tensor d_ln_hh = r.ln_hh.has_value() ? column_dot<K>(dx, norm_hh) : none;
   Tensor d_ln_c_w = r.ln_c() ? dcn_xhat.sum(0) : none;
   Tensor d_ln_c_b = r.ln_c() ? dcn.sum(0) : none;
-  return {dx, d_h0, dc, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b};
+  Tensor d_ln_ih = r.ln_ih.has_value() ? column_dot<K>(dx, norm_ih) : none;
+  return {dx_raw, d_h0, dc, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b, d_ln_ih, d_b_ih};
 }
 
 // grad_output like output; grad_h_n [B, P]; grad_c_n [B, H]; output and the
@@ -305,13 +328,14 @@ template <typename K>
 LstmRegBackwardOut lstm_reg_backward_impl(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& cell_new,
-    const Tensor& norm_hh, const Tensor& stats, const Tensor& h0, const Tensor& c0,
-    const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
-    bool has_bias, const RegInputs& r) {
+    const Tensor& norm_hh, const Tensor& norm_ih, const Tensor& stats, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+    bool reverse, bool has_bias, const RegInputs& r) {
   const NoAutocast no_autocast;
   const auto checked =
       lstm_reg_check_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells, cell_new,
-                              norm_hh, stats, h0, c0, w_hh, w_hr, batch_sizes, reverse, r);
+                              norm_hh, norm_ih, stats, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                              r);
   const Schedule& s = std::get<0>(checked);
   const int64_t H = std::get<1>(checked), P = std::get<2>(checked);
   const auto dtype = grad_output.scalar_type();
@@ -322,13 +346,16 @@ LstmRegBackwardOut lstm_reg_backward_impl(
     res = lstm_reg_backward_loop<K, scalar_t>(
         prep(grad_output).view({s.N, P}), prep(grad_h_n), prep(grad_c_n),
         prep(output).view({s.N, P}), gates.contiguous(), cells.contiguous(),
-        cell_new.contiguous(), norm_hh.contiguous(), stats.contiguous(), prep(h0), prep(c0),
+        cell_new.contiguous(), norm_hh.contiguous(), norm_ih.contiguous(), stats.contiguous(),
+        prep(h0), prep(c0),
         prep(w_hh), w_hr.has_value() ? prep(*w_hr) : Tensor(), s, H, P,
         batch_sizes.has_value(), has_bias, r.prepared(acc, s.N));
   });
-  auto& [dx, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b] = res;
+  auto& [dx, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b, d_ln_ih, d_b_ih] =
+      res;
   dx = dx.view(detail::with_last(grad_output.sizes(), kLstmGates * H));
-  for (Tensor* t : {&dx, &d_h0, &d_c0, &d_w_hh, &d_w_hr, &d_b_hh, &d_ln_hh, &d_ln_c_w, &d_ln_c_b}) {
+  for (Tensor* t : {&dx, &d_h0, &d_c0, &d_w_hh, &d_w_hr, &d_b_hh, &d_ln_hh, &d_ln_c_w, &d_ln_c_b,
+                    &d_ln_ih, &d_b_ih}) {
     *t = t->to(dtype);
   }
   return res;

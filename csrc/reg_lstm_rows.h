@@ -1,7 +1,8 @@
 // The LSTM's rows of the regularised op (reg_rows.h explains rows and Row):
 //
 //   a     = (rec_mask * h_{t-1}) W_hh^T                     (the step's GEMM)
-//   gates = x + [LN_4H(a) * ln_hh | a] + b_hh                -> i, f, g, o
+//   gates = [LN_4H(x) * ln_ih + b_ih | x] + [LN_4H(a) * ln_hh | a] + b_hh
+//                                                           -> i, f, g, o
 //   c~    = f c_{t-1} + i g
 //   h~    = o tanh([LN_H(c~) * ln_c_w + ln_c_b | c~])        (then W_hr^T)
 //   c_t   = zoneout(zone_c, c_{t-1}, c~),  h_t = zoneout(zone_h, h_{t-1}, h~)
@@ -15,7 +16,8 @@ namespace reg {
 template <typename T>
 struct LstmForwardRows {
   int64_t rows = 0, H = 0;
-  const T* x = nullptr;       // [rows, 4H] input projection (+ b_ih)
+  const T* x = nullptr;       // [rows, 4H] input projection (+ b_ih unless in.ln_ih)
+  InputNorm<T> in;            // the input side's layer norm, if on
   T* a = nullptr;             // [rows, 4H] the step's GEMM; overwritten
   const T* b_hh = nullptr;    // [4H]
   const T* ln_hh = nullptr;   // [4H]
@@ -39,12 +41,12 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmForwardRows<T>& a, i
   using math::tanh_;
   const int64_t H = a.H, G = kLstmGates * H;
   T* ar = a.a + b * G;
-  const T* xr = a.x + b * G;
   const T* bias = a.b_hh;
   T* gr = a.gates + b * G;
   T* cn = a.c_new + b * H;
   T* cr = a.c + b * H;
   T* st = a.stats ? a.stats + b * kLstmStats : nullptr;
+  const T* xr = a.in.row_x(row, a.x + b * G, G, b, st ? st + kLstmStatRstdIh : nullptr);
   if (a.ln_hh) {
     const T rstd = ln_recurrent(row, ar, G, a.ln_hh, a.norm_hh ? a.norm_hh + b * G : nullptr);
     if (st && row.leader()) st[kStatRstdHh] = rstd;
@@ -109,8 +111,10 @@ struct LstmBackwardRows {
   int64_t prev_rows = 0;       // rows >= prev_rows start from c0
   const T* c0 = nullptr;       // [B, H]
   const T* norm_hh = nullptr;  // [rows, 4H] LN_4H(a), with ln_hh
+  const T* norm_ih = nullptr;  // [rows, 4H] LN_4H(x), with ln_ih
   const T* stats = nullptr;    // [rows, kLstmStats], with layer norm
   const T* ln_hh = nullptr;
+  const T* ln_ih = nullptr;
   const T* ln_c_w = nullptr;
   const T* ln_c_b = nullptr;
   const T* zone_c = nullptr;   // [rows, H]
@@ -120,7 +124,8 @@ struct LstmBackwardRows {
   bool take_hidden = false;
   HiddenGrad<T> hidden;
   T* dc = nullptr;             // [B, H] dL/dc_t in, dL/dc_{t-1} out
-  T* dx = nullptr;             // [rows, 4H] d gates pre-activation (= d x_proj)
+  T* dx = nullptr;             // [rows, 4H] d gates pre-activation (= d x_proj unless ln_ih)
+  T* dx_raw = nullptr;         // [rows, 4H] d x_proj through the input norm, with ln_ih
   T* da = nullptr;             // [rows, 4H] d a (through LN_4H), with ln_hh
   T* dcn = nullptr;            // [rows, H] dL/d(cell norm output), with ln_c
   T* dcn_xhat = nullptr;       // [rows, H] dcn * LN_H(c~), with ln_c
@@ -197,6 +202,10 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmBackwardRows<T>& a, 
     ln_backward(
         row, G, a.ln_hh, st[kStatRstdHh], [&](int64_t k) { return dxr[k]; },
         [&](int64_t k) { return nh[k]; }, a.da + b * G);
+  }
+  if (a.ln_ih) {
+    ln_input_backward(row, G, a.ln_ih, a.norm_ih + b * G, st[kLstmStatRstdIh], dxr,
+                      a.dx_raw + b * G);
   }
 }
 

@@ -3,11 +3,11 @@ recurrent dropout: fusedrnn/regularisers.py), and the layer functions that
 call them; _ops.lstm_layer / gru_layer hand over a call whose LayerReg is active.
 
     lstm_reg_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train,
-                     rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b)
-        -> output, h_n, c_n, gates, cells, cell_new, norm_hh, stats
+                     rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih, b_ih)
+        -> output, h_n, c_n, gates, cells, cell_new, norm_hh, norm_ih, stats
     gru_reg_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train,
-                    rec_mask, zone_h, ln_hh)
-        -> output, h_n, gates, norm_hh, stats
+                    rec_mask, zone_h, ln_hh, ln_ih, b_ih)
+        -> output, h_n, gates, norm_hh, norm_ih, stats
 
 The last fields of LayerReg's order follow `train`. What backward needs
 (csrc/reg_lstm.h, csrc/reg_gru.h) is in the accumulation dtype (float32 for
@@ -17,8 +17,9 @@ else none:
     cells     [N, H]  c_t, after zoneout
     cell_new  [N, H]  c~_t, before zoneout                     (zone_c)
     norm_hh   [N, G*H] LN(rec_mask * h_{t-1} W_hh^T)           (ln_hh)
-    stats     [N, 3] rstd of that LN, mean and rstd of the cell norm (ln_hh
-              or ln_c_w); GRU: [N, 1] rstd of that LN          (ln_hh)
+    norm_ih   [N, G*H] LN(x_proj)                              (ln_ih)
+    stats     [N, 4] rstd of LN(h W_hh^T), mean and rstd of the cell norm,
+              rstd of LN(x_proj); GRU: [N, 2] the first and the last (any norm)
 """
 import torch
 
@@ -28,8 +29,8 @@ from ._ops import (GRU_GATES, GRU_SAVED, LSTM_GATES, _acc_dtype, _lib, _or_zeros
 from ._vmap import _loop
 from .regularisers import LayerReg
 
-LSTM_STATS = 3  # reg::kLstmStats in csrc/reg_rows.h
-GRU_STATS = 1   # reg::kGruStats
+LSTM_STATS = 4  # reg::kLstmStats in csrc/reg_rows.h
+GRU_STATS = 2   # reg::kGruStats
 
 
 def _saved(x_proj, rows, cols):
@@ -39,7 +40,7 @@ def _saved(x_proj, rows, cols):
 # ------------------------------------------------------------------ fake kernels
 @torch.library.register_fake("fusedrnn::lstm_reg_forward")
 def _lstm_reg_forward_fake(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train,
-                           rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b):
+                           rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih, b_ih):
     H, P = w_hh.shape[0] // LSTM_GATES, w_hh.shape[1]
     N = x_proj.shape[:-1].numel()
     rows = lambda on: N if train and on else 0  # noqa: E731
@@ -48,7 +49,8 @@ def _lstm_reg_forward_fake(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, revers
             _saved(x_proj, rows(True), LSTM_GATES * H), _saved(x_proj, rows(True), H),
             _saved(x_proj, rows(zone_c is not None), H),
             _saved(x_proj, rows(ln_hh is not None), LSTM_GATES * H),
-            _saved(x_proj, rows(ln_hh is not None or ln_c_w is not None), LSTM_STATS))
+            _saved(x_proj, rows(ln_ih is not None), LSTM_GATES * H),
+            _saved(x_proj, rows(any(g is not None for g in (ln_hh, ln_c_w, ln_ih))), LSTM_STATS))
 
 
 def _grad_or_empty(like, on, shape=None):
@@ -57,8 +59,9 @@ def _grad_or_empty(like, on, shape=None):
 
 @torch.library.register_fake("fusedrnn::lstm_reg_backward")
 def _lstm_reg_backward_fake(grad_output, grad_h_n, grad_c_n, output, gates, cells, cell_new,
-                            norm_hh, stats, h0, c0, w_hh, w_hr, batch_sizes, reverse, has_bias,
-                            rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b):
+                            norm_hh, norm_ih, stats, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                            has_bias, rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih,
+                            b_ih):
     G = w_hh.shape[0]
     H = G // LSTM_GATES
     return (grad_output.new_empty((*grad_output.shape[:-1], G)), h0.new_empty(h0.shape),
@@ -66,28 +69,34 @@ def _lstm_reg_backward_fake(grad_output, grad_h_n, grad_c_n, output, gates, cell
             _grad_or_empty(w_hh, w_hr is not None, w_hr.shape if w_hr is not None else None),
             _grad_or_empty(w_hh, has_bias, (G,)), _grad_or_empty(w_hh, ln_hh is not None, (G,)),
             _grad_or_empty(w_hh, ln_c_w is not None, (H,)),
-            _grad_or_empty(w_hh, ln_c_b is not None, (H,)))
+            _grad_or_empty(w_hh, ln_c_b is not None, (H,)),
+            _grad_or_empty(w_hh, ln_ih is not None, (G,)),
+            _grad_or_empty(w_hh, b_ih is not None, (G,)))
 
 
 @torch.library.register_fake("fusedrnn::gru_reg_forward")
 def _gru_reg_forward_fake(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train,
-                          rec_mask, zone_h, ln_hh):
+                          rec_mask, zone_h, ln_hh, ln_ih, b_ih):
     H = w_hh.shape[1]
     N = x_proj.shape[:-1].numel()
     rows = lambda on: N if train and on else 0  # noqa: E731
     return (x_proj.new_empty((*x_proj.shape[:-1], H)), h0.new_empty(h0.shape),
             _saved(x_proj, rows(True), GRU_SAVED * H),
             _saved(x_proj, rows(ln_hh is not None), GRU_GATES * H),
-            _saved(x_proj, rows(ln_hh is not None), GRU_STATS))
+            _saved(x_proj, rows(ln_ih is not None), GRU_GATES * H),
+            _saved(x_proj, rows(ln_hh is not None or ln_ih is not None), GRU_STATS))
 
 
 @torch.library.register_fake("fusedrnn::gru_reg_backward")
-def _gru_reg_backward_fake(grad_output, grad_h_n, output, gates, norm_hh, stats, h0, w_hh,
-                           batch_sizes, reverse, reset_after, has_bias, rec_mask, zone_h, ln_hh):
+def _gru_reg_backward_fake(grad_output, grad_h_n, output, gates, norm_hh, norm_ih, stats, h0,
+                           w_hh, batch_sizes, reverse, reset_after, has_bias, rec_mask, zone_h,
+                           ln_hh, ln_ih, b_ih):
     G = w_hh.shape[0]
     return (grad_output.new_empty((*grad_output.shape[:-1], G)), h0.new_empty(h0.shape),
             w_hh.new_empty(w_hh.shape), _grad_or_empty(w_hh, has_bias, (G,)),
-            _grad_or_empty(w_hh, ln_hh is not None, (G,)))
+            _grad_or_empty(w_hh, ln_hh is not None, (G,)),
+            _grad_or_empty(w_hh, ln_ih is not None, (G,)),
+            _grad_or_empty(w_hh, b_ih is not None, (G,)))
 
 
 # ------------------------------------------------------------------ autograd
@@ -113,8 +122,8 @@ def _lstm_reg_setup_context(ctx, inputs, output):
 
 
 def _lstm_reg_backward(ctx, grad_out, grad_h_n, grad_c_n, *_grad_saved):
-    (out, gates, cells, cell_new, norm_hh, stats, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes,
-     *reg) = ctx.saved_tensors
+    (out, gates, cells, cell_new, norm_hh, norm_ih, stats, x_proj, h0, c0, w_hh, w_hr, b_hh,
+     batch_sizes, *reg) = ctx.saved_tensors
     if not ctx.train:
         raise _not_trained("lstm_reg_forward")
     grad_out, grad_h_n, grad_c_n = (_or_zeros(g, t) for g, t in
@@ -131,8 +140,8 @@ def _lstm_reg_backward(ctx, grad_out, grad_h_n, grad_c_n, *_grad_saved):
         grads = _reference_grads(layer, inputs, needs, (grad_out, grad_h_n, grad_c_n))
         return (*grads[:6], None, None, None, None, None, None, *grads[6:])
     d = ops.lstm_reg_backward(grad_out, grad_h_n, grad_c_n, out, gates, cells, cell_new,
-                              norm_hh, stats, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse,
-                              b_hh is not None, *reg)
+                              norm_hh, norm_ih, stats, h0, c0, w_hh, w_hr, batch_sizes,
+                              ctx.reverse, b_hh is not None, *reg)
     d_x, d_h0, d_c0, d_w_hh, *rest = d
     rest = [g if t is not None else None for g, t in zip(rest, (w_hr, b_hh, *gains))]
     return (d_x, d_h0, d_c0, d_w_hh, *rest[:2], None, None, None, None, None, None, *rest[2:])
@@ -147,26 +156,29 @@ def _gru_reg_setup_context(ctx, inputs, output):
 
 
 def _gru_reg_backward(ctx, grad_out, grad_h_n, *_grad_saved):
-    (out, gates, norm_hh, stats, x_proj, h0, w_hh, b_hh, batch_sizes, rec_mask, zone_h,
-     ln_hh) = ctx.saved_tensors
+    (out, gates, norm_hh, norm_ih, stats, x_proj, h0, w_hh, b_hh, batch_sizes, rec_mask, zone_h,
+     ln_hh, ln_ih, b_ih) = ctx.saved_tensors
     if not ctx.train:
         raise _not_trained("gru_reg_forward")
     grad_out, grad_h_n = _or_zeros(grad_out, out), _or_zeros(grad_h_n, h0)
-    inputs = (x_proj, h0, w_hh, b_hh, ln_hh)
+    inputs = (x_proj, h0, w_hh, b_hh, ln_hh, ln_ih, b_ih)
     needs = ctx.needs_input_grad[:4] + ctx.needs_input_grad[10:]
     if graph_needed(grad_out, grad_h_n, *inputs):
         from . import reference  # Note [Double backward]
 
-        def layer(x, h, w, b, g):
+        def layer(x, h, w, b, g, gi, bi):
             return reference.gru_layer(x, h, w, b, batch_sizes, ctx.reverse, ctx.reset_after,
-                                       _reg_in((rec_mask, zone_h, None), (g, None, None), x.dtype))
+                                       _reg_in((rec_mask, zone_h, None), (g, None, None, gi, bi),
+                                               x.dtype))
         grads = _reference_grads(layer, inputs, needs, (grad_out, grad_h_n))
-        return (*grads[:4], None, None, None, None, None, None, grads[4])
-    d_x, d_h0, d_w_hh, d_b_hh, d_ln_hh = ops.gru_reg_backward(
-        grad_out, grad_h_n, out, gates, norm_hh, stats, h0, w_hh, batch_sizes, ctx.reverse,
-        ctx.reset_after, b_hh is not None, rec_mask, zone_h, ln_hh)
-    return (d_x, d_h0, d_w_hh, d_b_hh if b_hh is not None else None, None, None, None, None,
-            None, None, d_ln_hh if ln_hh is not None else None)
+        return (*grads[:4], None, None, None, None, None, None, *grads[4:])
+    d_x, d_h0, d_w_hh, *rest = ops.gru_reg_backward(
+        grad_out, grad_h_n, out, gates, norm_hh, norm_ih, stats, h0, w_hh, batch_sizes,
+        ctx.reverse, ctx.reset_after, b_hh is not None, rec_mask, zone_h, ln_hh, ln_ih, b_ih)
+    d_b_hh, d_ln_hh, d_ln_ih, d_b_ih = (
+        g if t is not None else None for g, t in zip(rest, (b_hh, ln_hh, ln_ih, b_ih)))
+    return (d_x, d_h0, d_w_hh, d_b_hh, None, None, None, None, None, None, d_ln_hh, d_ln_ih,
+            d_b_ih)
 
 
 for _name in ("lstm_reg_backward", "gru_reg_backward"):
@@ -197,7 +209,8 @@ def _check_masks(reg):
 def lstm_layer(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, reg):
     """_ops.lstm_layer with an active LayerReg `reg`: the fused op."""
     _check_masks(reg)
-    train = needs_grad(x_proj, h0, c0, w_hh, w_hr, b_hh, reg.ln_hh, reg.ln_c_w, reg.ln_c_b)
+    train = needs_grad(x_proj, h0, c0, w_hh, w_hr, b_hh, reg.ln_hh, reg.ln_c_w, reg.ln_c_b,
+                       reg.ln_ih, reg.b_ih)
     out, h_n, c_n, *_ = ops.lstm_reg_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes,
                                              reverse, train, *reg)
     return out, h_n, c_n
@@ -209,9 +222,10 @@ def gru_layer(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, reg):
     if reg.zone_c is not None or reg.ln_c_w is not None or reg.ln_c_b is not None:
         raise ValueError("a GRU has no cell state: reg.zone_c, reg.ln_c_w and reg.ln_c_b "
                          "must be None")
-    if reg.ln_hh is not None and not reset_after:
+    if (reg.ln_hh is not None or reg.ln_ih is not None) and not reset_after:
         raise ValueError("layer_norm needs the GRU form with reset_after=True")
-    train = needs_grad(x_proj, h0, w_hh, b_hh, reg.ln_hh)
+    train = needs_grad(x_proj, h0, w_hh, b_hh, reg.ln_hh, reg.ln_ih, reg.b_ih)
     out, h_n, *_ = ops.gru_reg_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse,
-                                       reset_after, train, reg.rec_mask, reg.zone_h, reg.ln_hh)
+                                       reset_after, train, reg.rec_mask, reg.zone_h, reg.ln_hh,
+                                       reg.ln_ih, reg.b_ih)
     return out, h_n

@@ -159,7 +159,7 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
                 w_hh = regularised.drop_weight(w_hh, options.weight_drop, training)
                 x_proj = regularised.project(layer_in, w_ih, b_ih, ln)
                 reg = regularised.layer_reg(options, training, x_proj, h0[k],
-                                            c0[k] if lstm else None, ln)
+                                            c0[k] if lstm else None, ln, b_ih)
                 res = _layer(lstm, x_proj, h0[k], c0[k] if lstm else None, w_hh, w_hr, b_hh,
                              batch_sizes, d == 1, reset_after, reg)
                 outs.append(res[0])
@@ -190,7 +190,7 @@ def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True,
         ln = None if ln_weights is None else [cast(w) for w in ln_weights[0]]
         x_proj = regularised.project(cast(input), cast(w_ih), cast(b_ih), ln).unsqueeze(0)
         h0, c0 = cast(states[0]), cast(states[-1]) if lstm else None
-        reg = regularised.layer_reg(options, training, x_proj, h0, c0, ln)
+        reg = regularised.layer_reg(options, training, x_proj, h0, c0, ln, cast(b_ih))
         res = _layer(lstm, x_proj, h0, c0, cast(w_hh), None, cast(b_hh), None, False,
                      reset_after, reg)
     return (res[1].to(out_dtype), res[2].to(c_dtype)) if lstm else (res[1].to(out_dtype),)

@@ -6,7 +6,8 @@ x_proj = x @ w_ih.T + b_ih for all steps, [T, B, G*H] or packed [N, G*H] with
 `batch_sizes` (step t uses the first batch_sizes[t] rows), and run one
 direction. Gate order is torch's: LSTM (i, f, g, o), GRU (r, z, n).
 Their `reg` (a fusedrnn.regularisers.LayerReg) adds layer normalisation,
-zoneout and recurrent dropout, with the definitions written there.
+zoneout and recurrent dropout, with the definitions written there (with
+reg.ln_ih, x_proj is x @ w_ih.T alone and the layer normalises it).
 """
 import torch
 import torch.nn.functional as F
@@ -112,9 +113,17 @@ def _run(step, x_proj, states, batch_sizes, reverse, reg=None):
     return out, states
 
 
+def _input_norm(x_proj, reg):
+    """The input side of layer_norm: LN(x_proj) * reg.ln_ih + reg.b_ih, per row."""
+    if reg is None or reg.ln_ih is None:
+        return x_proj
+    return F.layer_norm(x_proj, x_proj.shape[-1:], reg.ln_ih, reg.b_ih, LN_EPS)
+
+
 def lstm_layer(x_proj, h0, c0, w_hh, w_hr=None, b_hh=None, batch_sizes=None, reverse=False,
                reg=None):
     """One LSTM layer and direction. Returns (output, h_n, c_n)."""
+    x_proj = _input_norm(x_proj, reg)
     out, (h, c) = _run(lambda xp, h, c, reg: lstm_cell(xp, h, c, w_hh, b_hh, w_hr, reg),
                        x_proj, (h0, c0), batch_sizes, reverse, reg)
     return out, h, c
@@ -123,6 +132,7 @@ def lstm_layer(x_proj, h0, c0, w_hh, w_hr=None, b_hh=None, batch_sizes=None, rev
 def gru_layer(x_proj, h0, w_hh, b_hh=None, batch_sizes=None, reverse=False, reset_after=True,
               reg=None):
     """One GRU layer and direction. Returns (output, h_n)."""
+    x_proj = _input_norm(x_proj, reg)
     out, (h,) = _run(lambda xp, h, reg: (gru_cell(xp, h, w_hh, b_hh, reset_after, reg),),
                      x_proj, (h0,), batch_sizes, reverse, reg)
     return out, h

@@ -29,10 +29,9 @@ import numbers
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from . import _ops
-from .regularisers import LN_EPS, LayerReg
+from .regularisers import LayerReg
 
 RATES = ("zoneout", "zoneout_cell", "recurrent_dropout", "weight_drop")
 OPTIONS = ("layer_norm",) + RATES
@@ -188,20 +187,19 @@ def drop_weight(w_hh, p, training):
 
 
 def project(x, w_ih, b_ih, ln):
-    """The input projection of all steps: x W_ih^T + b_ih, or with layer_norm
-    (ln: this layer and direction's ln_weights) LN_GH(x W_ih^T) * gamma_ih + b_ih."""
-    if ln is None:
-        return _ops.linear(x, w_ih, b_ih)
-    xw = _ops.linear(x, w_ih, None)
-    return F.layer_norm(xw, xw.shape[-1:], ln[0], b_ih, LN_EPS)
+    """The input projection of all steps: x W_ih^T + b_ih; with layer_norm
+    (ln: this layer and direction's ln_weights) x W_ih^T alone, which the op
+    normalises (layer_reg hands it gamma_ih and b_ih)."""
+    return _ops.linear(x, w_ih, b_ih if ln is None else None)
 
 
-def layer_reg(opts, training, x_proj, h0, c0, ln):
+def layer_reg(opts, training, x_proj, h0, c0, ln, b_ih=None):
     """The LayerReg of one op call, or None when it would ask for nothing.
 
-    x_proj [T, B, G*H] or packed [N, G*H]; h0 [B, P]; c0 [B, H] (None for a GRU);
-    ln as for project. In training the masks are drawn in this order: zone_h,
-    zone_c, rec_mask (after drop_weight's, which functional draws first)."""
+    x_proj [T, B, G*H] or packed [N, G*H] (from project); h0 [B, P]; c0 [B, H]
+    (None for a GRU); ln and b_ih as for project. In training the masks are
+    drawn in this order: zone_h, zone_c, rec_mask (after drop_weight's, which
+    functional draws first)."""
     lead = tuple(x_proj.shape[:-1])
     P = h0.shape[-1]
 
@@ -218,6 +216,7 @@ def layer_reg(opts, training, x_proj, h0, c0, ln):
     p = opts.recurrent_dropout
     if training and p > 0:
         rec_mask = draw((h0.shape[0], P), 1 - p, x_proj) / (1 - p)
-    ln_hh, ln_c_w, ln_c_b = (None, None, None) if ln is None else ln[1:]
-    reg = LayerReg(rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b)
+    ln_ih, ln_hh, ln_c_w, ln_c_b = (None,) * 4 if ln is None else ln
+    reg = LayerReg(rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih,
+                   None if ln is None else b_ih)
     return reg if any(f is not None for f in reg) else None

@@ -15,12 +15,14 @@ reproduces a run; the ops and the reference only apply them:
     ln_hh [G*H]       layer_norm's gain of the recurrent pre-activation:
                       a_t gets LN_GH(h_{t-1} W_hh^T) * ln_hh (then + b_hh).
     ln_c_w, ln_c_b [H]  an LSTM's cell norm: h~_t = o tanh(LN_H(c_t) * ln_c_w + ln_c_b).
+    ln_ih [G*H]       layer_norm's gain of the input side: x_proj is then x W_ih^T
+                      (no bias) and the gates get LN_GH(x_proj) * ln_ih + b_ih.
+    b_ih [G*H]        that side's bias (only with ln_ih; without it, b_ih is in x_proj).
 
-LN_n is F.layer_norm over the last n values without affine, eps LN_EPS. The
-input side of layer_norm, LN_GH(x W_ih^T) * gamma_ih + b_ih, is part of x_proj
-(all steps at once, outside the recurrence). h~_t is computed from the cell
-state before its zoneout. Absent fields are None; a LayerReg with none set is
-the plain layer.
+LN_n is F.layer_norm over the last n values without affine, eps LN_EPS. Both
+norms of a step's pre-activations are computed inside the recurrence, where the
+step's rows are in cache. h~_t is computed from the cell state before its
+zoneout. Absent fields are None; a LayerReg with none set is the plain layer.
 """
 from typing import NamedTuple, Optional
 
@@ -36,6 +38,8 @@ class LayerReg(NamedTuple):
     ln_hh: Optional[Tensor] = None
     ln_c_w: Optional[Tensor] = None
     ln_c_b: Optional[Tensor] = None
+    ln_ih: Optional[Tensor] = None
+    b_ih: Optional[Tensor] = None
 
 
 def active(reg):

@@ -19,8 +19,9 @@ DIRECTIONS = [pytest.param(False, id="fwd"), pytest.param(True, id="rev")]
 # "train": fresh 0/1 masks (rec_mask scaled by 1/(1-p)); "eval": constants.
 MASKS = ["train", "eval"]
 P_DROP = 0.3
-LSTM_FIELDS = ("rec_mask", "zone_h", "zone_c", "ln_hh", "ln_c")
-GRU_FIELDS = ("rec_mask", "zone_h", "ln_hh")
+LSTM_FIELDS = ("rec_mask", "zone_h", "zone_c", "ln_hh", "ln_c", "ln_ih")
+GRU_FIELDS = ("rec_mask", "zone_h", "ln_hh", "ln_ih")
+GAINS = ("ln_hh", "ln_c_w", "ln_c_b", "ln_ih", "b_ih")
 
 
 def make_reg(kind, d, fields, masks):
@@ -53,12 +54,21 @@ def make_reg(kind, d, fields, masks):
     if "ln_c" in fields:
         f["ln_c_w"] = 1 + 0.3 * torch.randn(Hd, **opts)
         f["ln_c_b"] = 0.3 * torch.randn(Hd, **opts)
+    if "ln_ih" in fields:  # x_proj is then x W_ih^T alone: b_ih comes with the norm
+        f["ln_ih"] = 1 + 0.3 * torch.randn(G * Hd, **opts)
+        if d["b_hh"] is not None:
+            f["b_ih"] = 0.3 * torch.randn(G * Hd, **opts)
     return LayerReg(**f)
 
 
 def with_grad_gains(reg):
     return reg._replace(**{k: getattr(reg, k).requires_grad_(True)
-                           for k in ("ln_hh", "ln_c_w", "ln_c_b") if getattr(reg, k) is not None})
+                           for k in GAINS if getattr(reg, k) is not None})
+
+
+def gru_reg_args(reg):
+    """The GRU op's LayerReg arguments (it has no cell-state fields)."""
+    return reg.rec_mask, reg.zone_h, reg.ln_hh, reg.ln_ih, reg.b_ih
 
 
 def run(fn, kind, d, reg, reverse, reset_after=True):
@@ -152,7 +162,7 @@ def test_gradgradcheck_through_reference(kind, fields, proj, reset_after):
     """Note [Double backward]: the second derivative comes from the reference
     (slow: small sizes, and a few inputs, the gains among them)."""
     f, args = small_case(kind, fields, proj, reset_after, packed=False, T=2, B=2, H=2,
-                         only=("x_proj", "h0", "w_hh", "w_hr", "ln_hh", "ln_c_w", "ln_c_b"))
+                         only=("x_proj", "h0", "w_hh", "w_hr") + GAINS)
     assert torch.autograd.gradgradcheck(f, args, fast_mode=True)
 
 
@@ -225,7 +235,7 @@ def test_reg_op_without_fields_is_bitwise_the_generic_op_forward(kind, packed, m
         plain = ops.gru_forward(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], d["batch_sizes"],
                                 True, True, False)[:2]
         reg = ops.gru_reg_forward(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], d["batch_sizes"],
-                                  True, True, False, None, None, None)[:2]
+                                  True, True, False, *gru_reg_args(LayerReg()))[:2]
     for a, b in zip(plain, reg):
         assert torch.equal(a, b)
 
@@ -237,7 +247,7 @@ def forward_calls(device, train):
                                      d["b_hh"], d["batch_sizes"], packed, train, *reg)
         d, reg = inputs("gru", packed, device, torch.float32, GRU_FIELDS, False, True, "train")
         yield ops.gru_reg_forward, (d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], d["batch_sizes"],
-                                    packed, True, train, reg.rec_mask, reg.zone_h, reg.ln_hh)
+                                    packed, True, train, *gru_reg_args(reg))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -303,6 +313,8 @@ BAD_LSTM = [
     (dict(ln_hh=torch.ones(3 * H)), "ln_hh must have shape"),
     (dict(ln_c_w=torch.ones(H + 1)), "ln_c_w must have shape"),
     (dict(ln_c_b=None), "ln_c_w and ln_c_b go together"),
+    (dict(ln_ih=torch.ones(4 * H + 1)), "ln_ih must have shape"),
+    (dict(ln_ih=None), "b_ih goes with ln_ih"),
     (dict(zone_h=torch.ones(T, B, H, dtype=torch.float64)), "zone_h has dtype"),
     (dict(ln_hh=torch.ones(4 * H, dtype=torch.float16)), "ln_hh has dtype"),
 ]
@@ -325,7 +337,7 @@ def test_gru_layer_norm_needs_reset_after():
         run(_ops, "gru", d, reg, False, reset_after=False)
     with pytest.raises(RuntimeError, match="needs the GRU form with reset_after=True"):
         ops.gru_reg_forward(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"], None, False, False,
-                            True, reg.rec_mask, reg.zone_h, reg.ln_hh)
+                            True, *gru_reg_args(reg))
 
 
 def test_gru_has_no_cell_state():
