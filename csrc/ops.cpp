@@ -65,22 +65,22 @@ TORCH_LIBRARY(fusedrnn, m) {
   // The same layers with the regularisers of fusedrnn.regularisers.LayerReg
   // (reg_lstm.h, reg_gru.h): rec_mask [B, P]; zone_h, zone_c x_proj's leading
   // shape + [P] / [H]; ln_hh [G*H]; ln_c_w, ln_c_b [H]; ln_ih, b_ih [G*H]
-  // (then x_proj is x W_ih^T without b_ih). What backward needs follows
-  // h_n/c_n, in the accumulation dtype: LSTM (gates, cells, cell_new, norm_hh,
-  // norm_ih, stats), GRU (gates, norm_hh, norm_ih, stats); layouts in
-  // reg_lstm.h and reg_gru.h. The backward ops return a gradient for each tensor input that
+  // (then x_proj is x W_ih^T without b_ih). What backward needs besides x_proj
+  // follows h_n/c_n, in the accumulation dtype: LSTM (gates, cells, cell_new,
+  // norm_hh, stats), GRU (gates, norm_hh, stats); layouts in reg_lstm.h and
+  // reg_gru.h. The backward ops return a gradient for each tensor input that
   // has one ([0] where absent), none for the masks.
   m.def(
       "lstm_reg_forward(Tensor x_proj, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, "
       "Tensor? b_hh, Tensor? batch_sizes, bool reverse, bool train, Tensor? rec_mask, "
       "Tensor? zone_h, Tensor? zone_c, Tensor? ln_hh, Tensor? ln_c_w, Tensor? ln_c_b, "
       "Tensor? ln_ih, Tensor? b_ih) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (d_x_proj, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b,
   // d_ln_ih, d_b_ih).
   m.def(
-      "lstm_reg_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor output, "
-      "Tensor gates, Tensor cells, Tensor cell_new, Tensor norm_hh, Tensor norm_ih, "
+      "lstm_reg_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x_proj, "
+      "Tensor output, Tensor gates, Tensor cells, Tensor cell_new, Tensor norm_hh, "
       "Tensor stats, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "bool reverse, bool has_bias, Tensor? rec_mask, Tensor? zone_h, Tensor? zone_c, "
       "Tensor? ln_hh, Tensor? ln_c_w, Tensor? ln_c_b, Tensor? ln_ih, Tensor? b_ih) "
@@ -90,11 +90,11 @@ TORCH_LIBRARY(fusedrnn, m) {
       "gru_reg_forward(Tensor x_proj, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? batch_sizes, "
       "bool reverse, bool reset_after, bool train, Tensor? rec_mask, Tensor? zone_h, "
       "Tensor? ln_hh, Tensor? ln_ih, Tensor? b_ih) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (d_x_proj, d_h0, d_w_hh, d_b_hh, d_ln_hh, d_ln_ih, d_b_ih).
   m.def(
-      "gru_reg_backward(Tensor grad_output, Tensor grad_h_n, Tensor output, Tensor gates, "
-      "Tensor norm_hh, Tensor norm_ih, Tensor stats, Tensor h0, Tensor w_hh, "
+      "gru_reg_backward(Tensor grad_output, Tensor grad_h_n, Tensor x_proj, Tensor output, "
+      "Tensor gates, Tensor norm_hh, Tensor stats, Tensor h0, Tensor w_hh, "
       "Tensor? batch_sizes, bool reverse, bool reset_after, bool has_bias, Tensor? rec_mask, "
       "Tensor? zone_h, Tensor? ln_hh, Tensor? ln_ih, Tensor? b_ih) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -147,6 +147,27 @@ Tensor column_dot(const Tensor& a, const Tensor& b) {
   return (a * b).sum(0);
 }
 
+// sum over rows of a * (b - mean) * rstd, a and b [N, C], mean and rstd [N]
+// (per row; the input norm's gain gradient, Note [Input norm recomputed] in
+// reg_rows.h): the policy's own (K::column_dot_normed; undefined to decline)
+// or ATen's.
+template <typename K, typename = void>
+struct HasColumnDotNormed : std::false_type {};
+template <typename K>
+struct HasColumnDotNormed<K, std::void_t<decltype(K::column_dot_normed(Tensor(), Tensor(),
+                                                                        Tensor(), Tensor()))>>
+    : std::true_type {};
+
+template <typename K>
+Tensor column_dot_normed(const Tensor& a, const Tensor& b, const Tensor& mean,
+                         const Tensor& rstd) {
+  if constexpr (HasColumnDotNormed<K>::value) {
+    Tensor d = K::column_dot_normed(a, b, mean, rstd);
+    if (d.defined()) return d;
+  }
+  return (a * ((b - mean.unsqueeze(1)) * rstd.unsqueeze(1))).sum(0);
+}
+
 // A buffer of all steps' rows ([N, ...]): the policy's own (K::empty: the
 // CPU's reuses large blocks, Note [reused step buffers] in
 // cpu/step_buffers.cpp) or at::empty.

@@ -14,15 +14,14 @@
 namespace fusedrnn {
 namespace reg {
 
-// (output, h_n, gates, norm_hh, norm_ih, stats); the last four are what
-// backward needs, in the accumulation dtype, with no rows unless train (and
-// unless their feature is on):
+// (output, h_n, gates, norm_hh, stats); the last three are what backward
+// needs (with x_proj), in the accumulation dtype, with no rows unless train
+// (and unless their feature is on):
 //   gates   [N, 4H]  r, z, n, hn (hn = [LN(a) * ln_hh | a]_n + b_hn; classic: a_n + b_n)
 //   norm_hh [N, 3H]  LN_3H(a_t), the normalised recurrent product (ln_hh)
-//   norm_ih [N, 3H]  LN_3H(x_proj), the normalised input side (ln_ih)
-//   stats   [N, 2]   rstd of LN(a_t), rstd of LN(x_proj) (either norm on; 0
-//                    for one that is off)
-using GruRegForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+//   stats   [N, 3]   rstd of LN(a_t), mean and rstd of LN(x_proj) (either norm
+//                    on; the columns of one that is off hold 0)
+using GruRegForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 // (d_x_proj, d_h0, d_w_hh, d_b_hh, d_ln_hh, d_ln_ih, d_b_ih); [0] where absent.
 using GruRegBackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
@@ -49,7 +48,6 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
   Tensor out = step_buffer<K>({s.N, H}, opts);
   Tensor gates = step_buffer<K>({train ? s.N : s.B, kGruSaved * H}, opts);  // scratch unless train
   Tensor norm_hh = step_buffer<K>({rows_if(train && r.ln_hh.has_value(), s.N), G}, opts);
-  Tensor norm_ih = step_buffer<K>({rows_if(train && r.ln_ih.has_value(), s.N), G}, opts);
   Tensor stats = at::zeros({rows_if(train && gru_any_norm(r), s.N), kGruStats}, opts);
   Tensor xs = r.ln_ih.has_value() ? at::empty({s.B, G}, opts) : Tensor();
   // torch's form: a = hm W_hh^T [B, 3H]; classic: a = hm W_rz^T [B, 2H],
@@ -95,7 +93,6 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
       f.ln_hh = ptr<T>(r.ln_hh);
       f.gates = gates_rows;
       if (train && r.ln_hh.has_value()) f.norm_hh = norm_hh.data_ptr<T>() + off * G;
-      if (train && r.ln_ih.has_value()) f.in.norm = norm_ih.data_ptr<T>() + off * G;
       if (stats.numel() > 0) f.stats = stats.data_ptr<T>() + off * kGruStats;
       f.hidden.P = H;
       f.hidden.zone_h = r.zone_h.has_value() ? ptr<T>(r.zone_h) + off * H : nullptr;
@@ -111,7 +108,7 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
     }
   });
   if (!train) gates = at::empty({0, kGruSaved * H}, opts);
-  return {out, h, gates, norm_hh, norm_ih, stats};
+  return {out, h, gates, norm_hh, stats};
 }
 
 // x_proj [T, B, 3H] or packed [N, 3H]; h0 [B, H]; w_hh [3H, H]; b_hh [3H] or
@@ -139,7 +136,7 @@ GruRegForwardOut gru_reg_forward_impl(const Tensor& x_proj, const Tensor& h0, co
         b_hh.has_value() ? prep(*b_hh) : Tensor(), s, H, reset_after, train,
         r.prepared(acc, s.N));
   });
-  auto& [out, h_n, gates, norm_hh, norm_ih, stats] = res;
+  auto& [out, h_n, gates, norm_hh, stats] = res;
   out = out.view(detail::with_last(x_proj.sizes(), H)).to(dtype);
   h_n = h_n.to(dtype);
   return res;
@@ -147,9 +144,9 @@ GruRegForwardOut gru_reg_forward_impl(const Tensor& x_proj, const Tensor& h0, co
 
 template <typename K, typename T>
 GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n,
-                                        const Tensor& out, const Tensor& gates,
-                                        const Tensor& norm_hh, const Tensor& norm_ih,
-                                        const Tensor& stats, const Tensor& h0,
+                                        const Tensor& x, const Tensor& out, const Tensor& gates,
+                                        const Tensor& norm_hh, const Tensor& stats,
+                                        const Tensor& h0,
                                         const Tensor& w_hh, const Schedule& s,
                                         int64_t H, bool packed, bool reset_after, bool has_bias,
                                         const RegInputs& r) {
@@ -188,7 +185,7 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
         b.dab = dab.data_ptr<T>() + off * G;
       }
       if (r.ln_ih.has_value()) {
-        b.norm_ih = norm_ih.data_ptr<T>() + off * G;
+        b.x = x.data_ptr<T>() + off * G;
         b.ln_ih = ptr<T>(r.ln_ih);
       }
       if (stats.numel() > 0) b.stats = stats.data_ptr<T>() + off * kGruStats;
@@ -240,7 +237,10 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
   }
   Tensor d_b_hh = has_bias ? (ln ? dab : da).sum(0) : none;
   Tensor d_ln_hh = ln ? column_dot<K>(dab, norm_hh) : none;
-  Tensor d_ln_ih = r.ln_ih.has_value() ? column_dot<K>(dx, norm_ih) : none;
+  Tensor d_ln_ih = r.ln_ih.has_value()
+                       ? column_dot_normed<K>(dx, x, stats.select(1, kGruStatsIh),
+                                              stats.select(1, kGruStatsIh + 1))
+                       : none;
   Tensor d_b_ih = r.b_ih.has_value() ? dx.sum(0) : none;
   return {dx_raw, d_h0, d_w_hh, d_b_hh, d_ln_hh, d_ln_ih, d_b_ih};
 }
@@ -248,8 +248,8 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
 // Checks what gru_reg_backward gets against the layer's shapes; returns the
 // schedule and H.
 inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output,
-    const Tensor& gates, const Tensor& norm_hh, const Tensor& norm_ih, const Tensor& stats,
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& x_proj,
+    const Tensor& output, const Tensor& gates, const Tensor& norm_hh, const Tensor& stats,
     const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
     bool reset_after, const RegInputs& r) {
   constexpr const char* op = "fusedrnn::gru_reg_backward";
@@ -258,15 +258,15 @@ inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
   const int64_t H = w_hh.size(1);
   const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op);
   const auto acc = acc_dtype(grad_output.scalar_type());
-  for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&output, "output"}, {&h0, "h0"},
-                         {&w_hh, "w_hh"}}) {
+  for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&x_proj, "x_proj"},
+                         {&output, "output"}, {&h0, "h0"}, {&w_hh, "w_hh"}}) {
     check_same(grad_output, *t, op, name);
   }
+  check_shape(x_proj, detail::with_last(grad_output.sizes(), kGruGates * H), op, "x_proj");
   check_shape(output, grad_output.sizes(), op, "output");
   check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
   check_shape(h0, {s.B, H}, op, "h0");
-  for (auto [t, name] : {std::pair{&gates, "gates"}, {&norm_hh, "norm_hh"},
-                         {&norm_ih, "norm_ih"}, {&stats, "stats"}}) {
+  for (auto [t, name] : {std::pair{&gates, "gates"}, {&norm_hh, "norm_hh"}, {&stats, "stats"}}) {
     TORCH_CHECK(t->scalar_type() == acc && t->device() == grad_output.device(), op, ": ", name,
                 " must be ", acc, " on ", grad_output.device(), " (as forward saved it), got ",
                 t->scalar_type(), " on ", t->device());
@@ -274,7 +274,6 @@ inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
   const bool ln = r.ln_hh.has_value();
   check_shape(gates, {s.N, kGruSaved * H}, op, "gates");
   check_shape(norm_hh, {rows_if(ln, s.N), kGruGates * H}, op, "norm_hh");
-  check_shape(norm_ih, {rows_if(r.ln_ih.has_value(), s.N), kGruGates * H}, op, "norm_ih");
   check_shape(stats, {rows_if(gru_any_norm(r), s.N), kGruStats}, op, "stats");
   gru_reg_check_form(r, reset_after, op);
   check_reg(grad_output, r, s, kGruGates, H, H, op);
@@ -285,15 +284,15 @@ inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
 // gru_reg_forward returned them; the rest its arguments.
 template <typename K>
 GruRegBackwardOut gru_reg_backward_impl(const Tensor& grad_output, const Tensor& grad_h_n,
-                                        const Tensor& output, const Tensor& gates,
-                                        const Tensor& norm_hh, const Tensor& norm_ih,
+                                        const Tensor& x_proj, const Tensor& output,
+                                        const Tensor& gates, const Tensor& norm_hh,
                                         const Tensor& stats, const Tensor& h0,
                                         const Tensor& w_hh, const OptTensor& batch_sizes,
                                         bool reverse,
                                         bool reset_after, bool has_bias, const RegInputs& r) {
   const NoAutocast no_autocast;
-  const auto checked = gru_reg_check_backward(grad_output, grad_h_n, output, gates, norm_hh,
-                                              norm_ih, stats, h0, w_hh, batch_sizes, reverse,
+  const auto checked = gru_reg_check_backward(grad_output, grad_h_n, x_proj, output, gates,
+                                              norm_hh, stats, h0, w_hh, batch_sizes, reverse,
                                               reset_after, r);
   const Schedule& s = std::get<0>(checked);
   const int64_t H = std::get<1>(checked);
@@ -303,9 +302,11 @@ GruRegBackwardOut gru_reg_backward_impl(const Tensor& grad_output, const Tensor&
   GruRegBackwardOut res;
   AT_DISPATCH_FLOATING_TYPES(acc, "gru_reg_backward", [&] {
     res = gru_reg_backward_loop<K, scalar_t>(
-        prep(grad_output).view({s.N, H}), prep(grad_h_n), prep(output).view({s.N, H}),
-        gates.contiguous(), norm_hh.contiguous(), norm_ih.contiguous(), stats.contiguous(),
-        prep(h0), prep(w_hh), s, H,
+        prep(grad_output).view({s.N, H}), prep(grad_h_n),
+        // Note [Input norm recomputed]: x_proj is read only with ln_ih.
+        r.ln_ih.has_value() ? prep(x_proj).view({s.N, kGruGates * H}) : Tensor(),
+        prep(output).view({s.N, H}), gates.contiguous(), norm_hh.contiguous(),
+        stats.contiguous(), prep(h0), prep(w_hh), s, H,
         batch_sizes.has_value(), reset_after, has_bias, r.prepared(acc, s.N));
   });
   auto& [dx, d_h0, d_w_hh, d_b_hh, d_ln_hh, d_ln_ih, d_b_ih] = res;

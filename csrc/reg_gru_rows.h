@@ -74,7 +74,7 @@ template <typename T, typename Row>
 FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruForwardRows<T>& a, int64_t b) {
   const int64_t H = a.H;
   const T* xr = a.in.row_x(row, a.x + b * kGruGates * H, kGruGates * H, b,
-                           a.stats ? a.stats + b * kGruStats + kGruStatRstdIh : nullptr);
+                           a.stats ? a.stats + b * kGruStats + kGruStatsIh : nullptr);
   T* ar = a.a ? a.a + b * kGruGates * H : nullptr;
   const T* an = a.a_n ? a.a_n + b * H : nullptr;
   const T* bias = a.b_hh;
@@ -123,7 +123,7 @@ struct GruBackwardRows {
   int64_t prev_rows = 0;       // rows >= prev_rows start from h0
   const T* h0 = nullptr;       // [B, H]
   const T* norm_hh = nullptr;  // [rows, 3H], with ln_hh
-  const T* norm_ih = nullptr;  // [rows, 3H] LN_3H(x_proj), with ln_ih
+  const T* x = nullptr;        // [rows, 3H] the forward's x_proj, with ln_ih
   const T* stats = nullptr;    // [rows, kGruStats], with ln_hh or ln_ih
   const T* ln_hh = nullptr;
   const T* ln_ih = nullptr;
@@ -171,9 +171,8 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruBackwardRows<T>& a, i
         [&](int64_t k) { return nh[k]; }, a.da + b * kGruGates * H);
   }
   if (a.ln_ih) {
-    ln_input_backward(row, kGruGates * H, a.ln_ih, a.norm_ih + b * kGruGates * H,
-                      a.stats[b * kGruStats + kGruStatRstdIh], dxr,
-                      a.dx_raw + b * kGruGates * H);
+    ln_input_backward(row, kGruGates * H, a.ln_ih, a.x + b * kGruGates * H,
+                      a.stats + b * kGruStats + kGruStatsIh, dxr, a.dx_raw + b * kGruGates * H);
   }
 }
 

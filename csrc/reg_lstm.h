@@ -24,18 +24,17 @@
 namespace fusedrnn {
 namespace reg {
 
-// (output, h_n, c_n, gates, cells, cell_new, norm_hh, norm_ih, stats); the
-// last six are what backward needs, in the accumulation dtype, with no rows
-// unless train (and unless their feature is on):
+// (output, h_n, c_n, gates, cells, cell_new, norm_hh, stats); the last five
+// are what backward needs (with x_proj), in the accumulation dtype, with no
+// rows unless train (and unless their feature is on):
 //   gates    [N, 4H]  activated i, f, g, o
 //   cells    [N, H]   c_t, the state after zoneout
 //   cell_new [N, H]   c~_t, before zoneout            (zone_c)
 //   norm_hh  [N, 4H]  LN_4H(a_t), the normalised recurrent product (ln_hh)
-//   norm_ih  [N, 4H]  LN_4H(x_proj), the normalised input side (ln_ih)
-//   stats    [N, 4]   rstd of LN(a_t), mean and rstd of the cell norm, rstd of
-//                     LN(x_proj) (any norm on; a column of one that is off holds 0)
-using LstmRegForwardOut =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+//   stats    [N, 5]   rstd of LN(a_t), mean and rstd of the cell norm, mean
+//                     and rstd of LN(x_proj) (any norm on; the columns of one
+//                     that is off hold 0)
+using LstmRegForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 // (d_x_proj, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b,
 // d_ln_ih, d_b_ih); [0] where absent.
 using LstmRegBackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -75,7 +74,6 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
   Tensor cells = step_buffer<K>({rows_if(train, s.N), H}, opts);
   Tensor cell_new = step_buffer<K>({rows_if(train && r.zone_c.has_value(), s.N), H}, opts);
   Tensor norm_hh = step_buffer<K>({rows_if(train && r.ln_hh.has_value(), s.N), G}, opts);
-  Tensor norm_ih = step_buffer<K>({rows_if(train && r.ln_ih.has_value(), s.N), G}, opts);
   Tensor stats = at::zeros({rows_if(train && lstm_any_norm(r), s.N), kLstmStats}, opts);
   Tensor a = at::empty({s.B, G}, opts);
   Tensor xs = r.ln_ih.has_value() ? at::empty({s.B, G}, opts) : Tensor();
@@ -124,7 +122,6 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
           f.c_new = cells.data_ptr<T>() + off * H;
         }
         if (r.ln_hh.has_value()) f.norm_hh = norm_hh.data_ptr<T>() + off * G;
-        if (r.ln_ih.has_value()) f.in.norm = norm_ih.data_ptr<T>() + off * G;
         if (stats.numel() > 0) f.stats = stats.data_ptr<T>() + off * kLstmStats;
       }
       f.hidden = hidden;
@@ -140,7 +137,7 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
       }
     }
   });
-  return {out, h, c, gates, cells, cell_new, norm_hh, norm_ih, stats};
+  return {out, h, c, gates, cells, cell_new, norm_hh, stats};
 }
 
 // x_proj [T, B, 4H] or packed [N, 4H]; h0 [B, P]; c0 [B, H]; w_hh [4H, P];
@@ -167,7 +164,7 @@ LstmRegForwardOut lstm_reg_forward_impl(const Tensor& x_proj, const Tensor& h0,
     res = lstm_reg_forward_loop<K, scalar_t>(x, prep(h0), prep(c0), prep(w_hh), w_r, b, s, H, P,
                                              train, r.prepared(acc, s.N));
   });
-  auto& [out, h_n, c_n, gates, cells, cell_new, norm_hh, norm_ih, stats] = res;
+  auto& [out, h_n, c_n, gates, cells, cell_new, norm_hh, stats] = res;
   out = out.view(detail::with_last(x_proj.sizes(), P)).to(dtype);
   h_n = h_n.to(dtype);
   c_n = c_n.to(dtype);
@@ -178,8 +175,8 @@ LstmRegForwardOut lstm_reg_forward_impl(const Tensor& x_proj, const Tensor& h0,
 // schedule, H and P.
 inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& cell_new,
-    const Tensor& norm_hh, const Tensor& norm_ih, const Tensor& stats, const Tensor& h0,
+    const Tensor& x_proj, const Tensor& output, const Tensor& gates, const Tensor& cells,
+    const Tensor& cell_new, const Tensor& norm_hh, const Tensor& stats, const Tensor& h0,
     const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
     bool reverse, const RegInputs& r) {
   constexpr const char* op = "fusedrnn::lstm_reg_backward";
@@ -191,9 +188,11 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
   const Schedule s = make_schedule(grad_output, batch_sizes, P, reverse, op);
   const auto acc = acc_dtype(grad_output.scalar_type());
   for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"},
-                         {&output, "output"}, {&h0, "h0"}, {&c0, "c0"}, {&w_hh, "w_hh"}}) {
+                         {&x_proj, "x_proj"}, {&output, "output"}, {&h0, "h0"}, {&c0, "c0"},
+                         {&w_hh, "w_hh"}}) {
     check_same(grad_output, *t, op, name);
   }
+  check_shape(x_proj, detail::with_last(grad_output.sizes(), kLstmGates * H), op, "x_proj");
   check_shape(output, grad_output.sizes(), op, "output");
   check_shape(grad_h_n, {s.B, P}, op, "grad_h_n");
   check_shape(grad_c_n, {s.B, H}, op, "grad_c_n");
@@ -207,7 +206,7 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
                 w_hh.sizes());
   }
   for (auto [t, name] : {std::pair{&gates, "gates"}, {&cells, "cells"}, {&cell_new, "cell_new"},
-                         {&norm_hh, "norm_hh"}, {&norm_ih, "norm_ih"}, {&stats, "stats"}}) {
+                         {&norm_hh, "norm_hh"}, {&stats, "stats"}}) {
     TORCH_CHECK(t->scalar_type() == acc && t->device() == grad_output.device(), op, ": ", name,
                 " must be ", acc, " on ", grad_output.device(), " (as forward saved it), got ",
                 t->scalar_type(), " on ", t->device());
@@ -216,7 +215,6 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
   check_shape(cells, {s.N, H}, op, "cells");
   check_shape(cell_new, {rows_if(r.zone_c.has_value(), s.N), H}, op, "cell_new");
   check_shape(norm_hh, {rows_if(r.ln_hh.has_value(), s.N), kLstmGates * H}, op, "norm_hh");
-  check_shape(norm_ih, {rows_if(r.ln_ih.has_value(), s.N), kLstmGates * H}, op, "norm_ih");
   check_shape(stats, {rows_if(lstm_any_norm(r), s.N), kLstmStats}, op, "stats");
   check_reg(grad_output, r, s, kLstmGates, H, P, op);
   return {s, H, P};
@@ -231,9 +229,9 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
 // the loop d h0 = dh + rec_mask * dh_mm.
 template <typename K, typename T>
 LstmRegBackwardOut lstm_reg_backward_loop(
-    const Tensor& g_out, const Tensor& g_h_n, const Tensor& g_c_n, const Tensor& out,
-    const Tensor& gates, const Tensor& cells, const Tensor& cell_new, const Tensor& norm_hh,
-    const Tensor& norm_ih, const Tensor& stats, const Tensor& h0, const Tensor& c0,
+    const Tensor& g_out, const Tensor& g_h_n, const Tensor& g_c_n, const Tensor& x,
+    const Tensor& out, const Tensor& gates, const Tensor& cells, const Tensor& cell_new,
+    const Tensor& norm_hh, const Tensor& stats, const Tensor& h0, const Tensor& c0,
     const Tensor& w_hh, const Tensor& w_hr, const Schedule& s, int64_t H, int64_t P, bool packed,
     bool has_bias, const RegInputs& r) {
   const bool proj = w_hr.defined();
@@ -286,7 +284,7 @@ LstmRegBackwardOut lstm_reg_backward_loop(
       b.stats = stats.numel() > 0 ? stats.data_ptr<T>() + off * kLstmStats : nullptr;
       b.ln_hh = ptr<T>(r.ln_hh);
       b.ln_ih = ptr<T>(r.ln_ih);
-      b.norm_ih = r.ln_ih.has_value() ? norm_ih.data_ptr<T>() + off * G : nullptr;
+      b.x = r.ln_ih.has_value() ? x.data_ptr<T>() + off * G : nullptr;
       b.ln_c_w = ptr<T>(r.ln_c_w);
       b.ln_c_b = ptr<T>(r.ln_c_b);
       b.zone_c = r.zone_c.has_value() ? ptr<T>(r.zone_c) + off * H : nullptr;
@@ -318,7 +316,10 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor d_ln_hh = r.ln_hh.has_value() ? column_dot<K>(dx, norm_hh) : none;
   Tensor d_ln_c_w = r.ln_c() ? dcn_xhat.sum(0) : none;
   Tensor d_ln_c_b = r.ln_c() ? dcn.sum(0) : none;
-  Tensor d_ln_ih = r.ln_ih.has_value() ? column_dot<K>(dx, norm_ih) : none;
+  Tensor d_ln_ih = r.ln_ih.has_value()
+                       ? column_dot_normed<K>(dx, x, stats.select(1, kLstmStatsIh),
+                                              stats.select(1, kLstmStatsIh + 1))
+                       : none;
   return {dx_raw, d_h0, dc, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b, d_ln_ih, d_b_ih};
 }
 
@@ -327,14 +328,14 @@ LstmRegBackwardOut lstm_reg_backward_loop(
 template <typename K>
 LstmRegBackwardOut lstm_reg_backward_impl(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& cell_new,
-    const Tensor& norm_hh, const Tensor& norm_ih, const Tensor& stats, const Tensor& h0,
+    const Tensor& x_proj, const Tensor& output, const Tensor& gates, const Tensor& cells,
+    const Tensor& cell_new, const Tensor& norm_hh, const Tensor& stats, const Tensor& h0,
     const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
     bool reverse, bool has_bias, const RegInputs& r) {
   const NoAutocast no_autocast;
   const auto checked =
-      lstm_reg_check_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells, cell_new,
-                              norm_hh, norm_ih, stats, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+      lstm_reg_check_backward(grad_output, grad_h_n, grad_c_n, x_proj, output, gates, cells,
+                              cell_new, norm_hh, stats, h0, c0, w_hh, w_hr, batch_sizes, reverse,
                               r);
   const Schedule& s = std::get<0>(checked);
   const int64_t H = std::get<1>(checked), P = std::get<2>(checked);
@@ -345,9 +346,10 @@ LstmRegBackwardOut lstm_reg_backward_impl(
   AT_DISPATCH_FLOATING_TYPES(acc, "lstm_reg_backward", [&] {
     res = lstm_reg_backward_loop<K, scalar_t>(
         prep(grad_output).view({s.N, P}), prep(grad_h_n), prep(grad_c_n),
+        // Note [Input norm recomputed]: x_proj is read only with ln_ih.
+        r.ln_ih.has_value() ? prep(x_proj).view({s.N, kLstmGates * H}) : Tensor(),
         prep(output).view({s.N, P}), gates.contiguous(), cells.contiguous(),
-        cell_new.contiguous(), norm_hh.contiguous(), norm_ih.contiguous(), stats.contiguous(),
-        prep(h0), prep(c0),
+        cell_new.contiguous(), norm_hh.contiguous(), stats.contiguous(), prep(h0), prep(c0),
         prep(w_hh), w_hr.has_value() ? prep(*w_hr) : Tensor(), s, H, P,
         batch_sizes.has_value(), has_bias, r.prepared(acc, s.N));
   });

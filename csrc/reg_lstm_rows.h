@@ -46,7 +46,7 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmForwardRows<T>& a, i
   T* cn = a.c_new + b * H;
   T* cr = a.c + b * H;
   T* st = a.stats ? a.stats + b * kLstmStats : nullptr;
-  const T* xr = a.in.row_x(row, a.x + b * G, G, b, st ? st + kLstmStatRstdIh : nullptr);
+  const T* xr = a.in.row_x(row, a.x + b * G, G, b, st ? st + kLstmStatsIh : nullptr);
   if (a.ln_hh) {
     const T rstd = ln_recurrent(row, ar, G, a.ln_hh, a.norm_hh ? a.norm_hh + b * G : nullptr);
     if (st && row.leader()) st[kStatRstdHh] = rstd;
@@ -111,7 +111,7 @@ struct LstmBackwardRows {
   int64_t prev_rows = 0;       // rows >= prev_rows start from c0
   const T* c0 = nullptr;       // [B, H]
   const T* norm_hh = nullptr;  // [rows, 4H] LN_4H(a), with ln_hh
-  const T* norm_ih = nullptr;  // [rows, 4H] LN_4H(x), with ln_ih
+  const T* x = nullptr;        // [rows, 4H] the forward's x_proj, with ln_ih
   const T* stats = nullptr;    // [rows, kLstmStats], with layer norm
   const T* ln_hh = nullptr;
   const T* ln_ih = nullptr;
@@ -204,8 +204,7 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmBackwardRows<T>& a, 
         [&](int64_t k) { return nh[k]; }, a.da + b * G);
   }
   if (a.ln_ih) {
-    ln_input_backward(row, G, a.ln_ih, a.norm_ih + b * G, st[kLstmStatRstdIh], dxr,
-                      a.dx_raw + b * G);
+    ln_input_backward(row, G, a.ln_ih, a.x + b * G, st + kLstmStatsIh, dxr, a.dx_raw + b * G);
   }
 }
 

@@ -27,10 +27,10 @@ namespace reg {
 // fusedrnn.regularisers.LN_EPS.
 constexpr double kLnEps = 1e-5;
 // Columns of the saved per-row statistics: rstd of LN(h W_hh^T), (LSTM)
-// mean and rstd of LN(c), then rstd of LN(x W_ih^T).
+// mean and rstd of LN(c), then mean and rstd of LN(x W_ih^T).
 constexpr int kStatRstdHh = 0, kStatMeanC = 1, kStatRstdC = 2;
-constexpr int kLstmStats = 4, kLstmStatRstdIh = 3;
-constexpr int kGruStats = 2, kGruStatRstdIh = 1;
+constexpr int kLstmStats = 5, kLstmStatsIh = 3;
+constexpr int kGruStats = 3, kGruStatsIh = 1;
 
 FUSEDRNN_HOST_DEVICE float rsqrt_(float x) { return 1.0f / sqrtf(x); }
 FUSEDRNN_HOST_DEVICE double rsqrt_(double x) { return 1.0 / sqrt(x); }
@@ -96,56 +96,51 @@ FUSEDRNN_HOST_DEVICE T ln_recurrent(const Row& row, T* a, int64_t n, const T* ga
   return rstd;
 }
 
-// The input side of layer norm, per row: LN(x) * gain + bias into xs [n]
-// (the row's x from here on), LN(x) into norm [n] when saved. Returns rstd.
-template <typename T, typename Row>
-FUSEDRNN_HOST_DEVICE T ln_input(const Row& row, const T* x, int64_t n, const T* gain,
-                                const T* bias, T* xs, T* norm) {
-  T mean, rstd;
-  ln_stats(row, x, n, mean, rstd);
-  with_flag(bias != nullptr, [&](auto has_bias) {  // Note [Branch-free row loops]
-    with_flag(norm != nullptr, [&](auto saved) {
-      row.loop(n, [&](int64_t k) {
-        const T v = (x[k] - mean) * rstd;
-        if constexpr (decltype(saved)::value) norm[k] = v;
-        T y = v * gain[k];
-        if constexpr (decltype(has_bias)::value) y += bias[k];
-        xs[k] = y;
-      });
-    });
-  });
-  return rstd;
-}
-
-// Where the input side of layer norm is on (ln_ih non-null): its gain and
-// bias, scratch rows for the normalised x, and what training saves.
+// Note [Input norm recomputed]
+// The input side of layer norm, LN(x) * ln_ih + b_ih with x a row of x_proj,
+// is computed per row into scratch (the row's x from there on). Training
+// saves only the row's mean and rstd: backward recomputes LN(x) from x_proj,
+// which autograd keeps anyway, instead of reading a saved [N, G*H] copy that
+// forward would have had to write.
 template <typename T>
 struct InputNorm {
   const T* ln_ih = nullptr;  // [n] or null: the row's x is x_proj's
   const T* b_ih = nullptr;   // [n] or null
   T* xs = nullptr;           // [B, n] scratch: LN(x) * ln_ih + b_ih
-  T* norm = nullptr;         // [rows, n] saved LN(x), or null
 
-  // Row b's x for the gates: x_proj's row, or its normalised copy (rstd into
-  // *rstd_out when non-null).
+  // Row b's x for the gates: x [n] itself, or its normalised copy (mean and
+  // rstd into st[0], st[1] when st is non-null).
   template <typename Row>
   FUSEDRNN_HOST_DEVICE const T* row_x(const Row& row, const T* x, int64_t n, int64_t b,
-                                      T* rstd_out) const {
+                                      T* st) const {
     if (!ln_ih) return x;
-    const T rstd = ln_input(row, x, n, ln_ih, b_ih, xs + b * n, norm ? norm + b * n : nullptr);
-    if (rstd_out && row.leader()) *rstd_out = rstd;
-    return xs + b * n;
+    T mean, rstd;
+    ln_stats(row, x, n, mean, rstd);
+    T* out = xs + b * n;
+    with_flag(b_ih != nullptr, [&](auto has_bias) {  // Note [Branch-free row loops]
+      row.loop(n, [&](int64_t k) {
+        T y = (x[k] - mean) * rstd * ln_ih[k];
+        if constexpr (decltype(has_bias)::value) y += b_ih[k];
+        out[k] = y;
+      });
+    });
+    if (st && row.leader()) {
+      st[0] = mean;
+      st[1] = rstd;
+    }
+    return out;
   }
 };
 
 // Backward of InputNorm for one row: dx [n] (dL/d the normalised x) through
-// LN(x) * ln_ih into dx_raw [n].
+// LN(x) * ln_ih into dx_raw [n], given x [n] and st[0], st[1] as row_x saved.
 template <typename T, typename Row>
 FUSEDRNN_HOST_DEVICE void ln_input_backward(const Row& row, int64_t n, const T* ln_ih,
-                                            const T* norm, T rstd, const T* dx, T* dx_raw) {
+                                            const T* x, const T* st, const T* dx, T* dx_raw) {
+  const T mean = st[0], rstd = st[1];
   ln_backward(
-      row, n, ln_ih, rstd, [&](int64_t k) { return dx[k]; }, [&](int64_t k) { return norm[k]; },
-      dx_raw);
+      row, n, ln_ih, rstd, [&](int64_t k) { return dx[k]; },
+      [&](int64_t k) { return (x[k] - mean) * rstd; }, dx_raw);
 }
 
 // ------------------------------------------------------------------ hidden state

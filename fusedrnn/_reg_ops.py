@@ -4,10 +4,10 @@ call them; _ops.lstm_layer / gru_layer hand over a call whose LayerReg is active
 
     lstm_reg_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train,
                      rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih, b_ih)
-        -> output, h_n, c_n, gates, cells, cell_new, norm_hh, norm_ih, stats
+        -> output, h_n, c_n, gates, cells, cell_new, norm_hh, stats
     gru_reg_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train,
                     rec_mask, zone_h, ln_hh, ln_ih, b_ih)
-        -> output, h_n, gates, norm_hh, norm_ih, stats
+        -> output, h_n, gates, norm_hh, stats
 
 The last fields of LayerReg's order follow `train`. What backward needs
 (csrc/reg_lstm.h, csrc/reg_gru.h) is in the accumulation dtype (float32 for
@@ -17,9 +17,10 @@ else none:
     cells     [N, H]  c_t, after zoneout
     cell_new  [N, H]  c~_t, before zoneout                     (zone_c)
     norm_hh   [N, G*H] LN(rec_mask * h_{t-1} W_hh^T)           (ln_hh)
-    norm_ih   [N, G*H] LN(x_proj)                              (ln_ih)
-    stats     [N, 4] rstd of LN(h W_hh^T), mean and rstd of the cell norm,
-              rstd of LN(x_proj); GRU: [N, 2] the first and the last (any norm)
+    stats     [N, 5] rstd of LN(h W_hh^T), mean and rstd of the cell norm,
+              mean and rstd of LN(x_proj); GRU: [N, 3] the first and the last
+              two (any norm)
+Backward also takes x_proj (with ln_ih it recomputes LN(x_proj) from it).
 """
 import torch
 
@@ -29,8 +30,8 @@ from ._ops import (GRU_GATES, GRU_SAVED, LSTM_GATES, _acc_dtype, _lib, _or_zeros
 from ._vmap import _loop
 from .regularisers import LayerReg
 
-LSTM_STATS = 4  # reg::kLstmStats in csrc/reg_rows.h
-GRU_STATS = 2   # reg::kGruStats
+LSTM_STATS = 5  # reg::kLstmStats in csrc/reg_rows.h
+GRU_STATS = 3   # reg::kGruStats
 
 
 def _saved(x_proj, rows, cols):
@@ -49,7 +50,6 @@ def _lstm_reg_forward_fake(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, revers
             _saved(x_proj, rows(True), LSTM_GATES * H), _saved(x_proj, rows(True), H),
             _saved(x_proj, rows(zone_c is not None), H),
             _saved(x_proj, rows(ln_hh is not None), LSTM_GATES * H),
-            _saved(x_proj, rows(ln_ih is not None), LSTM_GATES * H),
             _saved(x_proj, rows(any(g is not None for g in (ln_hh, ln_c_w, ln_ih))), LSTM_STATS))
 
 
@@ -58,8 +58,8 @@ def _grad_or_empty(like, on, shape=None):
 
 
 @torch.library.register_fake("fusedrnn::lstm_reg_backward")
-def _lstm_reg_backward_fake(grad_output, grad_h_n, grad_c_n, output, gates, cells, cell_new,
-                            norm_hh, norm_ih, stats, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+def _lstm_reg_backward_fake(grad_output, grad_h_n, grad_c_n, x_proj, output, gates, cells,
+                            cell_new, norm_hh, stats, h0, c0, w_hh, w_hr, batch_sizes, reverse,
                             has_bias, rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih,
                             b_ih):
     G = w_hh.shape[0]
@@ -83,12 +83,11 @@ def _gru_reg_forward_fake(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_af
     return (x_proj.new_empty((*x_proj.shape[:-1], H)), h0.new_empty(h0.shape),
             _saved(x_proj, rows(True), GRU_SAVED * H),
             _saved(x_proj, rows(ln_hh is not None), GRU_GATES * H),
-            _saved(x_proj, rows(ln_ih is not None), GRU_GATES * H),
             _saved(x_proj, rows(ln_hh is not None or ln_ih is not None), GRU_STATS))
 
 
 @torch.library.register_fake("fusedrnn::gru_reg_backward")
-def _gru_reg_backward_fake(grad_output, grad_h_n, output, gates, norm_hh, norm_ih, stats, h0,
+def _gru_reg_backward_fake(grad_output, grad_h_n, x_proj, output, gates, norm_hh, stats, h0,
                            w_hh, batch_sizes, reverse, reset_after, has_bias, rec_mask, zone_h,
                            ln_hh, ln_ih, b_ih):
     G = w_hh.shape[0]
@@ -122,8 +121,8 @@ def _lstm_reg_setup_context(ctx, inputs, output):
 
 
 def _lstm_reg_backward(ctx, grad_out, grad_h_n, grad_c_n, *_grad_saved):
-    (out, gates, cells, cell_new, norm_hh, norm_ih, stats, x_proj, h0, c0, w_hh, w_hr, b_hh,
-     batch_sizes, *reg) = ctx.saved_tensors
+    (out, gates, cells, cell_new, norm_hh, stats, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes,
+     *reg) = ctx.saved_tensors
     if not ctx.train:
         raise _not_trained("lstm_reg_forward")
     grad_out, grad_h_n, grad_c_n = (_or_zeros(g, t) for g, t in
@@ -139,9 +138,9 @@ def _lstm_reg_backward(ctx, grad_out, grad_h_n, grad_c_n, *_grad_saved):
                                         _reg_in(masks, g, x.dtype))
         grads = _reference_grads(layer, inputs, needs, (grad_out, grad_h_n, grad_c_n))
         return (*grads[:6], None, None, None, None, None, None, *grads[6:])
-    d = ops.lstm_reg_backward(grad_out, grad_h_n, grad_c_n, out, gates, cells, cell_new,
-                              norm_hh, norm_ih, stats, h0, c0, w_hh, w_hr, batch_sizes,
-                              ctx.reverse, b_hh is not None, *reg)
+    d = ops.lstm_reg_backward(grad_out, grad_h_n, grad_c_n, x_proj, out, gates, cells, cell_new,
+                              norm_hh, stats, h0, c0, w_hh, w_hr, batch_sizes, ctx.reverse,
+                              b_hh is not None, *reg)
     d_x, d_h0, d_c0, d_w_hh, *rest = d
     rest = [g if t is not None else None for g, t in zip(rest, (w_hr, b_hh, *gains))]
     return (d_x, d_h0, d_c0, d_w_hh, *rest[:2], None, None, None, None, None, None, *rest[2:])
@@ -156,8 +155,8 @@ def _gru_reg_setup_context(ctx, inputs, output):
 
 
 def _gru_reg_backward(ctx, grad_out, grad_h_n, *_grad_saved):
-    (out, gates, norm_hh, norm_ih, stats, x_proj, h0, w_hh, b_hh, batch_sizes, rec_mask, zone_h,
-     ln_hh, ln_ih, b_ih) = ctx.saved_tensors
+    (out, gates, norm_hh, stats, x_proj, h0, w_hh, b_hh, batch_sizes, rec_mask, zone_h, ln_hh,
+     ln_ih, b_ih) = ctx.saved_tensors
     if not ctx.train:
         raise _not_trained("gru_reg_forward")
     grad_out, grad_h_n = _or_zeros(grad_out, out), _or_zeros(grad_h_n, h0)
@@ -173,7 +172,7 @@ def _gru_reg_backward(ctx, grad_out, grad_h_n, *_grad_saved):
         grads = _reference_grads(layer, inputs, needs, (grad_out, grad_h_n))
         return (*grads[:4], None, None, None, None, None, None, *grads[4:])
     d_x, d_h0, d_w_hh, *rest = ops.gru_reg_backward(
-        grad_out, grad_h_n, out, gates, norm_hh, norm_ih, stats, h0, w_hh, batch_sizes,
+        grad_out, grad_h_n, x_proj, out, gates, norm_hh, stats, h0, w_hh, batch_sizes,
         ctx.reverse, ctx.reset_after, b_hh is not None, rec_mask, zone_h, ln_hh, ln_ih, b_ih)
     d_b_hh, d_ln_hh, d_ln_ih, d_b_ih = (
         g if t is not None else None for g, t in zip(rest, (b_hh, ln_hh, ln_ih, b_ih)))

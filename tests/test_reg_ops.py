@@ -175,7 +175,8 @@ def test_backward_ops_refuse_their_own_backward():
                                 False, True, *reg)
     go = torch.randn_like(outs[0], requires_grad=True)
     back = ops.lstm_reg_backward(go, torch.zeros_like(outs[1]), torch.zeros_like(outs[2]),
-                                 outs[0].detach(), *(t.detach() for t in outs[3:]), d["h0"], d["c0"],
+                                 d["x_proj"].detach(), outs[0].detach(),
+                                 *(t.detach() for t in outs[3:]), d["h0"], d["c0"],
                                  d["w_hh"], None, None, False, True, *reg)
     with pytest.raises(RuntimeError, match="not differentiable"):
         back[0].sum().backward()
@@ -259,13 +260,13 @@ def test_opcheck(device):
         if op is ops.lstm_reg_forward:
             x, h0, c0, w_hh, w_hr, b_hh, bs, rev, _, *reg = detached
             grads = [torch.randn_like(t) for t in outs[:3]]
-            bargs = (*grads, *(t.detach() for t in outs[:1] + outs[3:]), h0, c0, w_hh, w_hr, bs,
+            bargs = (*grads, x, *(t.detach() for t in outs[:1] + outs[3:]), h0, c0, w_hh, w_hr, bs,
                      rev, True, *reg)
             torch.library.opcheck(ops.lstm_reg_backward, bargs)
         else:
             x, h0, w_hh, b_hh, bs, rev, ra, _, *reg = detached
             grads = [torch.randn_like(t) for t in outs[:2]]
-            bargs = (*grads, *(t.detach() for t in outs[:1] + outs[2:]), h0, w_hh, bs, rev, ra,
+            bargs = (*grads, x, *(t.detach() for t in outs[:1] + outs[2:]), h0, w_hh, bs, rev, ra,
                      True, *reg)
             torch.library.opcheck(ops.gru_reg_backward, bargs)
     for op, args in forward_calls(device, train=False):

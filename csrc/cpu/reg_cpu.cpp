@@ -32,7 +32,8 @@
 
 namespace fusedrnn {
 namespace reg {
-// Partial column sums of a * b for contiguous [N, C] (column_dot): "row" k is
+// Partial column sums of a * b for contiguous [N, C] (column_dot), or of
+// a * (b - mean) * rstd with mean and rstd per row (column_dot_normed): "row" k is
 // the block of rows [k * kRows, (k + 1) * kRows), summed in double into
 // part[k] [C], so that the block runs in the copy of the row functions for
 // the CPU path in force (Note [Vectorised row loops]). CPU only.
@@ -41,6 +42,7 @@ struct ColumnDotBlocks {
   static constexpr int64_t kRows = 64;
   int64_t rows = 0, N = 0, C = 0;  // rows: blocks
   const T *a = nullptr, *b = nullptr;
+  const T *mean = nullptr, *rstd = nullptr;  // [N], or null
   double* part = nullptr;  // [rows, C]
 };
 
@@ -51,7 +53,12 @@ void run_row(const Row& row, const ColumnDotBlocks<T>& d, int64_t k) {
   const int64_t r1 = std::min(d.N, (k + 1) * d.kRows);
   for (int64_t r = k * d.kRows; r < r1; ++r) {
     const T *ra = d.a + r * d.C, *rb = d.b + r * d.C;
-    row.loop(d.C, [&](int64_t j) { acc[j] += double(ra[j]) * double(rb[j]); });
+    if (d.mean) {
+      const double m = d.mean[r], s = d.rstd[r];
+      row.loop(d.C, [&](int64_t j) { acc[j] += double(ra[j]) * ((double(rb[j]) - m) * s); });
+    } else {
+      row.loop(d.C, [&](int64_t j) { acc[j] += double(ra[j]) * double(rb[j]); });
+    }
   }
 }
 }  // namespace reg
@@ -222,17 +229,23 @@ struct FusedStepGemm {
   }
 };
 
-// sum over rows of a * b for contiguous [N, C] of one floating type, in
-// double: blocks of rows in parallel (ColumnDotBlocks), then their partial
-// sums in block order, so the result does not depend on the thread count.
+// sum over rows of a * b (or a * (b - mean) * rstd) for contiguous [N, C] of
+// one floating type, in double: blocks of rows in parallel
+// (ColumnDotBlocks), then their partial sums in block order, so the result
+// does not depend on the thread count. mean, rstd: contiguous [N] or undefined.
 template <typename T>
-at::Tensor column_dot_rows(const at::Tensor& a, const at::Tensor& b) {
+at::Tensor column_dot_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& mean,
+                           const at::Tensor& rstd) {
   reg::ColumnDotBlocks<T> d;
   d.N = a.size(0);
   d.C = a.size(1);
   d.rows = (d.N + d.kRows - 1) / d.kRows;
   d.a = a.data_ptr<T>();
   d.b = b.data_ptr<T>();
+  if (mean.defined()) {
+    d.mean = mean.data_ptr<T>();
+    d.rstd = rstd.data_ptr<T>();
+  }
   std::vector<double> part(static_cast<size_t>(d.rows * d.C));
   d.part = part.data();
   run_rows(d);
@@ -252,11 +265,17 @@ struct CpuRegKernels {
     return cpu::empty_for_steps(sizes, options);
   }
   static at::Tensor column_dot(const at::Tensor& a, const at::Tensor& b) {
+    return column_dot_normed(a, b, at::Tensor(), at::Tensor());
+  }
+  static at::Tensor column_dot_normed(const at::Tensor& a, const at::Tensor& b,
+                                      const at::Tensor& mean, const at::Tensor& rstd) {
     if (!a.is_contiguous() || !b.is_contiguous() || a.scalar_type() != b.scalar_type()) {
       return at::Tensor();
     }
-    if (a.scalar_type() == at::kFloat) return column_dot_rows<float>(a, b);
-    if (a.scalar_type() == at::kDouble) return column_dot_rows<double>(a, b);
+    const at::Tensor m = mean.defined() ? mean.contiguous() : mean;
+    const at::Tensor s = rstd.defined() ? rstd.contiguous() : rstd;
+    if (a.scalar_type() == at::kFloat) return column_dot_rows<float>(a, b, m, s);
+    if (a.scalar_type() == at::kDouble) return column_dot_rows<double>(a, b, m, s);
     return at::Tensor();
   }
   // dY^T X by the fused path's weight-gradient GEMM where it runs (float32,
@@ -303,8 +322,8 @@ reg::LstmRegForwardOut lstm_reg_forward_cpu(
 
 reg::LstmRegBackwardOut lstm_reg_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-    const at::Tensor& cell_new, const at::Tensor& norm_hh, const at::Tensor& norm_ih,
+    const at::Tensor& x_proj, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& cell_new, const at::Tensor& norm_hh,
     const at::Tensor& stats,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const OptTensor& w_hr,
     const OptTensor& batch_sizes, bool reverse, bool has_bias, const OptTensor& rec_mask,
@@ -312,7 +331,7 @@ reg::LstmRegBackwardOut lstm_reg_backward_cpu(
     const OptTensor& ln_c_w, const OptTensor& ln_c_b, const OptTensor& ln_ih,
     const OptTensor& b_ih) {
   return reg::lstm_reg_backward_impl<CpuRegKernels>(
-      grad_output, grad_h_n, grad_c_n, output, gates, cells, cell_new, norm_hh, norm_ih, stats,
+      grad_output, grad_h_n, grad_c_n, x_proj, output, gates, cells, cell_new, norm_hh, stats,
       h0, c0, w_hh, w_hr, batch_sizes, reverse, has_bias,
       {rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih, b_ih});
 }
@@ -329,14 +348,14 @@ reg::GruRegForwardOut gru_reg_forward_cpu(const at::Tensor& x_proj, const at::Te
 }
 
 reg::GruRegBackwardOut gru_reg_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& norm_hh, const at::Tensor& norm_ih,
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& x_proj,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& norm_hh,
     const at::Tensor& stats, const at::Tensor& h0, const at::Tensor& w_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias,
     const OptTensor& rec_mask, const OptTensor& zone_h, const OptTensor& ln_hh,
     const OptTensor& ln_ih, const OptTensor& b_ih) {
   return reg::gru_reg_backward_impl<CpuRegKernels>(
-      grad_output, grad_h_n, output, gates, norm_hh, norm_ih, stats, h0, w_hh, batch_sizes,
+      grad_output, grad_h_n, x_proj, output, gates, norm_hh, stats, h0, w_hh, batch_sizes,
       reverse, reset_after, has_bias, {rec_mask, zone_h, {}, ln_hh, {}, {}, ln_ih, b_ih});
 }
 

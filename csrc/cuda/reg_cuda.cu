@@ -92,8 +92,8 @@ reg::LstmRegForwardOut lstm_reg_forward_cuda(
 
 reg::LstmRegBackwardOut lstm_reg_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-    const at::Tensor& cell_new, const at::Tensor& norm_hh, const at::Tensor& norm_ih,
+    const at::Tensor& x_proj, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& cell_new, const at::Tensor& norm_hh,
     const at::Tensor& stats,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const OptTensor& w_hr,
     const OptTensor& batch_sizes, bool reverse, bool has_bias, const OptTensor& rec_mask,
@@ -102,7 +102,7 @@ reg::LstmRegBackwardOut lstm_reg_backward_cuda(
     const OptTensor& b_ih) {
   const c10::cuda::CUDAGuard guard(grad_output.device());
   return reg::lstm_reg_backward_impl<CudaRegKernels>(
-      grad_output, grad_h_n, grad_c_n, output, gates, cells, cell_new, norm_hh, norm_ih, stats,
+      grad_output, grad_h_n, grad_c_n, x_proj, output, gates, cells, cell_new, norm_hh, stats,
       h0, c0, w_hh, w_hr, batch_sizes, reverse, has_bias,
       {rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih, b_ih});
 }
@@ -121,15 +121,15 @@ reg::GruRegForwardOut gru_reg_forward_cuda(const at::Tensor& x_proj, const at::T
 }
 
 reg::GruRegBackwardOut gru_reg_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& norm_hh, const at::Tensor& norm_ih,
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& x_proj,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& norm_hh,
     const at::Tensor& stats, const at::Tensor& h0, const at::Tensor& w_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias,
     const OptTensor& rec_mask, const OptTensor& zone_h, const OptTensor& ln_hh,
     const OptTensor& ln_ih, const OptTensor& b_ih) {
   const c10::cuda::CUDAGuard guard(grad_output.device());
   return reg::gru_reg_backward_impl<CudaRegKernels>(
-      grad_output, grad_h_n, output, gates, norm_hh, norm_ih, stats, h0, w_hh, batch_sizes,
+      grad_output, grad_h_n, x_proj, output, gates, norm_hh, stats, h0, w_hh, batch_sizes,
       reverse, reset_after, has_bias, {rec_mask, zone_h, {}, ln_hh, {}, {}, ln_ih, b_ih});
 }
 
