@@ -7,6 +7,7 @@ device present (CPU always, CUDA when a GPU is visible).
     python -m benchmarks.bench --persistent # T=100, B 1..64, H 256..1024
     python -m benchmarks.bench --regularisers # layer_norm, zoneout, recurrent_dropout: their cost
     python -m benchmarks.bench --omp-passive  # the same with OMP_WAIT_POLICY=PASSIVE, labelled so
+    python -m benchmarks.bench --as-avx2-cpu  # an AVX2 CPU: fusedrnn, ATen, oneDNN, MKL held to AVX2
     python -m benchmarks.bench --markdown   # after the run, write benchmarks/RESULTS.md
     python -m benchmarks.bench --plot-only --markdown  # no run: plots and RESULTS.md from the JSON
 
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/bench.py
 from benchmarks import environment  # noqa: E402 (imports no torch)
 
 if __name__ == "__main__":
-    environment.reexec_if_passive_asked()  # before torch loads
+    environment.reexec_if_asked()  # before torch loads
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -95,6 +96,10 @@ def parse_args(argv):
     w.add_argument(environment.OMP_PASSIVE_FLAG, action="store_true",
                    help="run with OMP_WAIT_POLICY=PASSIVE (set before torch loads; results "
                         "labelled omp-passive). Default: the environment as it is")
+    w.add_argument(environment.AVX2_CPU_FLAG, action="store_true",
+                   help="an AVX2 CPU emulated: fusedrnn's AVX2 path against ATen, oneDNN "
+                        "and MKL held to AVX2 (set before torch loads; results labelled so, "
+                        "cpu-as-avx2-...). Note [an AVX2 CPU emulated] in environment.py"),
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", type=Path, default=report.RESULTS_DIR)
     o.add_argument("--no-plot", action="store_true")
@@ -398,9 +403,7 @@ def _write_markdown(paths=None):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.omp_passive and environment.variant(environment.runtime_variables()) is None:
-        raise SystemExit(f"{environment.OMP_PASSIVE_FLAG}: OMP_WAIT_POLICY=PASSIVE must be set "
-                         "before torch loads; give the option on the command line")
+    environment.check_asked(sys.argv[1:] if argv is None else argv)
     if args.plot_only is not None:
         _redraw(args)
         return 0

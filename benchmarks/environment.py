@@ -1,5 +1,5 @@
 """The environment a benchmark runs in: what is recorded with every result, and
-the --omp-passive re-execution.
+the re-execution for --omp-passive and --as-avx2-cpu.
 
 Note [measured in the user's environment]
 The benchmarks set no OpenMP (or MKL, oneDNN) variable on their own: a user
@@ -14,9 +14,18 @@ sequence in one region. So that case is only measured on request
 (--omp-passive), and its results are labelled as such everywhere: in the
 JSON, in table and plot titles, and in the file names.
 
-This module imports nothing heavy at import time: reexec_if_passive_asked()
-must run before torch loads, because the OpenMP runtime reads its variables
-once, when it starts.
+Note [an AVX2 CPU emulated]
+fusedrnn's AVX2 path forced on an AVX-512 CPU (FUSEDRNN_CPU_ISA=avx2) runs
+against a torch that still uses AVX-512: no user has that pair. A user on an
+AVX2 CPU runs fusedrnn's AVX2 path against ATen's and oneDNN's AVX2 kernels.
+--as-avx2-cpu measures that case on this machine: it holds all three to AVX2
+(FUSEDRNN_CPU_ISA, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL's
+MKL_ENABLE_INSTRUCTIONS, set before torch loads) and labels the results so;
+the clock, caches and cores stay this CPU's.
+
+This module imports nothing heavy at import time: reexec_if_asked() must run
+before torch loads, because the OpenMP runtime and torch read their variables
+once, when they start.
 """
 import os
 import platform
@@ -27,11 +36,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 OMP_PASSIVE_FLAG = "--omp-passive"
+AVX2_CPU_FLAG = "--as-avx2-cpu"
+# Note [an AVX2 CPU emulated] (MKL: torch.nn.GRU's and the projections' GEMMs)
+AVX2_CPU_VARIABLES = {"FUSEDRNN_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                      "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # Prefixes of the variables that change how the threading and math libraries
 # behave; every one present is recorded. LD_PRELOAD too (a preloaded OpenMP
 # runtime or allocator changes timings as much).
 RUNTIME_VARIABLE_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "DNNL_", "ONEDNN_", "FUSEDRNN_")
-RUNTIME_VARIABLES_EXTRA = ("LD_PRELOAD",)
+RUNTIME_VARIABLES_EXTRA = ("LD_PRELOAD", "ATEN_CPU_CAPABILITY")
 # The /proc/cpuinfo flags that decide which GEMM and gate kernels can run
 # (fusedrnn's AVX-512 path needs avx512f, vl, dq and bw, its AVX2 path avx2 and
 # fma); any flag starting with "amx" is recorded as well.
@@ -43,19 +56,41 @@ VARIANT_OMP_PASSIVE = "omp-passive"
 CPU_PATH_KNOBS = ("FUSEDRNN_CPU_ISA", "FUSEDRNN_CPU_PATH")
 
 
-def reexec_if_passive_asked(argv=None):
-    """With --omp-passive on the command line and OMP_WAIT_POLICY not yet
-    PASSIVE: set it and re-execute this process, so that it is in force
-    before torch (and its OpenMP runtime) loads. Call first thing in a
-    benchmark's __main__, before anything imports torch."""
+def asked_variables(argv):
+    """The variables the options in argv set: OMP_WAIT_POLICY=PASSIVE for
+    --omp-passive, AVX2_CPU_VARIABLES for --as-avx2-cpu."""
+    wanted = {}
+    if OMP_PASSIVE_FLAG in argv:
+        wanted["OMP_WAIT_POLICY"] = "PASSIVE"
+    if AVX2_CPU_FLAG in argv:
+        wanted.update(AVX2_CPU_VARIABLES)
+    return wanted
+
+
+def reexec_if_asked(argv=None):
+    """With --omp-passive or --as-avx2-cpu on the command line and their
+    variables not yet set: set them and re-execute this process, so that they
+    are in force before torch (and its OpenMP runtime) loads. Call first
+    thing in a benchmark's __main__, before anything imports torch."""
     argv = sys.argv[1:] if argv is None else argv
-    if OMP_PASSIVE_FLAG not in argv or variant(os.environ) is not None:
+    missing = {k: v for k, v in asked_variables(argv).items() if os.environ.get(k) != v}
+    if not missing:
         return
     if "torch" in sys.modules:
-        raise SystemExit(f"{OMP_PASSIVE_FLAG}: torch is already loaded in this process; "
-                         "give the option on the command line")
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        raise SystemExit(f"{' '.join(f for f in (OMP_PASSIVE_FLAG, AVX2_CPU_FLAG) if f in argv)}: "
+                         "torch is already loaded in this process; give the option on the "
+                         "command line")
+    os.environ.update(missing)
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def check_asked(argv):
+    """Raises SystemExit when an option's variables are not in force (the
+    process was not started through reexec_if_asked)."""
+    missing = [k for k, v in asked_variables(argv).items() if os.environ.get(k) != v]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} must be set before torch loads; give the option "
+                         "on the command line")
 
 
 def runtime_variables(environ=None):
@@ -255,11 +290,23 @@ def variables_text(env):
 
 
 def variant_title(env):
-    """Suffix for titles: ' [OMP_WAIT_POLICY=PASSIVE]' for that variant, and
-    ' [fusedrnn's avx2 path, forced]' where a knob forced the CPU path; else ''."""
+    """Suffix for titles: ' [OMP_WAIT_POLICY=PASSIVE]' for that variant,
+    ' [an AVX2 CPU emulated: ...]' for --as-avx2-cpu's, and ' [fusedrnn's
+    avx2 path, forced]' where only fusedrnn's path was forced; else ''."""
     omp = " [OMP_WAIT_POLICY=PASSIVE]" if recorded_variant(env) == VARIANT_OMP_PASSIVE else ""
+    if emulated_avx2_cpu(env):
+        return omp + " [an AVX2 CPU emulated: fusedrnn, ATen, oneDNN and MKL held to AVX2]"
     forced = forced_cpu_path(env)
     return omp + (f" [fusedrnn's {forced} path, forced]" if forced else "")
+
+
+def emulated_avx2_cpu(env):
+    """Whether a recorded environment held fusedrnn, ATen and oneDNN to AVX2
+    (Note [an AVX2 CPU emulated])."""
+    v = recorded_variables(env)
+    return forced_cpu_path(env) == "avx2" and all(
+        str(v.get(k, "")).lower() == val.lower() for k, val in AVX2_CPU_VARIABLES.items()
+        if k not in CPU_PATH_KNOBS)
 
 
 def forced_cpu_path(env):
@@ -269,7 +316,10 @@ def forced_cpu_path(env):
 
 
 def cpu_path_tag(env):
-    """'-avx2' for result file names when a knob forced the CPU path, else ''."""
+    """'-as-avx2' for result file names of an emulated AVX2 CPU, '-avx2' when
+    a knob forced only fusedrnn's CPU path, else ''."""
+    if emulated_avx2_cpu(env):
+        return "-as-avx2"
     forced = forced_cpu_path(env)
     return f"-{forced}" if forced else ""
 

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/gemm.py
 from benchmarks import environment  # noqa: E402 (imports no torch)
 
 if __name__ == "__main__":
-    environment.reexec_if_passive_asked()  # before torch loads
+    environment.reexec_if_asked()  # before torch loads
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -24,7 +24,8 @@ SCHEMA_VERSION = 2
 #     <device>-<set>[-omp-passive]-<YYYYmmdd-HHMMSS>.json     bench.py
 #     gemm-<device>-<set>[-omp-passive]-<YYYYmmdd-HHMMSS>.json gemm.py
 # where a CPU run on a path forced by FUSEDRNN_CPU_ISA has the device cpu-<path>
-# (cpu-avx2), and is the newest of its own kind, apart from the default path's.
+# (cpu-avx2), and one of an emulated AVX2 CPU (--as-avx2-cpu) cpu-as-avx2; each
+# is the newest of its own kind, apart from the default path's.
 # (results written before the set was part of the name: <device>-<stamp>.json).
 # Smoke runs (CI) write smoke-<...>.json, overwritten each time and ignored by
 # git and by newest_results().
@@ -82,7 +83,8 @@ def newest_results(root, kind=None, recursive=True):
         env = doc.get("env", {})
         precisions = tuple(sorted({r.get("precision", "") for r in doc["rows"]}))
         key = (path.parent, doc_kind, doc.get("device"), env.get("gpu"), doc.get("set"),
-               precisions, environment.recorded_variant(env), environment.forced_cpu_path(env))
+               precisions, environment.recorded_variant(env), environment.forced_cpu_path(env),
+               environment.emulated_avx2_cpu(env))
         if key not in best or m["stamp"] > best[key][0]:
             best[key] = (m["stamp"], path)
     return sorted((p for _, p in best.values()), key=lambda p: (str(p.parent), p.name))

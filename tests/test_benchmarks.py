@@ -59,11 +59,12 @@ def test_cpu_isa_and_cores_from_cpuinfo():
     assert cores["logical"] == os.cpu_count()
 
 
-def _run_reexec(extra_env, flag):
+def _run_reexec(extra_env, flag, show="os.environ.get('OMP_WAIT_POLICY')"):
     code = ("import os, sys; from benchmarks import environment; "
-            f"environment.reexec_if_passive_asked({[flag] if flag else []!r}); "
-            "import torch; print(os.environ.get('OMP_WAIT_POLICY'))")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            f"environment.reexec_if_asked({[flag] if flag else []!r}); "
+            f"import torch; print({show})")
+    env = {k: v for k, v in os.environ.items()
+           if k != "OMP_WAIT_POLICY" and k not in environment.AVX2_CPU_VARIABLES}
     env.update(extra_env)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -76,6 +77,26 @@ def test_omp_passive_reexecutes_before_torch_and_nothing_is_set_without_it():
     assert _run_reexec({}, environment.OMP_PASSIVE_FLAG) == "PASSIVE"
     # The user's own setting is kept when the option is not given.
     assert _run_reexec({"OMP_WAIT_POLICY": "ACTIVE"}, None) == "ACTIVE"
+
+
+def test_as_avx2_cpu_holds_torch_and_fusedrnn_to_avx2_before_torch_loads():
+    """Note [an AVX2 CPU emulated]: the variables are in force when torch
+    loads (ATen reports AVX2), and a recorded environment with them is labelled."""
+    show = ("[os.environ.get(k) for k in sorted(environment.AVX2_CPU_VARIABLES)] + "
+            "[torch.backends.cpu.get_cpu_capability()]")
+    got = eval(_run_reexec({}, environment.AVX2_CPU_FLAG, show))
+    want = [environment.AVX2_CPU_VARIABLES[k] for k in sorted(environment.AVX2_CPU_VARIABLES)]
+    assert got[:-1] == want and got[-1] in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
+    assert eval(_run_reexec({}, None, show))[:-1] == [None] * len(want)
+    emulated = _doc(variables={k: v for k, v in environment.AVX2_CPU_VARIABLES.items()})
+    emulated["env"]["fusedrnn_cpu_path"] = {"isa": "avx2", "forced": True}
+    forced = _doc(variables={"FUSEDRNN_CPU_ISA": "avx2"})
+    forced["env"]["fusedrnn_cpu_path"] = {"isa": "avx2", "forced": True}
+    assert environment.emulated_avx2_cpu(emulated["env"])
+    assert not environment.emulated_avx2_cpu(forced["env"])
+    assert environment.cpu_path_tag(emulated["env"]) == "-as-avx2"
+    assert "an AVX2 CPU emulated" in environment.variant_title(emulated["env"])
+    assert "forced" in environment.variant_title(forced["env"])
 
 
 def test_no_benchmark_script_sets_an_openmp_variable():
