@@ -234,6 +234,12 @@ inline Tensor masked_prev(const Tensor& out, const Tensor& h0, const OptTensor& 
   return mask.has_value() ? hp.mul_(mask_rows(mask, s, packed)) : hp;
 }
 
+// t's first n rows: t itself when it has n, as every step of a padded
+// sequence does (no tensor op per step there).
+inline Tensor first_rows(const Tensor& t, int64_t n) {
+  return n == t.size(0) ? t : t.narrow(0, 0, n);
+}
+
 // Leading shape [rows] of a saved tensor that exists only when `on`.
 inline int64_t rows_if(bool on, int64_t N) { return on ? N : 0; }
 

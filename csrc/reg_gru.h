@@ -66,7 +66,7 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
       const int64_t t = s.time_at(step), bt = s.sizes[t], off = s.offsets[t];
       T* gates_rows = gates.data_ptr<T>() + (train ? off * kGruSaved * H : 0);
       if (!reset_after) {
-        rec_gemm(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt));
+        rec_gemm(first_rows(a, bt), first_rows(rec_in, bt));
         GruResetRows<T> rr;
         rr.rows = bt;
         rr.H = H;
@@ -77,7 +77,7 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
         rr.gates = gates_rows;
         rr.rh = rh.data_ptr<T>();
         K::run(rr);
-        n_gemm(a_n.narrow(0, 0, bt), rh.narrow(0, 0, bt));
+        n_gemm(first_rows(a_n, bt), first_rows(rh, bt));
       }
       GruForwardRows<T> f;
       f.rows = bt;
@@ -101,7 +101,7 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
       f.hidden.hm = ptr_or_null<T>(hm);
       f.hidden.out = out.data_ptr<T>() + off * H;
       if (reset_after) {
-        rec_gemm.template then_rows<K>(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), f);
+        rec_gemm.template then_rows<K>(first_rows(a, bt), first_rows(rec_in, bt), f);
       } else {
         K::run(f);
       }
@@ -201,12 +201,12 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
       b.da = da.data_ptr<T>() + off * G;
       const Tensor da_rows = da.narrow(0, off, bt);
       if (reset_after) {
-        rec_gemm.template after_rows<K>(b, dh_mm.narrow(0, 0, bt), da_rows);
+        rec_gemm.template after_rows<K>(b, first_rows(dh_mm, bt), da_rows);
         continue;
       }
       K::run(b);
       // Classic form: d(r hm) = dhn W_n, then r's gradient, then through W_rz.
-      n_gemm(drh.narrow(0, 0, bt), da_rows.narrow(1, 2 * H, H));
+      n_gemm(first_rows(drh, bt), da_rows.narrow(1, 2 * H, H));
       GruResetBackwardRows<T> rb;
       rb.rows = bt;
       rb.H = H;
@@ -219,7 +219,7 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
       rb.dx = b.dx;
       rb.dh_mm = dh_mm.data_ptr<T>();
       K::run(rb);
-      rz_gemm(dh_mm.narrow(0, 0, bt), da_rows.narrow(1, 0, 2 * H), /*accumulate=*/true);
+      rz_gemm(first_rows(dh_mm, bt), da_rows.narrow(1, 0, 2 * H), /*accumulate=*/true);
     }
   });
 

@@ -126,9 +126,9 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
       }
       f.hidden = hidden;
       f.h_raw = proj ? h_raw.data_ptr<T>() : nullptr;
-      rec_gemm.template then_rows<K>(a.narrow(0, 0, bt), rec_in.narrow(0, 0, bt), f);
+      rec_gemm.template then_rows<K>(first_rows(a, bt), first_rows(rec_in, bt), f);
       if (proj) {
-        proj_gemm(h_proj.narrow(0, 0, bt), h_raw.narrow(0, 0, bt));
+        proj_gemm(first_rows(h_proj, bt), first_rows(h_raw, bt));
         HiddenOutRows<T> o;
         o.rows = bt;
         o.h_new = h_proj.data_ptr<T>();
@@ -270,7 +270,7 @@ LstmRegBackwardOut lstm_reg_backward_loop(
         g.src = hg;
         g.dh_new = dh_new.data_ptr<T>() + off * P;
         K::run(g);
-        proj_gemm(dh_raw.narrow(0, 0, bt), dh_new.narrow(0, off, bt));
+        proj_gemm(first_rows(dh_raw, bt), dh_new.narrow(0, off, bt));
       }
       LstmBackwardRows<T> b;
       b.rows = bt;
@@ -300,7 +300,7 @@ LstmRegBackwardOut lstm_reg_backward_loop(
         b.dcn_xhat = dcn_xhat.data_ptr<T>() + off * H;
       }
       b.h_raw = proj ? h_raw.data_ptr<T>() + off * H : nullptr;
-      rec_gemm.template after_rows<K>(b, dh_mm.narrow(0, 0, bt), da.narrow(0, off, bt));
+      rec_gemm.template after_rows<K>(b, first_rows(dh_mm, bt), da.narrow(0, off, bt));
     }
   });
 

@@ -157,22 +157,28 @@ void run_rows(const Rows& a) {
 // were a tenth of a layer_norm=True training step at T=100, B=16, H=256.
 struct FusedStepGemm {
   reg::AtenStepGemm aten;
-  void (*gemm)(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool) = nullptr;
+  // The fused kernels of b's dtype (one of them), with b packed once.
+  const cpu::FusedF32* f32 = nullptr;
+  const cpu::FusedF64* f64 = nullptr;
   at::Tensor packed;  // [panels, K, panel width]
   explicit FusedStepGemm(at::Tensor b) : aten(b) {
     if (!b.defined() || b.numel() == 0) return;
     cpu::with_fused_ops(b.scalar_type(), [&](const auto* ops) {
-      gemm = ops->gemm_packed;
+      if constexpr (std::is_same_v<decltype(ops), const cpu::FusedF32*>) {
+        f32 = ops;
+      } else {
+        f64 = ops;
+      }
       packed = ops->pack_rhs(b);
       return true;
     });
   }
   bool fused(const at::Tensor& out, const at::Tensor& a) const {
-    return gemm && a.size(0) > 0 && a.stride(1) == 1 && out.stride(1) == 1;
+    return packed.defined() && a.size(0) > 0 && a.stride(1) == 1 && out.stride(1) == 1;
   }
   void operator()(at::Tensor out, const at::Tensor& a, bool accumulate = false) const {
     if (!fused(out, a)) return aten(out, a, accumulate);
-    if (cpu::StepTeam::current() == nullptr) return gemm(a, packed, out, accumulate);
+    if (cpu::StepTeam::current() == nullptr) return product(out, a, accumulate, 0, 1);
     cpu::StepTeam::on_team(1, [&](cpu::StepTeam& team, int tid) {
       product(out, a, accumulate, tid, team.size());
     });
@@ -188,14 +194,25 @@ struct FusedStepGemm {
   }
 
  private:
-  // Thread tid of n's share of the product: a range of the column panels.
-  // (Inside a team, the GEMM's own parallel_for runs inline.)
-  void product(at::Tensor out, const at::Tensor& a, bool accumulate, int tid, int n) const {
-    const int64_t Q = packed.size(0), W = packed.size(2), N = out.size(1);
+  // Thread tid of n's share of the product: a range of the column panels,
+  // by pointers (no tensor op per step and thread). (Inside a team, the
+  // GEMM's own parallel_for runs inline.)
+  void product(const at::Tensor& out, const at::Tensor& a, bool accumulate, int tid,
+               int n) const {
+    const int64_t Q = packed.size(0), K = packed.size(1), W = packed.size(2), N = out.size(1);
     const int64_t q0 = Q * tid / n, q1 = Q * (tid + 1) / n;
     const int64_t c0 = q0 * W, c1 = std::min(N, q1 * W);
-    if (c1 > c0) {
-      gemm(a, packed.narrow(0, q0, q1 - q0), out.narrow(1, c0, c1 - c0), accumulate);
+    if (c1 <= c0) return;
+    const auto run = [&](const auto* ops, auto* type) {
+      using T = std::remove_pointer_t<decltype(type)>;
+      ops->gemm_packed(a.size(0), c1 - c0, K, a.data_ptr<T>(), a.stride(0),
+                       packed.data_ptr<T>() + q0 * K * W, out.data_ptr<T>() + c0, out.stride(0),
+                       accumulate);
+    };
+    if (f32) {
+      run(f32, static_cast<float*>(nullptr));
+    } else {
+      run(f64, static_cast<double*>(nullptr));
     }
   }
 

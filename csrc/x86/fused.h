@@ -75,11 +75,13 @@ struct FusedOps {
                                            int64_t N, bool want_db,
                                            const at::TensorOptions& options);
   // A GEMM whose right operand is packed once for many calls (the regularised
-  // ops' step products): pack_rhs(b [K, N]), then gemm_packed(a [M, K],
-  // packed, out [M, N], accumulate): out (+)= a @ b. Rows of a and out with
-  // unit column stride.
+  // ops' step products): pack_rhs(b [K, N]) -> [panels, K, panel width], then
+  // gemm_packed(M, N, K, a, lda, panels, out, ldo, accumulate): out [M, N]
+  // (+)= a [M, K] @ the N columns of the panels starting at `panels` (packed's
+  // data, or a later panel's), rows lda and ldo apart.
   Tensor (*pack_rhs)(const Tensor& b);
-  void (*gemm_packed)(const Tensor& a, const Tensor& packed, const Tensor& out, bool accumulate);
+  void (*gemm_packed)(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* panels,
+                      T* out, int64_t ldo, bool accumulate);
 };
 using FusedF32 = FusedOps<float>;
 using FusedF64 = FusedOps<double>;

@@ -242,11 +242,10 @@ constexpr int64_t kRowBlock = 192;
 // y [M, N] (+)= a [M, K] @ B (+ bias), B packed (pack_column_panels' or
 // pack_transposed_panels' layout); rows of a lda apart, of y ldy apart.
 template <typename V>
-void gemm_rows(int64_t M, int64_t N, int64_t K, const Elem<V>* a, int64_t lda, const Tensor& packed,
+void gemm_rows(int64_t M, int64_t N, int64_t K, const Elem<V>* a, int64_t lda, const Elem<V>* bp,
                const Elem<V>* bias, Elem<V>* y, int64_t ldy, bool accumulate = false) {
   const int64_t P = ceil_div(N, kColumnPanel<V>);
   const int64_t grain = ceil_div(P, at::get_num_threads());
-  const Elem<V>* bp = packed.data_ptr<Elem<V>>();
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t mc = 0; mc < M; mc += kRowBlock) {
       const StoreRowsEpi<V> epi{N, ldy, bias, y + mc * ldy, accumulate};
@@ -264,12 +263,14 @@ Tensor pack_rhs_fused(const Tensor& b) {
                                : pack_column_panels<V>(b.contiguous());
 }
 
-// out (+)= a @ B, B packed by pack_rhs_fused: rows of a [M, K] and out [M, N]
-// with unit column stride, any row stride (the regularised ops' step GEMM).
+// out [M, N] (+)= a [M, K] @ B, B packed by pack_rhs_fused (panels of
+// kColumnPanel<V> columns, K * kColumnPanel<V> elements each: a range of
+// them starts at an offset of the packed data); rows lda and ldo apart (the
+// regularised ops' step GEMM, called per step with pointers: no tensor op).
 template <typename V>
-void gemm_packed_fused(const Tensor& a, const Tensor& packed, const Tensor& out, bool accumulate) {
-  gemm_rows<V>(a.size(0), out.size(1), a.size(1), a.data_ptr<Elem<V>>(), a.stride(0), packed,
-               nullptr, out.data_ptr<Elem<V>>(), out.stride(0), accumulate);
+void gemm_packed_fused(int64_t M, int64_t N, int64_t K, const Elem<V>* a, int64_t lda,
+                       const Elem<V>* packed, Elem<V>* out, int64_t ldo, bool accumulate) {
+  gemm_rows<V>(M, N, K, a, lda, packed, nullptr, out, ldo, accumulate);
 }
 
 template <typename V>
@@ -396,7 +397,8 @@ Tensor linear_fused(const Tensor& x, const Tensor& w, const c10::optional<Tensor
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   Tensor y = empty_for_steps({M, N}, x.options());
   const Tensor bias = b.has_value() ? b->contiguous() : Tensor();
-  gemm_rows<V>(M, N, K, x.data_ptr<Elem<V>>(), K, pack_transposed_panels<V>(w),
+  const Tensor packed = pack_transposed_panels<V>(w);
+  gemm_rows<V>(M, N, K, x.data_ptr<Elem<V>>(), K, packed.data_ptr<Elem<V>>(),
                bias.defined() ? bias.data_ptr<Elem<V>>() : nullptr, y.data_ptr<Elem<V>>(), N);
   return y;
 }
@@ -405,7 +407,8 @@ template <typename V>
 Tensor linear_input_grad_fused(const Tensor& dy, const Tensor& w) {
   const int64_t M = dy.size(0), N = w.size(0), K = w.size(1);
   Tensor dx = empty_for_steps({M, K}, dy.options());
-  gemm_rows<V>(M, K, N, dy.data_ptr<Elem<V>>(), N, pack_column_panels<V>(w), nullptr,
+  const Tensor packed = pack_column_panels<V>(w);
+  gemm_rows<V>(M, K, N, dy.data_ptr<Elem<V>>(), N, packed.data_ptr<Elem<V>>(), nullptr,
                dx.data_ptr<Elem<V>>(), K);
   return dx;
 }
