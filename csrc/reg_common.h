@@ -129,43 +129,40 @@ Tensor weight_grad(const Tensor& dy, const Tensor& x) {
   return at::mm(dy.t(), x);
 }
 
-// sum over rows of a * b, [N, C] each -> [C] (the layer-norm gains'
-// gradients): the policy's own (K::column_dot, without the [N, C] product
-// tensor; undefined to decline) or ATen's.
+// Note [Norm gradients in one pass]
+// The gradients of a layer norm's gain and of the bias after it are column
+// sums over all rows of the same gradient dy [N, C]: sum dy * xhat and sum dy.
+// With the input side's norm too, xhat of both norms multiplies the same dy
+// (the LSTM's gate pre-activations). norm_grads reads dy once for all of them:
+//   hh  = sum over rows of dy * norm            (norm [N, C], or undefined)
+//   ih  = sum over rows of dy * (x - mean) rstd  (x [N, C], mean and rstd [N];
+//         the input norm recomputed, Note [Input norm recomputed]; or undefined)
+//   sum = sum over rows of dy                    (when with_sum)
+// Each result undefined where not asked. The policy's own (K::norm_grads,
+// which returns nullopt to decline) or ATen's.
+struct NormGrads {
+  Tensor hh, ih, sum;
+};
+
 template <typename K, typename = void>
-struct HasColumnDot : std::false_type {};
+struct HasNormGrads : std::false_type {};
 template <typename K>
-struct HasColumnDot<K, std::void_t<decltype(K::column_dot(Tensor(), Tensor()))>>
+struct HasNormGrads<K, std::void_t<decltype(K::norm_grads(Tensor(), Tensor(), Tensor(), Tensor(),
+                                                          Tensor(), false))>>
     : std::true_type {};
 
 template <typename K>
-Tensor column_dot(const Tensor& a, const Tensor& b) {
-  if constexpr (HasColumnDot<K>::value) {
-    Tensor d = K::column_dot(a, b);
-    if (d.defined()) return d;
+NormGrads norm_grads(const Tensor& dy, const Tensor& norm, const Tensor& x, const Tensor& mean,
+                     const Tensor& rstd, bool with_sum) {
+  if constexpr (HasNormGrads<K>::value) {
+    auto g = K::norm_grads(dy, norm, x, mean, rstd, with_sum);
+    if (g.has_value()) return *g;
   }
-  return (a * b).sum(0);
-}
-
-// sum over rows of a * (b - mean) * rstd, a and b [N, C], mean and rstd [N]
-// (per row; the input norm's gain gradient, Note [Input norm recomputed] in
-// reg_rows.h): the policy's own (K::column_dot_normed; undefined to decline)
-// or ATen's.
-template <typename K, typename = void>
-struct HasColumnDotNormed : std::false_type {};
-template <typename K>
-struct HasColumnDotNormed<K, std::void_t<decltype(K::column_dot_normed(Tensor(), Tensor(),
-                                                                        Tensor(), Tensor()))>>
-    : std::true_type {};
-
-template <typename K>
-Tensor column_dot_normed(const Tensor& a, const Tensor& b, const Tensor& mean,
-                         const Tensor& rstd) {
-  if constexpr (HasColumnDotNormed<K>::value) {
-    Tensor d = K::column_dot_normed(a, b, mean, rstd);
-    if (d.defined()) return d;
-  }
-  return (a * ((b - mean.unsqueeze(1)) * rstd.unsqueeze(1))).sum(0);
+  NormGrads g;
+  if (norm.defined()) g.hh = (dy * norm).sum(0);
+  if (x.defined()) g.ih = (dy * ((x - mean.unsqueeze(1)) * rstd.unsqueeze(1))).sum(0);
+  if (with_sum) g.sum = dy.sum(0);
+  return g;
 }
 
 // A buffer of all steps' rows ([N, ...]): the policy's own (K::empty: the

@@ -235,13 +235,23 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
     d_w_hh = at::cat({weight_grad<K>(da.narrow(1, 0, 2 * H), hm),
                       weight_grad<K>(da.narrow(1, 2 * H, H), r_all * hm)});
   }
-  Tensor d_b_hh = has_bias ? (ln ? dab : da).sum(0) : none;
-  Tensor d_ln_hh = ln ? column_dot<K>(dab, norm_hh) : none;
-  Tensor d_ln_ih = r.ln_ih.has_value()
-                       ? column_dot_normed<K>(dx, x, stats.select(1, kGruStatsIh),
-                                              stats.select(1, kGruStatsIh + 1))
-                       : none;
-  Tensor d_b_ih = r.b_ih.has_value() ? dx.sum(0) : none;
+  // Each norm's gain and the bias after it, from one pass over their
+  // gradient (Note [Norm gradients in one pass]): dab for the recurrent side,
+  // dx for the input side.
+  Tensor d_b_hh = none, d_ln_hh = none, d_ln_ih = none, d_b_ih = none;
+  if (ln) {
+    const NormGrads g = norm_grads<K>(dab, norm_hh, Tensor(), Tensor(), Tensor(), has_bias);
+    d_ln_hh = g.hh;
+    if (has_bias) d_b_hh = g.sum;
+  } else if (has_bias) {
+    d_b_hh = da.sum(0);
+  }
+  if (r.ln_ih.has_value()) {
+    const NormGrads g = norm_grads<K>(dx, Tensor(), x, stats.select(1, kGruStatsIh),
+                                      stats.select(1, kGruStatsIh + 1), r.b_ih.has_value());
+    d_ln_ih = g.ih;
+    if (r.b_ih.has_value()) d_b_ih = g.sum;
+  }
   return {dx_raw, d_h0, d_w_hh, d_b_hh, d_ln_hh, d_ln_ih, d_b_ih};
 }
 

@@ -308,18 +308,24 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor d_h0 = r.rec_mask.has_value() ? dh + *r.rec_mask * dh_mm : dh + dh_mm;
   Tensor d_w_hh = weight_grad<K>(da, masked_prev(out, h0, r.rec_mask, s, packed));
   Tensor d_w_hr = proj ? weight_grad<K>(dh_new, h_raw) : none;
-  // b_ih (after the input norm) and b_hh both add to the gates' pre-activation.
+  // b_ih (after the input norm) and b_hh both add to the gates' pre-activation,
+  // whose gradient dx both norms' gains multiply too. Note [Norm gradients in one pass]
   const bool any_bias = has_bias || r.b_ih.has_value();
-  Tensor d_bias = any_bias ? dx.sum(0) : none;
-  Tensor d_b_hh = has_bias ? d_bias : none;
-  Tensor d_b_ih = r.b_ih.has_value() ? (has_bias ? d_bias.clone() : d_bias) : none;
-  Tensor d_ln_hh = r.ln_hh.has_value() ? column_dot<K>(dx, norm_hh) : none;
+  const bool ih = r.ln_ih.has_value();
+  NormGrads g;
+  if (r.ln_hh.has_value() || ih) {
+    g = norm_grads<K>(dx, r.ln_hh.has_value() ? norm_hh : Tensor(), ih ? x : Tensor(),
+                      ih ? stats.select(1, kLstmStatsIh) : Tensor(),
+                      ih ? stats.select(1, kLstmStatsIh + 1) : Tensor(), any_bias);
+  } else if (any_bias) {
+    g.sum = dx.sum(0);
+  }
+  Tensor d_b_hh = has_bias ? g.sum : none;
+  Tensor d_b_ih = r.b_ih.has_value() ? (has_bias ? g.sum.clone() : g.sum) : none;
+  Tensor d_ln_hh = r.ln_hh.has_value() ? g.hh : none;
+  Tensor d_ln_ih = ih ? g.ih : none;
   Tensor d_ln_c_w = r.ln_c() ? dcn_xhat.sum(0) : none;
   Tensor d_ln_c_b = r.ln_c() ? dcn.sum(0) : none;
-  Tensor d_ln_ih = r.ln_ih.has_value()
-                       ? column_dot_normed<K>(dx, x, stats.select(1, kLstmStatsIh),
-                                              stats.select(1, kLstmStatsIh + 1))
-                       : none;
   return {dx_raw, d_h0, dc, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b, d_ln_ih, d_b_ih};
 }
 

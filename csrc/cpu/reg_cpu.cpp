@@ -32,34 +32,49 @@
 
 namespace fusedrnn {
 namespace reg {
-// Partial column sums of a * b for contiguous [N, C] (column_dot), or of
-// a * (b - mean) * rstd with mean and rstd per row (column_dot_normed): "row" k is
-// the block of rows [k * kRows, (k + 1) * kRows), summed in double into
-// part[k] [C], so that the block runs in the copy of the row functions for
-// the CPU path in force (Note [Vectorised row loops]). CPU only.
+// Partial column sums of norm_grads (Note [Norm gradients in one pass] in
+// reg_common.h) for contiguous [N, C]: "row" k is the block of rows
+// [k * kRows, (k + 1) * kRows), summed in double into part_*[k] [C], so that
+// the block runs in the copy of the row functions for the CPU path in force
+// (Note [Vectorised row loops]). CPU only.
 template <typename T>
-struct ColumnDotBlocks {
+struct NormGradBlocks {
   static constexpr int64_t kRows = 64;
   int64_t rows = 0, N = 0, C = 0;  // rows: blocks
-  const T *a = nullptr, *b = nullptr;
-  const T *mean = nullptr, *rstd = nullptr;  // [N], or null
-  double* part = nullptr;  // [rows, C]
+  const T* dy = nullptr;
+  const T* norm = nullptr;                   // [N, C] or null
+  const T *x = nullptr, *mean = nullptr, *rstd = nullptr;  // [N, C], [N], [N] or null
+  double *part_hh = nullptr, *part_ih = nullptr, *part_sum = nullptr;  // [rows, C] or null
 };
 
 template <typename T, typename Row>
-void run_row(const Row& row, const ColumnDotBlocks<T>& d, int64_t k) {
-  double* acc = d.part + k * d.C;
-  row.loop(d.C, [&](int64_t j) { acc[j] = 0.0; });
-  const int64_t r1 = std::min(d.N, (k + 1) * d.kRows);
-  for (int64_t r = k * d.kRows; r < r1; ++r) {
-    const T *ra = d.a + r * d.C, *rb = d.b + r * d.C;
-    if (d.mean) {
-      const double m = d.mean[r], s = d.rstd[r];
-      row.loop(d.C, [&](int64_t j) { acc[j] += double(ra[j]) * ((double(rb[j]) - m) * s); });
-    } else {
-      row.loop(d.C, [&](int64_t j) { acc[j] += double(ra[j]) * double(rb[j]); });
-    }
+void run_row(const Row& row, const NormGradBlocks<T>& d, int64_t k) {
+  const int64_t C = d.C, r1 = std::min(d.N, (k + 1) * d.kRows);
+  double* hh = d.norm ? d.part_hh + k * C : nullptr;
+  double* ih = d.x ? d.part_ih + k * C : nullptr;
+  double* sum = d.part_sum ? d.part_sum + k * C : nullptr;
+  for (double* acc : {hh, ih, sum}) {
+    if (acc) row.loop(C, [&](int64_t j) { acc[j] = 0.0; });
   }
+  // Note [Branch-free row loops]
+  with_flag(hh != nullptr, [&](auto on_hh) {
+    with_flag(ih != nullptr, [&](auto on_ih) {
+      with_flag(sum != nullptr, [&](auto on_sum) {
+        for (int64_t r = k * d.kRows; r < r1; ++r) {
+          const T* g = d.dy + r * C;
+          const T* n = d.norm ? d.norm + r * C : nullptr;
+          const T* x = d.x ? d.x + r * C : nullptr;
+          const double m = d.x ? double(d.mean[r]) : 0.0, s = d.x ? double(d.rstd[r]) : 0.0;
+          row.loop(C, [&](int64_t j) {
+            const double gj = g[j];
+            if constexpr (decltype(on_hh)::value) hh[j] += gj * double(n[j]);
+            if constexpr (decltype(on_ih)::value) ih[j] += gj * ((double(x[j]) - m) * s);
+            if constexpr (decltype(on_sum)::value) sum[j] += gj;
+          });
+        }
+      });
+    });
+  });
 }
 }  // namespace reg
 
@@ -246,34 +261,47 @@ struct FusedStepGemm {
   }
 };
 
-// sum over rows of a * b (or a * (b - mean) * rstd) for contiguous [N, C] of
-// one floating type, in double: blocks of rows in parallel
-// (ColumnDotBlocks), then their partial sums in block order, so the result
-// does not depend on the thread count. mean, rstd: contiguous [N] or undefined.
+// norm_grads for contiguous tensors of one floating type, in double: blocks
+// of rows in parallel (NormGradBlocks), then their partial sums in block
+// order, so the results do not depend on the thread count.
 template <typename T>
-at::Tensor column_dot_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& mean,
-                           const at::Tensor& rstd) {
-  reg::ColumnDotBlocks<T> d;
-  d.N = a.size(0);
-  d.C = a.size(1);
+reg::NormGrads norm_grad_rows(const at::Tensor& dy, const at::Tensor& norm, const at::Tensor& x,
+                              const at::Tensor& mean, const at::Tensor& rstd, bool with_sum) {
+  reg::NormGradBlocks<T> d;
+  d.N = dy.size(0);
+  d.C = dy.size(1);
   d.rows = (d.N + d.kRows - 1) / d.kRows;
-  d.a = a.data_ptr<T>();
-  d.b = b.data_ptr<T>();
-  if (mean.defined()) {
+  d.dy = dy.data_ptr<T>();
+  const size_t part_size = static_cast<size_t>(d.rows * d.C);
+  std::vector<double> hh(norm.defined() ? part_size : 0), ih(x.defined() ? part_size : 0),
+      sum(with_sum ? part_size : 0);
+  if (norm.defined()) {
+    d.norm = norm.data_ptr<T>();
+    d.part_hh = hh.data();
+  }
+  if (x.defined()) {
+    d.x = x.data_ptr<T>();
     d.mean = mean.data_ptr<T>();
     d.rstd = rstd.data_ptr<T>();
+    d.part_ih = ih.data();
   }
-  std::vector<double> part(static_cast<size_t>(d.rows * d.C));
-  d.part = part.data();
+  if (with_sum) d.part_sum = sum.data();
   run_rows(d);
-  at::Tensor out = at::empty({d.C}, a.options());
-  T* po = out.data_ptr<T>();
-  for (int64_t j = 0; j < d.C; ++j) {
-    double s = 0.0;
-    for (int64_t k = 0; k < d.rows; ++k) s += part[k * d.C + j];
-    po[j] = static_cast<T>(s);
-  }
-  return out;
+  const auto total = [&](const std::vector<double>& part) {
+    at::Tensor out = at::empty({d.C}, dy.options());
+    T* po = out.data_ptr<T>();
+    for (int64_t j = 0; j < d.C; ++j) {
+      double s = 0.0;
+      for (int64_t k = 0; k < d.rows; ++k) s += part[k * d.C + j];
+      po[j] = static_cast<T>(s);
+    }
+    return out;
+  };
+  reg::NormGrads g;
+  if (norm.defined()) g.hh = total(hh);
+  if (x.defined()) g.ih = total(ih);
+  if (with_sum) g.sum = total(sum);
+  return g;
 }
 
 struct CpuRegKernels {
@@ -281,19 +309,19 @@ struct CpuRegKernels {
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     return cpu::empty_for_steps(sizes, options);
   }
-  static at::Tensor column_dot(const at::Tensor& a, const at::Tensor& b) {
-    return column_dot_normed(a, b, at::Tensor(), at::Tensor());
-  }
-  static at::Tensor column_dot_normed(const at::Tensor& a, const at::Tensor& b,
-                                      const at::Tensor& mean, const at::Tensor& rstd) {
-    if (!a.is_contiguous() || !b.is_contiguous() || a.scalar_type() != b.scalar_type()) {
-      return at::Tensor();
+  // Note [Norm gradients in one pass]: nullopt (ATen's) for what it does not take.
+  static c10::optional<reg::NormGrads> norm_grads(const at::Tensor& dy, const at::Tensor& norm,
+                                                  const at::Tensor& x, const at::Tensor& mean,
+                                                  const at::Tensor& rstd, bool with_sum) {
+    const auto dtype = dy.scalar_type();
+    for (const at::Tensor* t : {&dy, &norm, &x}) {
+      if (t->defined() && (!t->is_contiguous() || t->scalar_type() != dtype)) return c10::nullopt;
     }
     const at::Tensor m = mean.defined() ? mean.contiguous() : mean;
     const at::Tensor s = rstd.defined() ? rstd.contiguous() : rstd;
-    if (a.scalar_type() == at::kFloat) return column_dot_rows<float>(a, b, m, s);
-    if (a.scalar_type() == at::kDouble) return column_dot_rows<double>(a, b, m, s);
-    return at::Tensor();
+    if (dtype == at::kFloat) return norm_grad_rows<float>(dy, norm, x, m, s, with_sum);
+    if (dtype == at::kDouble) return norm_grad_rows<double>(dy, norm, x, m, s, with_sum);
+    return c10::nullopt;
   }
   // dY^T X by the fused path's weight-gradient GEMM where it runs (float32,
   // float64); undefined (ATen's) otherwise.
