@@ -10,6 +10,7 @@
 
 #include "checks.h"
 #include "recurrence.h"
+#include "reg_rows.h"
 
 namespace fusedrnn {
 namespace reg {
@@ -50,6 +51,13 @@ T* ptr(const OptTensor& t) {
 template <typename T>
 T* ptr_or_null(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+// The input norm of a forward loop's rows (InputNorm in reg_rows.h): r's gain
+// and bias, and xs [B, G*H] for the normalised rows (undefined without ln_ih).
+template <typename T>
+InputNorm<T> input_norm(const RegInputs& r, const Tensor& xs) {
+  return {ptr<T>(r.ln_ih), ptr<T>(r.b_ih), ptr_or_null<T>(xs)};
 }
 
 // Checks the LayerReg fields against the layer: G gates of H units, output

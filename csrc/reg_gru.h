@@ -84,9 +84,7 @@ GruRegForwardOut gru_reg_forward_loop(const Tensor& x, const Tensor& h0, const T
       f.H = H;
       f.reset_after = reset_after;
       f.x = x.data_ptr<T>() + off * G;
-      f.in.ln_ih = ptr<T>(r.ln_ih);
-      f.in.b_ih = ptr<T>(r.b_ih);
-      f.in.xs = ptr_or_null<T>(xs);
+      f.in = input_norm<T>(r, xs);
       f.a = reset_after ? a.data_ptr<T>() : nullptr;
       f.a_n = reset_after ? nullptr : a_n.data_ptr<T>();
       f.b_hh = ptr_or_null<T>(b_hh);

@@ -34,7 +34,8 @@ namespace reg {
 //   stats    [N, 5]   rstd of LN(a_t), mean and rstd of the cell norm, mean
 //                     and rstd of LN(x_proj) (any norm on; the columns of one
 //                     that is off hold 0)
-using LstmRegForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using LstmRegForwardOut =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 // (d_x_proj, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b,
 // d_ln_ih, d_b_ih); [0] where absent.
 using LstmRegBackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -100,9 +101,7 @@ LstmRegForwardOut lstm_reg_forward_loop(const Tensor& x, const Tensor& h0, const
       f.rows = bt;
       f.H = H;
       f.x = x.data_ptr<T>() + off * G;
-      f.in.ln_ih = ptr<T>(r.ln_ih);
-      f.in.b_ih = ptr<T>(r.b_ih);
-      f.in.xs = ptr_or_null<T>(xs);
+      f.in = input_norm<T>(r, xs);
       f.a = a.data_ptr<T>();
       f.b_hh = ptr_or_null<T>(b_hh);
       f.ln_hh = ptr<T>(r.ln_hh);

@@ -38,15 +38,18 @@ struct CpuKernels {
 // since their definitions are not linked.
 
 
-// Float32 (float64), padded, without projection: the fused kernels of that
-// type, or null.
-const cpu::FusedF32* fused_f32_for(const at::Tensor& x, bool packed, bool proj) {
-  const cpu::FusedF32* ops = cpu::fused_f32();  // first: a bad knob raises on every call
-  return x.scalar_type() == at::kFloat && !packed && !proj ? ops : nullptr;
-}
-const cpu::FusedF64* fused_f64_for(const at::Tensor& x, bool packed, bool proj) {
-  const cpu::FusedF64* ops = cpu::fused_f64();
-  return x.scalar_type() == at::kDouble && !packed && !proj ? ops : nullptr;
+// run(ops) with the fused kernels of x's dtype (float32, float64) where the
+// layer can take them (`eligible`: padded input without projection, and the
+// op's own conditions); nullopt otherwise. A bad FUSEDRNN_CPU_ISA raises on
+// every call, eligible or not.
+template <typename F>
+auto fused_run(const at::Tensor& x, bool eligible, const F& run) {
+  using Result = decltype(run(static_cast<const cpu::FusedF32*>(nullptr)));
+  if (!eligible) {
+    cpu::fused_f32();  // the knob's check
+    return c10::optional<Result>();
+  }
+  return cpu::with_fused_ops(x.scalar_type(), run);
 }
 
 // Whether the bfloat16 kernels of x86/fused.h run: AVX512-BF16, and the
@@ -118,8 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     return ops->lstm_forward(x_proj, h0, c0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
                              reverse, train);
   };
-  if (const auto* ops = fused_f32_for(x_proj, packed, proj)) return run(ops);
-  if (const auto* ops = fused_f64_for(x_proj, packed, proj)) return run(ops);
+  if (auto r = fused_run(x_proj, !packed && !proj, run)) return *r;
 #ifdef FUSEDRNN_X86
   if (fused_bf16_ok(x_proj, packed, proj, std::get<1>(checked))) {
     const int64_t G = kLstmGates * std::get<1>(checked);
@@ -151,11 +153,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     return ops->lstm_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh,
                               reverse, has_bias, true);
   };
-  const auto* f32_ops = fused_f32_for(grad_output, packed, proj);  // first: a bad knob raises
-  if (grad_output.dim() == 3) {
-    if (f32_ops) return run(f32_ops);
-    if (const auto* ops = fused_f64_for(grad_output, packed, proj)) return run(ops);
-  }
+  if (auto r = fused_run(grad_output, !packed && !proj && grad_output.dim() == 3, run)) return *r;
   const auto* ops = fused_via_f32_for(grad_output, packed, proj);
   if (ops && grad_output.dim() == 3) {
     const auto dt = grad_output.scalar_type();
@@ -187,11 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     return ops->gru_forward(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj), reverse,
                             train);
   };
-  const auto* f32_ops = fused_f32_for(x_proj, packed, false);  // first: a bad knob raises
-  if (reset_after) {
-    if (f32_ops) return run(f32_ops);
-    if (const auto* ops = fused_f64_for(x_proj, packed, false)) return run(ops);
-  }
+  if (auto r = fused_run(x_proj, !packed && reset_after, run)) return *r;
 #ifdef FUSEDRNN_X86
   if (reset_after && fused_bf16_ok(x_proj, packed, false, std::get<1>(checked))) {
     const int64_t G = kGruGates * std::get<1>(checked);
@@ -218,15 +212,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
   const bool packed = batch_sizes.has_value();
-  const auto run = [&](const auto* ops) -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  const auto run = [&](const auto* ops) -> Grads {
     auto [dx, dh0, dw, db, dhh] =
         ops->gru_backward(grad_output, grad_h_n, output, gates, h0, w_hh, reverse, has_bias, true);
     return {dx, dh0, dw, db};
   };
-  const auto* f32_ops = fused_f32_for(grad_output, packed, false);  // first: a bad knob raises
-  if (reset_after && grad_output.dim() == 3) {
-    if (f32_ops) return run(f32_ops);
-    if (const auto* ops = fused_f64_for(grad_output, packed, false)) return run(ops);
+  if (auto r = fused_run(grad_output, !packed && reset_after && grad_output.dim() == 3, run)) {
+    return *r;
   }
   const auto* ops = fused_via_f32_for(grad_output, packed, false);
   if (reset_after && ops && grad_output.dim() == 3) {

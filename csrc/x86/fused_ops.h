@@ -110,6 +110,20 @@ void epilogue_only(int64_t p0, int64_t p1, int64_t M, const Elem<V>* rec,
   for (int64_t p = p0; p < p1; ++p) epi(rec ? rec + p * units_per_panel : nullptr, ldr, 0, M, p);
 }
 
+// f(r, b, j, u, m) for each row r of a backward epilogue's tile (batch row
+// b = m0 + r) and each vector of panel p's units: column j of the tile, unit
+// u, lane mask m for the units that exist.
+template <typename V, typename F>
+inline void each_unit_vector(int64_t H, int64_t m0, int mr, int64_t p, const F& f) {
+  constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
+  const int64_t u0 = p * kUnitsPerPanel;
+  for (int r = 0; r < mr; ++r) {
+    for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
+      f(r, m0 + r, j, u0 + j, V::mask(H - u0 - j));
+    }
+  }
+}
+
 template <typename V>
 struct LstmBackwardEpi {
   int64_t H;
@@ -121,29 +135,22 @@ struct LstmBackwardEpi {
     for (const Elem<V>* r : {cells, c_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
   }
   void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
-    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
-    const int64_t u0 = p * kUnitsPerPanel;
-    for (int r = 0; r < mr; ++r) {
-      const int64_t b = m0 + r;
-      for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
-        const auto m = V::mask(H - u0 - j);
-        const int64_t u = u0 + j;
-        const Elem<V>* gs = gates + b * 4 * H + u;
-        V di, df, dgg, d_o, dcp;
-        lstm_backward_point<V>(
-            V::load(gs, m), V::load(gs + H, m), V::load(gs + 2 * H, m),
-            V::load(gs + 3 * H, m), V::load(cells + b * H + u, m),
-            V::load(c_prev + b * H + u, m),
-            V::load(grad_out + b * H + u, m) + V::load(rec + r * ldr + j, m),
-            V::load(dc + b * H + u, m), di, df, dgg, d_o, dcp);
-        Elem<V>* dg = dgates + b * 4 * H + u;
-        di.store(dg, m);
-        df.store(dg + H, m);
-        dgg.store(dg + 2 * H, m);
-        d_o.store(dg + 3 * H, m);
-        dcp.store(dc + b * H + u, m);
-      }
-    }
+    each_unit_vector<V>(H, m0, mr, p, [&](int r, int64_t b, int64_t j, int64_t u, auto m) {
+      const Elem<V>* gs = gates + b * 4 * H + u;
+      V di, df, dgg, d_o, dcp;
+      lstm_backward_point<V>(
+          V::load(gs, m), V::load(gs + H, m), V::load(gs + 2 * H, m),
+          V::load(gs + 3 * H, m), V::load(cells + b * H + u, m),
+          V::load(c_prev + b * H + u, m),
+          V::load(grad_out + b * H + u, m) + V::load(rec + r * ldr + j, m),
+          V::load(dc + b * H + u, m), di, df, dgg, d_o, dcp);
+      Elem<V>* dg = dgates + b * 4 * H + u;
+      di.store(dg, m);
+      df.store(dg + H, m);
+      dgg.store(dg + 2 * H, m);
+      d_o.store(dg + 3 * H, m);
+      dcp.store(dc + b * H + u, m);
+    });
   }
 };
 
@@ -159,32 +166,24 @@ struct GruBackwardEpi {
     for (const Elem<V>* r : {h_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
   }
   void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
-    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
-    const int64_t u0 = p * kUnitsPerPanel;
-    for (int r = 0; r < mr; ++r) {
-      const int64_t b = m0 + r;
-      for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
-        const auto m = V::mask(H - u0 - j);
-        const int64_t u = u0 + j;
-        const Elem<V>* gs = gates + b * kGruSaved * H + u;
-        V d = V::load(grad_out + b * H + u, m) + V::load(dh + b * H + u, m);
-        if (rec) d = d + V::load(rec + r * ldr + j, m);
-        V dr, dz, dn, dhn, dh_direct;
-        gru_backward_point<V>(V::load(gs, m), V::load(gs + H, m),
-                                  V::load(gs + 2 * H, m), V::load(gs + 3 * H, m),
-                                  V::load(h_prev + b * H + u, m), d, dr, dz, dn, dhn,
-                                  dh_direct);
-        Elem<V>* dxb = dx + b * 3 * H + u;
-        Elem<V>* dhhb = dhh + b * 3 * H + u;
-        dr.store(dxb, m);
-        dr.store(dhhb, m);
-        dz.store(dxb + H, m);
-        dz.store(dhhb + H, m);
-        dn.store(dxb + 2 * H, m);
-        dhn.store(dhhb + 2 * H, m);
-        dh_direct.store(dh + b * H + u, m);
-      }
-    }
+    each_unit_vector<V>(H, m0, mr, p, [&](int r, int64_t b, int64_t j, int64_t u, auto m) {
+      const Elem<V>* gs = gates + b * kGruSaved * H + u;
+      V d = V::load(grad_out + b * H + u, m) + V::load(dh + b * H + u, m);
+      if (rec) d = d + V::load(rec + r * ldr + j, m);
+      V dr, dz, dn, dhn, dh_direct;
+      gru_backward_point<V>(V::load(gs, m), V::load(gs + H, m), V::load(gs + 2 * H, m),
+                            V::load(gs + 3 * H, m), V::load(h_prev + b * H + u, m), d, dr, dz,
+                            dn, dhn, dh_direct);
+      Elem<V>* dxb = dx + b * 3 * H + u;
+      Elem<V>* dhhb = dhh + b * 3 * H + u;
+      dr.store(dxb, m);
+      dr.store(dhhb, m);
+      dz.store(dxb + H, m);
+      dz.store(dhhb + H, m);
+      dn.store(dxb + 2 * H, m);
+      dhn.store(dhhb + 2 * H, m);
+      dh_direct.store(dh + b * H + u, m);
+    });
   }
 };
 
@@ -196,17 +195,11 @@ struct StoreEpi {
   Elem<V>* dst;        // [B, H]
   void prefetch(int64_t, int, int64_t) const {}
   void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
-    constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
-    const int64_t u0 = p * kUnitsPerPanel;
-    for (int r = 0; r < mr; ++r) {
-      const int64_t b = m0 + r;
-      for (int64_t j = 0; j < kUnitsPerPanel && u0 + j < H; j += kLanes) {
-        const auto m = V::mask(H - u0 - j);
-        V v = V::load(rec + r * ldr + j, m);
-        if (add) v = v + V::load(add + b * H + u0 + j, m);
-        v.store(dst + b * H + u0 + j, m);
-      }
-    }
+    each_unit_vector<V>(H, m0, mr, p, [&](int r, int64_t b, int64_t j, int64_t u, auto m) {
+      V v = V::load(rec + r * ldr + j, m);
+      if (add) v = v + V::load(add + b * H + u, m);
+      v.store(dst + b * H + u, m);
+    });
   }
 };
 
