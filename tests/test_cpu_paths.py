@@ -20,7 +20,7 @@ from isa_helpers import (CPU_ISAS, FUSED_ISAS, RUNNABLE, cpu_isa_in_force, force
 
 KINDS = ["lstm", "gru"]
 # Against float64: the fused paths' error in float32 (fp32 accumulation) is
-# ~1e-7; in float64 ~1e-15 (sums in another order, exp/tanh within 2 ulp).
+# ~1e-7; in float64 ~1e-15 (sums in another order, exp/tanh within a few ulp).
 TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
 

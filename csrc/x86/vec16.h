@@ -3,13 +3,15 @@
 // operations of the GEMM (panel_gemm.h). vec8.h has the same for AVX2.
 //
 // Only for code compiled for AVX-512 (see Note [ISA translation units] in
-// fused_ops.h). exp_ and tanh_ use the same Cephes reductions and polynomials
-// as the scalar host versions in gates.h.
+// fused_ops.h). exp_ and tanh_ compute what the scalar host versions in gates.h
+// do (Note [host float activations], Note [rational tanh]).
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+
+#include "../gates.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -51,44 +53,34 @@ inline Vec16 operator-(Vec16 a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f
 inline Vec16 exp_(Vec16 x) {
   // min/max return their second operand when either is NaN: x goes second so
   // that a NaN survives the clamp (and the result is NaN, as std::exp's).
-  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.3365447504019f),
-                                  _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x.v));
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(math::kExpMin),
+                                  _mm512_min_ps(_mm512_set1_ps(math::kExpMax), x.v));
   const __m512 n = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _mm512_fmadd_ps(xc, _mm512_set1_ps(math::kLog2e), _mm512_set1_ps(0.5f)),
       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(math::kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(math::kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(math::kExpPoly[5]);
+#pragma GCC unroll 5
+  for (int k = 4; k >= 0; --k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(math::kExpPoly[k]));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  // Note [Saturated exp] in gates.h: inf past the top, 0 past the bottom.
-  const __mmask16 over = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(88.3762626647949f), _CMP_GT_OQ);
-  const __mmask16 under = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-87.3365447504019f), _CMP_LT_OQ);
-  const __m512 e = _mm512_mask_blend_ps(over, _mm512_scalef_ps(y, n),
-                                        _mm512_set1_ps(__builtin_inff()));
-  return _mm512_mask_blend_ps(under, e, _mm512_setzero_ps());
+  // Note [Saturated exp] in gates.h: y * 2^n, rounded once: inf past the
+  // top, subnormal, then 0, past the bottom.
+  return _mm512_scalef_ps(y, n);
 }
 
-inline Vec16 tanh_(Vec16 x) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  const __m512 a = _mm512_andnot_ps(sign, x.v);
-  const __m512 x2 = _mm512_mul_ps(x.v, x.v);
-  __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.06390887954e-2f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-5.37397155531e-2f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(1.33314422036e-1f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-3.33332819422e-1f));
-  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(x.v, x2), p, x.v);
-  const __m512 e = exp_(Vec16(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)))).v;
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 big_abs = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-  const __m512 big = _mm512_or_ps(big_abs, _mm512_and_ps(sign, x.v));
-  const __mmask16 is_small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
-  return _mm512_mask_blend_ps(is_small, big, small);
+inline Vec16 tanh_(Vec16 x) {  // Note [rational tanh] in gates.h
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-math::kTanhClamp),
+                                  _mm512_min_ps(_mm512_set1_ps(math::kTanhClamp), x.v));  // NaN passes
+  const __m512 s = _mm512_mul_ps(xc, xc);
+  __m512 p = _mm512_set1_ps(math::kTanhP[6]);
+#pragma GCC unroll 6
+  for (int k = 5; k >= 0; --k) p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(math::kTanhP[k]));
+  __m512 q = _mm512_set1_ps(math::kTanhQ[3]);
+#pragma GCC unroll 3
+  for (int k = 2; k >= 0; --k) q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(math::kTanhQ[k]));
+  const __m512 t = _mm512_div_ps(_mm512_mul_ps(xc, p), q);
+  return _mm512_max_ps(_mm512_set1_ps(-1.0f), _mm512_min_ps(_mm512_set1_ps(1.0f), t));
 }
 
 }  // namespace simd

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "../gates.h"
+
 namespace fusedrnn {
 namespace cpu {
 namespace simd {
@@ -71,50 +73,43 @@ inline Vec8 operator*(Vec8 a, Vec8 b) { return _mm256_mul_ps(a.v, b.v); }
 inline Vec8 operator/(Vec8 a, Vec8 b) { return _mm256_div_ps(a.v, b.v); }
 inline Vec8 operator-(Vec8 a) { return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)); }
 
-inline Vec8 exp_(Vec8 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
-  const __m256 lo = _mm256_set1_ps(-87.3365447504019f);
-  // min/max return their second operand when either is NaN: x goes second so
-  // that a NaN survives the clamp (and the result is NaN, as std::exp's).
-  const __m256 xc = _mm256_max_ps(lo, _mm256_min_ps(hi, x.v));
-  const __m256 n = _mm256_floor_ps(
-      _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  // 2^n from its exponent bits, as gates.h's host_expf: the clamp keeps n in
-  // [-126, 127], a normal number, so y * 2^n rounds as vec16.h's scalef does.
-  const __m256i bits = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-  // Note [Saturated exp] in gates.h: inf past the top, 0 past the bottom.
-  const __m256 over = _mm256_cmp_ps(x.v, hi, _CMP_GT_OQ);
-  const __m256 under = _mm256_cmp_ps(x.v, lo, _CMP_LT_OQ);
-  return _mm256_andnot_ps(under, _mm256_blendv_ps(e, _mm256_set1_ps(__builtin_inff()), over));
+// 2^k for integer k in [-126, 127], from its exponent bits.
+inline __m256 pow2_bits(__m256 k) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
 }
 
-inline Vec8 tanh_(Vec8 x) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 a = _mm256_andnot_ps(sign, x.v);
-  const __m256 x2 = _mm256_mul_ps(x.v, x.v);
-  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.06390887954e-2f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-5.37397155531e-2f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(1.33314422036e-1f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-3.33332819422e-1f));
-  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(x.v, x2), p, x.v);
-  const __m256 e = exp_(Vec8(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)))).v;
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 big_abs = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-  const __m256 big = _mm256_or_ps(big_abs, _mm256_and_ps(sign, x.v));
-  const __m256 is_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
-  return _mm256_blendv_ps(big, small, is_small);
+inline Vec8 exp_(Vec8 x) {
+  // min/max return their second operand when either is NaN: x goes second so
+  // that a NaN survives the clamp (and the result is NaN, as std::exp's).
+  const __m256 xc = _mm256_max_ps(_mm256_set1_ps(math::kExpMin),
+                                  _mm256_min_ps(_mm256_set1_ps(math::kExpMax), x.v));
+  const __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(xc, _mm256_set1_ps(math::kLog2e), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(math::kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(math::kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(math::kExpPoly[5]);
+#pragma GCC unroll 5
+  for (int k = 4; k >= 0; --k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(math::kExpPoly[k]));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  // Note [Saturated exp] in gates.h: y * 2^h * 2^(n - h), y * 2^h exact, so
+  // one rounding, as vec16.h's scalef.
+  const __m256 h = _mm256_floor_ps(_mm256_mul_ps(n, _mm256_set1_ps(0.5f)));
+  return _mm256_mul_ps(_mm256_mul_ps(y, pow2_bits(h)), pow2_bits(_mm256_sub_ps(n, h)));
+}
+
+inline Vec8 tanh_(Vec8 x) {  // Note [rational tanh] in gates.h
+  const __m256 xc = _mm256_max_ps(_mm256_set1_ps(-math::kTanhClamp),
+                                  _mm256_min_ps(_mm256_set1_ps(math::kTanhClamp), x.v));  // NaN passes
+  const __m256 s = _mm256_mul_ps(xc, xc);
+  __m256 p = _mm256_set1_ps(math::kTanhP[6]);
+#pragma GCC unroll 6
+  for (int k = 5; k >= 0; --k) p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(math::kTanhP[k]));
+  __m256 q = _mm256_set1_ps(math::kTanhQ[3]);
+#pragma GCC unroll 3
+  for (int k = 2; k >= 0; --k) q = _mm256_fmadd_ps(q, s, _mm256_set1_ps(math::kTanhQ[k]));
+  const __m256 t = _mm256_div_ps(_mm256_mul_ps(xc, p), q);
+  return _mm256_max_ps(_mm256_set1_ps(-1.0f), _mm256_min_ps(_mm256_set1_ps(1.0f), t));
 }
 
 }  // namespace simd
