@@ -175,8 +175,14 @@ def is_ln_parameter(name):
 # ------------------------------------------------------------------ per op call
 def draw(shape, p, like):
     """A mask of `shape` that is 1 with probability p, else 0, in like's dtype
-    and on its device, from torch's generator. Every mask is drawn here."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(p)
+    and on its device, from torch's generator. Every mask is drawn here.
+
+    As u < p for u uniform on [0, 1) in float32, which is 1 with probability p
+    rounded up to a multiple of 2^-24: on the CPU in half of bernoulli_'s time
+    (0.90 against 1.77 ms for [100, 16, 256], 2-core AMD EPYC), which was most
+    of zoneout's cost in training."""
+    u = torch.rand(shape, device=like.device)
+    return u.lt_(p) if like.dtype == u.dtype else (u < p).to(like.dtype)
 
 
 def drop_weight(w_hh, p, training):
