@@ -8,8 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../reg_gru.h"
-#include "../reg_lstm.h"
+#include "../reg_ops.h"
 
 namespace fusedrnn {
 namespace {
@@ -68,6 +67,7 @@ __global__ void __launch_bounds__(kRowThreads) rows_kernel(const Rows a) {
 }
 
 struct CudaRegKernels {
+  using DeviceGuard = c10::cuda::CUDAGuard;  // held for each op (reg_ops.h)
   // One launch on the current stream, checked.
   template <typename Rows>
   static void run(const Rows& a) {
@@ -78,68 +78,8 @@ struct CudaRegKernels {
   }
 };
 
-reg::LstmRegForwardOut lstm_reg_forward_cuda(
-    const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
-    bool train, const OptTensor& rec_mask, const OptTensor& zone_h, const OptTensor& zone_c,
-    const OptTensor& ln_hh, const OptTensor& ln_c_w, const OptTensor& ln_c_b,
-    const OptTensor& ln_ih, const OptTensor& b_ih) {
-  const c10::cuda::CUDAGuard guard(x_proj.device());
-  return reg::lstm_reg_forward_impl<CudaRegKernels>(
-      x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train,
-      {rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih, b_ih});
-}
-
-reg::LstmRegBackwardOut lstm_reg_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& x_proj, const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& cells, const at::Tensor& cell_new, const at::Tensor& norm_hh,
-    const at::Tensor& stats,
-    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const OptTensor& w_hr,
-    const OptTensor& batch_sizes, bool reverse, bool has_bias, const OptTensor& rec_mask,
-    const OptTensor& zone_h, const OptTensor& zone_c, const OptTensor& ln_hh,
-    const OptTensor& ln_c_w, const OptTensor& ln_c_b, const OptTensor& ln_ih,
-    const OptTensor& b_ih) {
-  const c10::cuda::CUDAGuard guard(grad_output.device());
-  return reg::lstm_reg_backward_impl<CudaRegKernels>(
-      grad_output, grad_h_n, grad_c_n, x_proj, output, gates, cells, cell_new, norm_hh, stats,
-      h0, c0, w_hh, w_hr, batch_sizes, reverse, has_bias,
-      {rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih, b_ih});
-}
-
-reg::GruRegForwardOut gru_reg_forward_cuda(const at::Tensor& x_proj, const at::Tensor& h0,
-                                           const at::Tensor& w_hh, const OptTensor& b_hh,
-                                           const OptTensor& batch_sizes, bool reverse,
-                                           bool reset_after, bool train,
-                                           const OptTensor& rec_mask, const OptTensor& zone_h,
-                                           const OptTensor& ln_hh, const OptTensor& ln_ih,
-                                           const OptTensor& b_ih) {
-  const c10::cuda::CUDAGuard guard(x_proj.device());
-  return reg::gru_reg_forward_impl<CudaRegKernels>(
-      x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train,
-      {rec_mask, zone_h, {}, ln_hh, {}, {}, ln_ih, b_ih});
-}
-
-reg::GruRegBackwardOut gru_reg_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& x_proj,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& norm_hh,
-    const at::Tensor& stats, const at::Tensor& h0, const at::Tensor& w_hh,
-    const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias,
-    const OptTensor& rec_mask, const OptTensor& zone_h, const OptTensor& ln_hh,
-    const OptTensor& ln_ih, const OptTensor& b_ih) {
-  const c10::cuda::CUDAGuard guard(grad_output.device());
-  return reg::gru_reg_backward_impl<CudaRegKernels>(
-      grad_output, grad_h_n, x_proj, output, gates, norm_hh, stats, h0, w_hh, batch_sizes,
-      reverse, reset_after, has_bias, {rec_mask, zone_h, {}, ln_hh, {}, {}, ln_ih, b_ih});
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
-  m.impl("lstm_reg_forward", &lstm_reg_forward_cuda);
-  m.impl("lstm_reg_backward", &lstm_reg_backward_cuda);
-  m.impl("gru_reg_forward", &gru_reg_forward_cuda);
-  m.impl("gru_reg_backward", &gru_reg_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) { reg::RegOps<CudaRegKernels>::register_ops(m); }
 
 }  // namespace fusedrnn
