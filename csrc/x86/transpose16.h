@@ -63,22 +63,25 @@ void pack_rows_into_panel(const float* w, int64_t K, int nrows, float* panel,
   }
 }
 
-// Panels of w [N, KU] read as B = w^T, in 32-bit units (a float, or a pair
-// of bfloat16 along k): panel[p][k][c] = w[W p + c][k], 0 beyond N; W a
-// multiple of 16. Panels in parallel.
+// Panel p of w [N, KU] read as B = w^T, in 32-bit units (a float, or a pair
+// of bfloat16 along k): panel[k][c] = w[W p + c][k], 0 beyond N; W a
+// multiple of 16.
+template <int64_t W, int Lanes>
+void pack_units_panel(const float* w, int64_t N, int64_t KU, int64_t p, float* panel) {
+  static_assert(W % 16 == 0, "whole 16 x 16 transposes");
+  for (int64_t c0 = 0; c0 < W; c0 += 16) {
+    const int64_t row = p * W + c0;
+    const int rows = static_cast<int>(row >= N ? 0 : (N - row < 16 ? N - row : 16));
+    pack_rows_into_panel<Lanes>(w + (row < N ? row : N) * KU, KU, rows, panel, W, c0);
+  }
+}
+
+// All panels of w, panels [P][KU][W], in parallel.
 template <int64_t W, int Lanes>
 void pack_units_transposed(const float* w, int64_t N, int64_t KU, float* panels) {
-  static_assert(W % 16 == 0, "whole 16 x 16 transposes");
   const int64_t P = (N + W - 1) / W;
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t c0 = 0; c0 < W; c0 += 16) {
-        const int64_t row = p * W + c0;
-        const int rows = static_cast<int>(row >= N ? 0 : (N - row < 16 ? N - row : 16));
-        pack_rows_into_panel<Lanes>(w + (row < N ? row : N) * KU, KU, rows,
-                                    panels + p * KU * W, W, c0);
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p) pack_units_panel<W, Lanes>(w, N, KU, p, panels + p * KU * W);
   });
 }
 

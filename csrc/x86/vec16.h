@@ -42,6 +42,7 @@ struct Vec16 {
   static void storeu(float* p, Reg r) { _mm512_storeu_ps(p, r); }
   static Reg set1(float x) { return _mm512_set1_ps(x); }
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static T sum(Reg r) { return _mm512_reduce_add_ps(r); }
 };
 
 inline Vec16 operator+(Vec16 a, Vec16 b) { return _mm512_add_ps(a.v, b.v); }

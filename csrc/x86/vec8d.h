@@ -41,6 +41,7 @@ struct Vec8d {
   static void storeu(double* p, Reg r) { _mm512_storeu_pd(p, r); }
   static Reg set1(double x) { return _mm512_set1_pd(x); }
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static T sum(Reg r) { return _mm512_reduce_add_pd(r); }
 };
 
 inline Vec8d operator+(Vec8d a, Vec8d b) { return _mm512_add_pd(a.v, b.v); }
