@@ -112,8 +112,11 @@ def check_layer_against_float64(kind, T, B, H, reverse, bias, dtype=torch.float3
 
 # (T, B, H): one step, one row, tails of 8- and 16-lane vectors (5, 17, 70, 129),
 # whole vectors of 8 lanes only (8, 24), batches that are not a multiple of any
-# tile's rows, a backward panel cut in depth on AVX-512 (4H > 512 at H=129).
-SHAPES = [(1, 1, 5), (1, 3, 8), (9, 1, 24), (7, 7, 17), (4, 13, 70), (3, 6, 129)]
+# tile's rows, a backward panel cut in depth on AVX-512 (4H > 512 at H=129); one
+# step of a few rows (dot products, x86/dot_gemm.h: one block of rows, two, and
+# more rows than they take, on AVX-512; on AVX2 fewer rows).
+SHAPES = [(1, 1, 5), (1, 3, 8), (1, 8, 17), (1, 13, 21), (9, 1, 24), (7, 7, 17), (4, 13, 70),
+          (3, 6, 129)]
 
 
 @pytest.mark.parametrize("isa", isa_params())

@@ -39,10 +39,10 @@ constexpr int64_t dot_max_rows() {
   return 2 * dot_rows<V>();
 }
 
-// y[m][n] = sum_k a[m][k] w[n][k] (+ bias[n]) for m < MR, n in [n0, n1).
-template <typename V, int MR>
+// out(m0 + m, n) = sum_k a[m][k] w[n][k] (+ bias[n]) for m < MR, n in [n0, n1).
+template <typename V, int MR, typename Out>
 void dot_rows_range(int64_t K, const typename V::T* a, int64_t lda, const typename V::T* w,
-                    const typename V::T* bias, typename V::T* y, int64_t ldy, int64_t n0,
+                    const typename V::T* bias, const Out& out, int64_t m0, int64_t n0,
                     int64_t n1) {
   using T = typename V::T;
   using Reg = typename V::Reg;
@@ -80,29 +80,28 @@ void dot_rows_range(int64_t K, const typename V::T* a, int64_t lda, const typena
     }
     for (int m = 0; m < MR; ++m) {
       for (int r = 0; r < nr; ++r) {
-        y[m * ldy + n + r] = V::sum(acc[m][r]) + (bias ? bias[n + r] : T(0));
+        out(m0 + m, n + r) = V::sum(acc[m][r]) + (bias ? bias[n + r] : T(0));
       }
     }
   }
 }
 
-// Rows m0..m0+mr of y for n in [n0, n1), mr <= MR.
-template <typename V, int MR>
+// Rows m0..m0+mr of out for n in [n0, n1), mr <= MR.
+template <typename V, int MR, typename Out>
 void dot_rows_of(int mr, int64_t K, const typename V::T* a, int64_t lda, const typename V::T* w,
-                 const typename V::T* bias, typename V::T* y, int64_t ldy, int64_t n0,
-                 int64_t n1) {
+                 const typename V::T* bias, const Out& out, int64_t m0, int64_t n0, int64_t n1) {
   if constexpr (MR > 1) {
-    if (mr < MR) return dot_rows_of<V, MR - 1>(mr, K, a, lda, w, bias, y, ldy, n0, n1);
+    if (mr < MR) return dot_rows_of<V, MR - 1>(mr, K, a, lda, w, bias, out, m0, n0, n1);
   }
-  dot_rows_range<V, MR>(K, a, lda, w, bias, y, ldy, n0, n1);
+  dot_rows_range<V, MR>(K, a, lda, w, bias, out, m0, n0, n1);
 }
 
-// y [M, N] = a [M, K] w [N, K]^T (+ bias [N]): the rows of w shared out over
-// the threads, each group of them run against every block of rows of a
-// while it is in L1.
-template <typename V>
+// out(m, n) = (a [M, K] w [N, K]^T)[m][n] (+ bias[n]), out(m, n) a T&: the
+// rows of w shared out over the threads, each group of them run against every
+// block of rows of a while it is in L1.
+template <typename V, typename Out>
 void dot_gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t lda,
-              const typename V::T* w, const typename V::T* bias, typename V::T* y, int64_t ldy) {
+              const typename V::T* w, const typename V::T* bias, const Out& out) {
   constexpr int MR = dot_rows<V>();
   const int64_t groups = (N + kDotRowsOfW - 1) / kDotRowsOfW;
   const int64_t grain = (groups + at::get_num_threads() - 1) / at::get_num_threads();
@@ -111,7 +110,7 @@ void dot_gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t l
       const int64_t n0 = g * kDotRowsOfW, n1 = std::min(N, n0 + kDotRowsOfW);
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-        dot_rows_of<V, MR>(mr, K, a + m0 * lda, lda, w, bias, y + m0 * ldy, ldy, n0, n1);
+        dot_rows_of<V, MR>(mr, K, a + m0 * lda, lda, w, bias, out, m0, n0, n1);
       }
     }
   });

@@ -438,7 +438,9 @@ Tensor linear_fused(const Tensor& x, const Tensor& w, const c10::optional<Tensor
   const Elem<V>* bp = bias.defined() ? bias.data_ptr<Elem<V>>() : nullptr;
   const Elem<V>* wp = w.data_ptr<Elem<V>>();
   if (M <= dot_max_rows<V>()) {  // Note [dot products for a few rows]
-    dot_gemm<V>(M, N, K, x.data_ptr<Elem<V>>(), K, wp, bp, y.data_ptr<Elem<V>>(), N);
+    Elem<V>* yp = y.data_ptr<Elem<V>>();
+    dot_gemm<V>(M, N, K, x.data_ptr<Elem<V>>(), K, wp, bp,
+                [yp, N](int64_t m, int64_t n) -> Elem<V>& { return yp[m * N + n]; });
     return y;
   }
   if (M <= kRowBlock) {  // Note [packing panel by panel]
