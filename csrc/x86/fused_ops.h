@@ -72,10 +72,10 @@ void pack_column_panel(const Elem<V>* b, int64_t K, int64_t N, int64_t q, Elem<V
   }
 }
 
-// Panel p of w [N, K] read as B = w^T: panel[k][c] = w[U p + c][k] (0 beyond N).
-template <typename V>
+// Panel p of w [N, K] read as B = w^T, U columns (a multiple of the lanes):
+// panel[k][c] = w[U p + c][k] (0 beyond N).
+template <typename V, int64_t U = kColumnPanel<V>>
 void pack_transposed_panel(const Elem<V>* w, int64_t N, int64_t K, int64_t p, Elem<V>* panel) {
-  constexpr int64_t U = kColumnPanel<V>;
   if constexpr (std::is_same_v<Elem<V>, float> && V::kLanes == 16) {  // transpose16.h
     pack_units_panel<U, V::kLanes>(w, N, K, p, panel);
   } else {
@@ -293,6 +293,61 @@ void gemm_panelwise(int64_t M, int64_t N, int64_t K, const Elem<V>* a, int64_t l
   });
 }
 
+// Note [w in place for a few rows]
+// y = a w^T for 16 to 64 rows of a and deep rows of w (K >= 1024: w from
+// memory) runs as y^T = w a^T: the rows of w are the tile's broadcast operand,
+// read where they are, and only a is packed (transposed), into panels of NV
+// vectors, as wide as the rows of a. Packing w cost as much as the product
+// here, even panel by panel (Note [packing panel by panel]): with AVX-512, w
+// [4096, 1024], a [64, 1024]: 1.24 against 1.49 ms (oneDNN's matmul 1.48 ms);
+// a [32, 1024]: 0.65 against 0.99 ms; a [16, 1024]: 0.46 against 0.57 ms.
+// With shallower w (K = 256, 512) or more rows, the two came out even or
+// panel by panel ahead.
+constexpr int64_t kInPlaceMinDepth = 1024;
+constexpr int64_t kInPlaceMaxRows = 64;
+
+template <typename V, int NV>
+void gemm_w_in_place(int64_t M, int64_t N, int64_t K, const Elem<V>* a, const Elem<V>* w,
+                     const Elem<V>* bias, Elem<V>* y) {
+  using T = Elem<V>;
+  constexpr int64_t W = NV * V::kLanes;
+  constexpr int MR = V::rows_per_tile(NV);
+  const int64_t Q = ceil_div(M, W);
+  std::vector<T> a_t(static_cast<size_t>(Q * K * W));  // a^T, Q panels [K][W]
+  for (int64_t q = 0; q < Q; ++q) pack_transposed_panel<V, W>(a, M, K, q, a_t.data() + q * K * W);
+  const int64_t tiles = ceil_div(N, MR);
+  at::parallel_for(0, tiles, ceil_div(tiles, at::get_num_threads()), [&](int64_t t0, int64_t t1) {
+    alignas(64) T tile[MR * W];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t * MR;
+      const int nr = static_cast<int>(std::min<int64_t>(MR, N - n));
+      for (int64_t q = 0; q < Q; ++q) {
+        MmaVec<V>::template rows<MR, NV>(nr, w + n * K, K, 1, a_t.data() + q * K * W, K, tile,
+                                         false);
+        // The tile is rows n.. of y^T: stored transposed, a few stores per K FMAs.
+        for (int64_t c = 0; c < std::min<int64_t>(W, M - q * W); ++c) {
+          T* yr = y + (q * W + c) * N + n;
+          for (int r = 0; r < nr; ++r) yr[r] = tile[r * W + c] + (bias ? bias[n + r] : T(0));
+        }
+      }
+    }
+  });
+}
+
+// y [M, N] = a [M, K] w [N, K]^T (+ bias) as gemm_w_in_place, panels of a^T
+// as narrow as M allows.
+template <typename V>
+void linear_w_in_place(int64_t M, int64_t N, int64_t K, const Elem<V>* a, const Elem<V>* w,
+                       const Elem<V>* bias, Elem<V>* y) {
+  constexpr int64_t L = V::kLanes;
+  if (M <= L) return gemm_w_in_place<V, 1>(M, N, K, a, w, bias, y);
+  if (M <= 2 * L) return gemm_w_in_place<V, 2>(M, N, K, a, w, bias, y);
+  if constexpr (V::kColumnNV > 3) {
+    if (M <= 3 * L) return gemm_w_in_place<V, 3>(M, N, K, a, w, bias, y);
+  }
+  gemm_w_in_place<V, V::kColumnNV>(M, N, K, a, w, bias, y);
+}
+
 // b [K, N] (any strides) packed for gemm_packed_fused: W^T panels where b is a
 // transposed weight, else b's own.
 template <typename V>
@@ -441,6 +496,10 @@ Tensor linear_fused(const Tensor& x, const Tensor& w, const c10::optional<Tensor
     Elem<V>* yp = y.data_ptr<Elem<V>>();
     dot_gemm<V>(M, N, K, x.data_ptr<Elem<V>>(), K, wp, bp,
                 [yp, N](int64_t m, int64_t n) -> Elem<V>& { return yp[m * N + n]; });
+    return y;
+  }
+  if (M <= kInPlaceMaxRows && K >= kInPlaceMinDepth) {  // Note [w in place for a few rows]
+    linear_w_in_place<V>(M, N, K, x.data_ptr<Elem<V>>(), wp, bp, y.data_ptr<Elem<V>>());
     return y;
   }
   if (M <= kRowBlock) {  // Note [packing panel by panel]
