@@ -1,8 +1,9 @@
 """The weight gradients of the fused CPU paths (dW = dY^T X and the bias
 gradient, Note [weight-gradient GEMM]; float32, and bfloat16 in k-pairs)
 against float64, over sizes that cross every blocking edge: rows per block
-(128), columns per tile (6) and per block (192), panel width (64); and the
-recurrent dW_hh/db_hh through the ops."""
+(128), columns per tile (6) and per block (192), panel width (64), the sums of
+a few rows' outer products (up to 8 rows, Note [weight gradients of a few
+rows]); and the recurrent dW_hh/db_hh through the ops."""
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from isa_helpers import force_cpu_isa, isa_params
 ops = torch.ops.fusedrnn
 
 
-@pytest.mark.parametrize("K", [1, 127, 300])
+@pytest.mark.parametrize("K", [1, 8, 9, 127, 300])
 @pytest.mark.parametrize("M,N", [(1, 1), (7, 65), (200, 130), (389, 64)])
 def test_linear_weight_grad_matches_float64(K, M, N):
     g = torch.Generator().manual_seed(K * 1000 + M + N)

@@ -293,6 +293,40 @@ void gemm_panelwise(int64_t M, int64_t N, int64_t K, const Elem<V>* a, int64_t l
   });
 }
 
+// Note [panels in place for one tile of rows]
+// a [M, K] @ b [K, N] for M up to one tile's rows (a cell's backward at small
+// B: dh = dG W_hh, dx = dG W_ih) reads each panel of b once, so packing b
+// first (a copy of all of it) only adds memory traffic: the tile runs on b's
+// own rows instead, ldb apart, and only the last panel, where N is not a
+// multiple of its width, is copied (zero-padded). Panels [p0, p1) into
+// epi(tile, width, 0, M, p).
+template <typename V>
+constexpr int64_t in_place_rows() {
+  return V::rows_per_tile(V::kColumnNV);
+}
+
+template <typename V, typename Epi>
+void product_in_place(int64_t p0, int64_t p1, int64_t M, int64_t K, const Elem<V>* a,
+                      int64_t lda, const Elem<V>* b, int64_t ldb, int64_t N, const Epi& epi) {
+  constexpr int64_t U = kColumnPanel<V>;
+  constexpr int MR = V::rows_per_tile(V::kColumnNV);
+  alignas(64) Elem<V> tile[MR * U];
+  for (int64_t p = p0; p < p1; ++p) {
+    const Elem<V>* panel = b + p * U;
+    int64_t ldp = ldb;
+    std::vector<Elem<V>> tail;
+    if ((p + 1) * U > N) {
+      tail.resize(static_cast<size_t>(K * U));
+      pack_column_panel<V>(b, K, N, p, tail.data());
+      panel = tail.data();
+      ldp = U;
+    }
+    MmaVec<V>::template rows<MR, V::kColumnNV>(static_cast<int>(M), a, lda, 1, panel, K, tile,
+                                               false, ldp);
+    epi(tile, U, 0, static_cast<int>(M), p);
+  }
+}
+
 // Note [w in place for a few rows]
 // y = a w^T for 16 to 64 rows of a and deep rows of w (K >= 1024: w from
 // memory) runs as y^T = w a^T: the rows of w are the tile's broadcast operand,
@@ -404,8 +438,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
   const int64_t G = kLstmGates * H, Q = ceil_div(H, kColumnPanel<V>);
   const Steps st{T, reverse};
   const Tensor go = grad_output.contiguous(), gts = gates.contiguous(), cls = cells.contiguous();
-  const Tensor c0c = c0.contiguous(), ghn = grad_h_n.contiguous();
-  const Tensor packed = pack_column_panels<V>(w_hh.contiguous());
+  const Tensor c0c = c0.contiguous(), ghn = grad_h_n.contiguous(), w = w_hh.contiguous();
+  // One step of few rows (a cell): d_h0 from W_hh in place (Note [panels in
+  // place for one tile of rows]).
+  const bool in_place = T == 1 && B <= in_place_rows<V>();
+  const Tensor packed = in_place ? w : pack_column_panels<V>(w);
   Tensor dg = empty_for_steps({T * B, G}, go.options());
   Tensor dc = grad_c_n.contiguous().clone();
   Tensor d_h0 = at::empty({B, H}, go.options());
@@ -430,6 +467,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
     const Elem<V>* a = dgp + st.time_at(s) * B * G;
     if (s >= 1) {
       run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
+    } else if (in_place) {
+      product_in_place<V>(p0, p1, B, G, a, G, wp, H, H, last);
     } else {
       run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, last);
     }
@@ -449,8 +488,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
   const int64_t G = kGruGates * H, Q = ceil_div(H, kColumnPanel<V>);
   const Steps st{T, reverse};
   const Tensor go = grad_output.contiguous(), gts = gates.contiguous(), h0c = h0.contiguous();
-  const Tensor out = output.contiguous();
-  const Tensor packed = pack_column_panels<V>(w_hh.contiguous());
+  const Tensor out = output.contiguous(), w = w_hh.contiguous();
+  const bool in_place = T == 1 && B <= in_place_rows<V>();  // as the LSTM's
+  const Tensor packed = in_place ? w : pack_column_panels<V>(w);
   Tensor dx = empty_for_steps({T * B, G}, go.options());
   Tensor dhh = empty_for_steps({T * B, G}, go.options());
   Tensor dh = grad_h_n.contiguous().clone();
@@ -475,6 +515,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
     const Elem<V>* a = dhhp + st.time_at(s) * B * G;
     if (s >= 1) {
       run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
+    } else if (in_place) {
+      product_in_place<V>(p0, p1, B, G, a, G, wp, H, H, last);
     } else {
       run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, last);
     }
@@ -520,6 +562,14 @@ Tensor linear_input_grad_fused(const Tensor& dy, const Tensor& w) {
   const int64_t M = dy.size(0), N = w.size(0), K = w.size(1);
   Tensor dx = empty_for_steps({M, K}, dy.options());
   const Elem<V>* wp = w.data_ptr<Elem<V>>();
+  if (M <= in_place_rows<V>()) {  // Note [panels in place for one tile of rows]
+    const StoreRowsEpi<V> epi{K, K, nullptr, dx.data_ptr<Elem<V>>(), false};
+    const int64_t Q = ceil_div(K, kColumnPanel<V>);
+    at::parallel_for(0, Q, ceil_div(Q, at::get_num_threads()), [&](int64_t q0, int64_t q1) {
+      product_in_place<V>(q0, q1, M, N, dy.data_ptr<Elem<V>>(), N, wp, K, K, epi);
+    });
+    return dx;
+  }
   if (M <= kRowBlock) {  // Note [packing panel by panel]
     const auto pack = [&](int64_t q, Elem<V>* panel) { pack_column_panel<V>(wp, N, K, q, panel); };
     gemm_panelwise<V>(M, K, N, dy.data_ptr<Elem<V>>(), N, pack, nullptr, dx.data_ptr<Elem<V>>(),

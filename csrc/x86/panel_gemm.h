@@ -59,18 +59,20 @@ inline void store_acc(const typename V::Reg (&acc)[MR][NV], typename V::T* tile)
 // vectors stream through one register (12 + 3 + 1): the same loads, no spill.
 
 // tile[MR][NV * lanes] (+)= A[MR rows, K] * panel[K][NV * lanes]; element
-// (r, k) of A is a[r * sam + k * sak]. accumulate: add to what tile holds.
+// (r, k) of A is a[r * sam + k * sak]; the panel's rows ldp apart (0: packed,
+// NV * lanes). accumulate: add to what tile holds.
 template <typename V, int MR, int NV, typename E = typename V::T>
 inline void mma_tile(const E* a, int64_t sam, int64_t sak, const E* panel, int64_t K, E* tile,
-                     bool accumulate) {
+                     bool accumulate, int64_t ldp = 0) {
   using Reg = typename V::Reg;
+  const int64_t lp = ldp ? ldp : NV * V::kLanes;
   Reg acc[MR][NV];
   load_acc<V, MR, NV>(acc, tile, accumulate);
   if constexpr (MR * NV + NV + 1 <= V::kRegs) {
     for (int64_t k = 0; k < K; ++k) {
       Reg w[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) w[v] = V::loadu(panel + (k * NV + v) * V::kLanes);
+      for (int v = 0; v < NV; ++v) w[v] = V::loadu(panel + k * lp + v * V::kLanes);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         const Reg av = V::set1(a[r * sam + k * sak]);
@@ -86,7 +88,7 @@ inline void mma_tile(const E* a, int64_t sam, int64_t sak, const E* panel, int64
       for (int r = 0; r < MR; ++r) av[r] = V::set1(a[r * sam + k * sak]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        const Reg w = V::loadu(panel + (k * NV + v) * V::kLanes);
+        const Reg w = V::loadu(panel + k * lp + v * V::kLanes);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) acc[r][v] = V::fmadd(av[r], w, acc[r][v]);
       }
@@ -105,11 +107,11 @@ struct MmaVec {
   using Packed = E;
   template <int MR, int NV>
   static void rows(int mr, const E* a, int64_t sam, int64_t sak, const E* panel, int64_t K,
-                   E* tile, bool accumulate) {
+                   E* tile, bool accumulate, int64_t ldp = 0) {
     if constexpr (MR > 1) {
-      if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate);
+      if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate, ldp);
     }
-    mma_tile<V, MR, NV>(a, sam, sak, panel, K, tile, accumulate);
+    mma_tile<V, MR, NV>(a, sam, sak, panel, K, tile, accumulate, ldp);
   }
 };
 

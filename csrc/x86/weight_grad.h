@@ -95,6 +95,60 @@ at::Tensor pack_x(const RowIndex<E>& rows, int64_t K, int64_t N, const at::Tenso
   return packed;
 }
 
+// Note [weight gradients of a few rows]
+// With a few rows (a cell's step at small batch), dW is a sum of that many
+// outer products and the GEMM's packing costs more than dW itself: at one
+// row, M = 3072, N = 1024, 0.50 ms against 0.22 ms for ATen's mm and 0.10 ms
+// for torch.outer. Here each thread writes its rows of dW once, each vector
+// of a row summed over the rows of X in order.
+constexpr int64_t kFewGradRows = 8;
+
+template <typename V>
+std::pair<at::Tensor, at::Tensor> weight_grad_few_rows(
+    const std::vector<GradRowsOf<typename V::T>>& segs, int64_t M, int64_t N, bool want_db,
+    const at::TensorOptions& options) {
+  using E = typename V::T;
+  using Reg = typename V::Reg;
+  const E* dy[kFewGradRows];  // row k of dY [.., M] and of X [.., N]
+  const E* x[kFewGradRows];
+  int K = 0;
+  for (const GradRowsOf<E>& s : segs) {
+    for (int64_t r = 0; r < s.rows; ++r, ++K) {
+      dy[K] = s.dy + r * M;
+      x[K] = s.x + r * N;
+    }
+  }
+  at::Tensor dw = at::empty({M, N}, options);
+  at::Tensor db = at::empty({want_db ? M : 0}, options);
+  E* w = dw.data_ptr<E>();
+  E* b = want_db ? db.data_ptr<E>() : nullptr;
+  const int64_t n_full = N / V::kLanes * V::kLanes;
+  const auto tail = V::mask(N - n_full);
+  at::parallel_for(0, M, ceil_div(M, at::get_num_threads()), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      Reg c[kFewGradRows];
+      for (int k = 0; k < K; ++k) c[k] = V::set1(dy[k][m]);
+      E* out = w + m * N;
+      for (int64_t j = 0; j < n_full; j += V::kLanes) {
+        Reg acc = V::zero();
+        for (int k = 0; k < K; ++k) acc = V::fmadd(c[k], V::loadu(x[k] + j), acc);
+        V::storeu(out + j, acc);
+      }
+      if (n_full < N) {
+        Reg acc = V::zero();
+        for (int k = 0; k < K; ++k) acc = V::fmadd(c[k], V::load(x[k] + n_full, tail).v, acc);
+        V(acc).store(out + n_full, tail);
+      }
+      if (b) {
+        double sum = 0.0;  // in double, as the GEMM's pack sums
+        for (int k = 0; k < K; ++k) sum += static_cast<double>(dy[k][m]);
+        b[m] = static_cast<E>(sum);
+      }
+    }
+  });
+  return {dw, db};
+}
+
 // dW [M, N] = sum over the segments' rows of dY^T X, and db [M] (want_db;
 // else [0]) = the column sums of dY; dW and db of options' dtype. The tile
 // product Mma (panel_gemm.h's MmaVec; MmaBf16 for bfloat16 dY and X, k in
@@ -110,6 +164,9 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
   static_assert(kBlockK % KP == 0, "blocks of whole k groups");
   int64_t K = 0;
   for (const GradRowsOf<In>& s : segs) K += s.rows;
+  if constexpr (std::is_same_v<In, E>) {
+    if (K > 0 && K <= kFewGradRows) return weight_grad_few_rows<V>(segs, M, N, want_db, options);
+  }
   at::Tensor dw = at::empty({M, N}, options);
   at::Tensor db = at::empty({want_db ? M : 0}, options);
   if (K == 0 || M == 0 || N == 0) {
