@@ -328,11 +328,12 @@ void product_in_place(int64_t p0, int64_t p1, int64_t M, int64_t K, const Elem<V
 }
 
 // Note [w in place for a few rows]
-// y = a w^T for 16 to 64 rows of a and deep rows of w (K >= 1024: w from
-// memory) runs as y^T = w a^T: the rows of w are the tile's broadcast operand,
-// read where they are, and only a is packed (transposed), into panels of NV
-// vectors, as wide as the rows of a. Packing w cost as much as the product
-// here, even panel by panel (Note [packing panel by panel]): with AVX-512, w
+// y = a w^T for more rows of a than dot_gemm takes, up to 64, and deep rows
+// of w (K >= 1024: w from memory) runs as y^T = w a^T: the rows of w are the
+// tile's broadcast operand, read where they are, and only a is packed
+// (transposed), into panels of NV vectors, as wide as the rows of a. Packing
+// w cost as much as the product here, even panel by panel (Note [packing
+// panel by panel]): with AVX-512, w
 // [4096, 1024], a [64, 1024]: 1.24 against 1.49 ms (oneDNN's matmul 1.48 ms);
 // a [32, 1024]: 0.65 against 0.99 ms; a [16, 1024]: 0.46 against 0.57 ms.
 // With shallower w (K = 256, 512) or more rows, the two came out even or
