@@ -154,6 +154,20 @@ def title(doc, markdown=False):
             + f"; {set_name} set, {doc['started'][:10]}" + environment.variant_title(env))
 
 
+def shown_argv(argv):
+    """argv without --out-dir: where the results went changes nothing measured,
+    and it names a directory of the machine that ran it."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out-dir":
+            skip = True
+        elif not a.startswith("--out-dir="):
+            out.append(a)
+    return out
+
+
 def environment_lines(doc):
     """Markdown bullets: the CPU, the runtime variables in force, the command."""
     env = doc["env"]
@@ -162,7 +176,7 @@ def environment_lines(doc):
     if doc.get("argv") is not None:
         lines.append("- command: `python -m benchmarks."
                      + ("gemm" if doc.get("kind") == "gemm" else "bench")
-                     + "".join(" " + a for a in doc["argv"]) + "`")
+                     + "".join(" " + a for a in shown_argv(doc["argv"])) + "`")
     load = doc.get("load_average_start")
     lines.append(f"- fusedrnn commit {env.get('fusedrnn_commit')}"
                  + (f"; load average at start {load[0]:.2f}" if load else ""))

@@ -344,3 +344,8 @@ def test_flashrnn_benchmark_without_gpu_runs_nothing(capsys, tmp_path):
     assert fr.main(["--out-dir", str(tmp_path)]) == 0
     assert "no GPU visible" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
+
+
+def test_shown_command_leaves_out_the_output_directory():
+    argv = ["--quick", "--out-dir", "res", "--rounds", "3", "--out-dir=other"]
+    assert report.shown_argv(argv) == ["--quick", "--rounds", "3"]
