@@ -301,7 +301,7 @@ void gemm_panelwise(int64_t M, int64_t N, int64_t K, const Elem<V>* a, int64_t l
 // multiple of its width, is copied (zero-padded). Panels [p0, p1) into
 // epi(tile, width, 0, M, p).
 template <typename V>
-constexpr int64_t in_place_rows() {
+constexpr int in_place_rows() {
   return V::rows_per_tile(V::kColumnNV);
 }
 
@@ -309,7 +309,7 @@ template <typename V, typename Epi>
 void product_in_place(int64_t p0, int64_t p1, int64_t M, int64_t K, const Elem<V>* a,
                       int64_t lda, const Elem<V>* b, int64_t ldb, int64_t N, const Epi& epi) {
   constexpr int64_t U = kColumnPanel<V>;
-  constexpr int MR = V::rows_per_tile(V::kColumnNV);
+  constexpr int MR = in_place_rows<V>();
   alignas(64) Elem<V> tile[MR * U];
   for (int64_t p = p0; p < p1; ++p) {
     const Elem<V>* panel = b + p * U;
