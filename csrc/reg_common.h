@@ -138,40 +138,73 @@ Tensor weight_grad(const Tensor& dy, const Tensor& x) {
 }
 
 // Note [Norm gradients in one pass]
-// The gradients of a layer norm's gain and of the bias after it are column
-// sums over all rows of the same gradient dy [N, C]: sum dy * xhat and sum dy.
-// With the input side's norm too, xhat of both norms multiplies the same dy
-// (the LSTM's gate pre-activations). norm_grads reads dy once for all of them:
+// Where a policy does not sum them in the loop (Note [Gain gradients summed
+// in the loop] in reg_rows.h), the gradients of a layer norm's gain and of
+// the bias after it are column sums over all rows of the same gradient dy
+// [N, C], taken after the loop: sum dy * xhat and sum dy. With the input
+// side's norm too, xhat of both norms multiplies the same dy (the LSTM's gate
+// pre-activations). norm_grads takes them all from one dy:
 //   hh  = sum over rows of dy * norm            (norm [N, C], or undefined)
 //   ih  = sum over rows of dy * (x - mean) rstd  (x [N, C], mean and rstd [N];
 //         the input norm recomputed, Note [Input norm recomputed]; or undefined)
 //   sum = sum over rows of dy                    (when with_sum)
-// Each result undefined where not asked. The policy's own (K::norm_grads,
-// which returns nullopt to decline) or ATen's.
+// Each result undefined where not asked.
 struct NormGrads {
   Tensor hh, ih, sum;
 };
 
-template <typename K, typename = void>
-struct HasNormGrads : std::false_type {};
-template <typename K>
-struct HasNormGrads<K, std::void_t<decltype(K::norm_grads(Tensor(), Tensor(), Tensor(), Tensor(),
-                                                          Tensor(), false))>>
-    : std::true_type {};
-
-template <typename K>
-NormGrads norm_grads(const Tensor& dy, const Tensor& norm, const Tensor& x, const Tensor& mean,
-                     const Tensor& rstd, bool with_sum) {
-  if constexpr (HasNormGrads<K>::value) {
-    auto g = K::norm_grads(dy, norm, x, mean, rstd, with_sum);
-    if (g.has_value()) return *g;
-  }
+inline NormGrads norm_grads(const Tensor& dy, const Tensor& norm, const Tensor& x,
+                            const Tensor& mean, const Tensor& rstd, bool with_sum) {
   NormGrads g;
   if (norm.defined()) g.hh = (dy * norm).sum(0);
   if (x.defined()) g.ih = (dy * ((x - mean.unsqueeze(1)) * rstd.unsqueeze(1))).sum(0);
   if (with_sum) g.sum = dy.sum(0);
   return g;
 }
+
+// Note [Gain gradients summed in the loop] (reg_rows.h): a policy that sums
+// them in the loop says how many slots a loop's rows may use at once
+// (K::sum_slots(): the CPU's threads); others get norm_grads' pass instead.
+template <typename K, typename = void>
+struct SumsInLoop : std::false_type {};
+template <typename K>
+struct SumsInLoop<K, std::void_t<decltype(K::sum_slots())>> : std::true_type {};
+
+// K's slots, or 0 where it has norm_grads' pass instead.
+template <typename K>
+int64_t sum_slots() {
+  if constexpr (SumsInLoop<K>::value) {
+    return K::sum_slots();
+  } else {
+    return 0;
+  }
+}
+
+// The slots of one norm's sums (both undefined where not asked): [slots, n]
+// of zeros in double, on options' device.
+struct LoopSums {
+  Tensor gain, bias;
+  LoopSums() = default;
+  LoopSums(bool want_gain, bool want_bias, int64_t slots, int64_t n,
+           const at::TensorOptions& options) {
+    const auto o = options.dtype(at::kDouble);
+    if (want_gain) gain = at::zeros({slots, n}, o);
+    if (want_bias) bias = at::zeros({slots, n}, o);
+  }
+  template <typename T>
+  GainSums<T> rows() const {
+    GainSums<T> g;
+    const Tensor& any = gain.defined() ? gain : bias;
+    g.n = any.defined() ? any.size(1) : 0;
+    g.gain = gain.defined() ? gain.data_ptr<double>() : nullptr;
+    g.bias = bias.defined() ? bias.data_ptr<double>() : nullptr;
+    return g;
+  }
+  // The sums over all slots, in dtype.
+  static Tensor total(const Tensor& slots, at::ScalarType dtype) {
+    return slots.sum(0).to(dtype);
+  }
+};
 
 // A buffer of all steps' rows ([N, ...]): the policy's own (K::empty: the
 // CPU's reuses large blocks, Note [reused step buffers] in
@@ -237,6 +270,30 @@ inline Tensor masked_prev(const Tensor& out, const Tensor& h0, const OptTensor& 
                           const Schedule& s, bool packed) {
   Tensor hp = detail::gather_prev(out, h0, s, packed);
   return mask.has_value() ? hp.mul_(mask_rows(mask, s, packed)) : hp;
+}
+
+// dW_hh = sum over all rows of dA^T hm, hm = (rec_mask *) h_{t-1} as every
+// step read it: the policy's own (K::recurrent_weight_grad, which reads
+// h_{t-1} where it lies, in out and h0, without masked_prev's [N, P] copy;
+// undefined to decline) where there is no mask, else weight_grad of
+// masked_prev's rows.
+template <typename K, typename = void>
+struct HasRecurrentWeightGrad : std::false_type {};
+template <typename K>
+struct HasRecurrentWeightGrad<K, std::void_t<decltype(K::recurrent_weight_grad(
+                                     Tensor(), Tensor(), Tensor(), std::declval<Schedule>()))>>
+    : std::true_type {};
+
+template <typename K>
+Tensor recurrent_weight_grad(const Tensor& da, const Tensor& out, const Tensor& h0,
+                             const OptTensor& mask, const Schedule& s, bool packed) {
+  if constexpr (HasRecurrentWeightGrad<K>::value) {
+    if (!mask.has_value()) {
+      Tensor w = K::recurrent_weight_grad(da, out, h0, s);
+      if (w.defined()) return w;
+    }
+  }
+  return weight_grad<K>(da, masked_prev(out, h0, mask, s, packed));
 }
 
 // t's first n rows: t itself when it has n, as every step of a padded

@@ -150,14 +150,22 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
                                         const RegInputs& r) {
   const auto opts = g_out.options();
   const int64_t G = kGruGates * H;
-  const bool ln = r.ln_hh.has_value();
+  const bool ln = r.ln_hh.has_value(), ln_ih = r.ln_ih.has_value();
   Tensor dh = g_h_n.clone();
   Tensor dh_mm = at::zeros({s.B, H}, opts);  // Note [Deferred recurrent gradient]
-  Tensor dx = step_buffer<K>({s.N, G}, opts);
+  // Note [Gain gradients summed in the loop]: there dab, and dx with ln_ih
+  // (then not the op's result), hold one step's rows.
+  const int64_t slots = sum_slots<K>();
+  const bool step_dab = slots > 0, step_dx = slots > 0 && ln_ih;
+  const LoopSums hh_sums(slots > 0 && ln, slots > 0 && ln && has_bias, slots, G, opts);
+  const LoopSums ih_sums(slots > 0 && ln_ih, slots > 0 && ln_ih && r.b_ih.has_value(), slots, G,
+                         opts);
+  Tensor dx = step_dx ? at::empty({s.B, G}, opts) : step_buffer<K>({s.N, G}, opts);
   // d a; the classic form's is d x_proj itself (no layer norm, hn's gradient is n's).
   Tensor da = reset_after ? step_buffer<K>({s.N, G}, opts) : dx;
-  Tensor dab = ln ? step_buffer<K>({s.N, G}, opts) : Tensor();
-  Tensor dx_raw = r.ln_ih.has_value() ? step_buffer<K>({s.N, G}, opts) : dx;
+  Tensor dab =
+      ln ? (step_dab ? at::empty({s.B, G}, opts) : step_buffer<K>({s.N, G}, opts)) : Tensor();
+  Tensor dx_raw = ln_ih ? step_buffer<K>({s.N, G}, opts) : dx;
   Tensor drh = reset_after ? Tensor() : at::empty({s.B, H}, opts);
   Tensor dh_new = at::empty({s.B, H}, opts);  // dL/dh~, per step
   using Gemm = typename StepGemmOf<K>::type;  // Note [One GEMM call site]
@@ -180,11 +188,13 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
       if (ln) {
         b.norm_hh = norm_hh.data_ptr<T>() + off * G;
         b.ln_hh = ptr<T>(r.ln_hh);
-        b.dab = dab.data_ptr<T>() + off * G;
+        b.dab = dab.data_ptr<T>() + (step_dab ? 0 : off * G);
+        b.hh_sums = hh_sums.rows<T>();
       }
-      if (r.ln_ih.has_value()) {
+      if (ln_ih) {
         b.x = x.data_ptr<T>() + off * G;
         b.ln_ih = ptr<T>(r.ln_ih);
+        b.ih_sums = ih_sums.rows<T>();
       }
       if (stats.numel() > 0) b.stats = stats.data_ptr<T>() + off * kGruStats;
       b.dx_raw = dx_raw.data_ptr<T>() + off * G;
@@ -195,7 +205,7 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
       b.hidden.dh = dh.data_ptr<T>();
       b.hidden.dh_mm = dh_mm.data_ptr<T>();
       b.dh_new = dh_new.data_ptr<T>();
-      b.dx = dx.data_ptr<T>() + off * G;
+      b.dx = dx.data_ptr<T>() + (step_dx ? 0 : off * G);
       b.da = da.data_ptr<T>() + off * G;
       const Tensor da_rows = da.narrow(0, off, bt);
       if (reset_after) {
@@ -223,30 +233,37 @@ GruRegBackwardOut gru_reg_backward_loop(const Tensor& g_out, const Tensor& g_h_n
 
   const Tensor none = at::empty({0}, opts);
   Tensor d_h0 = r.rec_mask.has_value() ? dh + *r.rec_mask * dh_mm : dh + dh_mm;
-  const Tensor hm = masked_prev(out, h0, r.rec_mask, s, packed);
   Tensor d_w_hh;
   if (reset_after) {
-    d_w_hh = weight_grad<K>(da, hm);
+    d_w_hh = recurrent_weight_grad<K>(da, out, h0, r.rec_mask, s, packed);
   } else {
     // W_rz saw hm; W_n saw r * hm.
+    const Tensor hm = masked_prev(out, h0, r.rec_mask, s, packed);
     const Tensor r_all = gates.narrow(1, 0, H);
     d_w_hh = at::cat({weight_grad<K>(da.narrow(1, 0, 2 * H), hm),
                       weight_grad<K>(da.narrow(1, 2 * H, H), r_all * hm)});
   }
-  // Each norm's gain and the bias after it, from one pass over their
-  // gradient (Note [Norm gradients in one pass]): dab for the recurrent side,
-  // dx for the input side.
+  // Each norm's gain and the bias after it: summed in the loop, or from one
+  // pass over their gradient (Note [Norm gradients in one pass]): dab for the
+  // recurrent side, dx for the input side.
   Tensor d_b_hh = none, d_ln_hh = none, d_ln_ih = none, d_b_ih = none;
-  if (ln) {
-    const NormGrads g = norm_grads<K>(dab, norm_hh, Tensor(), Tensor(), Tensor(), has_bias);
+  const auto dtype = opts.dtype().toScalarType();
+  if (ln && slots > 0) {
+    d_ln_hh = LoopSums::total(hh_sums.gain, dtype);
+    if (has_bias) d_b_hh = LoopSums::total(hh_sums.bias, dtype);
+  } else if (ln) {
+    const NormGrads g = norm_grads(dab, norm_hh, Tensor(), Tensor(), Tensor(), has_bias);
     d_ln_hh = g.hh;
     if (has_bias) d_b_hh = g.sum;
   } else if (has_bias) {
     d_b_hh = da.sum(0);
   }
-  if (r.ln_ih.has_value()) {
-    const NormGrads g = norm_grads<K>(dx, Tensor(), x, stats.select(1, kGruStatsIh),
-                                      stats.select(1, kGruStatsIh + 1), r.b_ih.has_value());
+  if (ln_ih && slots > 0) {
+    d_ln_ih = LoopSums::total(ih_sums.gain, dtype);
+    if (r.b_ih.has_value()) d_b_ih = LoopSums::total(ih_sums.bias, dtype);
+  } else if (ln_ih) {
+    const NormGrads g = norm_grads(dx, Tensor(), x, stats.select(1, kGruStatsIh),
+                                   stats.select(1, kGruStatsIh + 1), r.b_ih.has_value());
     d_ln_ih = g.ih;
     if (r.b_ih.has_value()) d_b_ih = g.sum;
   }

@@ -133,6 +133,9 @@ struct GruBackwardRows {
   T* dx_raw = nullptr;         // [rows, 3H] d x_proj through the input norm, with ln_ih
   T* dab = nullptr;            // [rows, 3H] d(LN_3H(a) * ln_hh + b_hh), with ln_hh
   T* da = nullptr;             // [rows, 3H] d a
+  // Note [Gain gradients summed in the loop]: ln_hh's and b_hh's (dy = dab),
+  // ln_ih's and b_ih's (dy = dx), each where asked.
+  GainSums<T> hh_sums, ih_sums;
 };
 
 template <typename T, typename Row>
@@ -165,14 +168,16 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const GruBackwardRows<T>& a, i
   });
   if (a.ln_hh) {
     const T* nh = a.norm_hh + b * kGruGates * H;
-    ln_backward(
-        row, kGruGates * H, a.ln_hh, a.stats[b * kGruStats + kStatRstdHh],
-        [&](int64_t k) { return dst[k]; },
-        [&](int64_t k) { return nh[k]; }, a.da + b * kGruGates * H);
+    const auto dy = [&](int64_t k) { return dst[k]; };
+    const auto xhat = [&](int64_t k) { return nh[k]; };
+    ln_backward(row, kGruGates * H, a.ln_hh, a.stats[b * kGruStats + kStatRstdHh], dy, xhat,
+                a.da + b * kGruGates * H);
+    a.hh_sums.add(row, dy, xhat);
   }
   if (a.ln_ih) {
     ln_input_backward(row, kGruGates * H, a.ln_ih, a.x + b * kGruGates * H,
-                      a.stats + b * kGruStats + kGruStatsIh, dxr, a.dx_raw + b * kGruGates * H);
+                      a.stats + b * kGruStats + kGruStatsIh, dxr, a.dx_raw + b * kGruGates * H,
+                      a.ih_sums);
   }
 }
 

@@ -239,11 +239,26 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor dh = g_h_n.clone();
   Tensor dh_mm = at::zeros({s.B, P}, opts);
   Tensor dc = g_c_n.clone();
-  Tensor dx = step_buffer<K>({s.N, G}, opts);
-  Tensor da = r.ln_hh.has_value() ? step_buffer<K>({s.N, G}, opts) : dx;
-  Tensor dx_raw = r.ln_ih.has_value() ? step_buffer<K>({s.N, G}, opts) : dx;
-  Tensor dcn = r.ln_c() ? step_buffer<K>({s.N, H}, opts) : Tensor();
-  Tensor dcn_xhat = r.ln_c() ? step_buffer<K>({s.N, H}, opts) : Tensor();
+  const bool ln_hh = r.ln_hh.has_value(), ln_ih = r.ln_ih.has_value();
+  // b_ih (after the input norm) and b_hh both add to the gates' pre-activation,
+  // whose gradient dx both norms' gains multiply too.
+  const bool any_bias = has_bias || r.b_ih.has_value();
+  // Note [Gain gradients summed in the loop]: there dcn, dcn_xhat, and dx
+  // when neither da nor dx_raw is dx, hold one step's rows.
+  const int64_t slots = sum_slots<K>();
+  const bool in_loop = slots > 0 && (ln_hh || ln_ih);
+  const bool step_dx = slots > 0 && ln_hh && ln_ih, step_c = slots > 0;
+  const LoopSums gate_sums(in_loop && ln_hh, in_loop && any_bias, slots, G, opts);
+  const LoopSums ih_sums(in_loop && ln_ih, false, slots, G, opts);
+  const LoopSums c_sums(slots > 0 && r.ln_c(), slots > 0 && r.ln_c(), slots, H, opts);
+  const auto rows_of = [&](bool one_step, int64_t cols) {
+    return one_step ? at::empty({s.B, cols}, opts) : step_buffer<K>({s.N, cols}, opts);
+  };
+  Tensor dx = rows_of(step_dx, G);
+  Tensor da = ln_hh ? step_buffer<K>({s.N, G}, opts) : dx;
+  Tensor dx_raw = ln_ih ? step_buffer<K>({s.N, G}, opts) : dx;
+  Tensor dcn = r.ln_c() ? rows_of(step_c, H) : Tensor();
+  Tensor dcn_xhat = r.ln_c() ? rows_of(step_c, H) : Tensor();
   Tensor dh_new = proj ? step_buffer<K>({s.N, P}, opts) : Tensor();  // dL/d(h~ W_hr^T)
   Tensor dh_raw = at::empty({s.B, H}, opts);  // dL/dh~ (before W_hr^T)
   Tensor h_raw = proj ? step_buffer<K>({s.N, H}, opts) : Tensor();
@@ -291,13 +306,16 @@ LstmRegBackwardOut lstm_reg_backward_loop(
       b.take_hidden = !proj;
       b.hidden = hg;
       b.dc = dc.data_ptr<T>();
-      b.dx = dx.data_ptr<T>() + off * G;
+      b.dx = dx.data_ptr<T>() + (step_dx ? 0 : off * G);
       b.da = da.data_ptr<T>() + off * G;
       b.dx_raw = dx_raw.data_ptr<T>() + off * G;
       if (r.ln_c()) {
-        b.dcn = dcn.data_ptr<T>() + off * H;
-        b.dcn_xhat = dcn_xhat.data_ptr<T>() + off * H;
+        b.dcn = dcn.data_ptr<T>() + (step_c ? 0 : off * H);
+        b.dcn_xhat = dcn_xhat.data_ptr<T>() + (step_c ? 0 : off * H);
       }
+      b.gate_sums = gate_sums.rows<T>();
+      b.ih_sums = ih_sums.rows<T>();
+      b.c_sums = c_sums.rows<T>();
       b.h_raw = proj ? h_raw.data_ptr<T>() + off * H : nullptr;
       rec_gemm.template after_rows<K>(b, first_rows(dh_mm, bt), da.narrow(0, off, bt));
     }
@@ -305,26 +323,32 @@ LstmRegBackwardOut lstm_reg_backward_loop(
 
   const Tensor none = at::empty({0}, opts);
   Tensor d_h0 = r.rec_mask.has_value() ? dh + *r.rec_mask * dh_mm : dh + dh_mm;
-  Tensor d_w_hh = weight_grad<K>(da, masked_prev(out, h0, r.rec_mask, s, packed));
+  Tensor d_w_hh = recurrent_weight_grad<K>(da, out, h0, r.rec_mask, s, packed);
   Tensor d_w_hr = proj ? weight_grad<K>(dh_new, h_raw) : none;
-  // b_ih (after the input norm) and b_hh both add to the gates' pre-activation,
-  // whose gradient dx both norms' gains multiply too. Note [Norm gradients in one pass]
-  const bool any_bias = has_bias || r.b_ih.has_value();
-  const bool ih = r.ln_ih.has_value();
+  // The norms' gains and the biases: summed in the loop, or from one pass
+  // over dx (Note [Norm gradients in one pass]).
+  const auto dtype = opts.dtype().toScalarType();
   NormGrads g;
-  if (r.ln_hh.has_value() || ih) {
-    g = norm_grads<K>(dx, r.ln_hh.has_value() ? norm_hh : Tensor(), ih ? x : Tensor(),
-                      ih ? stats.select(1, kLstmStatsIh) : Tensor(),
-                      ih ? stats.select(1, kLstmStatsIh + 1) : Tensor(), any_bias);
+  if (in_loop) {
+    if (ln_hh) g.hh = LoopSums::total(gate_sums.gain, dtype);
+    if (ln_ih) g.ih = LoopSums::total(ih_sums.gain, dtype);
+    if (any_bias) g.sum = LoopSums::total(gate_sums.bias, dtype);
+  } else if (ln_hh || ln_ih) {
+    g = norm_grads(dx, ln_hh ? norm_hh : Tensor(), ln_ih ? x : Tensor(),
+                   ln_ih ? stats.select(1, kLstmStatsIh) : Tensor(),
+                   ln_ih ? stats.select(1, kLstmStatsIh + 1) : Tensor(), any_bias);
   } else if (any_bias) {
     g.sum = dx.sum(0);
   }
   Tensor d_b_hh = has_bias ? g.sum : none;
   Tensor d_b_ih = r.b_ih.has_value() ? (has_bias ? g.sum.clone() : g.sum) : none;
-  Tensor d_ln_hh = r.ln_hh.has_value() ? g.hh : none;
-  Tensor d_ln_ih = ih ? g.ih : none;
-  Tensor d_ln_c_w = r.ln_c() ? dcn_xhat.sum(0) : none;
-  Tensor d_ln_c_b = r.ln_c() ? dcn.sum(0) : none;
+  Tensor d_ln_hh = ln_hh ? g.hh : none;
+  Tensor d_ln_ih = ln_ih ? g.ih : none;
+  Tensor d_ln_c_w = none, d_ln_c_b = none;
+  if (r.ln_c()) {
+    d_ln_c_w = step_c ? LoopSums::total(c_sums.gain, dtype) : dcn_xhat.sum(0);
+    d_ln_c_b = step_c ? LoopSums::total(c_sums.bias, dtype) : dcn.sum(0);
+  }
   return {dx_raw, d_h0, dc, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b, d_ln_ih, d_b_ih};
 }
 

@@ -130,6 +130,10 @@ struct LstmBackwardRows {
   T* dcn = nullptr;            // [rows, H] dL/d(cell norm output), with ln_c
   T* dcn_xhat = nullptr;       // [rows, H] dcn * LN_H(c~), with ln_c
   T* h_raw = nullptr;          // [rows, H] h~ recomputed for dW_hr, or null
+  // Note [Gain gradients summed in the loop], each where asked: ln_hh's and
+  // the biases' (dy = dx, the gates' pre-activation), ln_ih's (dy = dx),
+  // the cell norm's gain and bias (dy = dcn).
+  GainSums<T> gate_sums, ih_sums, c_sums;
 };
 
 template <typename T, typename Row>
@@ -174,9 +178,10 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmBackwardRows<T>& a, 
   });
   // dL/dc~ through the cell norm, into the i slot of dx for now; then the gates.
   if (w) {
-    ln_backward(
-        row, H, w, rstd, [&](int64_t j) { return dcn[j]; },
-        [&](int64_t j) { return (cn[j] - mean) * rstd; }, dxr);
+    const auto dy = [&](int64_t j) { return dcn[j]; };
+    const auto xhat = [&](int64_t j) { return (cn[j] - mean) * rstd; };
+    ln_backward(row, H, w, rstd, dy, xhat, dxr);
+    a.c_sums.add(row, dy, xhat);
   }
   const T* zc = a.zone_c ? a.zone_c + b * H : nullptr;
   with_flag(zc != nullptr, [&](auto zone) {
@@ -197,14 +202,14 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmBackwardRows<T>& a, 
       dcr[j] = dc_new * f + dc_prev;
     });
   });
-  if (a.ln_hh) {
-    const T* nh = a.norm_hh + b * G;
-    ln_backward(
-        row, G, a.ln_hh, st[kStatRstdHh], [&](int64_t k) { return dxr[k]; },
-        [&](int64_t k) { return nh[k]; }, a.da + b * G);
-  }
+  const T* nh = a.ln_hh ? a.norm_hh + b * G : nullptr;
+  const auto dy = [&](int64_t k) { return dxr[k]; };
+  const auto xhat = [&](int64_t k) { return nh[k]; };
+  if (a.ln_hh) ln_backward(row, G, a.ln_hh, st[kStatRstdHh], dy, xhat, a.da + b * G);
+  a.gate_sums.add(row, dy, xhat);  // xhat read only with ln_hh's gain sum
   if (a.ln_ih) {
-    ln_input_backward(row, G, a.ln_ih, a.x + b * G, st + kLstmStatsIh, dxr, a.dx_raw + b * G);
+    ln_input_backward(row, G, a.ln_ih, a.x + b * G, st + kLstmStatsIh, dxr, a.dx_raw + b * G,
+                      a.ih_sums);
   }
 }
 

@@ -6,6 +6,8 @@
 //   row.loop(n, f)     f(j) for j in [0, n); every f(j) is visible afterwards
 //   row.sum<T>(n, f)   the sum of f(j) over [0, n), known to every caller
 //   row.leader()       true for exactly one caller (scalar stores)
+//   row.slot()         an index no row running at the same time shares (the
+//                      CPU: the thread's; CUDA: the row's), for GainSums
 // The CPU runs a row on one thread (cpu/reg_cpu.cpp, CpuRow); CUDA runs it on
 // one thread block (cuda/reg_cuda.cu, CudaRow).
 //
@@ -80,6 +82,47 @@ FUSEDRNN_HOST_DEVICE void ln_backward(const Row& row, int64_t n, const T* gain, 
   row.loop(n, [&](int64_t j) { dv[j] = rstd * (dy(j) * gain[j] - m1 - xhat(j) * m2); });
 }
 
+// Note [Gain gradients summed in the loop]
+// The gradient of a norm's gain is the column sum over all rows of dy * xhat,
+// and that of the bias after it the column sum of dy. Where the kernel
+// policy sums them in the loop (K::sum_slots, reg_common.h: the CPU), each
+// row adds its dy * xhat and dy, in double, to its slot's sums right after
+// its norm's backward, and the slots are added up after the loop; dy then
+// needs no buffer beyond the step. Before, a pass after the loop read dy,
+// xhat (and x_proj) of all steps back from memory: 0.53 ms of a
+// layer_norm=True GRU training step's 12.4 ms at T=100, B=16, H=256 (2-core
+// AMD EPYC); the sums in the loop cost about 0.4 ms of row time, but the
+// buffers of all steps they spare make the whole step 3-5% faster
+// (benchmarks/NOTES.md, "Layer norm's gain gradients in the loop"). Where the
+// policy does not, norm_grads does that pass (Note [Norm gradients in one
+// pass] in reg_common.h).
+template <typename T>
+struct GainSums {
+  int64_t n = 0;           // columns
+  double* gain = nullptr;  // [slots, n]: sum of dy * xhat, or null
+  double* bias = nullptr;  // [slots, n]: sum of dy, or null
+
+  // Adds one row's dy(j) * xhat(j) and dy(j), j in [0, n).
+  template <typename Row, typename Dy, typename Xhat>
+  FUSEDRNN_HOST_DEVICE void add(const Row& row, const Dy& dy, const Xhat& xhat) const {
+    double* g = gain ? gain + row.slot() * n : nullptr;
+    double* s = bias ? bias + row.slot() * n : nullptr;
+    with_flag(g != nullptr, [&](auto has_gain) {  // Note [Branch-free row loops]
+      with_flag(s != nullptr, [&](auto has_bias) {
+        constexpr bool kGain = std::decay_t<decltype(has_gain)>::value;
+        constexpr bool kBias = std::decay_t<decltype(has_bias)>::value;
+        if constexpr (kGain || kBias) {
+          row.loop(n, [&](int64_t j) {
+            const double d = static_cast<double>(dy(j));
+            if constexpr (kGain) g[j] += d * static_cast<double>(xhat(j));
+            if constexpr (kBias) s[j] += d;
+          });
+        }
+      });
+    });
+  }
+};
+
 // LN(a) * gain of the recurrent product, in place: a [n] <- LN(a) * gain,
 // norm [n] <- LN(a) when saved. Returns rstd.
 template <typename T, typename Row>
@@ -133,14 +176,17 @@ struct InputNorm {
 };
 
 // Backward of InputNorm for one row: dx [n] (dL/d the normalised x) through
-// LN(x) * ln_ih into dx_raw [n], given x [n] and st[0], st[1] as row_x saved.
+// LN(x) * ln_ih into dx_raw [n], given x [n] and st[0], st[1] as row_x saved;
+// ln_ih's and b_ih's gradients into sums where asked.
 template <typename T, typename Row>
 FUSEDRNN_HOST_DEVICE void ln_input_backward(const Row& row, int64_t n, const T* ln_ih,
-                                            const T* x, const T* st, const T* dx, T* dx_raw) {
+                                            const T* x, const T* st, const T* dx, T* dx_raw,
+                                            const GainSums<T>& sums) {
   const T mean = st[0], rstd = st[1];
-  ln_backward(
-      row, n, ln_ih, rstd, [&](int64_t k) { return dx[k]; },
-      [&](int64_t k) { return (x[k] - mean) * rstd; }, dx_raw);
+  const auto dy = [&](int64_t k) { return dx[k]; };
+  const auto xhat = [&](int64_t k) { return (x[k] - mean) * rstd; };
+  ln_backward(row, n, ln_ih, rstd, dy, xhat, dx_raw);
+  sums.add(row, dy, xhat);
 }
 
 // ------------------------------------------------------------------ hidden state

@@ -30,52 +30,6 @@
 #include "step_buffers.h"
 
 namespace fusedrnn {
-namespace reg {
-// Partial column sums of norm_grads (Note [Norm gradients in one pass] in
-// reg_common.h) for contiguous [N, C]: "row" k is the block of rows
-// [k * kRows, (k + 1) * kRows), summed in double into part_*[k] [C], so that
-// the block runs in the copy of the row functions for the CPU path in force
-// (Note [Vectorised row loops]). CPU only.
-template <typename T>
-struct NormGradBlocks {
-  static constexpr int64_t kRows = 64;
-  int64_t rows = 0, N = 0, C = 0;  // rows: blocks
-  const T* dy = nullptr;
-  const T* norm = nullptr;                   // [N, C] or null
-  const T *x = nullptr, *mean = nullptr, *rstd = nullptr;  // [N, C], [N], [N] or null
-  double *part_hh = nullptr, *part_ih = nullptr, *part_sum = nullptr;  // [rows, C] or null
-};
-
-template <typename T, typename Row>
-void run_row(const Row& row, const NormGradBlocks<T>& d, int64_t k) {
-  const int64_t C = d.C, r1 = std::min(d.N, (k + 1) * d.kRows);
-  double* hh = d.norm ? d.part_hh + k * C : nullptr;
-  double* ih = d.x ? d.part_ih + k * C : nullptr;
-  double* sum = d.part_sum ? d.part_sum + k * C : nullptr;
-  for (double* acc : {hh, ih, sum}) {
-    if (acc) row.loop(C, [&](int64_t j) { acc[j] = 0.0; });
-  }
-  // Note [Branch-free row loops]
-  with_flag(hh != nullptr, [&](auto on_hh) {
-    with_flag(ih != nullptr, [&](auto on_ih) {
-      with_flag(sum != nullptr, [&](auto on_sum) {
-        for (int64_t r = k * d.kRows; r < r1; ++r) {
-          const T* g = d.dy + r * C;
-          const T* n = d.norm ? d.norm + r * C : nullptr;
-          const T* x = d.x ? d.x + r * C : nullptr;
-          const double m = d.x ? double(d.mean[r]) : 0.0, s = d.x ? double(d.rstd[r]) : 0.0;
-          row.loop(C, [&](int64_t j) {
-            const double gj = g[j];
-            if constexpr (decltype(on_hh)::value) hh[j] += gj * double(n[j]);
-            if constexpr (decltype(on_ih)::value) ih[j] += gj * ((double(x[j]) - m) * s);
-            if constexpr (decltype(on_sum)::value) sum[j] += gj;
-          });
-        }
-      });
-    });
-  });
-}
-}  // namespace reg
 
 namespace {
 
@@ -110,11 +64,13 @@ struct CpuRow {
     return s;
   }
   bool leader() const { return true; }
+  int64_t slot() const { return tid; }
+  int64_t tid = 0;  // the thread's index in the loop's team
 };
 
 template <typename Rows>
-void rows_generic(const Rows& a, int64_t begin, int64_t end) {
-  for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
+void rows_generic(const Rows& a, int64_t begin, int64_t end, int tid) {
+  for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{tid}, a, b);
 }
 
 #ifdef FUSEDRNN_X86
@@ -123,25 +79,27 @@ void rows_generic(const Rows& a, int64_t begin, int64_t end) {
 // (cpu_isa.h), so FUSEDRNN_CPU_ISA forces each (tests compare them).
 template <typename Rows>
 __attribute__((target("avx2"), flatten)) void rows_avx2(const Rows& a, int64_t begin,
-                                                        int64_t end) {
-  for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
+                                                        int64_t end, int tid) {
+  for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{tid}, a, b);
 }
 template <typename Rows>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,prefer-vector-width=512"),
-               flatten)) void rows_avx512(const Rows& a, int64_t begin, int64_t end) {
-  for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{}, a, b);
+               flatten)) void rows_avx512(const Rows& a, int64_t begin, int64_t end,
+                                          int tid) {
+  for (int64_t b = begin; b < end; ++b) reg::run_row(CpuRow{tid}, a, b);
 }
 #endif
 
-// A step's rows [begin, end) in the copy for the CPU path in force.
+// A step's rows [begin, end) on thread tid of the team, in the copy for the
+// CPU path in force.
 template <typename Rows>
-void rows_range(CpuIsa isa, const Rows& a, int64_t begin, int64_t end) {
+void rows_range(CpuIsa isa, const Rows& a, int64_t begin, int64_t end, int tid) {
 #ifdef FUSEDRNN_X86
-  if (isa == CpuIsa::kAvx512) return rows_avx512(a, begin, end);
-  if (isa == CpuIsa::kAvx2) return rows_avx2(a, begin, end);
+  if (isa == CpuIsa::kAvx512) return rows_avx512(a, begin, end, tid);
+  if (isa == CpuIsa::kAvx2) return rows_avx2(a, begin, end, tid);
 #endif
   (void)isa;
-  rows_generic(a, begin, end);
+  rows_generic(a, begin, end, tid);
 }
 
 // A step's rows, shared out over the threads of the loop's team (Note [a
@@ -153,7 +111,7 @@ void run_rows(const Rows& a) {
   cpu::StepTeam::on_team((a.rows + kRegRowsPerTask - 1) / kRegRowsPerTask,
                          [&](cpu::StepTeam& team, int tid) {
                            const int n = team.size();
-                           rows_range(isa, a, a.rows * tid / n, a.rows * (tid + 1) / n);
+                           rows_range(isa, a, a.rows * tid / n, a.rows * (tid + 1) / n, tid);
                          });
 }
 
@@ -245,7 +203,7 @@ struct FusedStepGemm {
     cpu::StepTeam::on_team(rows.rows, [&](cpu::StepTeam& team, int tid) {
       const int n = team.size();
       const auto row_pass = [&] {
-        rows_range(isa, rows, rows.rows * tid / n, rows.rows * (tid + 1) / n);
+        rows_range(isa, rows, rows.rows * tid / n, rows.rows * (tid + 1) / n, tid);
       };
       if (!gemm_first) {
         row_pass();
@@ -260,47 +218,33 @@ struct FusedStepGemm {
   }
 };
 
-// norm_grads for contiguous tensors of one floating type, in double: blocks
-// of rows in parallel (NormGradBlocks), then their partial sums in block
-// order, so the results do not depend on the thread count.
+// The rows of dW_hh = sum over steps of dA_t^T h_{t-1}, read in place: da
+// [N, G], out [N, P] and h0 [B, P], contiguous; step t's first prev_rows(t)
+// rows read the rows of out its step before wrote, the rest h0's. Runs of
+// rows contiguous in both are one segment (padded input: two), in row order,
+// so the sums run as over masked_prev's copy.
 template <typename T>
-reg::NormGrads norm_grad_rows(const at::Tensor& dy, const at::Tensor& norm, const at::Tensor& x,
-                              const at::Tensor& mean, const at::Tensor& rstd, bool with_sum) {
-  reg::NormGradBlocks<T> d;
-  d.N = dy.size(0);
-  d.C = dy.size(1);
-  d.rows = (d.N + d.kRows - 1) / d.kRows;
-  d.dy = dy.data_ptr<T>();
-  const size_t part_size = static_cast<size_t>(d.rows * d.C);
-  std::vector<double> hh(norm.defined() ? part_size : 0), ih(x.defined() ? part_size : 0),
-      sum(with_sum ? part_size : 0);
-  if (norm.defined()) {
-    d.norm = norm.data_ptr<T>();
-    d.part_hh = hh.data();
-  }
-  if (x.defined()) {
-    d.x = x.data_ptr<T>();
-    d.mean = mean.data_ptr<T>();
-    d.rstd = rstd.data_ptr<T>();
-    d.part_ih = ih.data();
-  }
-  if (with_sum) d.part_sum = sum.data();
-  run_rows(d);
-  const auto total = [&](const std::vector<double>& part) {
-    at::Tensor out = at::empty({d.C}, dy.options());
-    T* po = out.data_ptr<T>();
-    for (int64_t j = 0; j < d.C; ++j) {
-      double s = 0.0;
-      for (int64_t k = 0; k < d.rows; ++k) s += part[k * d.C + j];
-      po[j] = static_cast<T>(s);
+std::vector<cpu::GradRowsOf<T>> step_grad_rows(const T* da, const T* out, const T* h0,
+                                               const Schedule& s, int64_t G, int64_t P) {
+  std::vector<cpu::GradRowsOf<T>> segs;
+  const auto add = [&](const T* dy, const T* x, int64_t rows) {
+    if (rows <= 0) return;
+    if (!segs.empty()) {
+      cpu::GradRowsOf<T>& last = segs.back();
+      if (last.dy + last.rows * G == dy && last.x + last.rows * P == x) {
+        last.rows += rows;
+        return;
+      }
     }
-    return out;
+    segs.push_back({dy, x, rows});
   };
-  reg::NormGrads g;
-  if (norm.defined()) g.hh = total(hh);
-  if (x.defined()) g.ih = total(ih);
-  if (with_sum) g.sum = total(sum);
-  return g;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t bt = s.sizes[t], off = s.offsets[t];
+    const int64_t prow = std::min(s.prev_rows(t), bt);
+    if (prow > 0) add(da + off * G, out + s.offsets[s.prev_time(t)] * P, prow);
+    add(da + (off + prow) * G, h0 + prow * P, bt - prow);
+  }
+  return segs;
 }
 
 struct CpuRegKernels {
@@ -308,20 +252,9 @@ struct CpuRegKernels {
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     return cpu::empty_for_steps(sizes, options);
   }
-  // Note [Norm gradients in one pass]: nullopt (ATen's) for what it does not take.
-  static c10::optional<reg::NormGrads> norm_grads(const at::Tensor& dy, const at::Tensor& norm,
-                                                  const at::Tensor& x, const at::Tensor& mean,
-                                                  const at::Tensor& rstd, bool with_sum) {
-    const auto dtype = dy.scalar_type();
-    for (const at::Tensor* t : {&dy, &norm, &x}) {
-      if (t->defined() && (!t->is_contiguous() || t->scalar_type() != dtype)) return c10::nullopt;
-    }
-    const at::Tensor m = mean.defined() ? mean.contiguous() : mean;
-    const at::Tensor s = rstd.defined() ? rstd.contiguous() : rstd;
-    if (dtype == at::kFloat) return norm_grad_rows<float>(dy, norm, x, m, s, with_sum);
-    if (dtype == at::kDouble) return norm_grad_rows<double>(dy, norm, x, m, s, with_sum);
-    return c10::nullopt;
-  }
+  // Note [Gain gradients summed in the loop]: a slot per thread of a
+  // loop's team (CpuRow::slot).
+  static int64_t sum_slots() { return at::get_num_threads(); }
   // dY^T X by the fused path's weight-gradient GEMM where it runs (float32,
   // float64); undefined (ATen's) otherwise.
   static at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
@@ -331,6 +264,24 @@ struct CpuRegKernels {
       const at::Tensor d = dy.contiguous(), xc = x.contiguous();
       return ops->weight_grad({{d.data_ptr<T>(), xc.data_ptr<T>(), d.size(0)}}, d.size(1),
                               xc.size(1), false, d.options()).first;
+    });
+    return dw ? *dw : at::Tensor();
+  }
+  // dW_hh by that GEMM, h_{t-1} read in place (step_grad_rows); undefined
+  // (masked_prev's copy) where it does not run.
+  static at::Tensor recurrent_weight_grad(const at::Tensor& da, const at::Tensor& out,
+                                          const at::Tensor& h0, const Schedule& s) {
+    const auto dtype = da.scalar_type();
+    if (out.scalar_type() != dtype || h0.scalar_type() != dtype || da.size(0) == 0) {
+      return at::Tensor();
+    }
+    const auto dw = cpu::with_fused_ops(dtype, [&](const auto* ops) {
+      using T = typename std::remove_pointer_t<decltype(ops)>::Elem;
+      const at::Tensor d = da.contiguous(), o = out.contiguous(), h = h0.contiguous();
+      const int64_t G = d.size(1), P = o.size(1);
+      return ops->weight_grad(step_grad_rows(d.data_ptr<T>(), o.data_ptr<T>(), h.data_ptr<T>(),
+                                             s, G, P),
+                              G, P, false, d.options()).first;
     });
     return dw ? *dw : at::Tensor();
   }

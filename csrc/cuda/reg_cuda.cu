@@ -59,6 +59,13 @@ struct CudaRow {
     return true;
 #endif
   }
+  FUSEDRNN_HOST_DEVICE int64_t slot() const {
+#ifdef __CUDA_ARCH__
+    return blockIdx.x;
+#else
+    return 0;
+#endif
+  }
 };
 
 template <typename Rows>
