@@ -6,14 +6,17 @@
 // which halve that cost on an idle machine (111 -> 78 ms for that training
 // forward), the kernel may first compact memory, synchronously: on a machine
 // with fragmented memory we measured 0.15-0.33 s of system time per training
-// step, more than the step's arithmetic. So the buffers of 4 MiB or more come
+// step, more than the step's arithmetic. So the buffers of 512 KiB or more come
 // from a cache: freed ones are kept, already touched, for later calls, as
 // PyTorch's CUDA caching allocator keeps device memory. A request takes the
 // smallest cached block that holds it and is at most twice its size; blocks
 // beyond kCacheLimit of unused memory are unmapped, and
 // release_step_buffer_cache() (fusedrnn.empty_cpu_cache()) gives all unused
 // memory back. Tensors keep a resizable storage on this allocator, as
-// at::empty's do.
+// at::empty's do. Blocks of 2 MiB or more are whole huge pages; smaller ones
+// (from 512 KiB: a layer of H=256's packed weights and weight gradients,
+// which glibc's malloc gave back and faulted in again on every call) go by
+// 64 KiB, without the hint.
 #include "step_buffers.h"
 
 #include <ATen/EmptyTensor.h>
@@ -30,14 +33,16 @@ namespace cpu {
 namespace {
 
 constexpr size_t kHugePage = size_t(1) << 21;
-constexpr size_t kMinCached = size_t(4) << 20;   // smaller buffers: at::empty
-constexpr size_t kCacheLimit = size_t(1) << 30;  // unused bytes kept at most
+constexpr size_t kMinCached = size_t(512) << 10;  // smaller buffers: at::empty
+constexpr size_t kSmallUnit = size_t(64) << 10;   // blocks under a huge page: 64 KiB steps
+constexpr size_t kCacheLimit = size_t(1) << 30;   // unused bytes kept at most
 
 class StepBufferCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinCached) return c10::GetDefaultCPUAllocator()->allocate(n);
-    const size_t bytes = (n + kHugePage - 1) & ~(kHugePage - 1);
+    const size_t unit = n >= kHugePage ? kHugePage : kSmallUnit;
+    const size_t bytes = (n + unit - 1) & ~(unit - 1);
     void* p = take(bytes);
     if (p == nullptr) p = map(bytes);
     return {p, new Block{this, p, bytes}, &release, c10::Device(c10::DeviceType::CPU)};
@@ -72,8 +77,13 @@ class StepBufferCache final : public c10::Allocator {
     delete b;
   }
 
-  // Anonymous memory aligned to 2 MiB, with the huge-page hint.
+  // Anonymous memory; from 2 MiB on, aligned to 2 MiB with the huge-page hint.
   static void* map(size_t bytes) {
+    if (bytes < kHugePage) {
+      void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      return p;
+    }
     const size_t span = bytes + kHugePage;
     void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) throw std::bad_alloc();

@@ -9,8 +9,9 @@ namespace fusedrnn {
 namespace cpu {
 
 // An uninitialised CPU tensor for a buffer written step by step (outputs,
-// saved gates, gate gradients, x_proj): at::empty's, but buffers of 4 MiB or
-// more come from a cache of memory that earlier calls have touched.
+// saved gates, gate gradients, x_proj, packed weights, weight gradients):
+// at::empty's, but buffers of 512 KiB or more come from a cache of memory that
+// earlier calls have touched.
 at::Tensor empty_for_steps(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // What the cache holds unused, in bytes (for tests), and a way to give it back.

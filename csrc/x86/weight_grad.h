@@ -118,7 +118,7 @@ std::pair<at::Tensor, at::Tensor> weight_grad_few_rows(
       x[K] = s.x + r * N;
     }
   }
-  at::Tensor dw = at::empty({M, N}, options);
+  at::Tensor dw = empty_for_steps({M, N}, options);
   at::Tensor db = at::empty({want_db ? M : 0}, options);
   E* w = dw.data_ptr<E>();
   E* b = want_db ? db.data_ptr<E>() : nullptr;
@@ -167,7 +167,7 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
   if constexpr (std::is_same_v<In, E>) {
     if (K > 0 && K <= kFewGradRows) return weight_grad_few_rows<V>(segs, M, N, want_db, options);
   }
-  at::Tensor dw = at::empty({M, N}, options);
+  at::Tensor dw = empty_for_steps({M, N}, options);
   at::Tensor db = at::empty({want_db ? M : 0}, options);
   if (K == 0 || M == 0 || N == 0) {
     dw.zero_();
@@ -182,11 +182,16 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
   E* db_out = want_db ? db.data_ptr<E>() : nullptr;
   const int64_t grain = ceil_div(tiles, at::get_num_threads());
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    // dY's block as ap[tile][k / KP][kMR][k % KP].
-    std::vector<In> ap(static_cast<size_t>(kBlockTiles * kBlockK * kMR));
-    std::vector<double> sums(static_cast<size_t>(kBlockTiles * kMR));
+    // Per thread, kept from call to call: fresh, their hundreds of KiB were
+    // page-faulted in on every call (every element is written before it is
+    // read). dY's block as ap[tile][k / KP][kMR][k % KP].
+    thread_local std::vector<In> ap;
+    thread_local std::vector<double> sums;
     // The block's accumulators: tile i, panel q at acc[(i * Q + q) * kMR * kW].
-    std::vector<E> acc(static_cast<size_t>(kBlockTiles * Q * kMR * kW));
+    thread_local std::vector<E> acc;
+    ap.resize(static_cast<size_t>(kBlockTiles * kBlockK * kMR));
+    sums.resize(static_cast<size_t>(kBlockTiles * kMR));
+    acc.resize(static_cast<size_t>(kBlockTiles * Q * kMR * kW));
     for (int64_t tb = t0; tb < t1; tb += kBlockTiles) {
       const int64_t nt = std::min(kBlockTiles, t1 - tb), m0 = tb * kMR;
       const int64_t mc = std::min(nt * kMR, M - m0);  // real columns of this block
