@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 import fusedrnn
+from isa_helpers import FUSED_ISAS, force_cpu_isa
 
 ops = torch.ops.fusedrnn
 
 
 def big_lstm(seed):
-    """A layer whose step buffers exceed the cache's 4 MiB floor."""
+    """A layer whose step buffers exceed the cache's 512 KiB floor."""
     torch.manual_seed(seed)
     ref = nn.LSTM(128, 256)
     return ref, fusedrnn.from_torch(ref)
@@ -76,3 +77,18 @@ def test_cached_outputs_resize_like_at_empty():
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     y.resize_(70, 40, 256).fill_(1.0)
     assert y.shape == (70, 40, 256) and bool((y == 1).all())
+
+
+@pytest.mark.parametrize("isa", FUSED_ISAS)
+def test_weight_gradients_below_a_huge_page_are_cached(isa, monkeypatch):
+    """Buffers from 512 KiB to 2 MiB come from the cache in 64 KiB blocks: a
+    768 KiB weight gradient goes back to it, whole, when freed (at::empty's
+    came back from the kernel, page by page, on every call)."""
+    force_cpu_isa(monkeypatch, isa)
+    g, x, w = torch.randn(64, 768), torch.randn(64, 256), torch.randn(768, 256)
+    fusedrnn.empty_cpu_cache()
+    dw = ops.linear_backward(g, x, w, False, True, False)[1]
+    torch.testing.assert_close(dw, g.T @ x, rtol=1e-5, atol=1e-4)
+    assert ops._step_buffer_cache_bytes() == 0
+    del dw
+    assert ops._step_buffer_cache_bytes() == 768 * 1024
