@@ -10,8 +10,7 @@
 // from a cache: freed ones are kept, already touched, for later calls, as
 // PyTorch's CUDA caching allocator keeps device memory. A request takes the
 // smallest cached block that holds it and is at most twice its size; blocks
-// beyond the cache's limit of unused memory are unmapped (the largest first),
-// and
+// beyond kCacheLimit of unused memory are unmapped, and
 // release_step_buffer_cache() (fusedrnn.empty_cpu_cache()) gives all unused
 // memory back. Tensors keep a resizable storage on this allocator, as
 // at::empty's do. Blocks of 2 MiB or more are whole huge pages; smaller ones
@@ -24,10 +23,8 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
-#include <unistd.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <map>
 #include <mutex>
 
@@ -38,14 +35,7 @@ namespace {
 constexpr size_t kHugePage = size_t(1) << 21;
 constexpr size_t kMinCached = size_t(512) << 10;  // smaller buffers: at::empty
 constexpr size_t kSmallUnit = size_t(64) << 10;   // blocks under a huge page: 64 KiB steps
-// Note [step-buffer cache limit]
-// The unused bytes kept at most: as many as the cache has handed out at once
-// so far, so that steps like the largest so far find all their buffers, but
-// at least kCacheFloor and at most a quarter of the machine's memory. A fixed
-// 1 GiB unmapped, after each training step of an LSTM at T=100, B=64,
-// H=2048 (about 1.5 GB of buffers), the largest blocks, which the next step
-// faulted in again (benchmarks/NOTES.md, "The step-buffer cache's limit").
-constexpr size_t kCacheFloor = size_t(1) << 30;
+constexpr size_t kCacheLimit = size_t(1) << 30;   // unused bytes kept at most
 
 class StepBufferCache final : public c10::Allocator {
  public:
@@ -55,11 +45,6 @@ class StepBufferCache final : public c10::Allocator {
     const size_t bytes = (n + unit - 1) & ~(unit - 1);
     void* p = take(bytes);
     if (p == nullptr) p = map(bytes);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      in_use_ += bytes;
-      peak_ = std::max(peak_, in_use_);
-    }
     return {p, new Block{this, p, bytes}, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -125,8 +110,7 @@ class StepBufferCache final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     free_.emplace(bytes, p);
     cached_ += bytes;
-    in_use_ -= bytes;
-    while (cached_ > limit()) {  // the largest blocks go first
+    while (cached_ > kCacheLimit) {  // the largest blocks go first
       const auto it = std::prev(free_.end());
       munmap(it->second, it->first);
       cached_ -= it->first;
@@ -134,19 +118,9 @@ class StepBufferCache final : public c10::Allocator {
     }
   }
 
-  // Note [step-buffer cache limit]
-  size_t limit() const {
-    static const size_t quarter = [] {
-      const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-      return pages > 0 && page > 0 ? static_cast<size_t>(pages) * page / 4 : kCacheFloor;
-    }();
-    return std::max(kCacheFloor, std::min(peak_, quarter));
-  }
-
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;  // size -> block
   size_t cached_ = 0;
-  size_t in_use_ = 0, peak_ = 0;  // bytes handed out now, and at most so far
 };
 
 // Never destroyed: tensors freed during interpreter shutdown still return here.
