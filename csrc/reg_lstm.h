@@ -243,8 +243,8 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   // b_ih (after the input norm) and b_hh both add to the gates' pre-activation,
   // whose gradient dx both norms' gains multiply too.
   const bool any_bias = has_bias || r.b_ih.has_value();
-  // Note [Gain gradients summed in the loop]: there dcn, dcn_xhat, and dx
-  // when neither da nor dx_raw is dx, hold one step's rows.
+  // Note [Gain gradients summed in the loop]: there dcn, and dx when neither
+  // da nor dx_raw is dx, hold one step's rows.
   const int64_t slots = sum_slots<K>();
   const bool in_loop = slots > 0 && (ln_hh || ln_ih);
   const bool step_dx = slots > 0 && ln_hh && ln_ih, step_c = slots > 0;
@@ -258,7 +258,6 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor da = ln_hh ? step_buffer<K>({s.N, G}, opts) : dx;
   Tensor dx_raw = ln_ih ? step_buffer<K>({s.N, G}, opts) : dx;
   Tensor dcn = r.ln_c() ? rows_of(step_c, H) : Tensor();
-  Tensor dcn_xhat = r.ln_c() ? rows_of(step_c, H) : Tensor();
   Tensor dh_new = proj ? step_buffer<K>({s.N, P}, opts) : Tensor();  // dL/d(h~ W_hr^T)
   Tensor dh_raw = at::empty({s.B, H}, opts);  // dL/dh~ (before W_hr^T)
   Tensor h_raw = proj ? step_buffer<K>({s.N, H}, opts) : Tensor();
@@ -311,7 +310,6 @@ LstmRegBackwardOut lstm_reg_backward_loop(
       b.dx_raw = dx_raw.data_ptr<T>() + off * G;
       if (r.ln_c()) {
         b.dcn = dcn.data_ptr<T>() + (step_c ? 0 : off * H);
-        b.dcn_xhat = dcn_xhat.data_ptr<T>() + (step_c ? 0 : off * H);
       }
       b.gate_sums = gate_sums.rows<T>();
       b.ih_sums = ih_sums.rows<T>();
@@ -345,9 +343,14 @@ LstmRegBackwardOut lstm_reg_backward_loop(
   Tensor d_ln_hh = ln_hh ? g.hh : none;
   Tensor d_ln_ih = ln_ih ? g.ih : none;
   Tensor d_ln_c_w = none, d_ln_c_b = none;
-  if (r.ln_c()) {
-    d_ln_c_w = step_c ? LoopSums::total(c_sums.gain, dtype) : dcn_xhat.sum(0);
-    d_ln_c_b = step_c ? LoopSums::total(c_sums.bias, dtype) : dcn.sum(0);
+  if (r.ln_c() && step_c) {
+    d_ln_c_w = LoopSums::total(c_sums.gain, dtype);
+    d_ln_c_b = LoopSums::total(c_sums.bias, dtype);
+  } else if (r.ln_c()) {  // the cell norm's xhat recomputed from c~, as the input norm's
+    const NormGrads gc = norm_grads(dcn, Tensor(), c_new, stats.select(1, kStatMeanC),
+                                    stats.select(1, kStatRstdC), true);
+    d_ln_c_w = gc.ih;
+    d_ln_c_b = gc.sum;
   }
   return {dx_raw, d_h0, dc, d_w_hh, d_w_hr, d_b_hh, d_ln_hh, d_ln_c_w, d_ln_c_b, d_ln_ih, d_b_ih};
 }

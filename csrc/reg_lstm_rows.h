@@ -128,7 +128,6 @@ struct LstmBackwardRows {
   T* dx_raw = nullptr;         // [rows, 4H] d x_proj through the input norm, with ln_ih
   T* da = nullptr;             // [rows, 4H] d a (through LN_4H), with ln_hh
   T* dcn = nullptr;            // [rows, H] dL/d(cell norm output), with ln_c
-  T* dcn_xhat = nullptr;       // [rows, H] dcn * LN_H(c~), with ln_c
   T* h_raw = nullptr;          // [rows, H] h~ recomputed for dW_hr, or null
   // Note [Gain gradients summed in the loop], each where asked: ln_hh's and
   // the biases' (dy = dx, the gates' pre-activation), ln_ih's (dy = dx),
@@ -154,7 +153,6 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmBackwardRows<T>& a, 
   const T* w = a.ln_c_w;
   const T* wb = a.ln_c_b;
   T* dcn = a.dcn ? a.dcn + b * H : nullptr;
-  T* dcn_xhat = a.dcn_xhat ? a.dcn_xhat + b * H : nullptr;
   T* h_raw = a.h_raw ? a.h_raw + b * H : nullptr;
   with_flag(w != nullptr, [&](auto ln) {
     with_flag(h_raw != nullptr, [&](auto proj) {
@@ -168,7 +166,6 @@ FUSEDRNN_HOST_DEVICE void run_row(const Row& row, const LstmBackwardRows<T>& a, 
         const T dy = dh * o * (T(1) - tc * tc);
         if constexpr (decltype(ln)::value) {
           dcn[j] = dy;
-          dcn_xhat[j] = dy * ((cn[j] - mean) * rstd);
         } else {
           dxr[j] = dy;  // dL/dc~ so far, in the i slot
         }
