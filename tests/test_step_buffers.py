@@ -92,3 +92,61 @@ def test_weight_gradients_below_a_huge_page_are_cached(isa, monkeypatch):
     assert ops._step_buffer_cache_bytes() == 0
     del dw
     assert ops._step_buffer_cache_bytes() == 768 * 1024
+
+
+MIB = 1 << 20
+ROLL = 1000  # requests: more than the cache's two windows of recent need
+
+
+def buffer(n):
+    """A uint8 step buffer of n bytes, untouched (mapping costs no memory)."""
+    return ops._step_buffer(n)
+
+
+def forget_recent_need():
+    for _ in range(ROLL):
+        del_me = buffer(MIB)
+        del del_me
+    fusedrnn.empty_cpu_cache()
+
+
+def test_cache_keeps_what_a_call_had_at_once_beyond_a_gib():
+    """Buffers handed out together (1.5 GiB here, as an LSTM's training step at
+    T=100 B=128 H=2048 takes) all stay cached for the next call, though that is
+    more than the 1 GiB the cache may always keep."""
+    forget_recent_need()
+    live = [buffer(512 * MIB) for _ in range(3)]
+    del live
+    assert ops._step_buffer_cache_bytes() == 1536 * MIB
+    again = [buffer(512 * MIB) for _ in range(3)]
+    assert ops._step_buffer_cache_bytes() == 0
+    del again
+    fusedrnn.empty_cpu_cache()
+
+
+def test_over_the_limit_the_oldest_blocks_go_first():
+    """Past the limit the block given back longest ago is unmapped, not the
+    largest (that one is what the latest call used)."""
+    forget_recent_need()
+    old = buffer(300 * MIB)
+    del old
+    new = buffer(800 * MIB)  # too large a request for the cached block
+    del new  # 1100 MiB cached, over 1 GiB: the 300 MiB block goes
+    assert ops._step_buffer_cache_bytes() == 800 * MIB
+    fusedrnn.empty_cpu_cache()
+
+
+def test_blocks_not_reused_lately_go_before_fresh_memory():
+    """A block that many requests passed over is unmapped when the cache next
+    maps memory; a block in use meanwhile stays."""
+    fusedrnn.empty_cpu_cache()
+    stale = buffer(MIB)
+    del stale
+    for _ in range(ROLL):
+        reused = buffer(4 * MIB)
+        del reused
+    assert ops._step_buffer_cache_bytes() == 5 * MIB
+    fresh = buffer(64 * MIB)
+    assert ops._step_buffer_cache_bytes() == 4 * MIB
+    del fresh
+    fusedrnn.empty_cpu_cache()
