@@ -19,8 +19,8 @@ SCHEMA_VERSION = 2
 # -- files -------------------------------------------------------------------------
 # Note [result files]
 # Each run writes one dated JSON (and its PNG) and nothing else; "the latest
-# result" is the newest dated file of its kind, found by newest_results(), so
-# no result is ever stored twice. File names:
+# result" is the newest dated file of its kind, found by newest_results(), for
+# each model and precision it measured, so no result is ever stored twice. File names:
 #     <device>-<set>[-omp-passive]-<YYYYmmdd-HHMMSS>.json     bench.py
 #     gemm-<device>-<set>[-omp-passive]-<YYYYmmdd-HHMMSS>.json gemm.py
 # where a CPU run on a path forced by FUSEDRNN_CPU_ISA has the device cpu-<path>
@@ -62,10 +62,12 @@ def write_json(path, doc):
 
 
 def newest_results(root, kind=None, recursive=True):
-    """The newest complete dated result of each kind under root (and its
-    subfolders when recursive): one per folder, kind ('bench' or 'gemm'),
-    device, set, precisions measured, environment variant and forced CPU path
-    (Note [result files]). Sorted by folder, then file name."""
+    """The newest complete dated results of each kind under root (and its
+    subfolders when recursive): per folder, kind ('bench' or 'gemm'), device,
+    set, environment variant and forced CPU path, the newest file for each
+    model and precision it measured, so a run of one model does not hide the
+    other model's rows of an older run (Note [result files]). Sorted by
+    folder, then file name."""
     best = {}
     for path in sorted(Path(root).rglob("*.json") if recursive else Path(root).glob("*.json")):
         m = _DATED.match(path.name)
@@ -81,13 +83,14 @@ def newest_results(root, kind=None, recursive=True):
         if kind is not None and doc_kind != kind:
             continue
         env = doc.get("env", {})
-        precisions = tuple(sorted({r.get("precision", "") for r in doc["rows"]}))
         key = (path.parent, doc_kind, doc.get("device"), env.get("gpu"), doc.get("set"),
-               precisions, environment.recorded_variant(env), environment.forced_cpu_path(env),
+               environment.recorded_variant(env), environment.forced_cpu_path(env),
                environment.emulated_avx2_cpu(env))
-        if key not in best or m["stamp"] > best[key][0]:
-            best[key] = (m["stamp"], path)
-    return sorted((p for _, p in best.values()), key=lambda p: (str(p.parent), p.name))
+        measured = {(r.get("model", ""), r.get("precision", "")) for r in doc["rows"]}
+        for pair in measured or {("", "")}:
+            if key + pair not in best or m["stamp"] > best[key + pair][0]:
+                best[key + pair] = (m["stamp"], path)
+    return sorted({p for _, p in best.values()}, key=lambda p: (str(p.parent), p.name))
 
 
 # -- table -------------------------------------------------------------------------

@@ -151,6 +151,25 @@ def test_result_paths_and_newest_results(tmp_path):
     assert report.newest_results(tmp_path, kind="gemm") == [gem]
 
 
+def test_newest_results_per_model_and_precision(tmp_path):
+    """A newer run of one model (or precision) supersedes an older run's rows
+    of that model only; the older file stays while it is the newest for any
+    of its own."""
+    def rows(*pairs):
+        doc = _doc(set_name="full")
+        doc["rows"] = [{"model": m, "precision": p} for m, p in pairs]
+        return doc
+
+    both = _write(tmp_path, "cpu-full-20260101-000000.json",
+                  rows(("LSTM", "float32"), ("GRU", "float32")))
+    lstm = _write(tmp_path, "cpu-full-20260102-000000.json", rows(("LSTM", "float32")))
+    assert set(report.newest_results(tmp_path)) == {both, lstm}
+    bf16 = _write(tmp_path, "cpu-full-20260103-000000.json", rows(("GRU", "bfloat16")))
+    assert set(report.newest_results(tmp_path)) == {both, lstm, bf16}
+    gru = _write(tmp_path, "cpu-full-20260104-000000.json", rows(("GRU", "float32")))
+    assert set(report.newest_results(tmp_path)) == {lstm, bf16, gru}
+
+
 def test_results_markdown_names_the_environment(tmp_path):
     default = _write(tmp_path, "cpu-quick-20260101-000000.json", _doc())
     passive = _write(tmp_path, "cpu-quick-omp-passive-20260101-000000.json",
