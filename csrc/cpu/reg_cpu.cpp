@@ -218,35 +218,6 @@ struct FusedStepGemm {
   }
 };
 
-// The rows of dW_hh = sum over steps of dA_t^T h_{t-1}, read in place: da
-// [N, G], out [N, P] and h0 [B, P], contiguous; step t's first prev_rows(t)
-// rows read the rows of out its step before wrote, the rest h0's. Runs of
-// rows contiguous in both are one segment (padded input: two), in row order,
-// so the sums run as over masked_prev's copy.
-template <typename T>
-std::vector<cpu::GradRowsOf<T>> step_grad_rows(const T* da, const T* out, const T* h0,
-                                               const Schedule& s, int64_t G, int64_t P) {
-  std::vector<cpu::GradRowsOf<T>> segs;
-  const auto add = [&](const T* dy, const T* x, int64_t rows) {
-    if (rows <= 0) return;
-    if (!segs.empty()) {
-      cpu::GradRowsOf<T>& last = segs.back();
-      if (last.dy + last.rows * G == dy && last.x + last.rows * P == x) {
-        last.rows += rows;
-        return;
-      }
-    }
-    segs.push_back({dy, x, rows});
-  };
-  for (int64_t t = 0; t < s.T; ++t) {
-    const int64_t bt = s.sizes[t], off = s.offsets[t];
-    const int64_t prow = std::min(s.prev_rows(t), bt);
-    if (prow > 0) add(da + off * G, out + s.offsets[s.prev_time(t)] * P, prow);
-    add(da + (off + prow) * G, h0 + prow * P, bt - prow);
-  }
-  return segs;
-}
-
 struct CpuRegKernels {
   using StepGemm = FusedStepGemm;
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -267,7 +238,7 @@ struct CpuRegKernels {
     });
     return dw ? *dw : at::Tensor();
   }
-  // dW_hh by that GEMM, h_{t-1} read in place (step_grad_rows); undefined
+  // dW_hh by that GEMM, h_{t-1} read in place (scheduled_grad_rows); undefined
   // (masked_prev's copy) where it does not run.
   static at::Tensor recurrent_weight_grad(const at::Tensor& da, const at::Tensor& out,
                                           const at::Tensor& h0, const Schedule& s) {
@@ -279,8 +250,8 @@ struct CpuRegKernels {
       using T = typename std::remove_pointer_t<decltype(ops)>::Elem;
       const at::Tensor d = da.contiguous(), o = out.contiguous(), h = h0.contiguous();
       const int64_t G = d.size(1), P = o.size(1);
-      return ops->weight_grad(step_grad_rows(d.data_ptr<T>(), o.data_ptr<T>(), h.data_ptr<T>(),
-                                             s, G, P),
+      return ops->weight_grad(cpu::scheduled_grad_rows(d.data_ptr<T>(), o.data_ptr<T>(),
+                                                       h.data_ptr<T>(), s, G, P),
                               G, P, false, d.options()).first;
     });
     return dw ? *dw : at::Tensor();

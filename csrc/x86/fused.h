@@ -8,9 +8,12 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "../checks.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -38,6 +41,35 @@ std::vector<GradRowsOf<T>> recurrent_grad_rows(const T* dg, const T* out, const 
   const int64_t BT = B * (steps - 1);
   std::vector<GradRowsOf<T>> segs{{dg + (reverse ? BT : 0) * G, h0, B}};
   if (steps > 1) segs.push_back({dg + (reverse ? 0 : B) * G, out + (reverse ? B : 0) * H, BT});
+  return segs;
+}
+
+// The same for any schedule (packed input too): dg [N, G], out [N, P] and h0
+// [B, P], contiguous; step t's first prev_rows(t) rows read the rows of out
+// its step before wrote, the rest h0's. Runs of rows contiguous in both are
+// one segment (padded input: two), in row order, so the sums run as over
+// masked_prev's copy (recurrence.h), which the regularised ops read before.
+template <typename T>
+std::vector<GradRowsOf<T>> scheduled_grad_rows(const T* dg, const T* out, const T* h0,
+                                               const Schedule& s, int64_t G, int64_t P) {
+  std::vector<GradRowsOf<T>> segs;
+  const auto add = [&](const T* dy, const T* x, int64_t rows) {
+    if (rows <= 0) return;
+    if (!segs.empty()) {
+      GradRowsOf<T>& last = segs.back();
+      if (last.dy + last.rows * G == dy && last.x + last.rows * P == x) {
+        last.rows += rows;
+        return;
+      }
+    }
+    segs.push_back({dy, x, rows});
+  };
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t bt = s.sizes[t], off = s.offsets[t];
+    const int64_t prow = std::min(s.prev_rows(t), bt);
+    if (prow > 0) add(dg + off * G, out + s.offsets[s.prev_time(t)] * P, prow);
+    add(dg + (off + prow) * G, h0 + prow * P, bt - prow);
+  }
   return segs;
 }
 
