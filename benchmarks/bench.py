@@ -5,6 +5,7 @@ device present (CPU always, CUDA when a GPU is visible).
     python -m benchmarks.bench --full       # every config (fastrnns, small batch, DeepBench)
     python -m benchmarks.bench --smoke      # CI: the smallest configs, short timing
     python -m benchmarks.bench --persistent # T=100, B 1..64, H 256..1024
+    python -m benchmarks.bench --cudnn-persistent  # CUDA: float16 LSTM rows where cuDNN persists
     python -m benchmarks.bench --regularisers # layer_norm, zoneout, recurrent_dropout: their cost
     python -m benchmarks.bench --omp-passive  # the same with OMP_WAIT_POLICY=PASSIVE, labelled so
     python -m benchmarks.bench --as-avx2-cpu  # an AVX2 CPU: fusedrnn, ATen, oneDNN, MKL held to AVX2
@@ -52,10 +53,11 @@ from benchmarks import cases, configs, regularisers, report, results_md, timing 
 TIMING = {("smoke", "cpu"): (2, 0.01), ("quick", "cpu"): (3, 0.1), ("full", "cpu"): (5, 0.5),
           ("persistent", "cpu"): (3, 0.1),
           ("smoke", "cuda"): (2, 0.01), ("quick", "cuda"): (3, 0.05), ("full", "cuda"): (3, 0.1),
-          ("persistent", "cuda"): (3, 0.05)}
+          ("persistent", "cuda"): (3, 0.05), ("cudnn-persistent", "cuda"): (3, 0.05)}
 # The pure-Python reference runs on the CPU only; in the full set it is skipped
 # above this hidden size (minutes per row, and nothing the smaller rows do not show).
-REFERENCE_MAX_H = {"smoke": None, "quick": None, "persistent": None, "full": 1024}
+REFERENCE_MAX_H = {"smoke": None, "quick": None, "persistent": None, "cudnn-persistent": None,
+                   "full": 1024}
 ERROR_TEXT_CHARS = 300
 
 
@@ -64,12 +66,17 @@ def parse_args(argv):
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_argument_group("which configs (--smoke wins over --full, --full over "
-                             "--persistent, --persistent over --quick)")
+                             "--cudnn-persistent, that over --persistent, --persistent over "
+                             "--quick)")
     s.add_argument("--quick", action="store_true", help="representative subset (default)")
     s.add_argument("--full", action="store_true",
                    help="every config: fastrnns, small batch, DeepBench")
     s.add_argument("--persistent", action="store_true",
                    help="T=100, B in 1,8,16,64, H in 256,512,1024")
+    s.add_argument("--cudnn-persistent", action="store_true",
+                   help="CUDA only: where torch.nn.LSTM runs cuDNN's persistent kernel: T=100, "
+                        "B in 8,16, H in 256,512,768,1024, float16, LSTM (defaults of --dtype "
+                        "and --models for this set)")
     s.add_argument("--smoke", action="store_true",
                    help="smallest quick configs, very short timing (CI)")
     s.add_argument("--regularisers", action="store_true",
@@ -84,7 +91,8 @@ def parse_args(argv):
     w.add_argument("--dtype", help="comma list of " + ",".join(configs.PRECISIONS)
                    + " (tf32 = float32 with TF32 on; CUDA only). Default: CPU float32; "
                    "CUDA float32,tf32,bfloat16")
-    w.add_argument("--models", default="LSTM,GRU")
+    w.add_argument("--models", help="comma list of LSTM, GRU (default: both; the "
+                                     "cudnn-persistent set: LSTM)")
     w.add_argument("--modes", default="inference,training")
     w.add_argument("--no-reference", action="store_true",
                    help="do not time the pure-Python reference")
@@ -112,7 +120,10 @@ def parse_args(argv):
                         f"{report.RESULTS_DIR.name}) after the run")
     args = p.parse_args(argv)
     args.set = "smoke" if args.smoke else "full" if args.full else \
+        "cudnn-persistent" if args.cudnn_persistent else \
         "persistent" if args.persistent else "quick"
+    if args.models is None:
+        args.models = ",".join(configs.SET_MODELS.get(args.set, cases.MODELS))
     # The set's name goes into the results; --config runs are labelled 'custom'.
     args.label = "custom" if args.config and not args.smoke else args.set
     for name in ("models", "modes"):
@@ -126,8 +137,13 @@ def parse_args(argv):
     return args
 
 
-def devices(choice):
+def devices(choice, set_name):
     have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if set_name in configs.CUDA_ONLY_SETS:
+        if choice == "cpu" or "cuda" not in have:
+            raise SystemExit(f"--{set_name}: a CUDA set, and " + (
+                "--device cpu was asked for" if choice == "cpu" else "no GPU is visible here"))
+        return ["cuda"]
     if choice == "all":
         return have
     if choice not in have:
@@ -136,7 +152,8 @@ def devices(choice):
 
 
 def precisions(device, args, notes):
-    names = args.dtype.split(",") if args.dtype else configs.DEFAULT_PRECISIONS[device]
+    names = args.dtype.split(",") if args.dtype else \
+        configs.SET_PRECISIONS.get(args.set, {}).get(device, configs.DEFAULT_PRECISIONS[device])
     if device != "cuda" and any(n in configs.CUDA_ONLY_PRECISIONS for n in names):
         notes.append("tf32 asked for but skipped on the CPU (TF32 is a CUDA setting)")
         names = [n for n in names if n not in configs.CUDA_ONLY_PRECISIONS]
@@ -184,6 +201,15 @@ def reference_plan(device, cfg, args):
     return True
 
 
+def cudnn_algos(model, cfg, dtype, mode):
+    """{pass: the cuDNN algorithm torch.nn's side runs} (configs.cudnn_algo),
+    on the current GPU."""
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    gpu = (p.major, p.minor, p.multi_processor_count)
+    passes = ("forward", "backward") if mode == "training" else ("forward",)
+    return {k: configs.cudnn_algo(model, cfg, dtype, k == "forward", gpu) for k in passes}
+
+
 def precision_rows(device, model, cfg, prec, args, oracles, timing_args):
     """Yields the rows (one per mode) of one model, config and precision, each
     run under that precision's TF32 setting. Errors are recorded in the row."""
@@ -203,6 +229,7 @@ def precision_rows(device, model, cfg, prec, args, oracles, timing_args):
                    "tf32": prec.tf32 if device == "cuda" else None, "mode": mode}
             if device == "cuda":
                 row["tf32_flags"] = environment.tf32_flags()  # as set for this row
+                row["cudnn_algo"] = cudnn_algos(model, cfg, prec.dtype, mode)
             try:
                 if build_error is not None:
                     raise build_error
@@ -229,6 +256,8 @@ def run_device(device, args, cfgs):
         notes.append("float32 rows run with TF32 off, tf32 rows are float32 with TF32 on, for "
                      "cuBLAS and cuDNN alike (torch.backends.cuda.matmul.allow_tf32 and "
                      "torch.backends.cudnn.allow_tf32); bfloat16 rows with TF32 off")
+        notes.append("cudnn_algo (each row in the JSON): the cuDNN algorithm torch.nn runs "
+                     "there, from torch's own rules (configs.cudnn_algo)")
     if not args.no_reference:
         cap = REFERENCE_MAX_H[args.set]
         notes.append("reference = fusedrnn.reference (plain torch ops, one Python step per time "
@@ -412,7 +441,7 @@ def main(argv=None):
     cfgs = [configs.parse_config(c) for c in args.config] if args.label == "custom" \
         else configs.config_set(args.set)
     failed = 0
-    for device in devices(args.device):
+    for device in devices(args.device, args.set):
         doc = run_device(device, args, cfgs)
         print(f"\n{report.title(doc)}; speed-up = torch.nn / fusedrnn; {doc['wall_s']} s")
         for note in doc["notes"]:

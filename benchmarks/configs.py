@@ -49,6 +49,43 @@ QUICK_KEYS = [(100, 64, 512, 512), (100, 1, 256, 256), (100, 16, 512, 512), (25,
 PERSISTENT_KEYS = [(100, B, H, H) for H in (256, 512, 1024) for B in (1, 8, 16, 64)]
 # The smallest quick configs: proves the harness runs and parity holds.
 SMOKE_KEYS = [(100, 1, 256, 256), (100, 16, 512, 512)]
+# Where torch.nn.LSTM runs cuDNN's persistent kernel on an H100/H200
+# (cudnn_algo below): float16, B in {8, 16}, H in {256, 512, 768, 1024}.
+# cuDNN at its best: the GPU set's other rows all run its step-wise algorithm.
+CUDNN_PERSISTENT_KEYS = [(100, B, H, H) for H in (256, 512, 768, 1024) for B in (8, 16)]
+# What a set runs unless --models and --dtype say otherwise (else both models,
+# DEFAULT_PRECISIONS).
+SET_MODELS = {"cudnn-persistent": ["LSTM"]}
+SET_PRECISIONS = {"cudnn-persistent": {"cuda": ["float16"]}}
+# Sets that run on CUDA only.
+CUDA_ONLY_SETS = {"cudnn-persistent"}
+
+
+def cudnn_algo(model, cfg, dtype, forward, gpu):
+    """The cuDNN algorithm torch.nn runs for one padded, one-layer,
+    one-direction layer without projection: "persistent-small-h",
+    "persistent" or "standard". gpu: (major, minor, SM count). Follows
+    torch's get_algo (aten/src/ATen/native/cudnn/RNN.cpp, cuDNN >= 8.2.1):
+    the small-H persistent kernel for any dtype but float64 at H <= 192
+    forward (128 backward) for LSTM and GRU; the persistent kernel for a
+    float16 LSTM with H <= 1024, H and I multiples of 128, and, on sm_80+
+    GPUs with 98 SMs or more other than sm_86, B a multiple of 8 up to 128
+    (torch never takes it for the GRU there)."""
+    major, minor, sms = gpu
+    if dtype != torch.float64 and cfg.H <= (192 if forward else 128):
+        return "persistent-small-h"
+    if dtype != torch.float16 or model != "LSTM":
+        return "standard"
+    if cfg.H > 1024 or cfg.H % 128 or cfg.I % 128:
+        return "standard"
+    if major >= 8 and sms >= 98 and minor != 6:
+        return "persistent" if cfg.B % 8 == 0 and cfg.B <= 128 else "standard"
+    if major == 7 and minor != 5:  # V100
+        B, T = cfg.B, cfg.T
+        size_ok = (B % 16 == 0 and B not in (80, 112)) or B == 8
+        steps_ok = (T >= 40 and B <= 128) or (T >= 20 and B <= 96) or (T >= 10 and B <= 32)
+        return "persistent" if size_ok and steps_ok else "standard"
+    return "standard"
 
 
 def _persistent_set():
@@ -71,10 +108,15 @@ def _pick(keys):
     return [by_key[k] for k in keys]
 
 
+def _cudnn_persistent_set():
+    return [Config(*k, ("cudnn-persistent",)) for k in CUDNN_PERSISTENT_KEYS]
+
+
 def config_set(name):
-    """'smoke', 'quick', 'persistent' or 'full' -> list of Config."""
+    """'smoke', 'quick', 'persistent', 'cudnn-persistent' or 'full' -> list of Config."""
     return {"smoke": lambda: _pick(SMOKE_KEYS), "quick": lambda: _pick(QUICK_KEYS),
-            "persistent": _persistent_set, "full": full_set}[name]()
+            "persistent": _persistent_set, "cudnn-persistent": _cudnn_persistent_set,
+            "full": full_set}[name]()
 
 
 def parse_config(text):

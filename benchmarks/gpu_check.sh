@@ -5,9 +5,9 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default OUT_DIR: benchmarks/results)
 #
-# Sized to finish in under 7 minutes, so that 15 minutes on a GPU machine
+# Sized to finish in under 7.5 minutes, so that 15 minutes on a GPU machine
 # leave room for a second try: the build (~1.5 min on 16 cores), then stages with their
-# own timeouts (330 s in all), most important first, so that a stage that
+# own timeouts (355 s in all), most important first, so that a stage that
 # times out leaves the later ones their time:
 #   the persistent kernel's tests, with the largest layouts that fit (over
 #   200 KB of shared memory: test_largest_layouts_cuda), and the CUDA-only
@@ -15,7 +15,9 @@
 #   B 1..64, H 256..1024, float32 and bfloat16; it holds the fastrnns config)
 #   with FUSEDRNN_ALGO=persistent (auto is step-wise until this kernel has GPU
 #   results); the op and module tests on CUDA under
-#   FUSEDRNN_ALGO=persistent; the same table step-wise; the op tests step-wise,
+#   FUSEDRNN_ALGO=persistent; the float16 LSTM rows where torch.nn runs cuDNN's
+#   own persistent kernel (--cudnn-persistent: cuDNN at its best), persistent;
+#   the persistent set's table step-wise; the op tests step-wise,
 #   with the regularised ops' CUDA tests. Last, only where a FlashRNN wheel was
 #   carried in (wheels/flashrnn-*.whl; the machine has no network): FlashRNN's
 #   README configuration against fusedrnn and cuDNN (benchmarks/flashrnn.py,
@@ -59,6 +61,9 @@ print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, \
   stage "op + module tests, persistent" 50 env FUSEDRNN_ALGO=persistent $PY -m pytest -q -rfE \
     -k "cuda" tests/test_ops.py tests/test_modules.py \
     --junitxml="$OUT/gpu-tests-persistent-ops-$STAMP.xml"
+  stage "bench cuDNN-persistent set, persistent" 25 env FUSEDRNN_ALGO=persistent \
+    $PY -m benchmarks.bench --cudnn-persistent --rounds 2 --no-plot \
+    --out-dir "$OUT/cudnn-persistent"
   stage "bench persistent set, stepwise" 45 env FUSEDRNN_ALGO=stepwise $PY -m benchmarks.bench \
     --device cuda --persistent --dtype float32,bfloat16 --rounds 2 --no-plot \
     --out-dir "$OUT/persistent-stepwise"

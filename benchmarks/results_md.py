@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script
 from benchmarks import environment, report  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
-SET_ORDER = {"quick": 0, "persistent": 1, "full": 2, "custom": 3}
+SET_ORDER = {"quick": 0, "persistent": 1, "cudnn-persistent": 2, "full": 3, "custom": 4}
 KIND_ORDER = {"bench": 0, "regularisers": 1, "gemm": 2}
 HEADER = """# Benchmark results
 

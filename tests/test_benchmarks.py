@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -368,3 +369,77 @@ def test_flashrnn_benchmark_without_gpu_runs_nothing(capsys, tmp_path):
 def test_shown_command_leaves_out_the_output_directory():
     argv = ["--quick", "--out-dir", "res", "--rounds", "3", "--out-dir=other"]
     assert report.shown_argv(argv) == ["--quick", "--rounds", "3"]
+
+
+H100 = (9, 0, 132)  # (major, minor, SMs) as configs.cudnn_algo takes a GPU
+
+
+def test_cudnn_persistent_set_is_where_cudnn_persists():
+    """Every row of the cudnn-persistent set is one where torch.nn.LSTM runs
+    cuDNN's persistent kernel on an H100/H200, forward and backward; the same
+    sizes as a GRU, in float32 or bfloat16, or on an sm_86 GPU run its
+    standard algorithm, as do a batch that is no multiple of 8, H over 1024
+    and I no multiple of 128; at small H, its small-H kernel."""
+    cfgs = configs.config_set("cudnn-persistent")
+    assert sorted((c.B, c.H) for c in cfgs) == sorted(
+        (B, H) for B in (8, 16) for H in (256, 512, 768, 1024))
+    for c in cfgs:
+        for forward in (True, False):
+            assert configs.cudnn_algo("LSTM", c, torch.float16, forward, H100) == "persistent"
+            assert configs.cudnn_algo("GRU", c, torch.float16, forward, H100) == "standard"
+            for dtype in (torch.float32, torch.bfloat16):
+                assert configs.cudnn_algo("LSTM", c, dtype, forward, H100) == "standard"
+            assert configs.cudnn_algo("LSTM", c, torch.float16, forward, (8, 6, 84)) == "standard"
+    for T, B, I, H in [(100, 12, 512, 512), (100, 16, 1152, 1152), (100, 16, 300, 512)]:
+        c = configs.Config(T, B, I, H)
+        assert configs.cudnn_algo("LSTM", c, torch.float16, True, H100) == "standard", c
+    small = configs.Config(100, 16, 160, 160)
+    assert configs.cudnn_algo("GRU", small, torch.float32, True, H100) == "persistent-small-h"
+    assert configs.cudnn_algo("GRU", small, torch.float32, False, H100) == "standard"
+    assert configs.cudnn_algo("LSTM", small, torch.float64, True, H100) == "standard"
+
+
+def test_cudnn_persistent_set_defaults_and_device(monkeypatch):
+    """The set runs float16 LSTM rows unless --models/--dtype say otherwise,
+    and on CUDA only: without a GPU, or with --device cpu, it stops with a
+    message instead of running other rows."""
+    args = bench.parse_args(["--cudnn-persistent"])
+    assert (args.set, args.models) == ("cudnn-persistent", ["LSTM"])
+    assert [p.name for p in bench.precisions("cuda", args, [])] == ["float16"]
+    args = bench.parse_args(["--cudnn-persistent", "--models", "GRU", "--dtype", "bfloat16"])
+    assert args.models == ["GRU"]
+    assert [p.name for p in bench.precisions("cuda", args, [])] == ["bfloat16"]
+    args = bench.parse_args(["--persistent"])
+    assert args.models == ["LSTM", "GRU"]
+    assert [p.name for p in bench.precisions("cuda", args, [])] == ["float32", "tf32", "bfloat16"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no GPU is visible"):
+        bench.devices("all", "cudnn-persistent")
+    assert bench.devices("all", "quick") == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench.devices("all", "cudnn-persistent") == ["cuda"]
+    with pytest.raises(SystemExit, match="--device cpu"):
+        bench.devices("cpu", "cudnn-persistent")
+
+
+def test_cuda_rows_record_the_cudnn_algorithm(monkeypatch):
+    """Each CUDA row names the cuDNN algorithm torch.nn runs there, per pass,
+    on the GPU at hand (here a stand-in H100's properties)."""
+    props = SimpleNamespace(major=9, minor=0, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    cfg = configs.config_set("cudnn-persistent")[0]
+    assert bench.cudnn_algos("LSTM", cfg, torch.float16, "training") == {
+        "forward": "persistent", "backward": "persistent"}
+    assert bench.cudnn_algos("GRU", cfg, torch.float16, "inference") == {"forward": "standard"}
+
+
+def test_gpu_check_stage_timeouts_add_up_to_its_header():
+    """gpu_check.sh states the sum of its stages' timeouts (its GPU time
+    budget; FlashRNN's stage, run only where its wheel was carried in, apart);
+    a stage added or resized changes the sum, and the header with it."""
+    text = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    stated = int(re.search(r"own timeouts \((\d+) s in all\)", text).group(1))
+    timeouts = [int(t) for t in re.findall(r'^  stage "[^"]+" (\d+) ', text, re.M)]
+    assert len(timeouts) >= 7
+    assert sum(timeouts) == stated, timeouts

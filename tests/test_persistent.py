@@ -207,17 +207,20 @@ def test_bad_input_is_rejected_before_running(device):
         forward("lstm", d, False, persistent=True)
 
 
-@pytest.mark.parametrize("kind,dtype,mode", [
-    pytest.param("lstm", torch.float32, SIMT, id="lstm-fp32-simt"),
-    pytest.param("gru", torch.bfloat16, TENSOR_CORE, id="gru-bf16-tensor-core"),
+@pytest.mark.parametrize("kind,dtype,mode,H,B", [
+    pytest.param("lstm", torch.float32, SIMT, 1024, 64, id="lstm-fp32-simt"),
+    pytest.param("gru", torch.bfloat16, TENSOR_CORE, 1024, 64, id="gru-bf16-tensor-core"),
+    pytest.param("lstm", torch.float16, TENSOR_CORE, 768, 16, id="lstm-fp16-tensor-core-h768"),
 ])
-def test_full_size_layout(kind, dtype, mode):
-    """B=64, H=1024 with as many blocks as an H100 has SMs (the emulator's
-    device): 128 blocks, several K chunks where shared memory runs short
-    (fp32: 4 forward, 16 backward), full-size tiles. On the CPU only: the
-    point is the layout an H100 gets, which the CUDA tests reach through
-    the dispatcher."""
-    d64 = inputs(kind, "cpu", torch.float64, T=2, B=64, H=1024)
+def test_full_size_layout(kind, dtype, mode, H, B):
+    """Full-size layers with as many blocks as an H100 has SMs (the
+    emulator's device). B=64, H=1024: 128 blocks, several K chunks where
+    shared memory runs short (fp32: 4 forward, 16 backward), full-size
+    tiles. float16 LSTM at H=768, B=16 (a row of the benchmark's
+    cudnn-persistent set): 96 blocks of 8 units forward, 48 of 16 backward
+    in 201 KB. On the CPU only: the point is the layout an H100 gets, which
+    the CUDA tests reach through the dispatcher."""
+    d64 = inputs(kind, "cpu", torch.float64, T=2, B=B, H=H)
     grads = random_grads(kind, forward(kind, d64, False, persistent=False))
     ours = errors_vs_float64(kind, d64, grads, dtype, False, persistent=True, mode=mode,
                              max_blocks=0)
