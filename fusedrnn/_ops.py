@@ -12,6 +12,8 @@ x_proj = x @ w_ih.T + b_ih for all steps, [T, B, G*H] or packed [N, G*H] with
 what backward needs; they are empty unless `train`. The same layers with the
 regularisers of a LayerReg are their own ops (_reg_ops.py).
 """
+import math
+
 import torch
 
 from . import _C  # noqa: F401  (registers the ops)
@@ -52,7 +54,7 @@ def _acc_dtype(dtype):
 @torch.library.register_fake("fusedrnn::lstm_forward")
 def _lstm_forward_fake(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train):
     H, P = w_hh.shape[0] // LSTM_GATES, w_hh.shape[1]
-    N = x_proj.shape[:-1].numel()
+    N = math.prod(x_proj.shape[:-1])  # symbolic under export and compile
     out = x_proj.new_empty((*x_proj.shape[:-1], P))
     gates = x_proj.new_empty((N if train else 0, LSTM_GATES * H))
     cells = x_proj.new_empty((N if train else 0, H), dtype=_acc_dtype(x_proj.dtype))
@@ -72,7 +74,7 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, output, gates, cells, h
 @torch.library.register_fake("fusedrnn::gru_forward")
 def _gru_forward_fake(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train):
     H = w_hh.shape[1]
-    N = x_proj.shape[:-1].numel()
+    N = math.prod(x_proj.shape[:-1])  # symbolic under export and compile
     out = x_proj.new_empty((*x_proj.shape[:-1], H))
     gates = x_proj.new_empty((N if train else 0, GRU_SAVED * H))
     return out, h0.new_empty(h0.shape), gates

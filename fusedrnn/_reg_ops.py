@@ -22,6 +22,8 @@ else none:
               two (any norm)
 Backward also takes x_proj (with ln_ih it recomputes LN(x_proj) from it).
 """
+import math
+
 import torch
 
 from ._autograd import graph_needed, register_autograd
@@ -43,7 +45,7 @@ def _saved(x_proj, rows, cols):
 def _lstm_reg_forward_fake(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, train,
                            rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih, b_ih):
     H, P = w_hh.shape[0] // LSTM_GATES, w_hh.shape[1]
-    N = x_proj.shape[:-1].numel()
+    N = math.prod(x_proj.shape[:-1])  # symbolic under export and compile
     rows = lambda on: N if train and on else 0  # noqa: E731
     return (x_proj.new_empty((*x_proj.shape[:-1], P)), h0.new_empty(h0.shape),
             c0.new_empty(c0.shape),
@@ -78,7 +80,7 @@ def _lstm_reg_backward_fake(grad_output, grad_h_n, grad_c_n, x_proj, output, gat
 def _gru_reg_forward_fake(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after, train,
                           rec_mask, zone_h, ln_hh, ln_ih, b_ih):
     H = w_hh.shape[1]
-    N = x_proj.shape[:-1].numel()
+    N = math.prod(x_proj.shape[:-1])  # symbolic under export and compile
     rows = lambda on: N if train and on else 0  # noqa: E731
     return (x_proj.new_empty((*x_proj.shape[:-1], H)), h0.new_empty(h0.shape),
             _saved(x_proj, rows(True), GRU_SAVED * H),

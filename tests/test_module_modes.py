@@ -1,6 +1,7 @@
 """The modules under torch.compile(fullgraph=True), torch.no_grad,
 torch.inference_mode and autocast, and backward after an eval-mode forward."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -90,6 +91,81 @@ def test_compile_fullgraph_model_with_dropout_in_training():
     loss = torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(T, B, I))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_compile_dynamic_batch_compiles_once(device):
+    """With dynamic shapes, a training step at another batch size and length
+    reuses the graph (the ops' fake kernels keep sizes symbolic). Sizes of 1
+    would compile again: torch specialises sizes 0 and 1."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ours = fusedrnn.LSTM(I, H, num_layers=2, device=device)
+    compiled = torch.compile(ours, dynamic=True, fullgraph=True, backend=backend)
+    for t, b in [(T, B), (T + 3, B + 2), (2, 2)]:
+        x = torch.randn(t, b, I, device=device, requires_grad=True)
+        out, (h, c) = compiled(x)
+        want = ours(x.detach())
+        torch.testing.assert_close(out, want[0], rtol=1e-6, atol=1e-6)
+        (out.sum() + h.sum()).backward()
+        assert x.grad.shape == x.shape
+    assert len(graphs) == 1
+
+
+# ------------------------------------------------------------------ torch.export
+EXPORT_CASES = [
+    pytest.param("LSTM", dict(num_layers=2, bidirectional=True, proj_size=P), id="lstm-bi-proj"),
+    pytest.param("GRU", dict(bidirectional=True, batch_first=True), id="gru-bi-bf"),
+    pytest.param("GRU", dict(layer_norm=True, zoneout=0.1), id="gru-layer-norm-zoneout"),
+    pytest.param("LSTMCell", {}, id="lstmcell"),
+    pytest.param("GRUCell", dict(bias=False), id="grucell"),
+]
+
+
+@pytest.mark.parametrize("kind,kw", EXPORT_CASES)
+@pytest.mark.parametrize("hx_given", [False, True], ids=["nohx", "hx"])
+def test_export_with_dynamic_sizes_matches_eager(kind, kw, hx_given):
+    """torch.export.export with the batch (and the sequence length) dynamic:
+    the program calls the fused ops, and at other sizes returns what the eager
+    module returns."""
+    from torch.export import Dim
+    ours = getattr(fusedrnn, kind)(I, H, **kw).eval()
+    cell = kind.endswith("Cell")
+    batch_dim = 0 if cell or kw.get("batch_first") else 1
+    lead = 1 if cell else ours.num_layers * (2 if ours.bidirectional else 1)
+    out_size = kw.get("proj_size", H)
+
+    def call_args(t, b):
+        x = torch.randn(*((b,) if cell else (b, t) if batch_dim == 0 else (t, b)), I)
+        if not hx_given:
+            return (x,)
+        hs = [torch.randn(*(() if cell else (lead,)), b, out_size)]
+        if kind.startswith("LSTM"):
+            hs.append(torch.randn(*(() if cell else (lead,)), b, H))
+        return (x, tuple(hs) if len(hs) == 2 else hs[0])
+
+    batch, steps = Dim("batch"), Dim("steps")
+    x_dims = {batch_dim: batch} if cell else {batch_dim: batch, 1 - batch_dim: steps}
+    h_dims = {0: batch} if cell else {1: batch}
+    hx_dims = (h_dims, h_dims) if kind.startswith("LSTM") else h_dims
+    dynamic = (x_dims, hx_dims) if hx_given else (x_dims,)
+    with warnings.catch_warnings():
+        # torch.nn.RNNBase's forward assigns _flat_weights, which export notes
+        # in a warning; torch.nn.LSTM's export gives the same one.
+        warnings.filterwarnings("ignore", message="The tensor attributes self._flat_weights")
+        program = torch.export.export(ours, call_args(T, B), dynamic_shapes=dynamic)
+    called = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any(name.startswith("fusedrnn.") and "forward" in name for name in called), called
+    for t, b in [(T, B), (T + 3, B + 2), (2, 1)]:
+        args = call_args(t, b)
+        got, want = flat_outputs(program.module()(*args)), flat_outputs(ours(*args))
+        assert len(got) == len(want)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ no_grad, inference_mode
