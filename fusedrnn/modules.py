@@ -76,11 +76,17 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
                               recurrent_dropout, weight_drop)
 
     def _layer_weights(self):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, from the
+        _flat_weights that forward's _update_flat_weights has just taken, as
+        torch.nn.LSTM's forward uses them: a parametrized weight is evaluated
+        as often as there (spectral_norm's power iteration, run on each
+        evaluation in training mode, then takes the same steps)."""
+        flat = dict(zip(self._flat_weights_names, self._flat_weights))
         suffixes = ["", "_reverse"] if self.bidirectional else [""]
         out = []
         for layer in range(self.num_layers):
             for sfx in suffixes:
-                get = lambda n: getattr(self, f"{n}_l{layer}{sfx}", None)  # noqa: E731
+                get = lambda n: flat.get(f"{n}_l{layer}{sfx}")  # noqa: E731
                 out.append((get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
                             get("weight_hr") if self.proj_size > 0 else None))
         return out

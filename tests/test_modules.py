@@ -331,3 +331,28 @@ def test_one_op_per_layer_and_direction_and_no_time_loop(kind, layout):
         assert ops.count(op) == 3 * 2
     # The same ops, however many time steps: nothing loops over time in Python.
     assert short == long
+
+
+# ------------------------------------------------------------------ parametrized weights
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_parametrized_weights_evaluated_as_in_torch_nn(kind):
+    """Weights under torch.nn.utils.parametrizations (weight_norm; spectral_norm,
+    whose power iteration runs each time the weight is evaluated in training
+    mode): over several training steps, outputs and every gradient equal
+    torch.nn's, float64, which holds only if the forward evaluates each
+    parametrized weight as often as torch.nn.LSTM's."""
+    from torch.nn.utils import parametrizations
+    theirs = getattr(nn, kind)(I, H, num_layers=2, bidirectional=True).double()
+    ours = fusedrnn.from_torch(theirs)
+    for m in (theirs, ours):
+        parametrizations.weight_norm(m, name="weight_hh_l0")
+        parametrizations.spectral_norm(m, name="weight_ih_l1_reverse")
+    ours.load_state_dict(theirs.state_dict())  # the same power-iteration vectors
+    for _ in range(3):
+        x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+        res = []
+        for m in (theirs, ours):
+            out, _ = m(x)
+            res.append([out, *torch.autograd.grad(out.square().sum(), [x, *m.parameters()])])
+        for a, e in zip(res[1], res[0]):
+            assert rel_err(a, e) <= F64_TOL
