@@ -1,8 +1,11 @@
 """Between torch.nn and fusedrnn: from_torch and replace_rnns move recurrent layers onto
 fusedrnn; to_torch and restore_rnns move them back (e.g. for tools that only know
 torch.nn: ONNX export, TorchScript, other runtimes)."""
+import copy
+
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import regularised
 from .modules import GRU, LSTM, GRUCell, LSTMCell
@@ -25,24 +28,35 @@ def _config(m):
     return (m.input_size, m.hidden_size), dict(bias=m.bias)
 
 
+def _plain_type(module):
+    """module's class, or for a module with parametrized weights
+    (torch.nn.utils.parametrize) the class it was made from."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
 def _twin(module, twin_cls, options=None):
     """A twin_cls built with module's configuration (and `options`, keyword
     arguments beyond torch.nn): a copy of its weights on the same device and dtype,
-    the same requires_grad flags and train/eval mode. New LayerNorm parameters
-    get their initial values (ones and zeros)."""
+    the same requires_grad flags and train/eval mode, and copies of its weights'
+    parametrizations (weight_norm, spectral_norm, ...) with their state. New
+    LayerNorm parameters get their initial values (ones and zeros)."""
     args, kw = _config(module)
     p = next(module.parameters())
     # Built on the meta device: no initialisation to overwrite, and the global
     # RNG is left as it was (as if the module had not been converted).
     twin = twin_cls(*args, **kw, **(options or {}), device="meta",
                     dtype=p.dtype).to_empty(device=p.device)
+    for name, chain in getattr(module, "parametrizations", {}).items():
+        for f in chain:  # their originals and buffers come with the state_dict below
+            parametrize.register_parametrization(twin, name, copy.deepcopy(f), unsafe=True)
     with torch.no_grad():
         missing, unexpected = twin.load_state_dict(module.state_dict(), strict=False)
         if unexpected or not all(regularised.is_ln_parameter(n) for n in missing):
             twin.load_state_dict(module.state_dict())  # raises torch's error
         regularised.reset_layer_norm(twin)
     for name, param in module.named_parameters():
-        getattr(twin, name).requires_grad_(param.requires_grad)
+        twin.get_parameter(name).requires_grad_(param.requires_grad)
     return twin.train(module.training)
 
 
@@ -53,9 +67,9 @@ def from_torch(module, **options):
     torch.nn (layer_norm=True, zoneout=p, ...; see fusedrnn.LSTM), e.g.
     from_torch(lstm, layer_norm=True, zoneout=0.1): the torch weights are copied,
     the new LayerNorm parameters start at ones (gains) and zeros (biases)."""
-    twin_cls = _TWINS.get(type(module))
+    twin_cls = _TWINS.get(_plain_type(module))
     if twin_cls is None:
-        if type(module) in _TORCH:
+        if _plain_type(module) in _TORCH:
             raise TypeError(f"{type(module).__name__} is already a fusedrnn module")
         raise TypeError("from_torch expects torch.nn.LSTM, GRU, LSTMCell or GRUCell, got "
                         f"{type(module).__name__}")
@@ -68,9 +82,9 @@ def to_torch(module):
     the same requires_grad flags and train/eval mode. Raises ValueError for a module
     that torch.nn cannot compute (a GRU with reset_after=False, any of the regularisers
     layer_norm, zoneout, zoneout_cell, recurrent_dropout, weight_drop)."""
-    torch_cls = _TORCH.get(type(module))
+    torch_cls = _TORCH.get(_plain_type(module))
     if torch_cls is None:
-        if type(module) in _TWINS:
+        if _plain_type(module) in _TWINS:
             raise TypeError(f"{type(module).__name__} is already a torch.nn module")
         raise TypeError("to_torch expects fusedrnn.LSTM, GRU, LSTMCell or GRUCell, got "
                         f"{type(module).__name__}")
@@ -88,7 +102,7 @@ def replace_rnns(model, **options):
     different options to different modules with from_torch."""
     twins = {}
     for m in model.modules():  # every twin built first: an error changes nothing
-        if type(m) in _TWINS and m not in twins:
+        if _plain_type(m) in _TWINS and m not in twins:
             twins[m] = from_torch(m, **options)
     return _replace(model, _TWINS, from_torch, twins)
 
@@ -99,7 +113,7 @@ def restore_rnns(model):
     the twin, when `model` itself is one of them). Shared modules stay shared. Raises
     before changing anything when one of them has no torch.nn equivalent."""
     for m in model.modules():
-        if type(m) in _TORCH:
+        if _plain_type(m) in _TORCH:
             _refuse_beyond_torch(m)
     return _replace(model, _TORCH, to_torch, {})
 
@@ -114,7 +128,7 @@ def _refuse_beyond_torch(module):
 
 
 def _replace(module, classes, convert, twins):
-    if type(module) in classes:
+    if _plain_type(module) in classes:
         if module not in twins:
             twins[module] = convert(module)
         return twins[module]

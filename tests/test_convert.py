@@ -173,6 +173,58 @@ def test_replace_rnns_leaves_other_models_alone():
     assert all(a is b for a, b in zip(model, before))
 
 
+# ------------------------------------------------------------------ parametrized weights
+def _parametrized(kind, **kw):
+    """A float64 torch.nn module with weight_norm on its first weight_hh and
+    spectral_norm on its first weight_ih (a power iteration per evaluation in
+    training mode)."""
+    from torch.nn.utils import parametrizations
+    m = getattr(nn, kind)(I, H, **kw).double()
+    cell = kind.endswith("Cell")
+    parametrizations.weight_norm(m, name="weight_hh" if cell else "weight_hh_l0")
+    parametrizations.spectral_norm(m, name="weight_ih" if cell else "weight_ih_l0")
+    return m
+
+
+def _train_steps(m, steps=3):
+    """Outputs and every gradient over training steps (the parametrizations'
+    state moves on with each)."""
+    res = []
+    for seed in range(steps):
+        outs = _call(m.train(), "cpu", torch.float64, seed)
+        res.append([*outs, *torch.autograd.grad(sum(o.square().sum() for o in outs),
+                                                list(m.parameters()))])
+    return res
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTM", dict(num_layers=2, bidirectional=True)),
+                                     ("GRU", {}), ("LSTMCell", {}), ("GRUCell", {})],
+                         ids=["lstm", "gru", "lstmcell", "grucell"])
+def test_parametrized_modules_convert_both_ways(kind, kw):
+    """from_torch of a module with parametrized weights gives the fusedrnn
+    twin with the same parametrizations and their state (same state_dict);
+    over training steps, outputs and gradients equal torch.nn's. to_torch
+    takes it back; replace_rnns and restore_rnns convert it inside a model."""
+    from torch.nn.utils import parametrize
+    ref = _parametrized(kind, **kw)
+    twin = fusedrnn.from_torch(copy.deepcopy(ref))
+    assert isinstance(twin, getattr(fusedrnn, kind)) and parametrize.is_parametrized(twin)
+    assert list(twin.state_dict()) == list(ref.state_dict())
+    back = fusedrnn.to_torch(copy.deepcopy(twin))
+    assert type(back).__bases__[0] is getattr(nn, kind)
+    results = [_train_steps(m) for m in (ref, twin, back)]
+    for steps in results[1:]:
+        for got, want in zip(steps, results[0]):
+            for a, e in zip(got, want):
+                assert rel_err(a, e) <= F64_TOL
+    model = nn.Sequential(_parametrized(kind, **kw), nn.Identity())
+    fusedrnn.replace_rnns(model)
+    assert isinstance(model[0], getattr(fusedrnn, kind))
+    fusedrnn.restore_rnns(model)
+    assert not isinstance(model[0], getattr(fusedrnn, kind))
+    assert isinstance(model[0], getattr(nn, kind)) and parametrize.is_parametrized(model[0])
+
+
 # ------------------------------------------------------------------ to_torch, restore_rnns
 def _outputs_and_grads(m, device, dtype):
     """Every output and every gradient (inputs, states, parameters) of m on fixed random

@@ -338,15 +338,16 @@ def test_one_op_per_layer_and_direction_and_no_time_loop(kind, layout):
 def test_parametrized_weights_evaluated_as_in_torch_nn(kind):
     """Weights under torch.nn.utils.parametrizations (weight_norm; spectral_norm,
     whose power iteration runs each time the weight is evaluated in training
-    mode): over several training steps, outputs and every gradient equal
-    torch.nn's, float64, which holds only if the forward evaluates each
-    parametrized weight as often as torch.nn.LSTM's."""
-    from torch.nn.utils import parametrizations
+    mode) and torch.nn.utils.prune: over several training steps, outputs and
+    every gradient equal torch.nn's, float64, which holds only if the forward
+    evaluates each parametrized weight as often as torch.nn.LSTM's."""
+    from torch.nn.utils import parametrizations, prune
     theirs = getattr(nn, kind)(I, H, num_layers=2, bidirectional=True).double()
     ours = fusedrnn.from_torch(theirs)
     for m in (theirs, ours):
         parametrizations.weight_norm(m, name="weight_hh_l0")
         parametrizations.spectral_norm(m, name="weight_ih_l1_reverse")
+        prune.l1_unstructured(m, name="weight_hh_l1", amount=0.3)
     ours.load_state_dict(theirs.state_dict())  # the same power-iteration vectors
     for _ in range(3):
         x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
