@@ -47,12 +47,24 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// t has ref's dtype and device; ref_name names ref in the message (x_proj in
+// a forward, grad_output in a backward).
 inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* op,
-                       const char* name) {
+                       const char* name, const char* ref_name = "x_proj") {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
-              t.scalar_type(), " but x_proj has dtype ", ref.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
-              " but x_proj is on ", ref.device());
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device());
+}
+
+// A saved tensor that forward keeps in the accumulation dtype (acc_dtype),
+// on grad_output's device.
+inline void check_saved_acc(const at::Tensor& grad_output, const at::Tensor& t, const char* op,
+                            const char* name) {
+  const auto acc = acc_dtype(grad_output.scalar_type());
+  TORCH_CHECK(t.scalar_type() == acc && t.device() == grad_output.device(), op, ": ", name,
+              " must be ", acc, " on ", grad_output.device(), " (as forward saved it), got ",
+              t.scalar_type(), " on ", t.device());
 }
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op,
@@ -62,19 +74,22 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
 }
 
 // Validates x_proj [T, B, G*H] (or packed [N, G*H] with batch_sizes) and
-// returns the schedule.
+// returns the schedule. A backward passes grad_output [.., P] instead: name
+// and cols_what say so in the messages.
 inline Schedule make_schedule(const at::Tensor& x_proj,
                               const c10::optional<at::Tensor>& batch_sizes,
-                              int64_t gate_cols, bool reverse, const char* op) {
+                              int64_t gate_cols, bool reverse, const char* op,
+                              const char* name = "x_proj",
+                              const char* cols_what = "gates * hidden_size") {
   TORCH_CHECK(is_supported_dtype(x_proj.scalar_type()), op,
-              ": x_proj must be float32, float64, float16 or bfloat16, got ",
+              ": ", name, " must be float32, float64, float16 or bfloat16, got ",
               x_proj.scalar_type());
   Schedule s;
   s.reverse = reverse;
   if (batch_sizes.has_value()) {
     const at::Tensor& bs = *batch_sizes;
     TORCH_CHECK(x_proj.dim() == 2, op,
-                ": x_proj must be 2-D [N, G*H] with batch_sizes, got ", x_proj.dim(), "-D");
+                ": ", name, " must be 2-D [N, ", gate_cols, "] with batch_sizes, got ", x_proj.dim(), "-D");
     TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(), op,
                 ": batch_sizes must be a 1-D int64 CPU tensor, got ", bs.dim(), "-D ",
                 bs.scalar_type(), " on ", bs.device());
@@ -94,21 +109,21 @@ inline Schedule make_schedule(const at::Tensor& x_proj,
       total += p[t];
     }
     TORCH_CHECK(total == x_proj.size(0), op, ": batch_sizes sum to ", total,
-                " but x_proj has ", x_proj.size(0), " rows");
+                " but ", name, " has ", x_proj.size(0), " rows");
     s.N = total;
   } else {
     TORCH_CHECK(x_proj.dim() == 3, op,
-                ": x_proj must be 3-D [T, B, G*H] without batch_sizes, got ", x_proj.dim(), "-D");
+                ": ", name, " must be 3-D [T, B, ", gate_cols, "] without batch_sizes, got ", x_proj.dim(), "-D");
     s.T = x_proj.size(0);
     s.B = x_proj.size(1);
-    TORCH_CHECK(s.T > 0 && s.B > 0, op, ": x_proj must have T > 0 and B > 0, got shape ",
+    TORCH_CHECK(s.T > 0 && s.B > 0, op, ": ", name, " must have T > 0 and B > 0, got shape ",
                 x_proj.sizes());
     s.N = s.T * s.B;
     s.sizes.assign(s.T, s.B);
     for (int64_t t = 0; t < s.T; ++t) s.offsets.push_back(t * s.B);
   }
-  TORCH_CHECK(x_proj.size(-1) == gate_cols, op, ": x_proj.size(-1) must be ", gate_cols,
-              " (gates * hidden_size), got ", x_proj.size(-1));
+  TORCH_CHECK(x_proj.size(-1) == gate_cols, op, ": ", name, ".size(-1) must be ", gate_cols,
+              " (", cols_what, "), got ", x_proj.size(-1));
   return s;
 }
 

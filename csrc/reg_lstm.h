@@ -184,12 +184,12 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
               ": w_hh must be 2-D [4*hidden_size, hidden_size or proj_size], got shape ",
               w_hh.sizes());
   const int64_t H = w_hh.size(0) / kLstmGates, P = w_hh.size(1);
-  const Schedule s = make_schedule(grad_output, batch_sizes, P, reverse, op);
-  const auto acc = acc_dtype(grad_output.scalar_type());
+  const Schedule s = make_schedule(grad_output, batch_sizes, P, reverse, op, "grad_output",
+                                   "w_hh.size(1)");
   for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"},
                          {&x_proj, "x_proj"}, {&output, "output"}, {&h0, "h0"}, {&c0, "c0"},
                          {&w_hh, "w_hh"}}) {
-    check_same(grad_output, *t, op, name);
+    check_same(grad_output, *t, op, name, "grad_output");
   }
   check_shape(x_proj, detail::with_last(grad_output.sizes(), kLstmGates * H), op, "x_proj");
   check_shape(output, grad_output.sizes(), op, "output");
@@ -198,7 +198,7 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
   check_shape(h0, {s.B, P}, op, "h0");
   check_shape(c0, {s.B, H}, op, "c0");
   if (w_hr.has_value()) {
-    check_same(grad_output, *w_hr, op, "w_hr");
+    check_same(grad_output, *w_hr, op, "w_hr", "grad_output");
     check_shape(*w_hr, {P, H}, op, "w_hr");
   } else {
     TORCH_CHECK(P == H, op, ": w_hh must have shape [", 4 * H, ", ", H, "] without w_hr, got ",
@@ -206,9 +206,7 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
   }
   for (auto [t, name] : {std::pair{&gates, "gates"}, {&cells, "cells"}, {&cell_new, "cell_new"},
                          {&norm_hh, "norm_hh"}, {&stats, "stats"}}) {
-    TORCH_CHECK(t->scalar_type() == acc && t->device() == grad_output.device(), op, ": ", name,
-                " must be ", acc, " on ", grad_output.device(), " (as forward saved it), got ",
-                t->scalar_type(), " on ", t->device());
+    check_saved_acc(grad_output, *t, op, name);
   }
   check_shape(gates, {s.N, kLstmGates * H}, op, "gates");
   check_shape(cells, {s.N, H}, op, "cells");

@@ -226,6 +226,43 @@ def test_bad_gru_input():
                         False)
 
 
+def _backward_args(kind, device, packed):
+    """{name: tensor} of a valid backward call (after a training forward), in
+    the op's argument order, and the op."""
+    d = layer_inputs(kind, packed, device, torch.float32)
+    if kind == "lstm":
+        out, h_n, c_n, gates, cells = ops.lstm_forward(
+            d["x_proj"], d["h0"], d["c0"], d["w_hh"], None, d["b_hh"], d["batch_sizes"], False,
+            True)
+        args = dict(grad_output=torch.randn_like(out), grad_h_n=torch.randn_like(h_n),
+                    grad_c_n=torch.randn_like(c_n), output=out, gates=gates, cells=cells,
+                    h0=d["h0"], c0=d["c0"], w_hh=d["w_hh"])
+        return args, lambda a: ops.lstm_backward(*a.values(), None, d["batch_sizes"], False, True)
+    out, h_n, gates = ops.gru_forward(d["x_proj"], d["h0"], d["w_hh"], d["b_hh"],
+                                      d["batch_sizes"], False, True, True)
+    args = dict(grad_output=torch.randn_like(out), grad_h_n=torch.randn_like(h_n), output=out,
+                gates=gates, h0=d["h0"], w_hh=d["w_hh"])
+    return args, lambda a: ops.gru_backward(*a.values(), d["batch_sizes"], False, True, True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("packed", LAYOUTS)
+def test_bad_backward_input_is_rejected_before_running(device, kind, packed):
+    """Every tensor a backward op reads is checked first (on the CPU's fused
+    path too, which reads them by raw pointers): a saved tensor or state of
+    the wrong shape or dtype is a clear error naming it, never a read past
+    its end."""
+    args, run = _backward_args(kind, device, packed)
+    run(args)  # valid as it is
+    for name, t in args.items():
+        if name == "grad_output":
+            continue
+        for bad, msg in [(t[:-1], f"{name} must (have shape|be 2-D)"),
+                         (t.double(), f"{name} (has dtype|must be)")]:
+            with pytest.raises(RuntimeError, match=msg):
+                run({**args, name: bad})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for a device mismatch")
 def test_device_mismatch_is_rejected():
     d = layer_inputs("gru", False, "cuda", torch.float32)

@@ -148,6 +148,8 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
                   bool reverse, bool has_bias) {
   const NoAutocast no_autocast;
+  lstm_check_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh, w_hr,
+                      batch_sizes, reverse, "fusedrnn::lstm_backward");  // before any path
   const bool packed = batch_sizes.has_value(), proj = w_hr.has_value();
   const auto run = [&](const auto* ops) {
     return ops->lstm_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh,
@@ -211,6 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& w_hh,
     const OptTensor& batch_sizes, bool reverse, bool reset_after, bool has_bias) {
   const NoAutocast no_autocast;
+  gru_check_backward(grad_output, grad_h_n, output, gates, h0, w_hh, batch_sizes, reverse,
+                     "fusedrnn::gru_backward");  // before any path
   const bool packed = batch_sizes.has_value();
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   const auto run = [&](const auto* ops) -> Grads {

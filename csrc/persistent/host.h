@@ -181,8 +181,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
   constexpr const char* op = "fusedrnn::_persistent_lstm_backward";
   const int64_t H = w_hh.size(0) / kLstmGates;
   TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [4H, H] (no projection)");
-  const Schedule s = lstm_check_backward(grad_output, grad_h_n, grad_c_n, gates, cells, w_hh,
-                                         batch_sizes, reverse, op);
+  const Schedule s = lstm_check_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells,
+                                         h0, c0, w_hh, c10::nullopt, batch_sizes, reverse, op);
   const auto dtype = grad_output.scalar_type();
   const auto acc = acc_dtype(dtype);
   const auto device = grad_output.device();
@@ -273,8 +273,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
     int64_t max_blocks, int64_t max_chunk, int64_t mode_arg, bool allow_tf32) {
   constexpr const char* op = "fusedrnn::_persistent_gru_backward";
   const int64_t H = w_hh.size(1);
-  const Schedule s =
-      gru_check_backward(grad_output, grad_h_n, gates, w_hh, batch_sizes, reverse, op);
+  const Schedule s = gru_check_backward(grad_output, grad_h_n, output, gates, h0, w_hh,
+                                        batch_sizes, reverse, op);
   const auto dtype = grad_output.scalar_type();
   const auto device = grad_output.device();
   const int mode = resolve_mode(mode_arg, dtype, R::tensor_cores(device), allow_tf32, op);
