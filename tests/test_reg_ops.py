@@ -132,6 +132,20 @@ def test_float64_matches_reference(device, kind, fields, proj, bias, reset_after
         assert rel_err(g, w) < 1e-10, name
 
 
+@pytest.mark.parametrize("kind,fields,proj,bias,reset_after",
+                         [v for v in variants() if any(f.startswith("ln") for f in v.values[1])])
+@pytest.mark.parametrize("packed", LAYOUTS)
+def test_gain_grads_after_the_loop_match_reference(monkeypatch, kind, fields, proj, bias,
+                                                   reset_after, packed):
+    """The branch the CUDA policy always takes, forced on the CPU
+    (FUSEDRNN_REG_SUMS_AFTER_LOOP=1): the norms' gain and bias gradients from
+    a pass over the gradient rows of all steps after the loop instead of
+    sums in it. Float64 values and every gradient equal the reference."""
+    monkeypatch.setenv("FUSEDRNN_REG_SUMS_AFTER_LOOP", "1")
+    test_float64_matches_reference("cpu", kind, fields, proj, bias, reset_after, packed, False,
+                                   "train")
+
+
 def small_case(kind, fields, proj, reset_after, device="cpu", packed=True, only=None, **sizes):
     """The op as a function of its differentiable inputs (or those in `only`)."""
     sizes = dict(dict(H=3, P=2), **sizes)

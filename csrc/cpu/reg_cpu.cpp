@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -224,8 +226,14 @@ struct CpuRegKernels {
     return cpu::empty_for_steps(sizes, options);
   }
   // Note [Gain gradients summed in the loop]: a slot per thread of a
-  // loop's team (CpuRow::slot).
-  static int64_t sum_slots() { return at::get_num_threads(); }
+  // loop's team (CpuRow::slot). FUSEDRNN_REG_SUMS_AFTER_LOOP=1, for tests,
+  // takes none: the gains' gradients then come from norm_grads' pass over
+  // gradient rows of all steps after the loop, the branch the CUDA policy
+  // always takes, so that it is tested where no GPU is.
+  static int64_t sum_slots() {
+    const char* after = std::getenv("FUSEDRNN_REG_SUMS_AFTER_LOOP");
+    return after != nullptr && std::string(after) == "1" ? 0 : at::get_num_threads();
+  }
   // dY^T X by the fused path's weight-gradient GEMM where it runs (float32,
   // float64); undefined (ATen's) otherwise.
   static at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {

@@ -16,6 +16,8 @@ namespace {
 constexpr int kRowThreads = 256;
 constexpr int kWarpSize = 32;
 constexpr int kRowWarps = kRowThreads / kWarpSize;
+// block_sum reads all kRowWarps sums: every row kernel runs kRowThreads threads.
+static_assert(kRowThreads % kWarpSize == 0, "whole warps per row block");
 constexpr unsigned kFullWarp = 0xffffffffu;
 
 // The sum of v over the block, returned to every thread. Deterministic: a

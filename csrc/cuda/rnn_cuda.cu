@@ -37,6 +37,7 @@ struct CudaKernels {
   // One launch on the current stream, checked.
   template <typename Step>
   static void step(const Step& a) {
+    if (a.rows * a.H == 0) return;  // a grid of no blocks is a launch error
     step_kernel<Step><<<grid_for(a.rows * a.H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

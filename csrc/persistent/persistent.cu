@@ -204,7 +204,7 @@ bool use_persistent(const at::Tensor& w_hh, const at::Tensor& state, int gates, 
     return false;
   }
   const Algo algo = algo_from_env();
-  if (algo == Algo::kStepwise) return false;
+  if (algo == Algo::kStepwise || (algo == Algo::kAuto && !kAutoTakesPersistent)) return false;
   const at::Device d = like.device();
   if (!props(d).cooperativeLaunch) return false;
   const int64_t H = w_hh.size(1), B = state.size(0);
