@@ -73,6 +73,33 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
               ", got ", t.sizes());
 }
 
+// fusedrnn::linear's operands: input [..., K], weight [N, K], bias [N]; one
+// dtype (float32, float64, float16, bfloat16) and one device.
+inline void check_linear(const at::Tensor& input, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(is_supported_dtype(input.scalar_type()), op,
+              ": input must be float32, float64, float16 or bfloat16, got ",
+              input.scalar_type());
+  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1), op,
+              ": input [..., K] and weight [N, K] expected, got ", input.sizes(), " and ",
+              weight.sizes());
+  check_same(input, weight, op, "weight", "input");
+  if (bias.has_value()) {
+    check_same(input, *bias, op, "bias", "input");
+    check_shape(*bias, {weight.size(0)}, op, "bias");
+  }
+}
+
+// fusedrnn::linear_backward's: those of linear, and grad shaped like its output.
+inline void check_linear_backward(const at::Tensor& grad, const at::Tensor& input,
+                                  const at::Tensor& weight, const char* op) {
+  check_linear(input, weight, c10::nullopt, op);
+  check_same(input, grad, op, "grad", "input");
+  auto out = input.sizes().vec();
+  out.back() = weight.size(0);
+  check_shape(grad, out, op, "grad");
+}
+
 // Validates x_proj [T, B, G*H] (or packed [N, G*H] with batch_sizes) and
 // returns the schedule. A backward passes grad_output [.., P] instead: name
 // and cols_what say so in the messages.

@@ -333,6 +333,29 @@ def test_linear_matches_torch(device, dtype, shape, bias):
         assert rel_err(a, e) < tol
 
 
+def test_bad_linear_input_is_rejected_before_running(device):
+    """Every operand of linear and linear_backward is checked first (the fused
+    GEMMs read them by raw pointers): a clear error naming it."""
+    opts = dict(device=device)
+    x, w, b = torch.randn(10, 8, **opts), torch.randn(16, 8, **opts), torch.randn(16, **opts)
+    g = torch.randn(10, 16, **opts)
+    bad_linear = [((x, w[:, :-1], b), "input \\[..., K\\] and weight \\[N, K\\]"),
+                  ((x, w, b[:-1]), "bias must have shape"),
+                  ((x, w, b.double()), "bias has dtype"),
+                  ((x, w.double(), b), "weight has dtype"),
+                  ((x.int(), w.int(), None), "input must be float32")]
+    for args, msg in bad_linear:
+        with pytest.raises(RuntimeError, match=msg):
+            ops.linear(*args)
+    bad_backward = [((g[:, :-1], x, w), "grad must have shape"),
+                    ((g[:-1], x, w), "grad must have shape"),
+                    ((g, x[:, :-1], w), "input \\[..., K\\] and weight \\[N, K\\]"),
+                    ((g.double(), x, w), "grad has dtype")]
+    for args, msg in bad_backward:
+        with pytest.raises(RuntimeError, match=msg):
+            ops.linear_backward(*args, True, True, True)
+
+
 def test_linear_opcheck(device):
     x = torch.randn(5, 3, 17, device=device, requires_grad=True)
     w = torch.randn(20, 17, device=device, requires_grad=True)

@@ -272,18 +272,14 @@ bool linear_bf16_ok(const at::Tensor& a, const at::Tensor& w, const OptTensor& b
 at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
                       const OptTensor& bias) {
   const NoAutocast no_autocast;
-  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
-              "fusedrnn::linear: input [..., ", weight.dim() == 2 ? weight.size(1) : -1,
-              "] and weight [N, K] expected, got ", input.sizes(), " and ", weight.sizes());
-  if (!(bias.has_value() && bias->scalar_type() != input.scalar_type())) {
-    const auto y = with_linear_ops(input, weight, [&](const auto* ops) {
-      auto out_shape = input.sizes().vec();
-      out_shape.back() = weight.size(0);
-      const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
-      return ops->linear(x2, weight.contiguous(), bias).view(out_shape);
-    });
-    if (y) return *y;
-  }
+  check_linear(input, weight, bias, "fusedrnn::linear");
+  const auto y = with_linear_ops(input, weight, [&](const auto* ops) {
+    auto out_shape = input.sizes().vec();
+    out_shape.back() = weight.size(0);
+    const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
+    return ops->linear(x2, weight.contiguous(), bias).view(out_shape);
+  });
+  if (y) return *y;
 #ifdef FUSEDRNN_X86
   if (linear_bf16_ok(input, weight, bias)) {
     auto out_shape = input.sizes().vec();
@@ -299,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, bool input_grad,
     bool weight_grad, bool bias_grad) {
   const NoAutocast no_autocast;
+  check_linear_backward(grad, input, weight, "fusedrnn::linear_backward");
   const at::Tensor g2 = grad.reshape({-1, grad.size(-1)}).contiguous();
   const at::Tensor x2 = input.reshape({-1, input.size(-1)});
   const at::Tensor none = at::empty({0}, grad.options());
@@ -308,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
         g2, weight, [&](const auto* ops) { return ops->linear_input_grad(g2, weight.contiguous()); });
     dx = (d ? *d : at::mm(g2, weight)).view(input.sizes());
   }
-  if (weight_grad && input.scalar_type() == g2.scalar_type()) {
+  if (weight_grad) {
     // Our weight-gradient GEMM where a fused path runs (Note [weight-gradient
     // GEMM] in x86/weight_grad.h), else MKL's.
     const auto wb = with_linear_ops(g2, weight, [&](const auto* ops) {
