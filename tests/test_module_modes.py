@@ -302,3 +302,36 @@ def test_autocast_follows_torch_when_onednn_is_off(kind):
                 torch.autocast("cpu", dtype=torch.bfloat16):
             got, want = flat_outputs(ours(x)), flat_outputs(ref(x))
         assert [g.dtype for g in got] == [w.dtype for w in want]
+
+
+# ------------------------------------------------------------------ activation checkpointing
+@pytest.mark.parametrize("kw", [dict(num_layers=2, dropout=0.3),
+                                dict(layer_norm=True, zoneout=0.2, zoneout_cell=0.1,
+                                     recurrent_dropout=0.2)],
+                         ids=["dropout", "regularisers"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_recomputes_the_same_step(kw, reentrant):
+    """torch.utils.checkpoint (and save_on_cpu) around a training-mode layer:
+    the recomputed forward draws the same dropout and zoneout masks, so
+    outputs and every gradient equal the plain step's, bitwise."""
+    from torch.utils.checkpoint import checkpoint
+    m = fusedrnn.LSTM(I, H, **kw).double().train()
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+
+    def step(fn):
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(1)
+        out = fn(x)
+        out.square().sum().backward()
+        return [out.detach(), x.grad] + [p.grad for p in m.parameters()]
+
+    def offloaded(t):
+        with torch.autograd.graph.save_on_cpu():
+            return m(t)[0]
+
+    want = step(lambda t: m(t)[0])
+    for got in (step(lambda t: checkpoint(lambda u: m(u)[0], t, use_reentrant=reentrant)),
+                step(offloaded)):
+        for a, e in zip(got, want):
+            assert torch.equal(a, e)
