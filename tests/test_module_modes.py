@@ -335,3 +335,24 @@ def test_activation_checkpointing_recomputes_the_same_step(kw, reentrant):
                 step(offloaded)):
         for a, e in zip(got, want):
             assert torch.equal(a, e)
+
+
+# ------------------------------------------------------------------ the meta device
+@pytest.mark.parametrize("kind,kw", [("LSTM", dict(num_layers=2, bidirectional=True, proj_size=P)),
+                                     ("GRU", dict(batch_first=True)), ("LSTMCell", {}),
+                                     ("GRUCell", {}), ("LSTM", dict(layer_norm=True, zoneout=0.1))],
+                         ids=["lstm", "gru", "lstmcell", "grucell", "lstm-regularised"])
+def test_meta_device_gives_torch_nn_shapes(kind, kw):
+    """Modules built on the meta device (deferred initialisation, shape
+    inference) run forward and backward there, with torch.nn's output
+    shapes and dtypes (torch.nn's own module where it has one)."""
+    cell = kind.endswith("Cell")
+    x = torch.randn(*((B, I) if cell else (T, B, I)), device="meta", requires_grad=True)
+    ours = getattr(fusedrnn, kind)(I, H, device="meta", **kw)
+    plain = {k: v for k, v in kw.items() if k not in ("layer_norm", "zoneout")}
+    theirs = getattr(nn, kind)(I, H, device="meta", **plain)
+    got, want = flat_outputs(ours(x)), flat_outputs(theirs(x))
+    assert [(t.shape, t.dtype, t.device.type) for t in got] == \
+        [(t.shape, t.dtype, t.device.type) for t in want]
+    sum(t.sum() for t in got).backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
