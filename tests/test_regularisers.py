@@ -85,6 +85,7 @@ def direction(m, k, sfx, x, lengths, h, c, training, rec, pack):
     b_ih, b_hh = get(f"bias_ih_l{k}"), get(f"bias_hh_l{k}")
     w_hr = get(f"weight_hr_l{k}")
     G = 4 if lstm else 3
+    H = w_hh.shape[0] // G  # the module's, not this file's
     zh_p, zc_p = m.zoneout, getattr(m, "zoneout_cell", 0.0)
     rd, wd = getattr(m, "recurrent_dropout", 0.0), getattr(m, "weight_drop", 0.0)
     Tn, Bn = x.shape[:2]
@@ -188,33 +189,38 @@ def loop_model(m, x, lengths, h0, c0, training, rec, pack):
 
 
 # ------------------------------------------------------------------ module vs loop model
-def _run(m, layout, training, rec, batch_first=False):
-    """(module results, loop model results, leaves) on fresh float64 inputs."""
+def _run(m, layout, training, rec, batch_first=False, steps=T, batch=B, lengths=None):
+    """(module results, loop model results, leaves) on fresh float64 inputs of
+    `steps` steps and `batch` rows (packed: one per length, LENGTHS[layout]
+    unless given)."""
     lstm = m.mode == "LSTM"
     dirs = 2 if m.bidirectional else 1
-    Pn = m.proj_size if m.proj_size > 0 else H
-    bsz = len(LENGTHS[layout]) if layout.startswith("packed") else B
-    x = torch.randn(T, bsz, I, dtype=F64, requires_grad=True)
-    h0 = torch.randn(m.num_layers * dirs, bsz, Pn, dtype=F64, requires_grad=True)
-    c0 = torch.randn(m.num_layers * dirs, bsz, H, dtype=F64, requires_grad=True)
+    Hm = m.hidden_size
+    Pn = m.proj_size if m.proj_size > 0 else Hm
+    if layout.startswith("packed"):
+        lengths = lengths or LENGTHS[layout]
+        batch = len(lengths)
+    x = torch.randn(steps, batch, m.input_size, dtype=F64, requires_grad=True)
+    h0 = torch.randn(m.num_layers * dirs, batch, Pn, dtype=F64, requires_grad=True)
+    c0 = torch.randn(m.num_layers * dirs, batch, Hm, dtype=F64, requires_grad=True)
     leaves = [x, h0] + ([c0] if lstm else [])
     hx = (h0, c0) if lstm else h0
     m.train(training)
     pack = Packing()
     if layout.startswith("packed"):
-        inp = pack_padded_sequence(x, LENGTHS[layout], enforce_sorted=layout == "packed")
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=layout == "packed")
         out, hn = m(inp, hx)
-        got = [pad_packed_sequence(out, total_length=T)[0]]
-        lengths, pack = LENGTHS[layout], Packing(inp)
+        got = [pad_packed_sequence(out, total_length=steps)[0]]
+        pack = Packing(inp, steps)
     elif layout == "unbatched":
         out, hn = m(x[:, 0], (h0[:, 0], c0[:, 0]) if lstm else h0[:, 0])
         got = [out.unsqueeze(1)]
         hn = tuple(t.unsqueeze(1) for t in hn) if lstm else hn.unsqueeze(1)
-        lengths = [T]
+        lengths = [steps]
     else:
         out, hn = m(x.transpose(0, 1) if batch_first else x, hx)
         got = [out.transpose(0, 1) if batch_first else out]
-        lengths = [T] * bsz
+        lengths = [steps] * batch
     got += list(hn) if lstm else [hn]
     if layout == "unbatched":
         x1, h1, c1 = x[:, :1], h0[:, :1], c0[:, :1]
@@ -287,6 +293,33 @@ def test_module_matches_loop_model(kind, kw, layout, training, masks):
                 p.add_(0.3 * torch.randn_like(p))
     got, want, leaves = _run(m, "padded" if layout == "batch_first" else layout, training,
                              masks, batch_first=layout == "batch_first")
+    _assert_matches(m, got, want, leaves)
+
+
+# Sizes where the CPU's row loops run whole vectors and then a tail (H = 65:
+# 4H = 260 floats, 16 AVX-512 vectors and 4; 8-lane float64 ones likewise),
+# the products several panels, and a batch beyond one tile of rows.
+WIDE = dict(I=33, H=65, steps=7, lengths=[7, 7, 6, 5, 5, 4, 3, 3, 3, 2, 2, 1, 1])
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kind,kw,layout", [
+    pytest.param("LSTM", dict(ALL_ON, bidirectional=True), "packed_unsorted", id="lstm-all-bidir"),
+    pytest.param("LSTM", dict(RATES, proj_size=P, num_layers=2), "packed", id="lstm-proj"),
+    pytest.param("GRU", dict(layer_norm=True, zoneout=0.3, recurrent_dropout=0.4,
+                             weight_drop=0.15, num_layers=2, dropout=0.3), "packed",
+                 id="gru-all-2layers"),
+    pytest.param("GRU", dict(reset_after=False, zoneout=0.3, recurrent_dropout=0.4,
+                             bias=False), "padded", id="gru-classic"),
+])
+def test_module_matches_loop_model_at_vector_sizes(kind, kw, layout, training, masks):
+    m = getattr(fusedrnn, kind)(WIDE["I"], WIDE["H"], dtype=F64, **kw)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if regularised.is_ln_parameter(n):
+                p.add_(0.3 * torch.randn_like(p))
+    got, want, leaves = _run(m, layout, training, masks, steps=WIDE["steps"],
+                             batch=len(WIDE["lengths"]), lengths=WIDE["lengths"])
     _assert_matches(m, got, want, leaves)
 
 
