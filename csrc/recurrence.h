@@ -193,15 +193,16 @@ inline std::tuple<Tensor, Tensor, Tensor> lstm_weight_grads(
   return {d_w_hh, d_w_hr, d_b_hh};
 }
 
-// Checks everything lstm_backward gets, before any kernel reads it: the
-// forward's checks with grad_output standing in for x_proj, and the saved
-// tensors as lstm_forward saved them (P = H without projection). Returns the
-// schedule.
-inline Schedule lstm_check_backward(const Tensor& grad_output, const Tensor& grad_h_n,
-                                    const Tensor& grad_c_n, const Tensor& output,
-                                    const Tensor& gates, const Tensor& cells, const Tensor& h0,
-                                    const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr,
-                                    const OptTensor& batch_sizes, bool reverse, const char* op) {
+// What every LSTM backward op gets besides its saved tensors, checked as the
+// forward checks it, with grad_output standing in for x_proj: the state
+// gradients, output, h0, c0 and the weights (P = H without projection).
+// Returns the schedule.
+inline Schedule lstm_check_backward_states(const Tensor& grad_output, const Tensor& grad_h_n,
+                                           const Tensor& grad_c_n, const Tensor& output,
+                                           const Tensor& h0, const Tensor& c0,
+                                           const Tensor& w_hh, const OptTensor& w_hr,
+                                           const OptTensor& batch_sizes, bool reverse,
+                                           const char* op) {
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % kLstmGates == 0 && w_hh.size(0) > 0, op,
               ": w_hh must be 2-D [4*hidden_size, hidden_size or proj_size], got shape ",
               w_hh.sizes());
@@ -209,11 +210,9 @@ inline Schedule lstm_check_backward(const Tensor& grad_output, const Tensor& gra
   const Schedule s = make_schedule(grad_output, batch_sizes, P, reverse, op, "grad_output",
                                    "w_hh.size(1)");
   for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"},
-                         {&output, "output"}, {&gates, "gates"}, {&h0, "h0"}, {&c0, "c0"},
-                         {&w_hh, "w_hh"}}) {
+                         {&output, "output"}, {&h0, "h0"}, {&c0, "c0"}, {&w_hh, "w_hh"}}) {
     check_same(grad_output, *t, op, name, "grad_output");
   }
-  check_saved_acc(grad_output, cells, op, "cells");
   if (w_hr.has_value()) {
     check_same(grad_output, *w_hr, op, "w_hr", "grad_output");
     check_shape(*w_hr, {P, H}, op, "w_hr");
@@ -222,12 +221,27 @@ inline Schedule lstm_check_backward(const Tensor& grad_output, const Tensor& gra
                 w_hh.sizes());
   }
   check_shape(output, grad_output.sizes(), op, "output");
-  check_shape(gates, {s.N, kLstmGates * H}, op, "gates");
-  check_shape(cells, {s.N, H}, op, "cells");
   check_shape(grad_h_n, {s.B, P}, op, "grad_h_n");
   check_shape(grad_c_n, {s.B, H}, op, "grad_c_n");
   check_shape(h0, {s.B, P}, op, "h0");
   check_shape(c0, {s.B, H}, op, "c0");
+  return s;
+}
+
+// Checks everything lstm_backward gets before any kernel reads it: the
+// states, and gates and cells as lstm_forward saved them. Returns the schedule.
+inline Schedule lstm_check_backward(const Tensor& grad_output, const Tensor& grad_h_n,
+                                    const Tensor& grad_c_n, const Tensor& output,
+                                    const Tensor& gates, const Tensor& cells, const Tensor& h0,
+                                    const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr,
+                                    const OptTensor& batch_sizes, bool reverse, const char* op) {
+  const Schedule s = lstm_check_backward_states(grad_output, grad_h_n, grad_c_n, output, h0, c0,
+                                                w_hh, w_hr, batch_sizes, reverse, op);
+  const int64_t H = w_hh.size(0) / kLstmGates;
+  check_same(grad_output, gates, op, "gates", "grad_output");
+  check_saved_acc(grad_output, cells, op, "cells");
+  check_shape(gates, {s.N, kLstmGates * H}, op, "gates");
+  check_shape(cells, {s.N, H}, op, "cells");
   return s;
 }
 
@@ -403,25 +417,37 @@ inline std::tuple<Tensor, Tensor> gru_weight_grads(const Tensor& dhh, const Tens
   return {d_w_hh, d_b_hh};
 }
 
+// What every GRU backward op gets besides its saved tensors, as
+// lstm_check_backward_states. Returns the schedule.
+inline Schedule gru_check_backward_states(const Tensor& grad_output, const Tensor& grad_h_n,
+                                          const Tensor& output, const Tensor& h0,
+                                          const Tensor& w_hh, const OptTensor& batch_sizes,
+                                          bool reverse, const char* op) {
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(1) > 0 && w_hh.size(0) == kGruGates * w_hh.size(1),
+              op, ": w_hh must be 2-D [3*hidden_size, hidden_size], got shape ", w_hh.sizes());
+  const int64_t H = w_hh.size(1);
+  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op, "grad_output",
+                                   "w_hh.size(1)");
+  for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&output, "output"}, {&h0, "h0"},
+                         {&w_hh, "w_hh"}}) {
+    check_same(grad_output, *t, op, name, "grad_output");
+  }
+  check_shape(output, grad_output.sizes(), op, "output");
+  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
+  check_shape(h0, {s.B, H}, op, "h0");
+  return s;
+}
+
 // Checks everything gru_backward gets, as lstm_check_backward; returns the
 // schedule.
 inline Schedule gru_check_backward(const Tensor& grad_output, const Tensor& grad_h_n,
                                    const Tensor& output, const Tensor& gates, const Tensor& h0,
                                    const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
                                    const char* op) {
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(1) > 0 && w_hh.size(0) == kGruGates * w_hh.size(1),
-              op, ": w_hh must be 2-D [3*hidden_size, hidden_size], got shape ", w_hh.sizes());
-  const int64_t H = w_hh.size(1);
-  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op, "grad_output",
-                                   "w_hh.size(1)");
-  for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&output, "output"},
-                         {&gates, "gates"}, {&h0, "h0"}, {&w_hh, "w_hh"}}) {
-    check_same(grad_output, *t, op, name, "grad_output");
-  }
-  check_shape(output, grad_output.sizes(), op, "output");
-  check_shape(gates, {s.N, kGruSaved * H}, op, "gates");
-  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
-  check_shape(h0, {s.B, H}, op, "h0");
+  const Schedule s =
+      gru_check_backward_states(grad_output, grad_h_n, output, h0, w_hh, batch_sizes, reverse, op);
+  check_same(grad_output, gates, op, "gates", "grad_output");
+  check_shape(gates, {s.N, kGruSaved * w_hh.size(1)}, op, "gates");
   return s;
 }
 

@@ -278,19 +278,11 @@ inline std::tuple<Schedule, int64_t> gru_reg_check_backward(
     const Tensor& h0, const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse,
     bool reset_after, const RegInputs& r) {
   constexpr const char* op = "fusedrnn::gru_reg_backward";
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) > 0 && w_hh.size(0) == kGruGates * w_hh.size(1),
-              op, ": w_hh must be 2-D [3*hidden_size, hidden_size], got shape ", w_hh.sizes());
+  const Schedule s =
+      gru_check_backward_states(grad_output, grad_h_n, output, h0, w_hh, batch_sizes, reverse, op);
   const int64_t H = w_hh.size(1);
-  const Schedule s = make_schedule(grad_output, batch_sizes, H, reverse, op, "grad_output",
-                                   "w_hh.size(1)");
-  for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&x_proj, "x_proj"},
-                         {&output, "output"}, {&h0, "h0"}, {&w_hh, "w_hh"}}) {
-    check_same(grad_output, *t, op, name, "grad_output");
-  }
+  check_same(grad_output, x_proj, op, "x_proj", "grad_output");
   check_shape(x_proj, detail::with_last(grad_output.sizes(), kGruGates * H), op, "x_proj");
-  check_shape(output, grad_output.sizes(), op, "output");
-  check_shape(grad_h_n, {s.B, H}, op, "grad_h_n");
-  check_shape(h0, {s.B, H}, op, "h0");
   for (auto [t, name] : {std::pair{&gates, "gates"}, {&norm_hh, "norm_hh"}, {&stats, "stats"}}) {
     check_saved_acc(grad_output, *t, op, name);
   }

@@ -179,31 +179,11 @@ inline std::tuple<Schedule, int64_t, int64_t> lstm_reg_check_backward(
     const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
     bool reverse, const RegInputs& r) {
   constexpr const char* op = "fusedrnn::lstm_reg_backward";
-  // The forward's checks, with grad_output standing in for x_proj's shape.
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % kLstmGates == 0 && w_hh.size(0) > 0, op,
-              ": w_hh must be 2-D [4*hidden_size, hidden_size or proj_size], got shape ",
-              w_hh.sizes());
+  const Schedule s = lstm_check_backward_states(grad_output, grad_h_n, grad_c_n, output, h0, c0,
+                                                w_hh, w_hr, batch_sizes, reverse, op);
   const int64_t H = w_hh.size(0) / kLstmGates, P = w_hh.size(1);
-  const Schedule s = make_schedule(grad_output, batch_sizes, P, reverse, op, "grad_output",
-                                   "w_hh.size(1)");
-  for (auto [t, name] : {std::pair{&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"},
-                         {&x_proj, "x_proj"}, {&output, "output"}, {&h0, "h0"}, {&c0, "c0"},
-                         {&w_hh, "w_hh"}}) {
-    check_same(grad_output, *t, op, name, "grad_output");
-  }
+  check_same(grad_output, x_proj, op, "x_proj", "grad_output");
   check_shape(x_proj, detail::with_last(grad_output.sizes(), kLstmGates * H), op, "x_proj");
-  check_shape(output, grad_output.sizes(), op, "output");
-  check_shape(grad_h_n, {s.B, P}, op, "grad_h_n");
-  check_shape(grad_c_n, {s.B, H}, op, "grad_c_n");
-  check_shape(h0, {s.B, P}, op, "h0");
-  check_shape(c0, {s.B, H}, op, "c0");
-  if (w_hr.has_value()) {
-    check_same(grad_output, *w_hr, op, "w_hr", "grad_output");
-    check_shape(*w_hr, {P, H}, op, "w_hr");
-  } else {
-    TORCH_CHECK(P == H, op, ": w_hh must have shape [", 4 * H, ", ", H, "] without w_hr, got ",
-                w_hh.sizes());
-  }
   for (auto [t, name] : {std::pair{&gates, "gates"}, {&cells, "cells"}, {&cell_new, "cell_new"},
                          {&norm_hh, "norm_hh"}, {&stats, "stats"}}) {
     check_saved_acc(grad_output, *t, op, name);
