@@ -323,6 +323,50 @@ def test_module_matches_loop_model_at_vector_sizes(kind, kw, layout, training, m
     _assert_matches(m, got, want, leaves)
 
 
+def _random_case(rng):
+    """A seeded random layer: sizes, options (each regulariser on or off, with
+    layers, directions, bias, projection or the classic GRU where they
+    apply), layout and lengths."""
+    kind = rng.choice(["LSTM", "GRU"])
+    H_ = rng.choice([7, 16, 17, 33, 65])
+    kw = {k: v for k, v in [("layer_norm", True), ("zoneout", rng.choice([0.1, 0.5])),
+                             ("recurrent_dropout", 0.3), ("weight_drop", 0.2)]
+          if rng.random() < 0.5}
+    if kind == "LSTM" and rng.random() < 0.5:
+        kw["zoneout_cell"] = 0.3
+    if rng.random() < 0.4:
+        kw.update(num_layers=2, dropout=rng.choice([0.0, 0.3]))
+    kw.update(bidirectional=rng.random() < 0.4, bias=rng.random() < 0.7)
+    if "layer_norm" not in kw and rng.random() < 0.3:
+        if kind == "LSTM":
+            kw["proj_size"] = rng.randrange(1, H_)
+        else:
+            kw["reset_after"] = False
+    steps, batch = rng.choice([1, 3, 7]), rng.choice([1, 2, 5, 17])
+    layout = rng.choice(["padded", "packed", "packed_unsorted", "unbatched"])
+    lengths = sorted([steps] + [rng.randint(1, steps) for _ in range(batch - 1)], reverse=True)
+    if layout == "packed_unsorted":
+        rng.shuffle(lengths)
+    return kind, rng.choice([3, 33, 70]), H_, kw, layout, steps, batch, lengths
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_layers_match_loop_model(seed, masks):
+    """Differential fuzzing of the regularised layers against the loop model,
+    float64, outputs, states and every gradient, in training and eval mode."""
+    import random
+    rng = random.Random(seed)
+    kind, I_, H_, kw, layout, steps, batch, lengths = _random_case(rng)
+    m = getattr(fusedrnn, kind)(I_, H_, dtype=F64, **kw)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if regularised.is_ln_parameter(n):
+                p.add_(0.3 * torch.randn_like(p))
+    got, want, leaves = _run(m, layout, rng.random() < 0.7, masks, steps=steps, batch=batch,
+                             lengths=lengths)
+    _assert_matches(m, got, want, leaves)
+
+
 CELL_CASES = [("LSTMCell", dict(layer_norm=True, zoneout=0.3, zoneout_cell=0.2), True),
               ("LSTMCell", dict(layer_norm=True, zoneout=0.3, bias=False), False),
               ("LSTMCell", dict(zoneout_cell=0.2), True),
