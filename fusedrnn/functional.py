@@ -30,8 +30,11 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 def autocast_dtype(device_type):
     """The dtype autocast asks for on this device, or None (also on a device
-    autocast does not know, such as meta)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    autocast does not know, such as meta, where is_autocast_enabled raises).
+    That is asked in eager mode only: torch 2.11's Dynamo cannot trace it."""
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return None
+    if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
