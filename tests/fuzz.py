@@ -1,7 +1,7 @@
 """Differential fuzzing against torch.nn: seeded random configurations, every
 output, state and gradient compared.
 
-    python -m tests.fuzz --n 10000 [--seed 0] [--start 0] [--threads 1]
+    python -m tests.fuzz --n 10000 [--seed 0] [--start 0] [--threads 1] [--wide]
 
 prints each mismatch (with the index that reproduces it: --start I --n 1) and
 a summary line. A slice runs in the test suite (tests/test_fuzz.py).
@@ -44,18 +44,28 @@ CANCEL_SCALE = 0.01
 LAYOUTS = ("padded", "unbatched", "packed", "packed_unsorted")
 
 
-def config(rng):
+# (input_size, hidden_size, batch, steps, num_layers) choices; wide: sizes where
+# the CPU's fused path runs several panels of units, whole vectors and tails,
+# tiles of rows and blocks of depth (K over 512, over 1024), in fewer layers.
+SIZES = {False: ([1, 2, 3, 5, 8, 17], [1, 2, 3, 4, 7, 16], [1, 2, 3, 5], [1, 2, 3, 5, 8],
+                 [1, 1, 2, 3]),
+         True: ([1, 31, 100, 257, 513, 1100], [17, 63, 64, 65, 129, 200],
+                [1, 2, 5, 7, 13, 17, 33, 70], [1, 2, 7, 19], [1, 1, 2])}
+
+
+def config(rng, wide=False):
     """One random configuration, as a dict of plain values."""
+    inputs, hiddens, batches, steps, layers = SIZES[wide]
     kind = rng.choice(["LSTM", "GRU", "LSTMCell", "GRUCell"])
-    c = dict(kind=kind, input_size=rng.choice([1, 2, 3, 5, 8, 17]),
-             hidden_size=rng.choice([1, 2, 3, 4, 7, 16]), bias=rng.random() < 0.8,
-             dtype=rng.choice(DTYPES), hx=rng.random() < 0.5, batch=rng.choice([1, 2, 3, 5]))
+    c = dict(kind=kind, input_size=rng.choice(inputs),
+             hidden_size=rng.choice(hiddens), bias=rng.random() < 0.8,
+             dtype=rng.choice(DTYPES), hx=rng.random() < 0.5, batch=rng.choice(batches))
     if kind.endswith("Cell"):
         c["layout"] = rng.choice(["batched", "unbatched"])
         return c
-    c.update(num_layers=rng.choice([1, 1, 2, 3]), bidirectional=rng.random() < 0.5,
+    c.update(num_layers=rng.choice(layers), bidirectional=rng.random() < 0.5,
              batch_first=rng.random() < 0.5, layout=rng.choice(LAYOUTS),
-             steps=rng.choice([1, 2, 3, 5, 8]))
+             steps=rng.choice(steps))
     if kind == "LSTM" and c["hidden_size"] > 1 and rng.random() < 0.3:
         c["proj_size"] = rng.randrange(1, c["hidden_size"])
     return c
@@ -139,10 +149,10 @@ def _rel_err(a, e, scale=0.0):
     return ((a - e).abs().max() / e.abs().max().clamp_min(max(scale, 1e-30))).item()
 
 
-def check(index, seed=0):
+def check(index, seed=0, wide=False):
     """Runs configuration `index`; returns (config, list of mismatch strings)."""
     rng = random.Random(seed * 1_000_003 + index)
-    c = config(rng)
+    c = config(rng, wide)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
     torch.manual_seed(seed * 1_000_003 + index)
     ref64 = getattr(nn, c["kind"])(c["input_size"], c["hidden_size"], **_module_kwargs(c)).double()
@@ -190,7 +200,7 @@ def check(index, seed=0):
     return c, errors
 
 
-def run(n, seed=0, start=0, threads=1, out=sys.stdout):
+def run(n, seed=0, start=0, threads=1, out=sys.stdout, wide=False):
     """Checks configurations start..start+n-1; prints mismatches and a summary.
     Returns the number of mismatching configurations. The sizes are tiny, so
     by default one thread: waking a pool per op costs more than the work,
@@ -201,7 +211,7 @@ def run(n, seed=0, start=0, threads=1, out=sys.stdout):
     torch.set_num_threads(threads)
     try:
         for i in range(start, start + n):
-            c, errors = check(i, seed)
+            c, errors = check(i, seed, wide)
             if errors:
                 bad += 1
                 print(f"MISMATCH index={i} seed={seed} {c}", file=out)
@@ -209,7 +219,8 @@ def run(n, seed=0, start=0, threads=1, out=sys.stdout):
                     print(f"    {e}", file=out)
     finally:
         torch.set_num_threads(prev)
-    print(f"fuzz: {n} configurations (seed {seed}, from {start}), {bad} mismatches, "
+    print(f"fuzz: {n} {'wide ' if wide else ''}configurations (seed {seed}, from {start}), "
+          f"{bad} mismatches, "
           f"{time.time() - t0:.1f} s", file=out)
     return bad
 
@@ -220,8 +231,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--wide", action="store_true",
+                    help="sizes that take the fused path's panels, tails and blocks (SIZES)")
     args = ap.parse_args()
-    sys.exit(1 if run(args.n, args.seed, args.start, args.threads) else 0)
+    sys.exit(1 if run(args.n, args.seed, args.start, args.threads, wide=args.wide) else 0)
 
 
 if __name__ == "__main__":
