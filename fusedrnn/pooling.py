@@ -54,7 +54,15 @@ def _padded_batch_major(x: Union[Tensor, PackedSequence], lengths: Optional[Tens
             f"pooling: lengths must be {batch} integers, one per sequence, got {lengths}"
         )
     # Each sequence needs at least one valid step: the mean and the max of nothing are undefined.
-    if bool(((lengths < 1) | (lengths > steps)).any()):
+    # Under torch.compile and torch.export the lengths are data, not known while tracing:
+    # there the check runs with the graph (an assert op) instead of branching in Python.
+    compiling = False
+    if not torch.jit.is_scripting():
+        compiling = torch.compiler.is_compiling()
+    if compiling:
+        torch._assert_async(((lengths >= 1) & (lengths <= steps)).all(),
+                            "pooling: every length must be in [1, T]")
+    elif bool(((lengths < 1) | (lengths > steps)).any()):
         values: List[int] = lengths.tolist()
         raise ValueError(f"pooling: every length must be in [1, {steps}], got {values}")
     mask = torch.arange(steps, device=padded.device) < lengths.unsqueeze(1)

@@ -1,5 +1,7 @@
 """fusedrnn.pooling against a loop over the unpadded sequences, in float64, gradients included."""
 
+import warnings
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -187,3 +189,38 @@ def test_pools_a_fusedrnn_packed_output():
     alone = [lstm(seq)[0] for seq in _sequences(x, False)]
     for fn, reduce in ((pooling.mean_pool, lambda o: o.mean(0)), (pooling.max_pool, _max)):
         torch.testing.assert_close(fn(out), torch.stack([reduce(o) for o in alone]), **TOL)
+
+
+@pytest.mark.parametrize("make", [lambda: pooling.MeanPool(batch_first=True),
+                                  lambda: pooling.MaxPool(batch_first=True),
+                                  lambda: pooling.AttentionPool(F, hidden_size=4, batch_first=True)],
+                         ids=["mean", "max", "attention"])
+def test_export_and_compile_with_dynamic_sizes(make):
+    """An LSTM and a pool over lengths, exported with the batch and length dynamic
+    and compiled with dynamic shapes in one graph: the lengths are data there, so
+    their check runs with the graph; results equal eager mode at other sizes, and
+    a length out of range still raises."""
+    from torch.export import Dim
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.pool = fusedrnn.LSTM(3, F, batch_first=True), make()
+
+        def forward(self, x, lengths):
+            return self.pool(self.rnn(x)[0], lengths)
+
+    model = Model().double().eval()
+    x, lengths = torch.randn(B, T, 3, dtype=torch.float64), torch.tensor(LENGTHS)
+    batch = Dim("batch")
+    with warnings.catch_warnings():  # RNNBase's _flat_weights, as torch.nn.LSTM's export notes
+        warnings.filterwarnings("ignore", message="The tensor attributes self.rnn._flat_weights")
+        program = torch.export.export(model, (x, lengths),
+                                      dynamic_shapes=({0: batch, 1: Dim("steps")}, {0: batch}))
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    x2, lengths2 = torch.randn(3, 9, 3, dtype=torch.float64), torch.tensor([9, 2, 5])
+    for run in (program.module(), compiled):
+        for args in ((x, lengths), (x2, lengths2)):
+            torch.testing.assert_close(run(*args), model(*args), rtol=1e-12, atol=1e-12)
+        with pytest.raises(RuntimeError, match="every length must be in"):
+            run(x2, torch.tensor([9, 0, 5]))
