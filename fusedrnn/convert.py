@@ -67,9 +67,10 @@ def from_torch(module, **options):
     torch.nn (layer_norm=True, zoneout=p, ...; see fusedrnn.LSTM), e.g.
     from_torch(lstm, layer_norm=True, zoneout=0.1): the torch weights are copied,
     the new LayerNorm parameters start at ones (gains) and zeros (biases)."""
-    twin_cls = _TWINS.get(_plain_type(module))
+    cls = _plain_type(module)
+    twin_cls = _TWINS.get(cls)
     if twin_cls is None:
-        if _plain_type(module) in _TORCH:
+        if cls in _TORCH:
             raise TypeError(f"{type(module).__name__} is already a fusedrnn module")
         raise TypeError("from_torch expects torch.nn.LSTM, GRU, LSTMCell or GRUCell, got "
                         f"{type(module).__name__}")
@@ -82,9 +83,10 @@ def to_torch(module):
     the same requires_grad flags and train/eval mode. Raises ValueError for a module
     that torch.nn cannot compute (a GRU with reset_after=False, any of the regularisers
     layer_norm, zoneout, zoneout_cell, recurrent_dropout, weight_drop)."""
-    torch_cls = _TORCH.get(_plain_type(module))
+    cls = _plain_type(module)
+    torch_cls = _TORCH.get(cls)
     if torch_cls is None:
-        if _plain_type(module) in _TWINS:
+        if cls in _TWINS:
             raise TypeError(f"{type(module).__name__} is already a torch.nn module")
         raise TypeError("to_torch expects fusedrnn.LSTM, GRU, LSTMCell or GRUCell, got "
                         f"{type(module).__name__}")
