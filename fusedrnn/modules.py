@@ -267,9 +267,11 @@ class _CellOptions(_Regularisable):
         regularised.configure(self, lstm, True, layer_norm, zoneout, zoneout_cell)
 
     def _cell(self, mode, input, states):
+        lstm = mode == "LSTM"  # an LSTMCell has no reset_after (a failed getattr is slow)
         return cell(mode, input, states, self.weight_ih, self.weight_hh, self.bias_ih,
-                    self.bias_hh, getattr(self, "reset_after", True), regularised.options(self),
-                    regularised.ln_weights(self, mode == "LSTM", True), self.training)
+                    self.bias_hh, lstm or getattr(self, "reset_after", True),
+                    regularised.options(self),
+                    regularised.ln_weights(self, lstm, True), self.training)
 
 
 class LSTMCell(_CellOptions, nn.LSTMCell, ScriptedCell):

@@ -52,10 +52,12 @@ class Options(NamedTuple):
     weight_drop: float = 0.0
 
 
+_OPTION_DEFAULTS = tuple(zip(OPTIONS, Options()))
+
+
 def options(module):
     """module's Options (the defaults for a module pickled before they existed)."""
-    return Options(*(getattr(module, name, default)
-                     for name, default in zip(OPTIONS, Options())))
+    return Options(*[getattr(module, name, default) for name, default in _OPTION_DEFAULTS])
 
 
 def any_on(opts):
@@ -206,6 +208,9 @@ def layer_reg(opts, training, x_proj, h0, c0, ln, b_ih=None):
     (None for a GRU); ln and b_ih as for project. In training the masks are
     drawn in this order: zone_h, zone_c, rec_mask (after drop_weight's, which
     functional draws first)."""
+    if ln is None and opts.zoneout == 0 and opts.zoneout_cell == 0 and (
+            not training or opts.recurrent_dropout == 0):
+        return None  # the plain layer, without building a LayerReg (a few us a call)
     lead = tuple(x_proj.shape[:-1])
     P = h0.shape[-1]
 
