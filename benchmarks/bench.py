@@ -7,6 +7,7 @@ device present (CPU always, CUDA when a GPU is visible).
     python -m benchmarks.bench --persistent # T=100, B 1..64, H 256..1024
     python -m benchmarks.bench --cudnn-persistent  # CUDA: float16 LSTM rows where cuDNN persists
     python -m benchmarks.bench --regularisers # layer_norm, zoneout, recurrent_dropout: their cost
+    python -m benchmarks.bench --cells      # LSTMCell and GRUCell, one call per step
     python -m benchmarks.bench --omp-passive  # the same with OMP_WAIT_POLICY=PASSIVE, labelled so
     python -m benchmarks.bench --as-avx2-cpu  # an AVX2 CPU: fusedrnn, ATen, oneDNN, MKL held to AVX2
     python -m benchmarks.bench --markdown   # after the run, write benchmarks/RESULTS.md
@@ -21,9 +22,10 @@ its behalf, and the runtime variables in force are recorded
 (benchmarks/environment.py, Note [measured in the user's environment]).
 Results: one dated JSON per device and a PNG beside it
 (benchmarks/report.py, Note [result files]). Exit status 1 when any row
-failed (parity or error). --regularisers runs benchmarks/regularisers.py's
-rows instead (CPU, float32; with --smoke, short timing), written to
-regularisers-cpu-<set>-<date>.json, no plot.
+failed (parity or error). --regularisers and --cells run the rows of
+benchmarks/regularisers.py and benchmarks/cells.py instead (CPU, float32;
+with --smoke, short timing), written to regularisers-cpu-<set>-<date>.json and
+cells-cpu-<set>-<date>.json, no plot.
 """
 import sys
 from pathlib import Path
@@ -46,7 +48,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fusedrnn  # noqa: E402
-from benchmarks import cases, configs, regularisers, report, results_md, timing  # noqa: E402
+from benchmarks import (cases, cells, configs, regularisers, report, results_md,  # noqa: E402
+                        timing)
 
 # (rounds, min_run_time in s per function per round) of each set and device.
 # GPU rows are short and steady, and GPU time is scarce: shorter runs there.
@@ -83,6 +86,10 @@ def parse_args(argv):
                    help="fusedrnn with layer_norm, zoneout, recurrent_dropout against the plain "
                         "layer and a Python loop (CPU, float32, T=100 B=16 H=256; with --smoke, "
                         "short timing)")
+    s.add_argument("--cells", action="store_true",
+                   help="fusedrnn.LSTMCell/GRUCell against torch.nn's, one call per step (CPU, "
+                        "float32, B in 1,64, I=H in 256,1024; with --smoke, B=1 H=256, short "
+                        "timing)")
     s.add_argument("--config", action="append", metavar="T,B,I,H",
                    help="run this config instead of the set's (repeatable)")
     w = p.add_argument_group("what to run")
@@ -319,13 +326,14 @@ def run_device(device, args, cfgs):
     return doc
 
 
-def run_regularisers(args):
-    """The --regularisers set (benchmarks/regularisers.py): CPU, float32. Returns
-    the exit status."""
+def run_cpu_set(args, side):
+    """A set with rows of its own, on the CPU in float32 (side: the module
+    benchmarks/regularisers.py or benchmarks/cells.py): parity and interleaved
+    timing per row, one dated JSON, the text table. Returns the exit status."""
     if args.device == "cuda" or (args.dtype and args.dtype != "float32"):
-        raise SystemExit("--regularisers runs on the CPU in float32 only")
+        raise SystemExit(f"--{side.KIND} runs on the CPU in float32 only")
     cfgs = [configs.parse_config(c) for c in args.config] if args.config \
-        else regularisers.CONFIGS
+        else side.SMOKE_CONFIGS if args.smoke else side.CONFIGS
     label = "smoke" if args.smoke else "custom" if args.config else "quick"
     rounds, min_run_time = TIMING["smoke" if args.smoke else "quick", "cpu"]
     rounds, min_run_time = args.rounds or rounds, args.min_run_time or min_run_time
@@ -334,48 +342,36 @@ def run_regularisers(args):
     threads = torch.get_num_threads()
     env = environment.record("cpu", threads)
     started = time.time()
-    path = report.result_path(args.out_dir, "regularisers-cpu", label, env["variant"],
+    path = report.result_path(args.out_dir, f"{side.KIND}-cpu", label, env["variant"],
                               report.timestamp())
-    doc = {"schema": report.SCHEMA_VERSION, "kind": "regularisers", "device": "cpu",
+    doc = {"schema": report.SCHEMA_VERSION, "kind": side.KIND, "device": "cpu",
            "set": label, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "complete": False, "env": env, "load_average_start": environment.load_average(),
            "timing": {"method": "as the main set (timing.py): interleaved rounds, medians",
-                      "rounds": rounds, "min_run_time_s": min_run_time,
-                      "cost": "regularised median / plain fusedrnn median (same process)",
-                      "speedup_vs_loop": "Python loop median / regularised median",
-                      "training": "forward + backward of (output * fixed random weights).sum()",
-                      "inference": "torch.inference_mode(), modules in eval()"},
-           "parity": {"oracle": "the Python loop model in float64, same weights, the masks "
-                                "fusedrnn drew (training) or zoneout's expectation (inference)",
-                      "rule": "err(fusedrnn) <= max(multiple * err(float32 loop), floor)",
-                      "multiple": cases.PARITY_MULTIPLE,
-                      "floor": cases.PARITY_FLOOR[regularisers.PRECISION.name]},
+                      "rounds": rounds, "min_run_time_s": min_run_time, **side.TIMING_DOC},
+           "parity": side.PARITY_DOC,
            "notes": ["measured in the environment the benchmark was started in: "
-                     + environment.variables_text(env), regularisers.NOTE],
+                     + environment.variables_text(env), side.NOTE],
            "rows": []}
-    for model in args.models:
-        for variant in regularisers.VARIANTS:
-            for cfg in cfgs:
-                for mode in args.modes:
-                    try:
-                        row = regularisers.run_row(model, variant, cfg, mode, args.seed,
-                                                   (rounds, min_run_time, threads))
-                    except Exception as exc:  # noqa: BLE001 (recorded in the row)
-                        row = {"model": model, "variant": variant, "config": cfg.as_dict(),
-                               "mode": mode, "status": "error", "error": _error_text(exc),
-                               "traceback": traceback.format_exc(limit=4)}
-                    doc["rows"].append(row)
-                    report.write_json(path, doc)
-                    _free("cpu")
+    for spec in side.row_specs(args.models, cfgs, args.modes):
+        try:
+            row = side.run_row(**spec, seed=args.seed,
+                               timing_args=(rounds, min_run_time, threads))
+        except Exception as exc:  # noqa: BLE001 (recorded in the row)
+            row = {**spec, "config": spec["config"].as_dict(), "status": "error",
+                   "error": _error_text(exc), "traceback": traceback.format_exc(limit=4)}
+        doc["rows"].append(row)
+        report.write_json(path, doc)
+        _free("cpu")
     doc.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                wall_s=round(time.time() - started, 1),
                load_average_end=environment.load_average())
     report.write_json(path, doc)
     report.say(f"cpu: results in {_rel(path)}")
-    print(f"\n{report.title(doc)}; cost = regularised / plain fusedrnn; {doc['wall_s']} s")
+    print(f"\n{report.title(doc)}; {side.SUMMARY}; {doc['wall_s']} s")
     for note in doc["notes"]:
         print(f"note: {note}")
-    print(regularisers.text_table(doc["rows"]))
+    print(side.text_table(doc["rows"]))
     failed = [r for r in doc["rows"] if r["status"] != "ok"]
     if failed:
         print(f"{len(failed)} row(s) FAILED")
@@ -437,7 +433,9 @@ def main(argv=None):
         _redraw(args)
         return 0
     if args.regularisers:
-        return run_regularisers(args)
+        return run_cpu_set(args, regularisers)
+    if args.cells:
+        return run_cpu_set(args, cells)
     cfgs = [configs.parse_config(c) for c in args.config] if args.label == "custom" \
         else configs.config_set(args.set)
     failed = 0

@@ -37,7 +37,10 @@ from fusedrnn import regularised
 from fusedrnn.regularisers import LN_EPS
 from benchmarks import cases, configs, timing
 
+KIND = "regularisers"
+SUMMARY = "cost = regularised / plain fusedrnn"
 CONFIGS = [configs.Config(100, 16, 256, 256, ("regularisers",))]
+SMOKE_CONFIGS = CONFIGS
 VARIANTS = {"layer_norm": dict(layer_norm=True),
             "zoneout": dict(zoneout=0.1, zoneout_cell=0.1),
             "recurrent_dropout": dict(recurrent_dropout=0.25)}
@@ -49,6 +52,15 @@ NOTE = ("cost = fusedrnn with the regulariser / the plain fusedrnn layer; speed-
         "F.layer_norm / fusedrnn; options: " + "; ".join(
             f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in VARIANTS.items())
         + " (zoneout_cell for the LSTM only)")
+
+TIMING_DOC = {"cost": "regularised median / plain fusedrnn median (same process)",
+              "speedup_vs_loop": "Python loop median / regularised median",
+              "training": "forward + backward of (output * fixed random weights).sum()",
+              "inference": "torch.inference_mode(), modules in eval()"}
+PARITY_DOC = {"oracle": "the Python loop model in float64, same weights, the masks fusedrnn "
+                        "drew (training) or zoneout's expectation (inference)",
+              "rule": "err(fusedrnn) <= max(multiple * err(float32 loop), floor)",
+              "multiple": cases.PARITY_MULTIPLE, "floor": cases.PARITY_FLOOR[PRECISION.name]}
 
 
 class LoopRNN(nn.Module):
@@ -227,11 +239,17 @@ class RegCase(cases.Case):
         return {"passed": bool(passed), **worst[1]}
 
 
-def run_row(model, variant, cfg, mode, seed, timing_args):
+def row_specs(models, cfgs, modes):
+    """The set's rows, in order, as run_row's keyword arguments."""
+    return [dict(model=m, variant=v, config=c, mode=mode)
+            for m in models for v in VARIANTS for c in cfgs for mode in modes]
+
+
+def run_row(model, variant, config, mode, seed, timing_args):
     """Parity, then interleaved timing. Returns the row's fields."""
-    case = RegCase(model, variant, cfg, seed)
+    case = RegCase(model, variant, config, seed)
     row = {"model": model, "variant": variant, "options": case.opts._asdict(),
-           "config": cfg.as_dict(), "precision": PRECISION.name, "mode": mode}
+           "config": config.as_dict(), "precision": PRECISION.name, "mode": mode}
     row["parity"] = case.parity(mode)
     if not row["parity"]["passed"]:
         row["status"] = "parity-failed"

@@ -18,7 +18,7 @@ from benchmarks import environment, report  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 SET_ORDER = {"quick": 0, "persistent": 1, "cudnn-persistent": 2, "full": 3, "custom": 4}
-KIND_ORDER = {"bench": 0, "regularisers": 1, "gemm": 2}
+KIND_ORDER = {"bench": 0, "cells": 1, "regularisers": 2, "gemm": 3}
 HEADER = """# Benchmark results
 
 Generated from the JSON results under `benchmarks/results/` by
@@ -48,16 +48,16 @@ def _link(target, out):
 def section(path, doc, out):
     kind = doc.get("kind", "bench")
     env = doc["env"]
-    what = {"gemm": "GEMM micro-benchmark",
-            "regularisers": "fusedrnn's regularisers"}.get(kind, "fusedrnn against torch.nn")
+    what = {"gemm": "GEMM micro-benchmark", "regularisers": "fusedrnn's regularisers",
+            "cells": "fusedrnn's cells against torch.nn's"}.get(kind, "fusedrnn against torch.nn")
     head = (f"## {what}: {doc['device'].upper()}, `{doc['set']}` set"
             + environment.variant_title(env))
     if kind == "gemm":
         from benchmarks import gemm  # torch and fusedrnn: only when there is a GEMM result
         body = gemm.markdown(doc)
-    elif kind == "regularisers":
-        from benchmarks import regularisers  # torch and fusedrnn, as for gemm
-        body = regularisers.markdown(doc)
+    elif kind in ("regularisers", "cells"):
+        from benchmarks import cells, regularisers  # torch and fusedrnn, as for gemm
+        body = {"regularisers": regularisers, "cells": cells}[kind].markdown(doc)
     else:
         body = report.markdown_table(doc)
     lines = [head, "", f"From `{_link(path, out)}`.", "", body]

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks import bench, configs, environment, gemm, regularisers, report, results_md
+from benchmarks import bench, cells, configs, environment, gemm, regularisers, report, results_md
 from isa_helpers import RUNNABLE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,6 +271,37 @@ def test_regularisers_parity_catches_a_wrong_model(mode):
     assert case.parity(mode)["passed"]
     with torch.no_grad():
         case.reg.layernorm_hh_weight_l0.mul_(1 + 1e-3)
+    assert not case.parity(mode)["passed"]
+
+
+def test_cells_set_runs_and_renders(tmp_path):
+    """--cells on a tiny size end to end: both cells, both modes, parity passed
+    and timed, and RESULTS.md renders it."""
+    argv = ["--cells", "--config", "1,3,5,4", "--rounds", "1", "--min-run-time", "0.001",
+            "--out-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.glob("cells-cpu-custom-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == "cells" and doc["complete"]
+    assert [(r["model"], r["mode"]) for r in doc["rows"]] == [
+        (m, mode) for m in ("LSTMCell", "GRUCell") for mode in ("inference", "training")]
+    for row in doc["rows"]:
+        assert row["status"] == "ok" and row["parity"]["passed"], row
+        assert row["speedup"] == pytest.approx(row["torch_ms"] / row["fused_ms"])
+    text = results_md.render([path], tmp_path / "RESULTS.md")
+    assert "fusedrnn's cells against torch.nn's: CPU, `custom` set" in text
+    assert text.count("| LSTMCell | B=3 I=5 H=4 |") == 2
+
+
+@pytest.mark.parametrize("model", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_cells_parity_catches_a_wrong_cell(model, mode):
+    """The oracle sees a weight off by 1e-3 relative (in the state in inference,
+    in a gradient in training too)."""
+    case = cells.CellCase(model, configs.Config(1, 3, 5, 4), seed=0)
+    assert case.parity(mode)["passed"]
+    with torch.no_grad():
+        case.fused_mod.weight_hh.mul_(1 + 1e-3)
     assert not case.parity(mode)["passed"]
 
 
