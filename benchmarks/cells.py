@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import fusedrnn
-from benchmarks import cases, configs, timing
+from benchmarks import cases, configs, report, timing
 
 KIND = "cells"
 SUMMARY = "speed-up = torch.nn / fusedrnn"
@@ -149,17 +149,11 @@ def row_cells(row):
 
 
 def text_table(rows):
-    body = [COLUMNS] + [row_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in body) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() for c in body)
+    return report.plain_table(COLUMNS, [row_cells(r) for r in rows])
 
 
 def markdown(doc):
     """RESULTS.md's table of a --cells result."""
-    from benchmarks import report
-    lines = [report.title(doc, markdown=True) + ". Speed-up = torch.nn time / fusedrnn time "
-             "(medians, same process); one cell call per timed call.",
-             "", *report.environment_lines(doc), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 3) + "|"]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in doc["rows"]]
-    return "\n".join(lines + [""] + [f"- {n}" for n in doc.get("notes", [])]).rstrip()
+    return report.set_markdown(
+        doc, "Speed-up = torch.nn time / fusedrnn time (medians, same process); one cell call "
+        "per timed call.", COLUMNS, [row_cells(r) for r in doc["rows"]], 3)

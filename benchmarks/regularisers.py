@@ -35,7 +35,7 @@ from torch import nn
 import fusedrnn
 from fusedrnn import regularised
 from fusedrnn.regularisers import LN_EPS
-from benchmarks import cases, configs, timing
+from benchmarks import cases, configs, report, timing
 
 KIND = "regularisers"
 SUMMARY = "cost = regularised / plain fusedrnn"
@@ -287,17 +287,12 @@ def row_cells(row):
 
 
 def text_table(rows):
-    body = [COLUMNS] + [row_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in body) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() for c in body)
+    return report.plain_table(COLUMNS, [row_cells(r) for r in rows])
 
 
 def markdown(doc):
     """RESULTS.md's table of a --regularisers result."""
-    from benchmarks import report
-    lines = [report.title(doc, markdown=True) + ". Cost = regularised time / plain fusedrnn "
-             "time; speed-up = Python loop time / regularised time (medians, same process).",
-             "", *report.environment_lines(doc), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 5) + "|"]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in doc["rows"]]
-    return "\n".join(lines + [""] + [f"- {n}" for n in doc.get("notes", [])]).rstrip()
+    return report.set_markdown(
+        doc, "Cost = regularised time / plain fusedrnn time; speed-up = Python loop time / "
+        "regularised time (medians, same process).", COLUMNS, [row_cells(r) for r in doc["rows"]],
+        4)

@@ -146,6 +146,25 @@ def text_table(rows):
     return "\n".join(lines + [fmt(c, ok) for c, ok in body])
 
 
+def plain_table(columns, rows):
+    """columns and rows (lists of strings) left-aligned, two spaces apart: the
+    table of a set with rows of its own (regularisers.py, cells.py)."""
+    body = [columns] + rows
+    widths = [max(len(c[i]) for c in body) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() for c in body)
+
+
+def set_markdown(doc, caption, columns, rows, left):
+    """RESULTS.md's section of a set with rows of its own: title and caption,
+    the environment, the table (its first `left` columns text, the others
+    numbers), the notes."""
+    lines = [title(doc, markdown=True) + ". " + caption, "", *environment_lines(doc), "",
+             "| " + " | ".join(columns) + " |",
+             "|" + "|".join(["---"] * left + ["---:"] * (len(columns) - left)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines + [""] + [f"- {n}" for n in doc.get("notes", [])]).rstrip()
+
+
 def title(doc, markdown=False):
     """One line naming where and how a result was measured; results measured
     with OMP_WAIT_POLICY=PASSIVE say so (Note [measured in the user's environment])."""
