@@ -1,7 +1,7 @@
 """Every CPU path the dispatcher can choose, forced on this machine
 (FUSEDRNN_CPU_ISA, isa_helpers.py): the fused float32 paths for AVX-512 and
 for AVX2 (forward, backward, the input projection), the fused float64 path
-(AVX-512), the fused bfloat16 forward (AVX512-BF16, under avx512) and the
+(AVX-512), the fused bfloat16 forward and backward (AVX512-BF16, under avx512) and the
 generic loop (generic, and wherever no fused path applies). Float32 and
 float64 results against a float64 reference or torch.nn; low-precision ones
 within a small multiple of torch.nn's own error at that dtype against a
@@ -42,10 +42,9 @@ def run(module, x, dtype):
 @pytest.mark.parametrize("H", [32, 17], ids=["even", "odd"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])
 def test_half_types_within_torch_error(isa, kind, dtype, H, bidirectional, monkeypatch):
-    """bfloat16: the fused bfloat16 forward (even H, AVX512-BF16, avx512 only)
-    or the fused float32 one; float16: the fused float32 path; backward of both
-    on the fused float32 path (Note [half types on the fused float32 path]);
-    generic: the generic loop."""
+    """bfloat16: the fused bfloat16 forward and backward (even H, AVX512-BF16,
+    avx512 only) or the fused float32 ones; float16: the fused float32 path
+    (Note [half types on the fused float32 path]); generic: the generic loop."""
     force_cpu_isa(monkeypatch, isa)
     ref = getattr(nn, kind)(24, H, num_layers=2, bidirectional=bidirectional).double()
     ours = fusedrnn.from_torch(ref)
@@ -53,6 +52,25 @@ def test_half_types_within_torch_error(isa, kind, dtype, H, bidirectional, monke
     want = run(ref, x, torch.float64)
     torch_low = run(ref, x, dtype)
     ours_low = run(ours, x, dtype)
+    for o, t, w in zip(ours_low, torch_low, want):
+        assert rel_err(o, w) <= 4 * rel_err(t, w) + 1e-6, (rel_err(o, w), rel_err(t, w))
+
+
+@pytest.mark.parametrize("isa", isa_params(("avx512",)))
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("T, B, H", [(9, 13, 130), (1, 3, 66), (12, 1, 2)],
+                         ids=["ragged-panel", "one-step", "one-row"])
+def test_bfloat16_backward_within_torch_error(isa, kind, T, B, H, monkeypatch):
+    """The bfloat16 backward (Note [the bfloat16 backward] in csrc/cpu/rnn_cpu.cpp;
+    the float32 path where the CPU has no AVX512-BF16): a last column panel
+    of two units, a single step, a single row; both directions."""
+    force_cpu_isa(monkeypatch, isa)
+    ref = getattr(nn, kind)(H, H, bidirectional=True).double()
+    ours = fusedrnn.from_torch(ref)
+    x = torch.randn(T, B, H, dtype=torch.float64)
+    want = run(ref, x, torch.float64)
+    torch_low = run(ref, x, torch.bfloat16)
+    ours_low = run(ours, x, torch.bfloat16)
     for o, t, w in zip(ours_low, torch_low, want):
         assert rel_err(o, w) <= 4 * rel_err(t, w) + 1e-6, (rel_err(o, w), rel_err(t, w))
 

@@ -11,8 +11,8 @@
 // FUSEDRNN_CPU_ISA=generic and wins over it (FUSEDRNN_CPU_PATH=auto: no
 // effect). Both are read on every call, which costs nothing next to an op, so
 // a test can switch paths between calls. Forcing avx2 on an AVX-512 machine
-// runs what an AVX2 machine runs: the bfloat16 forward of AVX512-BF16 too
-// gives way to the float32 path (Note [half types on the fused float32 path]).
+// runs what an AVX2 machine runs: the bfloat16 kernels of AVX512-BF16 too
+// give way to the float32 path (Note [half types on the fused float32 path]).
 #pragma once
 
 #include <c10/util/Exception.h>

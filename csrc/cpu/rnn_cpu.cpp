@@ -84,9 +84,20 @@ std::pair<at::Tensor, at::Tensor> recurrent_weight_grads_bf16(const at::Tensor& 
 }
 #endif
 
+// Note [the bfloat16 backward]
+// With the bfloat16 kernels (AVX512-BF16), the backward's step product
+// dG_t W_hh runs on bfloat16 gate gradients, as torch.nn's bfloat16 layers
+// round theirs: W_hh in k pairs, vdpbf16ps, float32 accumulation, and the
+// pointwise backward, the cell state's gradient and the hidden state's
+// carried between steps in float32. The weight gradients come from the same
+// bfloat16 gate gradients. Before, the step product ran in float32 on
+// converted copies: the backward op at T=100 B=64 H=512 took 53.8 ms (LSTM)
+// and 42.7 ms (GRU), now 35.3 and 26.4 ms (benchmarks/NOTES.md, "The bfloat16
+// backward").
+//
 // Note [half types on the fused float32 path]
-// Where no fused kernel reads a half type directly (the backward of both,
-// float16's forward), padded input without projection still takes the fused
+// Where no fused kernel reads a half type directly (float16, and bfloat16
+// without AVX512-BF16), padded input without projection still takes the fused
 // float32 path: operands converted once, results rounded once. More accurate
 // than the generic loop, which rounds every step's matmul to the half type, and
 // several times faster. Returns the float32 kernels, or null.
@@ -156,6 +167,15 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                               reverse, has_bias, true);
   };
   if (auto r = fused_run(grad_output, !packed && !proj && grad_output.dim() == 3, run)) return *r;
+#ifdef FUSEDRNN_X86
+  if (grad_output.dim() == 3 && fused_bf16_ok(grad_output, packed, proj, w_hh.size(1))) {
+    const auto dt = grad_output.scalar_type();  // Note [the bfloat16 backward]
+    auto [dx, dh0, dc0, dw, dw_hr, db] = cpu::lstm_backward_fused_bf16(
+        grad_output, f32(grad_h_n), f32(grad_c_n), gates, cells, f32(c0), w_hh, reverse);
+    std::tie(dw, db) = recurrent_weight_grads_bf16(dx, output, h0, reverse, has_bias);
+    return {dx, dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr, db.to(dt)};
+  }
+#endif
   const auto* ops = fused_via_f32_for(grad_output, packed, proj);
   if (ops && grad_output.dim() == 3) {
     const auto dt = grad_output.scalar_type();
@@ -225,6 +245,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
   if (auto r = fused_run(grad_output, !packed && reset_after && grad_output.dim() == 3, run)) {
     return *r;
   }
+#ifdef FUSEDRNN_X86
+  if (reset_after && grad_output.dim() == 3 &&
+      fused_bf16_ok(grad_output, packed, false, w_hh.size(1))) {
+    const auto dt = grad_output.scalar_type();  // Note [the bfloat16 backward]
+    const int64_t T = grad_output.size(0), B = grad_output.size(1);
+    auto [dx, dh0, dw, db, dhh] =
+        cpu::gru_backward_fused_bf16(grad_output, f32(grad_h_n), output, gates, h0, w_hh, reverse);
+    std::tie(dw, db) =
+        recurrent_weight_grads_bf16(dhh.view({T, B, -1}), output, h0, reverse, has_bias);
+    return {dx, dh0.to(dt), dw.to(dt), db.to(dt)};
+  }
+#endif
   const auto* ops = fused_via_f32_for(grad_output, packed, false);
   if (reset_after && ops && grad_output.dim() == 3) {
     const auto dt = grad_output.scalar_type();

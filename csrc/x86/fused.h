@@ -147,6 +147,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& b_hh, bool reverse, bool train);
 
+// The bfloat16 backward time loops (fused_avx512_bf16.cpp): the step product
+// dG W_hh on the bfloat16 gate gradients, which are also what the caller
+// forms the weight gradients from. grad_output, gates, output, h0 and w_hh
+// bfloat16 ([T, B, ...], H even); grad_h_n, grad_c_n, cells and c0 float32.
+// Returns those of lstm_backward / gru_backward with weight_grads false: the
+// gate gradients (GRU: and those through W_hh) bfloat16, the states' float32.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused_bf16(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh, bool reverse);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused_bf16(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
+    const Tensor& h0, const Tensor& w_hh, bool reverse);
+
 // The weight-gradient GEMM of FusedOps::weight_grad for bfloat16 dY and X,
 // k in pairs on vdpbf16ps; dW and db float32 (options' dtype), accumulated
 // in float32 (db in double) (fused_avx512_bf16.cpp).

@@ -1,5 +1,6 @@
-// The fused bfloat16 CPU path (AVX512-BF16): the forward of fused_ops.h with
-// bfloat16 activations and weights. The tile product runs vdpbf16ps, which
+// The fused bfloat16 CPU path (AVX512-BF16): the forward and backward time
+// loops of fused_loop.h and fused_ops.h with bfloat16 activations, weights and
+// gate gradients. The tile product runs vdpbf16ps, which
 // adds two bfloat16 products into each float32 lane, on panels that hold
 // k in pairs:
 //
@@ -7,8 +8,8 @@
 //
 // while h_{t-1} is broadcast two values at a time. Accumulation, the gate math
 // (gates.h, through the epilogues of fused_loop.h) and the cell state are
-// float32; h and the saved gates are rounded to bfloat16 once, as torch.nn
-// stores them. Entered only after has_avx512_bf16() (rnn_cpu.cpp); compiled
+// float32; h, the saved gates and the gate gradients are rounded to bfloat16
+// once, as torch.nn stores them. Entered only after has_avx512_bf16() (rnn_cpu.cpp); compiled
 // like fused_avx512.cpp (Note [ISA translation units] in fused_ops.h).
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
 
@@ -16,9 +17,7 @@
 #include <cstring>
 
 #include "vec16.h"
-#include "fused.h"
-#include "fused_loop.h"
-#include "weight_grad.h"
+#include "fused_ops.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -106,6 +105,36 @@ struct StoreBf16Epi {
   }
 };
 
+// The backward's product dh_{t-1} = dG_t W_hh in bfloat16: W_hh [K = G, N = H]
+// in column panels of 64 with k in pairs,
+//   packed[q][k / 2][c][k % 2] = w[k][64 q + c]     (0 beyond N; K even),
+// each 32-bit unit the pair of rows k, k + 1 at one column.
+struct Bf16ColumnPanels {
+  using Mma = MmaBf16;
+  static Tensor pack(const Tensor& w) {
+    const int64_t K = w.size(0), N = w.size(1), Q = ceil_div(N, kLinearPanel);
+    Tensor packed = empty_for_steps({Q, K, kLinearPanel}, w.options());
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<Bf16>());
+    uint32_t* dst = reinterpret_cast<uint32_t*>(packed.data_ptr<Bf16>());
+    at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        for (int64_t k = 0; k < K; k += 2) {
+          uint32_t* out = dst + (q * K + k) / 2 * kLinearPanel;
+          for (int64_t c = 0; c < kLinearPanel; c += kLanes) {
+            const int64_t n0 = q * kLinearPanel + c;
+            const __mmask16 m = n0 < N ? Vec16::mask(N - n0) : __mmask16(0);
+            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + k * N + n0));
+            const __m512i hi =
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + (k + 1) * N + n0));
+            _mm512_storeu_si512(out + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+          }
+        }
+      }
+    });
+    return packed;
+  }
+};
+
 // Rows per block: a block of x stays in L2 while each thread runs its panels
 // over it (as gemm_rows in fused_ops.h).
 constexpr int64_t kLinearRowBlock = 192;
@@ -142,6 +171,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& b_hh, bool reverse, bool train) {
   return lstm_forward_steps<Bf16Gemm>(x_proj, h0, c0, w_hh, b_hh, reverse, train);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused_bf16(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh,
+    bool reverse) {
+  return lstm_backward_steps<Vec16, Bf16, Bf16ColumnPanels>(
+      grad_output, grad_h_n, grad_c_n, Tensor(), gates, cells, Tensor(), c0, w_hh, reverse, false,
+      false);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused_bf16(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
+    const Tensor& h0, const Tensor& w_hh, bool reverse) {
+  return gru_backward_steps<Vec16, Bf16, Bf16ColumnPanels>(grad_output, grad_h_n, output, gates,
+                                                          h0, w_hh, reverse, false, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_forward_fused_bf16(const Tensor& x_proj,

@@ -142,64 +142,71 @@ inline void each_unit_vector(int64_t H, int64_t m0, int mr, int64_t p, const F& 
   }
 }
 
-template <typename V>
+// The backward epilogues. S is the storage type of the saved gates, h and the
+// gate gradients they write (V's element type, or bfloat16); the cell state,
+// its gradient and the hidden state's gradient carried between steps are in
+// V's type.
+template <typename V, typename S = Elem<V>>
 struct LstmBackwardEpi {
   int64_t H;
-  const Elem<V> *grad_out, *gates, *cells, *c_prev;  // [B, H], [B, 4H], [B, H], [B, H]
-  Elem<V> *dc, *dgates;                              // [B, H] in/out, [B, 4H]
+  const S *grad_out, *gates;          // [B, H], [B, 4H]
+  const Elem<V> *cells, *c_prev;      // [B, H] each
+  Elem<V>* dc;                        // [B, H] in/out
+  S* dgates;                          // [B, 4H]
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     const int64_t u0 = p * kColumnPanel<V>, n = std::min<int64_t>(kColumnPanel<V>, H - u0);
     prefetch_rows(gates, 4, H, m0, mr, u0, n, V::kLanes);
-    for (const Elem<V>* r : {cells, c_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
+    prefetch_rows(grad_out, 1, H, m0, mr, u0, n, V::kLanes);
+    for (const Elem<V>* r : {cells, c_prev}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
   }
   void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     each_unit_vector<V>(H, m0, mr, p, [&](int r, int64_t b, int64_t j, int64_t u, auto m) {
-      const Elem<V>* gs = gates + b * 4 * H + u;
+      const S* gs = gates + b * 4 * H + u;
       V di, df, dgg, d_o, dcp;
       lstm_backward_point<V>(
-          V::load(gs, m), V::load(gs + H, m), V::load(gs + 2 * H, m),
-          V::load(gs + 3 * H, m), V::load(cells + b * H + u, m),
+          load_v<V>(gs, m), load_v<V>(gs + H, m), load_v<V>(gs + 2 * H, m),
+          load_v<V>(gs + 3 * H, m), V::load(cells + b * H + u, m),
           V::load(c_prev + b * H + u, m),
-          V::load(grad_out + b * H + u, m) + V::load(rec + r * ldr + j, m),
+          load_v<V>(grad_out + b * H + u, m) + V::load(rec + r * ldr + j, m),
           V::load(dc + b * H + u, m), di, df, dgg, d_o, dcp);
-      Elem<V>* dg = dgates + b * 4 * H + u;
-      di.store(dg, m);
-      df.store(dg + H, m);
-      dgg.store(dg + 2 * H, m);
-      d_o.store(dg + 3 * H, m);
+      S* dg = dgates + b * 4 * H + u;
+      store_v<V>(dg, di, m);
+      store_v<V>(dg + H, df, m);
+      store_v<V>(dg + 2 * H, dgg, m);
+      store_v<V>(dg + 3 * H, d_o, m);
       dcp.store(dc + b * H + u, m);
     });
   }
 };
 
-template <typename V>
+template <typename V, typename S = Elem<V>>
 struct GruBackwardEpi {
   int64_t H;
-  const Elem<V> *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
-  Elem<V>* dh;                               // [B, H] dh * z of the step after, then of this one
-  Elem<V> *dx, *dhh;                         // [B, 3H] each
+  const S *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
+  Elem<V>* dh;                         // [B, H] dh * z of the step after, then of this one
+  S *dx, *dhh;                         // [B, 3H] each
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     const int64_t u0 = p * kColumnPanel<V>, n = std::min<int64_t>(kColumnPanel<V>, H - u0);
     prefetch_rows(gates, kGruSaved, H, m0, mr, u0, n, V::kLanes);
-    for (const Elem<V>* r : {h_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
+    for (const S* r : {h_prev, grad_out}) prefetch_rows(r, 1, H, m0, mr, u0, n, V::kLanes);
   }
   void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     each_unit_vector<V>(H, m0, mr, p, [&](int r, int64_t b, int64_t j, int64_t u, auto m) {
-      const Elem<V>* gs = gates + b * kGruSaved * H + u;
-      V d = V::load(grad_out + b * H + u, m) + V::load(dh + b * H + u, m);
+      const S* gs = gates + b * kGruSaved * H + u;
+      V d = load_v<V>(grad_out + b * H + u, m) + V::load(dh + b * H + u, m);
       if (rec) d = d + V::load(rec + r * ldr + j, m);
       V dr, dz, dn, dhn, dh_direct;
-      gru_backward_point<V>(V::load(gs, m), V::load(gs + H, m), V::load(gs + 2 * H, m),
-                            V::load(gs + 3 * H, m), V::load(h_prev + b * H + u, m), d, dr, dz,
+      gru_backward_point<V>(load_v<V>(gs, m), load_v<V>(gs + H, m), load_v<V>(gs + 2 * H, m),
+                            load_v<V>(gs + 3 * H, m), load_v<V>(h_prev + b * H + u, m), d, dr, dz,
                             dn, dhn, dh_direct);
-      Elem<V>* dxb = dx + b * 3 * H + u;
-      Elem<V>* dhhb = dhh + b * 3 * H + u;
-      dr.store(dxb, m);
-      dr.store(dhhb, m);
-      dz.store(dxb + H, m);
-      dz.store(dhhb + H, m);
-      dn.store(dxb + 2 * H, m);
-      dhn.store(dhhb + 2 * H, m);
+      S* dxb = dx + b * 3 * H + u;
+      S* dhhb = dhh + b * 3 * H + u;
+      store_v<V>(dxb, dr, m);
+      store_v<V>(dhhb, dr, m);
+      store_v<V>(dxb + H, dz, m);
+      store_v<V>(dhhb + H, dz, m);
+      store_v<V>(dxb + 2 * H, dn, m);
+      store_v<V>(dhhb + 2 * H, dhn, m);
       dh_direct.store(dh + b * H + u, m);
     });
   }
@@ -430,11 +437,37 @@ std::pair<Tensor, Tensor> recurrent_weight_grads(const Tensor& dg, const Tensor&
   return weight_grad_fused<V>(segs, G, H, has_bias, dg.options());
 }
 
+// The backward's product dh_{t-1} = dG_t W_hh: W_hh [G, H] as B in column
+// panels (pack) and the tile product that reads them (Mma); V's own here,
+// bfloat16's in fused_avx512_bf16.cpp.
 template <typename V>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
+struct ColumnPanels {
+  using Mma = MmaVec<V>;
+  static Tensor pack(const Tensor& w) { return pack_column_panels<V>(w); }
+};
+
+// One backward step's product, dG_s (a [B, G]) times W_hh's panels, into
+// epi; on W_hh in place for a single step of few rows (in_place, V's type
+// only: Note [panels in place for one tile of rows]).
+template <typename V, typename Cols, typename S, typename Epi>
+void backward_product(int64_t p0, int64_t p1, int64_t B, int64_t G, int64_t H, const S* a,
+                      const typename Cols::Mma::Packed* wp, bool in_place, const Epi& epi) {
+  if constexpr (std::is_same_v<S, Elem<V>>) {
+    if (in_place) return product_in_place<V>(p0, p1, B, G, a, G, wp, H, H, epi);
+  }
+  run_panels<V, V::kColumnNV, typename Cols::Mma>(p0, p1, B, G, a, G, 1, wp, epi);
+}
+
+// The backward time loops, for the float types (S = V's element type, with
+// the weight gradients) and bfloat16 (S = BFloat16: the product on bfloat16
+// gate gradients; the caller forms the weight gradients, weight_grads false).
+// grad_h_n, grad_c_n, cells and c0 are in V's type; the rest in S.
+template <typename V, typename S = Elem<V>, typename Cols = ColumnPanels<V>>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_steps(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
     const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias, bool weight_grads) {
+  using E = Elem<V>;
   const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
   const int64_t G = kLstmGates * H, Q = ceil_div(H, kColumnPanel<V>);
   const Steps st{T, reverse};
@@ -442,90 +475,116 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
   const Tensor c0c = c0.contiguous(), ghn = grad_h_n.contiguous(), w = w_hh.contiguous();
   // One step of few rows (a cell): d_h0 from W_hh in place (Note [panels in
   // place for one tile of rows]).
-  const bool in_place = T == 1 && B <= in_place_rows<V>();
-  const Tensor packed = in_place ? w : pack_column_panels<V>(w);
+  const bool in_place = std::is_same_v<S, E> && T == 1 && B <= in_place_rows<V>();
+  const Tensor packed = in_place ? w : Cols::pack(w);
   Tensor dg = empty_for_steps({T * B, G}, go.options());
   Tensor dc = grad_c_n.contiguous().clone();
-  Tensor d_h0 = at::empty({B, H}, go.options());
-  const Elem<V> *gop = go.data_ptr<Elem<V>>(), *gtp = gts.data_ptr<Elem<V>>(), *clp = cls.data_ptr<Elem<V>>();
-  const Elem<V> *c0p = c0c.data_ptr<Elem<V>>(), *wp = packed.data_ptr<Elem<V>>();
-  Elem<V> *dcp = dc.data_ptr<Elem<V>>(), *dgp = dg.data_ptr<Elem<V>>();
+  Tensor d_h0 = at::empty({B, H}, ghn.options());
+  const S *gop = go.data_ptr<S>(), *gtp = gts.data_ptr<S>();
+  const E *clp = cls.data_ptr<E>(), *c0p = c0c.data_ptr<E>();
+  const auto* wp = packed.data_ptr<typename Cols::Mma::Packed>();
+  E* dcp = dc.data_ptr<E>();
+  S* dgp = dg.data_ptr<S>();
   auto epi_at = [&](int64_t s) {
     const int64_t t = st.time_at(s);
-    const Elem<V>* c_prev = s == 0 ? c0p : clp + st.time_at(s - 1) * B * H;
-    return LstmBackwardEpi<V>{H, gop + t * B * H, gtp + t * B * G, clp + t * B * H, c_prev, dcp,
-                           dgp + t * B * G};
+    const E* c_prev = s == 0 ? c0p : clp + st.time_at(s - 1) * B * H;
+    return LstmBackwardEpi<V, S>{H, gop + t * B * H, gtp + t * B * G, clp + t * B * H, c_prev,
+                                 dcp, dgp + t * B * G};
   };
   // Steps in order: the pointwise backward of the last step (from grad_h_n),
   // T-1 fused GEMM + pointwise steps, then d_h0 = dG_0 W_hh.
-  const StoreEpi<V> last{H, nullptr, d_h0.data_ptr<Elem<V>>()};
+  const StoreEpi<V> last{H, nullptr, d_h0.data_ptr<E>()};
   run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
     if (k == 0) {
-      epilogue_only<V>(p0, p1, B, ghn.data_ptr<Elem<V>>(), H, kColumnPanel<V>, epi_at(T - 1));
+      epilogue_only<V>(p0, p1, B, ghn.data_ptr<E>(), H, kColumnPanel<V>, epi_at(T - 1));
       return;
     }
     const int64_t s = T - k;  // GEMM on dG of step s
-    const Elem<V>* a = dgp + st.time_at(s) * B * G;
+    const S* a = dgp + st.time_at(s) * B * G;
     if (s >= 1) {
-      run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
-    } else if (in_place) {
-      product_in_place<V>(p0, p1, B, G, a, G, wp, H, H, last);
+      backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, epi_at(s - 1));
     } else {
-      run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, last);
+      backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, last);
     }
   });
   const Tensor none = at::empty({0}, go.options());
-  if (!weight_grads) return {dg.view({T, B, G}), d_h0, dc, none, none, none};
-  auto [d_w_hh, d_b_hh] =
-      recurrent_weight_grads<V>(dg, output.contiguous(), h0.contiguous(), reverse, has_bias);
-  return {dg.view({T, B, G}), d_h0, dc, d_w_hh, none, d_b_hh};
+  if constexpr (std::is_same_v<S, E>) {
+    if (weight_grads) {
+      auto [d_w_hh, d_b_hh] =
+          recurrent_weight_grads<V>(dg, output.contiguous(), h0.contiguous(), reverse, has_bias);
+      return {dg.view({T, B, G}), d_h0, dc, d_w_hh, none, d_b_hh};
+    }
+  }
+  return {dg.view({T, B, G}), d_h0, dc, none, none, none};
 }
 
-template <typename V>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
+template <typename V, typename S = Elem<V>, typename Cols = ColumnPanels<V>>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_steps(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
     const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias, bool weight_grads) {
+  using E = Elem<V>;
   const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
   const int64_t G = kGruGates * H, Q = ceil_div(H, kColumnPanel<V>);
   const Steps st{T, reverse};
   const Tensor go = grad_output.contiguous(), gts = gates.contiguous(), h0c = h0.contiguous();
   const Tensor out = output.contiguous(), w = w_hh.contiguous();
-  const bool in_place = T == 1 && B <= in_place_rows<V>();  // as the LSTM's
-  const Tensor packed = in_place ? w : pack_column_panels<V>(w);
+  const bool in_place = std::is_same_v<S, E> && T == 1 && B <= in_place_rows<V>();  // as the LSTM's
+  const Tensor packed = in_place ? w : Cols::pack(w);
   Tensor dx = empty_for_steps({T * B, G}, go.options());
   Tensor dhh = empty_for_steps({T * B, G}, go.options());
   Tensor dh = grad_h_n.contiguous().clone();
-  Tensor d_h0 = at::empty({B, H}, go.options());
-  const Elem<V> *gop = go.data_ptr<Elem<V>>(), *gtp = gts.data_ptr<Elem<V>>(), *op = out.data_ptr<Elem<V>>();
-  const Elem<V> *h0p = h0c.data_ptr<Elem<V>>(), *wp = packed.data_ptr<Elem<V>>();
-  Elem<V> *dhp = dh.data_ptr<Elem<V>>(), *dxp = dx.data_ptr<Elem<V>>(), *dhhp = dhh.data_ptr<Elem<V>>();
+  Tensor d_h0 = at::empty({B, H}, dh.options());
+  const S *gop = go.data_ptr<S>(), *gtp = gts.data_ptr<S>(), *op = out.data_ptr<S>();
+  const S* h0p = h0c.data_ptr<S>();
+  const auto* wp = packed.data_ptr<typename Cols::Mma::Packed>();
+  E* dhp = dh.data_ptr<E>();
+  S *dxp = dx.data_ptr<S>(), *dhhp = dhh.data_ptr<S>();
   auto epi_at = [&](int64_t s) {
     const int64_t t = st.time_at(s);
-    const Elem<V>* h_prev = s == 0 ? h0p : op + st.time_at(s - 1) * B * H;
-    return GruBackwardEpi<V>{H, gop + t * B * H, gtp + t * B * kGruSaved * H, h_prev, dhp,
-                          dxp + t * B * G, dhhp + t * B * G};
+    const S* h_prev = s == 0 ? h0p : op + st.time_at(s - 1) * B * H;
+    return GruBackwardEpi<V, S>{H, gop + t * B * H, gtp + t * B * kGruSaved * H, h_prev, dhp,
+                                dxp + t * B * G, dhhp + t * B * G};
   };
   // As for the LSTM: last step's pointwise, T-1 fused steps, then d_h0.
-  const StoreEpi<V> last{H, dhp, d_h0.data_ptr<Elem<V>>()};
+  const StoreEpi<V> last{H, dhp, d_h0.data_ptr<E>()};
   run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
     if (k == 0) {
       epilogue_only<V>(p0, p1, B, nullptr, H, kColumnPanel<V>, epi_at(T - 1));
       return;
     }
     const int64_t s = T - k;
-    const Elem<V>* a = dhhp + st.time_at(s) * B * G;
+    const S* a = dhhp + st.time_at(s) * B * G;
     if (s >= 1) {
-      run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, epi_at(s - 1));
-    } else if (in_place) {
-      product_in_place<V>(p0, p1, B, G, a, G, wp, H, H, last);
+      backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, epi_at(s - 1));
     } else {
-      run_panels<V, V::kColumnNV>(p0, p1, B, G, a, G, 1, wp, last);
+      backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, last);
     }
   });
   const Tensor none = at::empty({0}, go.options());
-  if (!weight_grads) return {dx.view({T, B, G}), d_h0, none, none, dhh};
-  auto [d_w_hh, d_b_hh] = recurrent_weight_grads<V>(dhh, out, h0c, reverse, has_bias);
-  return {dx.view({T, B, G}), d_h0, d_w_hh, d_b_hh, dhh};
+  if constexpr (std::is_same_v<S, E>) {
+    if (weight_grads) {
+      auto [d_w_hh, d_b_hh] = recurrent_weight_grads<V>(dhh, out, h0c, reverse, has_bias);
+      return {dx.view({T, B, G}), d_h0, d_w_hh, d_b_hh, dhh};
+    }
+  }
+  return {dx.view({T, B, G}), d_h0, none, none, dhh};
+}
+
+template <typename V>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias, bool weight_grads) {
+  return lstm_backward_steps<V>(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0,
+                                w_hh, reverse, has_bias, weight_grads);
+}
+
+template <typename V>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
+    const Tensor& h0, const Tensor& w_hh, bool reverse, bool has_bias, bool weight_grads) {
+  return gru_backward_steps<V>(grad_output, grad_h_n, output, gates, h0, w_hh, reverse, has_bias,
+                               weight_grads);
 }
 
 template <typename V>
