@@ -22,7 +22,7 @@
 // Each instruction set has a translation unit that includes this file after
 // `#pragma GCC target(...)` and its vector header, before any other include:
 // fused_avx512.cpp, fused_avx2.cpp (fused_avx512_bf16.cpp for the bfloat16
-// forward). Everything here has internal linkage, so each unit has its own
+// forward and backward). Everything here has internal linkage, so each unit has its own
 // copy of the algorithm compiled for its instruction set, and the unit is
 // entered only through its table of fused.h, after rnn_cpu.cpp has checked
 // the CPU. The table is constant-initialised: loading the library runs no code
