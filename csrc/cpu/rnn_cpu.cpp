@@ -63,10 +63,9 @@ bool bf16_kernels_run() {
 }
 
 #ifdef FUSEDRNN_X86
-// The bfloat16 forward: padded, no projection, an even hidden size (k-pairs).
-bool fused_bf16_ok(const at::Tensor& x_proj, bool packed, bool proj, int64_t H) {
-  return x_proj.scalar_type() == at::kBFloat16 && !packed && !proj && H % 2 == 0 &&
-         bf16_kernels_run();
+// The bfloat16 kernels: no projection, an even hidden size (k-pairs).
+bool fused_bf16_ok(const at::Tensor& x_proj, bool proj, int64_t H) {
+  return x_proj.scalar_type() == at::kBFloat16 && !proj && H % 2 == 0 && bf16_kernels_run();
 }
 
 // (dW_hh, db_hh) in float32 from bfloat16 dG [T, B, G], output [T, B, H] and
@@ -117,9 +116,16 @@ at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
 }
 at::Tensor f32(const at::Tensor& t) { return converted(t, at::kFloat); }
 
-// Padded input without projection takes a fused path (x86/fused.h) where the
-// CPU has it: float32 on AVX-512 or AVX2, float64 on AVX-512, and the
-// bfloat16 forward on AVX512-BF16; everything else the generic loop.
+// Input without projection takes a fused path (x86/fused.h) where the CPU has
+// it: float32 on AVX-512 or AVX2, float64 on AVX-512, and bfloat16 on
+// AVX512-BF16; the forward padded or packed, the backward padded; everything
+// else the generic loop.
+
+// Packed input's batch_sizes for the fused forwards; empty for padded input.
+c10::IntArrayRef fused_batch_sizes(const Schedule& s, bool packed) {
+  return packed ? c10::IntArrayRef(s.sizes) : c10::IntArrayRef();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& x_proj, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse,
@@ -127,17 +133,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
   const NoAutocast no_autocast;
   const auto checked = lstm_check_forward(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse);
   const bool packed = batch_sizes.has_value(), proj = w_hr.has_value();
+  const c10::IntArrayRef sizes = fused_batch_sizes(std::get<0>(checked), packed);
   const auto run = [&](const auto* ops) {
     const int64_t G = kLstmGates * std::get<1>(checked);
     return ops->lstm_forward(x_proj, h0, c0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj),
-                             reverse, train);
+                             reverse, train, sizes);
   };
-  if (auto r = fused_run(x_proj, !packed && !proj, run)) return *r;
+  if (auto r = fused_run(x_proj, !proj, run)) return *r;
 #ifdef FUSEDRNN_X86
-  if (fused_bf16_ok(x_proj, packed, proj, std::get<1>(checked))) {
+  if (fused_bf16_ok(x_proj, proj, std::get<1>(checked))) {
     const int64_t G = kLstmGates * std::get<1>(checked);
     return cpu::lstm_forward_fused_bf16(x_proj, h0, c0, w_hh,
-                                        detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
+                                        detail::defined_or_zeros(b_hh, G, x_proj), reverse, train,
+                                        sizes);
   }
 #endif
   if (const auto* ops = fused_via_f32_for(x_proj, packed, proj)) {
@@ -145,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const auto dt = x_proj.scalar_type();
     auto [out, h_n, c_n, gates, cells] = ops->lstm_forward(
         f32(x_proj), f32(h0), f32(c0), f32(w_hh), f32(detail::defined_or_zeros(b_hh, G, x_proj)),
-        reverse, train);
+        reverse, train, {});
     return {converted(out, dt), h_n.to(dt), c_n.to(dt), converted(gates, dt), cells};
   }
   return lstm_forward_impl<CpuKernels>(x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse,
@@ -168,7 +176,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   };
   if (auto r = fused_run(grad_output, !packed && !proj && grad_output.dim() == 3, run)) return *r;
 #ifdef FUSEDRNN_X86
-  if (grad_output.dim() == 3 && fused_bf16_ok(grad_output, packed, proj, w_hh.size(1))) {
+  if (!packed && grad_output.dim() == 3 && fused_bf16_ok(grad_output, proj, w_hh.size(1))) {
     const auto dt = grad_output.scalar_type();  // Note [the bfloat16 backward]
     auto [dx, dh0, dc0, dw, dw_hr, db] = cpu::lstm_backward_fused_bf16(
         grad_output, f32(grad_h_n), f32(grad_c_n), gates, cells, f32(c0), w_hh, reverse);
@@ -202,17 +210,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
   const auto checked =
       gru_check_forward(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after);
   const bool packed = batch_sizes.has_value();
+  const c10::IntArrayRef sizes = fused_batch_sizes(std::get<0>(checked), packed);
   const auto run = [&](const auto* ops) {
     const int64_t G = kGruGates * std::get<1>(checked);
     return ops->gru_forward(x_proj, h0, w_hh, detail::defined_or_zeros(b_hh, G, x_proj), reverse,
-                            train);
+                            train, sizes);
   };
-  if (auto r = fused_run(x_proj, !packed && reset_after, run)) return *r;
+  if (auto r = fused_run(x_proj, reset_after, run)) return *r;
 #ifdef FUSEDRNN_X86
-  if (reset_after && fused_bf16_ok(x_proj, packed, false, std::get<1>(checked))) {
+  if (reset_after && fused_bf16_ok(x_proj, false, std::get<1>(checked))) {
     const int64_t G = kGruGates * std::get<1>(checked);
     return cpu::gru_forward_fused_bf16(x_proj, h0, w_hh,
-                                       detail::defined_or_zeros(b_hh, G, x_proj), reverse, train);
+                                       detail::defined_or_zeros(b_hh, G, x_proj), reverse, train,
+                                       sizes);
   }
 #endif
   const auto* ops = fused_via_f32_for(x_proj, packed, false);
@@ -221,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const auto dt = x_proj.scalar_type();
     auto [out, h_n, gates] =
         ops->gru_forward(f32(x_proj), f32(h0), f32(w_hh),
-                         f32(detail::defined_or_zeros(b_hh, G, x_proj)), reverse, train);
+                         f32(detail::defined_or_zeros(b_hh, G, x_proj)), reverse, train, {});
     return {converted(out, dt), h_n.to(dt), converted(gates, dt)};
   }
   return gru_forward_impl<CpuKernels>(x_proj, h0, w_hh, b_hh, batch_sizes, reverse, reset_after,
@@ -246,8 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     return *r;
   }
 #ifdef FUSEDRNN_X86
-  if (reset_after && grad_output.dim() == 3 &&
-      fused_bf16_ok(grad_output, packed, false, w_hh.size(1))) {
+  if (!packed && reset_after && grad_output.dim() == 3 &&
+      fused_bf16_ok(grad_output, false, w_hh.size(1))) {
     const auto dt = grad_output.scalar_type();  // Note [the bfloat16 backward]
     const int64_t T = grad_output.size(0), B = grad_output.size(1);
     auto [dx, dh0, dw, db, dhh] =

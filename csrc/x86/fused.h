@@ -80,9 +80,11 @@ std::vector<GradRowsOf<T>> scheduled_grad_rows(const T* dg, const T* out, const 
 template <typename T>
 struct FusedOps {
   using Elem = T;
+  // The forwards also take packed x_proj [N, G*H] with its batch_sizes
+  // (empty: padded; Note [packed input on the fused forward] in fused_loop.h).
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*lstm_forward)(
       const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-      const Tensor& b_hh, bool reverse, bool train);
+      const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes);
   // weight_grads=false: d_w_hh and d_b_hh left [0] (the caller forms them).
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> (*lstm_backward)(
       const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
@@ -90,7 +92,8 @@ struct FusedOps {
       const Tensor& c0, const Tensor& w_hh, bool reverse, bool has_bias, bool weight_grads);
   std::tuple<Tensor, Tensor, Tensor> (*gru_forward)(const Tensor& x_proj, const Tensor& h0,
                                                     const Tensor& w_hh, const Tensor& b_hh,
-                                                    bool reverse, bool train);
+                                                    bool reverse, bool train,
+                                                    c10::IntArrayRef batch_sizes);
   // Also returns dhh [T*B, 3H], the gradients of the recurrent side's
   // pre-activations (dr, dz, dhn), from which dW_hh and db_hh come.
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*gru_backward)(
@@ -145,7 +148,7 @@ extern const FusedF32 kFusedAvx2;       // fused_avx2.cpp: AVX2 and FMA
 // The float32 forwards for bfloat16 (fused_avx512_bf16.cpp): H even, AVX512-BF16.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const Tensor& b_hh, bool reverse, bool train);
+    const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes);
 
 // The bfloat16 backward time loops (fused_avx512_bf16.cpp): the step product
 // dG W_hh on the bfloat16 gate gradients, which are also what the caller
@@ -173,7 +176,8 @@ Tensor linear_fused_bf16(const Tensor& x, const Tensor& w, const c10::optional<T
 
 std::tuple<Tensor, Tensor, Tensor> gru_forward_fused_bf16(const Tensor& x_proj, const Tensor& h0,
                                                           const Tensor& w_hh, const Tensor& b_hh,
-                                                          bool reverse, bool train);
+                                                          bool reverse, bool train,
+                                                          c10::IntArrayRef batch_sizes);
 
 }  // namespace cpu
 }  // namespace fusedrnn

@@ -169,8 +169,8 @@ Tensor linear_fused_bf16(const Tensor& x, const Tensor& w, const c10::optional<T
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const Tensor& b_hh, bool reverse, bool train) {
-  return lstm_forward_steps<Bf16Gemm>(x_proj, h0, c0, w_hh, b_hh, reverse, train);
+    const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes) {
+  return lstm_forward_steps<Bf16Gemm>(x_proj, h0, c0, w_hh, b_hh, reverse, train, batch_sizes);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused_bf16(
@@ -192,8 +192,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused_bf16(
 std::tuple<Tensor, Tensor, Tensor> gru_forward_fused_bf16(const Tensor& x_proj,
                                                           const Tensor& h0, const Tensor& w_hh,
                                                           const Tensor& b_hh, bool reverse,
-                                                          bool train) {
-  return gru_forward_steps<Bf16Gemm>(x_proj, h0, w_hh, b_hh, reverse, train);
+                                                          bool train,
+                                                          c10::IntArrayRef batch_sizes) {
+  return gru_forward_steps<Bf16Gemm>(x_proj, h0, w_hh, b_hh, reverse, train, batch_sizes);
 }
 
 }  // namespace cpu

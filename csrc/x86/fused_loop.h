@@ -153,6 +153,7 @@ struct LstmForwardEpi {
   S* h;               // [B, H] h_t
   S* gates;           // [B, 4H] or null
   E* cells;           // [B, H] or null
+  S* h_state;         // [B, H] h_t again, or null (Note [packed input on the fused forward])
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     prefetch_rows(x, 4, H, m0, mr, p * V::kLanes, V::kLanes, V::kLanes);
   }
@@ -177,6 +178,7 @@ struct LstmForwardEpi {
           load_v<V>(cb, m), i, f, g, o, c_new, h_new);
       store_v<V>(cb, c_new, m);
       store_v<V>(h + b * H + u0, h_new, m);
+      if (h_state) store_v<V>(h_state + b * H + u0, h_new, m);
       if (gates) {
         S* gb = gates + b * 4 * H + u0;
         store_v<V>(gb, i, m);
@@ -195,6 +197,7 @@ struct GruForwardEpi {
   const S *x, *bias, *h_prev;  // [B, 3H], [3H], [B, H]
   S* h;                        // [B, H] h_t
   S* gates;                    // [B, 4H] or null
+  S* h_state;                  // [B, H] h_t again, or null (as the LSTM's)
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     prefetch_rows(x, 3, H, m0, mr, p * V::kLanes, V::kLanes, V::kLanes);
   }
@@ -214,6 +217,7 @@ struct GruForwardEpi {
                            load_v<V>(t, m) + br, load_v<V>(t + kLanes, m) + bz, hn,
                            load_v<V>(h_prev + b * H + u0, m), rr, z, nn, h_new);
       store_v<V>(h + b * H + u0, h_new, m);
+      if (h_state) store_v<V>(h_state + b * H + u0, h_new, m);
       if (gates) {
         S* gb = gates + b * kGruSaved * H + u0;
         store_v<V>(gb, rr, m);
@@ -230,6 +234,41 @@ struct Steps {
   bool reverse;
   int64_t time_at(int64_t s) const { return reverse ? T - 1 - s : s; }
 };
+
+// Note [packed input on the fused forward]
+// Packed input (batch_sizes given) runs the same loop with step t's rows
+// (batch_sizes[t], batch rows 0.. of the longest sequences) at their first row
+// of x_proj and the output. A step's product reads all of h_{t-1} while the
+// epilogues write h_t, and in reverse the batch grows, rows joining from h0,
+// so the state lives in two [B, H] buffers, both h0 at first: step s reads
+// buffer s % 2, and its epilogues write h_t to the output and to buffer
+// (s + 1) % 2. The cell state is updated in place by row, as for padded input.
+// h_n is each row's output at its last step; what is saved for backward is
+// in the generic loop's packed row order, whose backward reads it.
+struct StepRows {
+  std::vector<int64_t> rows, first;  // per time step: rows, first row
+  StepRows(int64_t T, int64_t B, c10::IntArrayRef batch_sizes) : rows(T, B), first(T) {
+    for (int64_t t = 0, n = 0; t < T; ++t) {
+      if (!batch_sizes.empty()) rows[t] = batch_sizes[t];
+      first[t] = n;
+      n += rows[t];
+    }
+  }
+};
+
+// h_n [B, H] of packed input: each batch row's output at its last step, in
+// processing order (the rows a step has that the next one has not).
+inline Tensor last_states(const Tensor& out, const StepRows& sr, const Steps& st, int64_t B) {
+  Tensor h_n = at::empty({B, out.size(1)}, out.options());
+  for (int64_t s = 0; s < st.T; ++s) {
+    const int64_t t = st.time_at(s), rows = sr.rows[t];
+    const int64_t next = s + 1 < st.T ? std::min(rows, sr.rows[st.time_at(s + 1)]) : 0;
+    if (next < rows) {
+      h_n.narrow(0, next, rows - next).copy_(out.narrow(0, sr.first[t] + next, rows - next));
+    }
+  }
+  return h_n;
+}
 
 
 // The forward drivers' Gemm for vector type V and storage type S: panels
@@ -292,71 +331,94 @@ bool single_step_unpacked(int64_t T, int64_t B, int64_t H, int64_t G, const S* a
 template <typename Gemm>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_steps(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const Tensor& b_hh, bool reverse, bool train) {
+    const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes) {
   using V = typename Gemm::V;
   using S = typename Gemm::S;
   using E = typename V::T;
   constexpr auto kAcc = c10::CppTypeToScalarType<E>::value;
-  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
+  const bool packed = !batch_sizes.empty();  // Note [packed input on the fused forward]
+  const int64_t H = w_hh.size(1), B = h0.size(0);
+  const int64_t T = packed ? static_cast<int64_t>(batch_sizes.size()) : x_proj.size(0);
+  const int64_t N = packed ? x_proj.size(0) : T * B;
   const Steps st{T, reverse};
+  const StepRows sr(T, B, batch_sizes);
   const Tensor x = x_proj.contiguous(), bias = b_hh.contiguous(), h0c = h0.contiguous();
   const Tensor w = w_hh.contiguous();
-  Tensor out = empty_for_steps({T, B, H}, x.options());
+  Tensor out = empty_for_steps({N, H}, x.options());
   Tensor c = c0.to(kAcc).contiguous().clone();  // the cell state stays in E
-  Tensor gates = empty_for_steps({train ? T * B : 0, kLstmGates * H}, x.options());
-  Tensor cells = empty_for_steps({train ? T * B : 0, H}, x.options().dtype(kAcc));
+  Tensor gates = empty_for_steps({train ? N : 0, kLstmGates * H}, x.options());
+  Tensor cells = empty_for_steps({train ? N : 0, H}, x.options().dtype(kAcc));
+  Tensor hs = packed ? h0c.repeat({2, 1}) : Tensor();
   S* o = out.data_ptr<S>();
   const S *xp = x.data_ptr<S>(), *bp = bias.data_ptr<S>(), *h0p = h0c.data_ptr<S>();
   E* cp = c.data_ptr<E>();
   S* gp = train ? gates.data_ptr<S>() : nullptr;
   E* clp = train ? cells.data_ptr<E>() : nullptr;
-  const auto epi_at = [&](int64_t t) {
-    return LstmForwardEpi<V, S>{H, xp + t * B * 4 * H, bp, cp, o + t * B * H,
-                                gp ? gp + t * B * 4 * H : nullptr, clp ? clp + t * B * H : nullptr};
+  S* hsp = packed ? hs.data_ptr<S>() : nullptr;
+  const auto epi_at = [&](int64_t s) {
+    const int64_t f = sr.first[st.time_at(s)];
+    return LstmForwardEpi<V, S>{H, xp + f * 4 * H, bp, cp, o + f * H,
+                                gp ? gp + f * 4 * H : nullptr, clp ? clp + f * H : nullptr,
+                                hsp ? hsp + (s + 1) % 2 * B * H : nullptr};
+  };
+  const auto input_at = [&](int64_t s) -> const S* {
+    if (hsp) return hsp + s % 2 * B * H;
+    return s == 0 ? h0p : o + sr.first[st.time_at(s - 1)] * H;
   };
   if (!single_step_unpacked<V>(T, B, H, kLstmGates, h0p, w.data_ptr<S>(), epi_at(0))) {
-    const Tensor packed = Gemm::pack_gates(w, kLstmGates);
-    const auto* wp = packed.data_ptr<typename Gemm::Packed>();
+    const Tensor pw = Gemm::pack_gates(w, kLstmGates);
+    const auto* wp = pw.data_ptr<typename Gemm::Packed>();
     run_steps(T, ceil_div(H, V::kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
-      const S* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
-      Gemm::template run<kLstmGates * kGateNV>(p0, p1, B, H, a, H, wp, epi_at(st.time_at(s)));
+      Gemm::template run<kLstmGates * kGateNV>(p0, p1, sr.rows[st.time_at(s)], H, input_at(s), H,
+                                               wp, epi_at(s));
     });
   }
-  Tensor h_n = out[st.time_at(T - 1)].clone();
-  return {out, h_n, c.to(x.scalar_type()), gates, cells};
+  if (packed) return {out, last_states(out, sr, st, B), c.to(x.scalar_type()), gates, cells};
+  Tensor h_n = out.narrow(0, sr.first[st.time_at(T - 1)], B).clone();
+  return {out.view({T, B, H}), h_n, c.to(x.scalar_type()), gates, cells};
 }
 
 template <typename Gemm>
 std::tuple<Tensor, Tensor, Tensor> gru_forward_steps(const Tensor& x_proj, const Tensor& h0,
                                                      const Tensor& w_hh, const Tensor& b_hh,
-                                                     bool reverse, bool train) {
+                                                     bool reverse, bool train,
+                                                     c10::IntArrayRef batch_sizes) {
   using V = typename Gemm::V;
   using S = typename Gemm::S;
-  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh.size(1);
+  const bool packed = !batch_sizes.empty();  // Note [packed input on the fused forward]
+  const int64_t H = w_hh.size(1), B = h0.size(0);
+  const int64_t T = packed ? static_cast<int64_t>(batch_sizes.size()) : x_proj.size(0);
+  const int64_t N = packed ? x_proj.size(0) : T * B;
   const Steps st{T, reverse};
+  const StepRows sr(T, B, batch_sizes);
   const Tensor x = x_proj.contiguous(), bias = b_hh.contiguous(), h0c = h0.contiguous();
   const Tensor w = w_hh.contiguous();
-  Tensor out = empty_for_steps({T, B, H}, x.options());
-  Tensor gates = empty_for_steps({train ? T * B : 0, kGruSaved * H}, x.options());
+  Tensor out = empty_for_steps({N, H}, x.options());
+  Tensor gates = empty_for_steps({train ? N : 0, kGruSaved * H}, x.options());
+  Tensor hs = packed ? h0c.repeat({2, 1}) : Tensor();
   S* o = out.data_ptr<S>();
   const S *xp = x.data_ptr<S>(), *bp = bias.data_ptr<S>(), *h0p = h0c.data_ptr<S>();
   S* gp = train ? gates.data_ptr<S>() : nullptr;
+  S* hsp = packed ? hs.data_ptr<S>() : nullptr;
   const auto epi_at = [&](int64_t s) {
-    const int64_t t = st.time_at(s);
-    const S* a = s == 0 ? h0p : o + st.time_at(s - 1) * B * H;
-    return GruForwardEpi<V, S>{H, xp + t * B * 3 * H, bp, a, o + t * B * H,
-                               gp ? gp + t * B * kGruSaved * H : nullptr};
+    const int64_t f = sr.first[st.time_at(s)];
+    const S* a = hsp ? hsp + s % 2 * B * H : s == 0 ? h0p : o + sr.first[st.time_at(s - 1)] * H;
+    return GruForwardEpi<V, S>{H, xp + f * 3 * H, bp, a, o + f * H,
+                               gp ? gp + f * kGruSaved * H : nullptr,
+                               hsp ? hsp + (s + 1) % 2 * B * H : nullptr};
   };
   if (!single_step_unpacked<V>(T, B, H, kGruGates, h0p, w.data_ptr<S>(), epi_at(0))) {
-    const Tensor packed = Gemm::pack_gates(w, kGruGates);
-    const auto* wp = packed.data_ptr<typename Gemm::Packed>();
+    const Tensor pw = Gemm::pack_gates(w, kGruGates);
+    const auto* wp = pw.data_ptr<typename Gemm::Packed>();
     run_steps(T, ceil_div(H, V::kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
       const auto epi = epi_at(s);
-      Gemm::template run<kGruGates * kGateNV>(p0, p1, B, H, epi.h_prev, H, wp, epi);
+      Gemm::template run<kGruGates * kGateNV>(p0, p1, sr.rows[st.time_at(s)], H, epi.h_prev, H,
+                                              wp, epi);
     });
   }
-  Tensor h_n = out[st.time_at(T - 1)].clone();
-  return {out, h_n, gates};
+  if (packed) return {out, last_states(out, sr, st, B), gates};
+  Tensor h_n = out.narrow(0, sr.first[st.time_at(T - 1)], B).clone();
+  return {out.view({T, B, H}), h_n, gates};
 }
 
 }  // namespace

@@ -414,15 +414,16 @@ using VecGemm = PanelGemm<V, Elem<V>, MmaVec<V>, 1>;
 template <typename V>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const Tensor& b_hh, bool reverse, bool train) {
-  return lstm_forward_steps<VecGemm<V>>(x_proj, h0, c0, w_hh, b_hh, reverse, train);
+    const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes) {
+  return lstm_forward_steps<VecGemm<V>>(x_proj, h0, c0, w_hh, b_hh, reverse, train, batch_sizes);
 }
 
 template <typename V>
 std::tuple<Tensor, Tensor, Tensor> gru_forward_fused(const Tensor& x_proj, const Tensor& h0,
                                                    const Tensor& w_hh, const Tensor& b_hh,
-                                                   bool reverse, bool train) {
-  return gru_forward_steps<VecGemm<V>>(x_proj, h0, w_hh, b_hh, reverse, train);
+                                                   bool reverse, bool train,
+                                                   c10::IntArrayRef batch_sizes) {
+  return gru_forward_steps<VecGemm<V>>(x_proj, h0, w_hh, b_hh, reverse, train, batch_sizes);
 }
 
 // (dW_hh, db_hh) from the steps' dG: dW_hh = sum over steps of dG_t^T h_{t-1},
