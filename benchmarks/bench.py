@@ -8,6 +8,7 @@ device present (CPU always, CUDA when a GPU is visible).
     python -m benchmarks.bench --cudnn-persistent  # CUDA: float16 LSTM rows where cuDNN persists
     python -m benchmarks.bench --regularisers # layer_norm, zoneout, recurrent_dropout: their cost
     python -m benchmarks.bench --cells      # LSTMCell and GRUCell, one call per step
+    python -m benchmarks.bench --packed     # PackedSequence input
     python -m benchmarks.bench --omp-passive  # the same with OMP_WAIT_POLICY=PASSIVE, labelled so
     python -m benchmarks.bench --as-avx2-cpu  # an AVX2 CPU: fusedrnn, ATen, oneDNN, MKL held to AVX2
     python -m benchmarks.bench --markdown   # after the run, write benchmarks/RESULTS.md
@@ -54,12 +55,14 @@ from benchmarks import (cases, cells, configs, regularisers, report, results_md,
 # (rounds, min_run_time in s per function per round) of each set and device.
 # GPU rows are short and steady, and GPU time is scarce: shorter runs there.
 TIMING = {("smoke", "cpu"): (2, 0.01), ("quick", "cpu"): (3, 0.1), ("full", "cpu"): (5, 0.5),
-          ("persistent", "cpu"): (3, 0.1),
+          ("persistent", "cpu"): (3, 0.1), ("packed", "cpu"): (3, 0.1),
+          ("packed", "cuda"): (3, 0.05),
           ("smoke", "cuda"): (2, 0.01), ("quick", "cuda"): (3, 0.05), ("full", "cuda"): (3, 0.1),
           ("persistent", "cuda"): (3, 0.05), ("cudnn-persistent", "cuda"): (3, 0.05)}
 # The pure-Python reference runs on the CPU only; in the full set it is skipped
 # above this hidden size (minutes per row, and nothing the smaller rows do not show).
 REFERENCE_MAX_H = {"smoke": None, "quick": None, "persistent": None, "cudnn-persistent": None,
+                   "packed": None,
                    "full": 1024}
 ERROR_TEXT_CHARS = 300
 
@@ -70,7 +73,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_argument_group("which configs (--smoke wins over --full, --full over "
                              "--cudnn-persistent, that over --persistent, --persistent over "
-                             "--quick)")
+                             "--packed, --packed over --quick)")
     s.add_argument("--quick", action="store_true", help="representative subset (default)")
     s.add_argument("--full", action="store_true",
                    help="every config: fastrnns, small batch, DeepBench")
@@ -80,6 +83,9 @@ def parse_args(argv):
                    help="CUDA only: where torch.nn.LSTM runs cuDNN's persistent kernel: T=100, "
                         "B in 8,16, H in 256,512,768,1024, float16, LSTM (defaults of --dtype "
                         "and --models for this set)")
+    s.add_argument("--packed", action="store_true",
+                   help="PackedSequence input, lengths from T/2 to T, unsorted: T=100, "
+                        "B=16 H=256 and B=64 H=512")
     s.add_argument("--smoke", action="store_true",
                    help="smallest quick configs, very short timing (CI)")
     s.add_argument("--regularisers", action="store_true",
@@ -128,7 +134,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.set = "smoke" if args.smoke else "full" if args.full else \
         "cudnn-persistent" if args.cudnn_persistent else \
-        "persistent" if args.persistent else "quick"
+        "persistent" if args.persistent else "packed" if args.packed else "quick"
     if args.models is None:
         args.models = ",".join(configs.SET_MODELS.get(args.set, cases.MODELS))
     # The set's name goes into the results; --config runs are labelled 'custom'.
@@ -200,7 +206,7 @@ def reference_plan(device, cfg, args):
     """True to time the reference; otherwise False (not applicable) or a note."""
     if args.no_reference:
         return "off"
-    if device != "cpu":
+    if device != "cpu" or "packed" in cfg.tags:  # the reference layer here is padded
         return False
     cap = REFERENCE_MAX_H[args.set]
     if cap is not None and cfg.H > cap:

@@ -10,6 +10,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
 from fusedrnn import reference
@@ -72,6 +73,13 @@ class Case:
         self.c0 = (H_STATE_SCALE * torch.randn(1, cfg.B, cfg.H, generator=gen)).to(**like)
         # A fixed random weighting of the output: loss = (output * grad_out).sum().
         self.grad_out = torch.randn(cfg.T, cfg.B, cfg.H, generator=gen).to(**like)
+        # A config tagged "packed" runs PackedSequence input: lengths from T/2 to T,
+        # one of them T, unsorted (pack_padded_sequence(enforce_sorted=False)).
+        self.lengths = None
+        if "packed" in cfg.tags:
+            self.lengths = torch.randint(cfg.T // 2, cfg.T + 1, (cfg.B,), generator=gen)
+            self.lengths[0] = cfg.T
+            self.grad_out = self._pack(self.grad_out).data
 
     # -- inputs -----------------------------------------------------------------
     def _inputs(self, grad):
@@ -80,6 +88,18 @@ class Case:
 
     def _hx(self, h0, c0):
         return (h0, c0) if self.lstm else h0
+
+    def _pack(self, x):
+        """x itself, or packed (a config tagged "packed")."""
+        if self.lengths is None:
+            return x
+        return pack_padded_sequence(x, self.lengths, enforce_sorted=False)
+
+    def _call(self, mod, x, hx):
+        """(output, h_n) of mod on x, packed where the config says; output as a
+        tensor (a PackedSequence's data)."""
+        out, hn = mod(self._pack(x), hx)
+        return (out if self.lengths is None else out.data), hn
 
     # -- step functions (what is timed) ------------------------------------------
     def step(self, which, mode):
@@ -97,7 +117,7 @@ class Case:
 
             def run():
                 with torch.inference_mode():
-                    mod(x, hx)
+                    self._call(mod, x, hx)
             return run
         mod.train()
         x, h0, c0 = self._inputs(True)
@@ -106,7 +126,7 @@ class Case:
         def run():
             for t in leaves:
                 t.grad = None
-            out, _ = mod(x, hx)
+            out, _ = self._call(mod, x, hx)
             out.backward(g)
         return run
 
@@ -146,12 +166,12 @@ class Case:
         if mode == "inference":
             mod.eval()
             with torch.inference_mode():
-                out, hn = mod(x, self._hx(h0, c0))
+                out, hn = self._call(mod, x, self._hx(h0, c0))
             return self._named(out, hn)
         mod.train()
         x, h0, c0 = (t.requires_grad_() for t in (x, h0, c0))
         mod.zero_grad(set_to_none=True)
-        out, hn = mod(x, self._hx(h0, c0))
+        out, hn = self._call(mod, x, self._hx(h0, c0))
         out.backward(cast(self.grad_out))
         res = self._named(out, hn)
         res.update({"grad_x": x.grad, "grad_h0": h0.grad})

@@ -53,6 +53,9 @@ SMOKE_KEYS = [(100, 1, 256, 256), (100, 16, 512, 512)]
 # (cudnn_algo below): float16, B in {8, 16}, H in {256, 512, 768, 1024}.
 # cuDNN at its best: the GPU set's other rows all run its step-wise algorithm.
 CUDNN_PERSISTENT_KEYS = [(100, B, H, H) for H in (256, 512, 768, 1024) for B in (8, 16)]
+# PackedSequence input (cases.Case packs a config tagged "packed": lengths
+# drawn from T/2 to T, unsorted): a small and a fastrnns-sized batch.
+PACKED_KEYS = [(100, 16, 256, 256), (100, 64, 512, 512)]
 # What a set runs unless --models and --dtype say otherwise (else both models,
 # DEFAULT_PRECISIONS).
 SET_MODELS = {"cudnn-persistent": ["LSTM"]}
@@ -113,9 +116,11 @@ def _cudnn_persistent_set():
 
 
 def config_set(name):
-    """'smoke', 'quick', 'persistent', 'cudnn-persistent' or 'full' -> list of Config."""
+    """'smoke', 'quick', 'persistent', 'cudnn-persistent', 'packed' or 'full' -> list
+    of Config."""
     return {"smoke": lambda: _pick(SMOKE_KEYS), "quick": lambda: _pick(QUICK_KEYS),
             "persistent": _persistent_set, "cudnn-persistent": _cudnn_persistent_set,
+            "packed": lambda: [Config(*k, ("packed",)) for k in PACKED_KEYS],
             "full": full_set}[name]()
 
 

@@ -109,8 +109,8 @@ def _fmt_x(v):
 def row_cells(row):
     cfg = row["config"]
     name = f"T={cfg['T']} B={cfg['B']} I={cfg['I']} H={cfg['H']}"
-    if cfg["tags"] and cfg["tags"][0] == "fastrnns":
-        name += " (fastrnns)"
+    if cfg["tags"] and cfg["tags"][0] in ("fastrnns", "packed"):
+        name += f" ({cfg['tags'][0]})"
     head = [row["model"], name, row["precision"], row["mode"]]
     if row["status"] != "ok":
         why = row.get("error") or _parity_text(row.get("parity"))

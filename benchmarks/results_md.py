@@ -17,7 +17,8 @@ if __package__ in (None, ""):  # run as a script
 from benchmarks import environment, report  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
-SET_ORDER = {"quick": 0, "persistent": 1, "cudnn-persistent": 2, "full": 3, "custom": 4}
+SET_ORDER = {"quick": 0, "packed": 1, "persistent": 2, "cudnn-persistent": 3, "full": 4,
+             "custom": 5}
 KIND_ORDER = {"bench": 0, "cells": 1, "regularisers": 2, "gemm": 3}
 HEADER = """# Benchmark results
 

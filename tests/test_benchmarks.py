@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks import bench, cells, configs, environment, gemm, regularisers, report, results_md
+from benchmarks import (bench, cases, cells, configs, environment, gemm, regularisers, report,
+                        results_md)
 from isa_helpers import RUNNABLE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -272,6 +273,27 @@ def test_regularisers_parity_catches_a_wrong_model(mode):
     with torch.no_grad():
         case.reg.layernorm_hh_weight_l0.mul_(1 + 1e-3)
     assert not case.parity(mode)["passed"]
+
+
+@pytest.mark.parametrize("model", ["LSTM", "GRU"])
+def test_packed_rows_run_packed_input_and_parity_sees_a_wrong_weight(model):
+    """A config tagged "packed" (the --packed set) runs PackedSequence input of
+    lengths T/2..T on both sides; parity passes, and fails for a weight off by 1e-3."""
+    assert bench.parse_args(["--packed"]).set == "packed"
+    assert all("packed" in c.tags for c in configs.config_set("packed"))
+    cfg = configs.Config(6, 4, 5, 8, ("packed",))
+    case = cases.Case(model, cfg, configs.PRECISIONS["float32"], "cpu", seed=0)
+    assert int(case.lengths.max()) == 6 and int(case.lengths.min()) >= 3
+    oracle = case.oracle("training")
+    assert oracle["output"].shape == (int(case.lengths.sum()), 8)
+    for mode in ("inference", "training"):
+        assert case.parity(mode, oracle)["passed"]
+        for which in ("torch", "fused"):
+            case.step(which, mode)()
+    assert bench.reference_plan("cpu", cfg, bench.parse_args(["--packed"])) is False
+    with torch.no_grad():
+        case.fused_mod.weight_hh_l0.mul_(1 + 1e-3)
+    assert not case.parity("training", oracle)["passed"]
 
 
 def test_cells_set_runs_and_renders(tmp_path):
