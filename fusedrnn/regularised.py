@@ -208,26 +208,23 @@ def layer_reg(opts, training, x_proj, h0, c0, ln, b_ih=None):
     (None for a GRU); ln and b_ih as for project. In training the masks are
     drawn in this order: zone_h, zone_c, rec_mask (after drop_weight's, which
     functional draws first)."""
-    if ln is None and opts.zoneout == 0 and opts.zoneout_cell == 0 and (
-            not training or opts.recurrent_dropout == 0):
-        return None  # the plain layer, without building a LayerReg (a few us a call)
-    lead = tuple(x_proj.shape[:-1])
-    P = h0.shape[-1]
-
     def zone(p, size):
         if p == 0:
             return None
+        lead = tuple(x_proj.shape[:-1])
         if training:
             return draw(lead + (size,), p, x_proj)
         return x_proj.new_full(lead + (size,), p)  # the expectation; no randomness
 
+    P = h0.shape[-1]
     zone_h = zone(opts.zoneout, P)
     zone_c = zone(opts.zoneout_cell, c0.shape[-1]) if c0 is not None else None
     rec_mask = None
     p = opts.recurrent_dropout
     if training and p > 0:
         rec_mask = draw((h0.shape[0], P), 1 - p, x_proj) / (1 - p)
+    if ln is None and zone_h is None and zone_c is None and rec_mask is None:
+        return None  # the plain layer
     ln_ih, ln_hh, ln_c_w, ln_c_b = (None,) * 4 if ln is None else ln
-    reg = LayerReg(rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih,
-                   None if ln is None else b_ih)
-    return reg if any(f is not None for f in reg) else None
+    return LayerReg(rec_mask, zone_h, zone_c, ln_hh, ln_c_w, ln_c_b, ln_ih,
+                    None if ln is None else b_ih)

@@ -256,6 +256,24 @@ struct StepRows {
   }
 };
 
+// Where step s (processing order) reads h_{t-1} and, packed, where its
+// epilogues also write h_t: padded, h0 or the output of the step before;
+// packed, the state buffers hs [2, B, H] (Note [packed input on the fused
+// forward]).
+template <typename S>
+struct StepStates {
+  const S *h0, *out;  // [B, H], the output's rows
+  S* hs;              // [2 B, H], or null (padded)
+  int64_t B, H;
+  const StepRows& sr;
+  const Steps& st;
+  const S* read(int64_t s) const {
+    if (hs) return hs + s % 2 * B * H;
+    return s == 0 ? h0 : out + sr.first[st.time_at(s - 1)] * H;
+  }
+  S* write(int64_t s) const { return hs ? hs + (s + 1) % 2 * B * H : nullptr; }
+};
+
 // h_n [B, H] of packed input: each batch row's output at its last step, in
 // processing order (the rows a step has that the next one has not).
 inline Tensor last_states(const Tensor& out, const StepRows& sr, const Steps& st, int64_t B) {
@@ -354,23 +372,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_steps(
   E* cp = c.data_ptr<E>();
   S* gp = train ? gates.data_ptr<S>() : nullptr;
   E* clp = train ? cells.data_ptr<E>() : nullptr;
-  S* hsp = packed ? hs.data_ptr<S>() : nullptr;
+  const StepStates<S> states{h0p, o, packed ? hs.data_ptr<S>() : nullptr, B, H, sr, st};
   const auto epi_at = [&](int64_t s) {
     const int64_t f = sr.first[st.time_at(s)];
     return LstmForwardEpi<V, S>{H, xp + f * 4 * H, bp, cp, o + f * H,
                                 gp ? gp + f * 4 * H : nullptr, clp ? clp + f * H : nullptr,
-                                hsp ? hsp + (s + 1) % 2 * B * H : nullptr};
-  };
-  const auto input_at = [&](int64_t s) -> const S* {
-    if (hsp) return hsp + s % 2 * B * H;
-    return s == 0 ? h0p : o + sr.first[st.time_at(s - 1)] * H;
+                                states.write(s)};
   };
   if (!single_step_unpacked<V>(T, B, H, kLstmGates, h0p, w.data_ptr<S>(), epi_at(0))) {
     const Tensor pw = Gemm::pack_gates(w, kLstmGates);
     const auto* wp = pw.data_ptr<typename Gemm::Packed>();
     run_steps(T, ceil_div(H, V::kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
-      Gemm::template run<kLstmGates * kGateNV>(p0, p1, sr.rows[st.time_at(s)], H, input_at(s), H,
-                                               wp, epi_at(s));
+      Gemm::template run<kLstmGates * kGateNV>(p0, p1, sr.rows[st.time_at(s)], H,
+                                               states.read(s), H, wp, epi_at(s));
     });
   }
   if (packed) return {out, last_states(out, sr, st, B), c.to(x.scalar_type()), gates, cells};
@@ -399,13 +413,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_steps(const Tensor& x_proj, const
   S* o = out.data_ptr<S>();
   const S *xp = x.data_ptr<S>(), *bp = bias.data_ptr<S>(), *h0p = h0c.data_ptr<S>();
   S* gp = train ? gates.data_ptr<S>() : nullptr;
-  S* hsp = packed ? hs.data_ptr<S>() : nullptr;
+  const StepStates<S> states{h0p, o, packed ? hs.data_ptr<S>() : nullptr, B, H, sr, st};
   const auto epi_at = [&](int64_t s) {
     const int64_t f = sr.first[st.time_at(s)];
-    const S* a = hsp ? hsp + s % 2 * B * H : s == 0 ? h0p : o + sr.first[st.time_at(s - 1)] * H;
-    return GruForwardEpi<V, S>{H, xp + f * 3 * H, bp, a, o + f * H,
-                               gp ? gp + f * kGruSaved * H : nullptr,
-                               hsp ? hsp + (s + 1) % 2 * B * H : nullptr};
+    return GruForwardEpi<V, S>{H, xp + f * 3 * H, bp, states.read(s), o + f * H,
+                               gp ? gp + f * kGruSaved * H : nullptr, states.write(s)};
   };
   if (!single_step_unpacked<V>(T, B, H, kGruGates, h0p, w.data_ptr<S>(), epi_at(0))) {
     const Tensor pw = Gemm::pack_gates(w, kGruGates);
