@@ -56,9 +56,11 @@ PEAK_SIZES = {"smoke": (256,), "quick": (256, 384, 512), "full": (256, 384, 512)
 # Config of the backend check: the run's first config with this many steps.
 CHECK_T = 2
 LIBRARIES = ("fusedrnn", "oneDNN", "MKL")
-# fusedrnn's own GEMM paths (FUSEDRNN_CPU_ISA); on the generic CPU path (no
-# AVX-512 nor AVX2, or forced) fusedrnn::linear falls back to ATen's.
+# fusedrnn's own GEMM paths (FUSEDRNN_CPU_ISA; amx's float32 GEMM is avx512's);
+# on the generic CPU path (no AVX-512 nor AVX2, or forced) fusedrnn::linear
+# falls back to ATen's.
 FUSEDRNN_GEMM_ISAS = ("avx512", "avx2")
+FUSEDRNN_GEMM_PATHS = ("amx",) + FUSEDRNN_GEMM_ISAS
 
 # Note [the GEMMs compared]
 # fusedrnn: its own GEMM (csrc/x86/panel_gemm.h) for the CPU path in force
@@ -424,7 +426,8 @@ def notes(doc):
         out.append("the generic CPU path is in force (no AVX-512 or AVX2, or forced): the "
                    "fusedrnn column is ATen's fallback, not fusedrnn's GEMM")
     elif path:
-        out.append(f"fusedrnn: its {path['isa']} GEMM and gate kernels"
+        isa = "avx512" if path["isa"] == "amx" else path["isa"]  # float32 on the amx path
+        out.append(f"fusedrnn: its {isa} GEMM and gate kernels"
                    + (" (forced by FUSEDRNN_CPU_ISA)" if path.get("forced") else ""))
     chk = doc.get("backend_check") or {}
     if "error" in chk:
@@ -515,7 +518,7 @@ def main(argv=None):
            "argv": sys.argv[1:] if argv is None else list(argv),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": False, "env": env,
            "load_average_start": environment.load_average(),
-           "fusedrnn_gemm": env["fusedrnn_cpu_path"]["isa"] in FUSEDRNN_GEMM_ISAS,
+           "fusedrnn_gemm": env["fusedrnn_cpu_path"]["isa"] in FUSEDRNN_GEMM_PATHS,
            "timing": {"method": "after warm-up, one torch.utils.benchmark.Timer.blocked_autorange"
                                 " per GEMM per round; rounds interleaved, order reversed every "
                                 "round; under torch.inference_mode()",

@@ -1,6 +1,8 @@
-"""The CPU paths a test can force: FUSEDRNN_CPU_ISA=avx512|avx2|generic (Note
-[choosing the CPU path] in csrc/cpu/cpu_isa.h). The knob is read on every op
-call, so monkeypatch.setenv switches paths between calls."""
+"""The CPU paths a test can force: FUSEDRNN_CPU_ISA=amx|avx512|avx2|generic
+(Note [choosing the CPU path] in csrc/cpu/cpu_isa.h). The knob is read on every
+op call, so monkeypatch.setenv switches paths between calls. amx differs from
+avx512 only in bfloat16, so float tests run CPU_ISAS and bfloat16 ones
+BF16_ISAS."""
 import os
 
 import pytest
@@ -9,11 +11,12 @@ import torch
 import fusedrnn  # noqa: F401 (registers torch.ops.fusedrnn)
 
 CPU_ISAS = ("avx512", "avx2", "generic")
+BF16_ISAS = ("amx",) + CPU_ISAS  # every path, widest first
 KNOBS = ("FUSEDRNN_CPU_ISA", "FUSEDRNN_CPU_PATH")
 
 
 def cpu_isa_in_force():
-    """The path the CPU ops take now: 'avx512', 'avx2' or 'generic'."""
+    """The path the CPU ops take now: 'amx', 'avx512', 'avx2' or 'generic'."""
     return torch.ops.fusedrnn._cpu_isa()
 
 
@@ -32,8 +35,8 @@ def cpu_isa_runs(isa):
                 os.environ[k] = v
 
 
-RUNNABLE = [isa for isa in CPU_ISAS if cpu_isa_runs(isa)]
-FUSED_ISAS = [isa for isa in RUNNABLE if isa != "generic"]
+RUNNABLE = [isa for isa in BF16_ISAS if cpu_isa_runs(isa)]
+FUSED_ISAS = [isa for isa in RUNNABLE if isa in CPU_ISAS and isa != "generic"]  # float paths
 
 
 def isa_params(isas=CPU_ISAS):

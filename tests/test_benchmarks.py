@@ -334,7 +334,7 @@ def test_the_cpu_path_is_recorded_and_kept_apart(tmp_path, monkeypatch):
     for knob in environment.CPU_PATH_KNOBS:
         monkeypatch.delenv(knob, raising=False)
     default = environment.fusedrnn_cpu_path()
-    assert default["isa"] in ("avx512", "avx2", "generic") and not default["forced"]
+    assert default["isa"] in ("amx", "avx512", "avx2", "generic") and not default["forced"]
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", "generic")
     assert environment.fusedrnn_cpu_path() == {"isa": "generic", "forced": True}
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", "auto")

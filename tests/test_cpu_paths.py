@@ -1,8 +1,8 @@
 """Every CPU path the dispatcher can choose, forced on this machine
 (FUSEDRNN_CPU_ISA, isa_helpers.py): the fused float32 paths for AVX-512 and
 for AVX2 (forward, backward, the input projection), the fused float64 path
-(AVX-512), the fused bfloat16 forward and backward (AVX512-BF16, under avx512) and the
-generic loop (generic, and wherever no fused path applies). Float32 and
+(AVX-512), the fused bfloat16 forward and backward (AVX512-BF16, under avx512;
+their step products on AMX tiles under amx) and the generic loop (generic, and wherever no fused path applies). Float32 and
 float64 results against a float64 reference or torch.nn; low-precision ones
 within a small multiple of torch.nn's own error at that dtype against a
 float64 torch.nn."""
@@ -16,8 +16,8 @@ from fusedrnn import reference as ref
 
 from module_helpers import flat_outputs
 from helpers import grad_tensors, layer_inputs, rel_err
-from isa_helpers import (CPU_ISAS, FUSED_ISAS, RUNNABLE, cpu_isa_in_force, force_cpu_isa,
-                         isa_params)
+from isa_helpers import (BF16_ISAS, CPU_ISAS, FUSED_ISAS, RUNNABLE, cpu_isa_in_force,
+                         force_cpu_isa, isa_params)
 
 KINDS = ["lstm", "gru"]
 # Against float64: the fused paths' error in float32 (fp32 accumulation) is
@@ -37,14 +37,15 @@ def run(module, x, dtype):
     return [t.double() for t in outs + list(grads)]
 
 
-@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("isa", isa_params(BF16_ISAS))
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("H", [32, 17], ids=["even", "odd"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])
 def test_half_types_within_torch_error(isa, kind, dtype, H, bidirectional, monkeypatch):
     """bfloat16: the fused bfloat16 forward and backward (even H, AVX512-BF16,
-    avx512 only) or the fused float32 ones; float16: the fused float32 path
+    avx512 and amx, whose step products take AMX tiles for H = 32) or the
+    fused float32 ones; float16: the fused float32 path
     (Note [half types on the fused float32 path]); generic: the generic loop."""
     force_cpu_isa(monkeypatch, isa)
     ref = getattr(nn, kind)(24, H, num_layers=2, bidirectional=bidirectional).double()
@@ -57,14 +58,23 @@ def test_half_types_within_torch_error(isa, kind, dtype, H, bidirectional, monke
         assert rel_err(o, w) <= 4 * rel_err(t, w) + 1e-6, (rel_err(o, w), rel_err(t, w))
 
 
-@pytest.mark.parametrize("isa", isa_params(("avx512",)))
+BF16_STEP_SHAPES = [(9, 13, 130), (1, 3, 66), (12, 1, 2), (7, 37, 96), (1, 5, 64), (6, 1, 32),
+                    (4, 16, 64)]
+
+
+@pytest.mark.parametrize("isa", isa_params(("amx", "avx512")))
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-@pytest.mark.parametrize("T, B, H", [(9, 13, 130), (1, 3, 66), (12, 1, 2)],
-                         ids=["ragged-panel", "one-step", "one-row"])
+@pytest.mark.parametrize("T, B, H", BF16_STEP_SHAPES,
+                         ids=["ragged-panel", "one-step", "one-row", "tiles-ragged",
+                              "tiles-one-step", "tiles-one-row", "tiles-one-block"])
 def test_bfloat16_backward_within_torch_error(isa, kind, T, B, H, monkeypatch):
-    """The bfloat16 backward (Note [the bfloat16 backward] in csrc/cpu/rnn_cpu.cpp;
-    the float32 path where the CPU has no AVX512-BF16): a last column panel
-    of two units, a single step, a single row; both directions."""
+    """The bfloat16 forward and backward (Note [the bfloat16 backward] in
+    csrc/cpu/rnn_cpu.cpp; the float32 path where the CPU has no AVX512-BF16):
+    a last column panel of two units, a single step, a single row; both
+    directions. H a multiple of 32 takes AMX tiles under amx (Note [AMX tiles
+    for the step product]): two row blocks and a last one of 5 rows, three
+    forward panels (one thread has two) and a half-empty backward column
+    panel; one step; one row; one full block."""
     force_cpu_isa(monkeypatch, isa)
     ref = getattr(nn, kind)(H, H, bidirectional=True).double()
     ours = fusedrnn.from_torch(ref)
@@ -184,12 +194,13 @@ def test_packed_layer_matches_float64_reference(isa, kind, lengths, H, reverse, 
     check_against_float64(call, d64, dtype)
 
 
-@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("isa", isa_params(BF16_ISAS))
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])
 def test_packed_bfloat16_within_torch_error(isa, kind, bidirectional, monkeypatch):
     """Packed bfloat16 (the fused bfloat16 forward where AVX512-BF16 runs, under
-    avx512), outputs and gradients within 4x torch.nn's own bfloat16 error."""
+    avx512 and amx: AMX tiles for H = 32, steps of 6 down to 1 rows), outputs
+    and gradients within 4x torch.nn's own bfloat16 error."""
     force_cpu_isa(monkeypatch, isa)
     ref64 = getattr(nn, kind)(24, 32, bidirectional=bidirectional).double()
     ours = fusedrnn.from_torch(ref64)
@@ -285,13 +296,13 @@ def test_linear_matches_float64(isa, M, K, N, bias, dtype, monkeypatch):
 HALF_LINEAR_SHAPES = [(1, 2, 5), (7, 34, 70), (200, 16, 33), (13, 2100, 20), (9, 33, 16)]
 
 
-@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("isa", isa_params(BF16_ISAS))
 @pytest.mark.parametrize("M,K,N", HALF_LINEAR_SHAPES,
                          ids=[f"{m}x{k}x{n}" for m, k, n in HALF_LINEAR_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_linear_half_types_within_torch_error(isa, M, K, N, dtype, monkeypatch):
     """fusedrnn::linear in bfloat16 (the AVX512-BF16 GEMM on avx512 for even K,
-    ATen's elsewhere) and float16 (ATen's): values and gradients within a small
+    ATen's elsewhere, oneDNN's on AMX under amx) and float16 (ATen's): values and gradients within a small
     multiple of torch's own error at that dtype against float64."""
     force_cpu_isa(monkeypatch, isa)
     leaves = [torch.randn(M, K, dtype=torch.float64), torch.randn(N, K, dtype=torch.float64),
@@ -351,11 +362,11 @@ def test_cpu_isa_knob(monkeypatch):
     for isa in RUNNABLE:
         monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
         assert cpu_isa_in_force() == isa
-    for isa in set(CPU_ISAS) - set(RUNNABLE):
+    for isa in set(BF16_ISAS) - set(RUNNABLE):
         monkeypatch.setenv("FUSEDRNN_CPU_ISA", isa)
         with pytest.raises(RuntimeError, match=f"FUSEDRNN_CPU_ISA={isa}, but this"):
             cpu_isa_in_force()
-    widest = next(isa for isa in CPU_ISAS if isa in RUNNABLE)
+    widest = next(isa for isa in BF16_ISAS if isa in RUNNABLE)
     monkeypatch.setenv("FUSEDRNN_CPU_ISA", "auto")
     assert cpu_isa_in_force() == widest
     monkeypatch.delenv("FUSEDRNN_CPU_ISA")

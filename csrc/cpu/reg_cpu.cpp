@@ -97,7 +97,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,prefer-vector-wid
 template <typename Rows>
 void rows_range(CpuIsa isa, const Rows& a, int64_t begin, int64_t end, int tid) {
 #ifdef FUSEDRNN_X86
-  if (isa == CpuIsa::kAvx512) return rows_avx512(a, begin, end, tid);
+  if (avx512_path(isa)) return rows_avx512(a, begin, end, tid);
   if (isa == CpuIsa::kAvx2) return rows_avx2(a, begin, end, tid);
 #endif
   (void)isa;

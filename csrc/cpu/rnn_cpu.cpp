@@ -56,11 +56,17 @@ auto fused_run(const at::Tensor& x, bool eligible, const F& run) {
 // AVX-512 path in force.
 bool bf16_kernels_run() {
 #ifdef FUSEDRNN_X86
-  return has_avx512_bf16() && cpu_isa() == CpuIsa::kAvx512;
+  return has_avx512_bf16() && avx512_path(cpu_isa());
 #else
   return false;
 #endif
 }
+
+// Whether the AMX path is in force (cpu_isa.h): the bfloat16 step products
+// on AMX tiles where H allows (amx_steps), and the large bfloat16 GEMMs
+// (projection, weight gradients) ATen's, which run oneDNN's AMX kernels.
+bool amx_runs() { return cpu_isa() == CpuIsa::kAmx; }
+bool amx_steps(int64_t H) { return H % 32 == 0 && amx_runs(); }
 
 #ifdef FUSEDRNN_X86
 // The bfloat16 kernels: no projection, an even hidden size (k-pairs).
@@ -76,6 +82,17 @@ std::pair<at::Tensor, at::Tensor> recurrent_weight_grads_bf16(const at::Tensor& 
                                                              bool has_bias) {
   const at::Tensor d = dg.contiguous(), out = output.contiguous(), h = h0.contiguous();
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2), G = d.size(2);
+  if (amx_runs()) {  // one ATen GEMM (oneDNN's, on AMX) over h_{t-1} gathered
+    const at::Tensor d2 = d.view({T * B, G});
+    const at::Tensor prev = T == 1 ? h
+                          : reverse ? at::cat({out.view({T * B, H}).narrow(0, B, (T - 1) * B), h})
+                                    : at::cat({h, out.view({T * B, H}).narrow(0, 0, (T - 1) * B)});
+    // Sums in float32 inside each op, rounded once, as the results will be:
+    // sum's float32 output would convert all of dG first, at ten times the cost.
+    const auto f32 = d.options().dtype(at::kFloat);
+    return {at::mm(d2.t(), prev).to(at::kFloat),
+            has_bias ? d2.sum(0).to(at::kFloat) : at::empty({0}, f32)};
+  }
   using Bf16 = at::BFloat16;
   const auto segs = cpu::recurrent_grad_rows(d.data_ptr<Bf16>(), out.data_ptr<Bf16>(),
                                              h.data_ptr<Bf16>(), T, B, H, G, reverse);
@@ -145,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const int64_t G = kLstmGates * std::get<1>(checked);
     return cpu::lstm_forward_fused_bf16(x_proj, h0, c0, w_hh,
                                         detail::defined_or_zeros(b_hh, G, x_proj), reverse, train,
-                                        sizes);
+                                        sizes, amx_steps(std::get<1>(checked)));
   }
 #endif
   if (const auto* ops = fused_via_f32_for(x_proj, packed, proj)) {
@@ -179,7 +196,8 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   if (!packed && grad_output.dim() == 3 && fused_bf16_ok(grad_output, proj, w_hh.size(1))) {
     const auto dt = grad_output.scalar_type();  // Note [the bfloat16 backward]
     auto [dx, dh0, dc0, dw, dw_hr, db] = cpu::lstm_backward_fused_bf16(
-        grad_output, f32(grad_h_n), f32(grad_c_n), gates, cells, f32(c0), w_hh, reverse);
+        grad_output, f32(grad_h_n), f32(grad_c_n), gates, cells, f32(c0), w_hh, reverse,
+        amx_steps(w_hh.size(1)));
     std::tie(dw, db) = recurrent_weight_grads_bf16(dx, output, h0, reverse, has_bias);
     return {dx, dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr, db.to(dt)};
   }
@@ -222,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const int64_t G = kGruGates * std::get<1>(checked);
     return cpu::gru_forward_fused_bf16(x_proj, h0, w_hh,
                                        detail::defined_or_zeros(b_hh, G, x_proj), reverse, train,
-                                       sizes);
+                                       sizes, amx_steps(std::get<1>(checked)));
   }
 #endif
   const auto* ops = fused_via_f32_for(x_proj, packed, false);
@@ -261,7 +279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const auto dt = grad_output.scalar_type();  // Note [the bfloat16 backward]
     const int64_t T = grad_output.size(0), B = grad_output.size(1);
     auto [dx, dh0, dw, db, dhh] =
-        cpu::gru_backward_fused_bf16(grad_output, f32(grad_h_n), output, gates, h0, w_hh, reverse);
+        cpu::gru_backward_fused_bf16(grad_output, f32(grad_h_n), output, gates, h0, w_hh, reverse,
+                                     amx_steps(w_hh.size(1)));
     std::tie(dw, db) =
         recurrent_weight_grads_bf16(dhh.view({T, B, -1}), output, h0, reverse, has_bias);
     return {dx, dh0.to(dt), dw.to(dt), db.to(dt)};
@@ -298,13 +317,18 @@ auto with_linear_ops(const at::Tensor& a, const at::Tensor& w, const F& f) {
 }
 
 #ifdef FUSEDRNN_X86
-// The bfloat16 projection (x86/fused.h): AVX512-BF16 with the AVX-512 path
-// in force, an even K (k-pairs), bfloat16 operands.
-bool linear_bf16_ok(const at::Tensor& a, const at::Tensor& w, const OptTensor& bias) {
+// Whether a [M, K] times w [N, K] (+ bias) is a non-empty bfloat16 product
+// on the CPU.
+bool bf16_product(const at::Tensor& a, const at::Tensor& w, const OptTensor& bias) {
   const auto bf16 = at::kBFloat16;
   return a.device().is_cpu() && a.scalar_type() == bf16 && w.scalar_type() == bf16 &&
-         !(bias.has_value() && bias->scalar_type() != bf16) && a.size(-1) % 2 == 0 &&
-         a.numel() > 0 && bf16_kernels_run();
+         !(bias.has_value() && bias->scalar_type() != bf16) && a.numel() > 0;
+}
+
+// The bfloat16 projection (x86/fused.h): AVX512-BF16 with the AVX-512 path
+// in force, an even K (k-pairs). With AMX, oneDNN's matmul (linear_any).
+bool linear_bf16_ok(const at::Tensor& a, const at::Tensor& w, const OptTensor& bias) {
+  return bf16_product(a, w, bias) && a.size(-1) % 2 == 0 && bf16_kernels_run() && !amx_runs();
 }
 #endif
 
@@ -328,6 +352,21 @@ at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
     out_shape.back() = weight.size(0);
     const at::Tensor x2 = input.reshape({-1, input.size(-1)}).contiguous();
     return cpu::linear_fused_bf16(x2, weight.contiguous(), bias).view(out_shape);
+  }
+  if (bf16_product(input, weight, bias) && amx_runs()) {
+    // oneDNN's matmul (AMX) into a step buffer: at::linear's fresh output of
+    // tens of MB page-faulted in on every call, a third of its time.
+    auto out_shape = input.sizes().vec();
+    out_shape.back() = weight.size(0);
+    const at::Tensor x2 = input.reshape({-1, input.size(-1)});
+    at::Tensor y = cpu::empty_for_steps({x2.size(0), weight.size(0)}, input.options());
+    if (bias.has_value()) {
+      y.copy_(bias->expand_as(y));
+      y.addmm_(x2, weight.t());
+    } else {
+      at::mm_out(y, x2, weight.t());
+    }
+    return y.view(out_shape);
   }
 #endif
   return at::linear(input, weight, bias);
@@ -360,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
 #ifdef FUSEDRNN_X86
     const auto bf16 = at::kBFloat16;
     if (g2.device().is_cpu() && g2.scalar_type() == bf16 && input.scalar_type() == bf16 &&
-        g2.numel() > 0 && bf16_kernels_run()) {
+        g2.numel() > 0 && bf16_kernels_run() && !amx_runs()) {
       const at::Tensor xc = x2.contiguous();
       auto [w, b] = cpu::weight_grad_bf16({{g2.data_ptr<at::BFloat16>(),
                                              xc.data_ptr<at::BFloat16>(), g2.size(0)}},
@@ -389,6 +428,7 @@ namespace cpu {
 const FusedF32* fused_f32() {
   switch (cpu_isa()) {
 #ifdef FUSEDRNN_X86
+    case CpuIsa::kAmx:
     case CpuIsa::kAvx512:
       return &kFusedAvx512;
     case CpuIsa::kAvx2:
@@ -400,7 +440,7 @@ const FusedF32* fused_f32() {
 }
 const FusedF64* fused_f64() {
 #ifdef FUSEDRNN_X86
-  if (cpu_isa() == CpuIsa::kAvx512) return &kFusedAvx512F64;
+  if (avx512_path(cpu_isa())) return &kFusedAvx512F64;
 #else
   (void)cpu_isa();  // a bad knob raises here too
 #endif

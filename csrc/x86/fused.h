@@ -145,10 +145,12 @@ extern const FusedF32 kFusedAvx512;     // fused_avx512.cpp: AVX-512 F, VL, DQ, 
 extern const FusedF64 kFusedAvx512F64;  // the same, float64
 extern const FusedF32 kFusedAvx2;       // fused_avx2.cpp: AVX2 and FMA
 
-// The float32 forwards for bfloat16 (fused_avx512_bf16.cpp): H even, AVX512-BF16.
+// The bfloat16 forwards (fused_avx512_bf16.cpp): H even, AVX512-BF16; amx:
+// the step products on AMX tiles, H a multiple of 32 (Note [AMX tiles for the
+// step product]). The same for the backward loops below.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes);
+    const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes, bool amx);
 
 // The bfloat16 backward time loops (fused_avx512_bf16.cpp): the step product
 // dG W_hh on the bfloat16 gate gradients, which are also what the caller
@@ -158,10 +160,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
 // gate gradients (GRU: and those through W_hh) bfloat16, the states' float32.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused_bf16(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh, bool reverse);
+    const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh, bool reverse,
+    bool amx);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused_bf16(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
-    const Tensor& h0, const Tensor& w_hh, bool reverse);
+    const Tensor& h0, const Tensor& w_hh, bool reverse, bool amx);
 
 // The weight-gradient GEMM of FusedOps::weight_grad for bfloat16 dY and X,
 // k in pairs on vdpbf16ps; dW and db float32 (options' dtype), accumulated
@@ -177,7 +180,7 @@ Tensor linear_fused_bf16(const Tensor& x, const Tensor& w, const c10::optional<T
 std::tuple<Tensor, Tensor, Tensor> gru_forward_fused_bf16(const Tensor& x_proj, const Tensor& h0,
                                                           const Tensor& w_hh, const Tensor& b_hh,
                                                           bool reverse, bool train,
-                                                          c10::IntArrayRef batch_sizes);
+                                                          c10::IntArrayRef batch_sizes, bool amx);
 
 }  // namespace cpu
 }  // namespace fusedrnn

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "vec16.h"
 #include "fused_ops.h"
@@ -69,6 +70,137 @@ struct MmaBf16 {
 
 using Bf16Gemm = PanelGemm<Vec16, Bf16, MmaBf16, 2>;
 
+// ------------------------------------------------------------------ AMX
+// Note [AMX tiles for the step product]
+// Where the CPU has AMX (Intel since Sapphire Rapids), one tdpbf16ps
+// multiplies a 16 x 32 bfloat16 tile of A by a 32 x 16 tile of B into 16 x 16
+// float32 sums: 16 times the work of a vdpbf16ps, and oneDNN's bfloat16
+// matmul (so torch.nn's bfloat16 layers) runs on them. B's tile is the VNNI
+// layout, k in pairs: row r holds the pairs (2r, 2r + 1) of 16 columns, 64
+// bytes, which is a 16-row stretch of the k-pair panels above (the forward's
+// gate panels and the backward's column panels alike), rows the panel's
+// width apart: the same packed weights serve both instruction sets. A's tile
+// is 16 rows of h_{t-1} (backward: dG) and 32 k, read in place.
+//
+// Tiles: C0..C3 the sums of one row block for the panel's NV (3 or 4) column
+// groups of 16 (the LSTM's i, f, g, o of 16 units), A in 4, B in 5..7 in
+// turn; K a multiple of 32. The configuration (rows of A and C: the block's
+// rows) is thread state that other libraries change too, so each call loads
+// its own and releases the tiles when done.
+namespace amx {
+
+constexpr int64_t kRows = 16;   // rows of a tile
+constexpr int64_t kDepth = 32;  // k of one tdpbf16ps
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row
+  uint8_t rows[16] = {};
+};
+
+__attribute__((target("amx-tile"))) inline void configure(int rows) {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) {  // C0..C3 [rows, 16] float32, A [rows, 32] bfloat16
+    cfg.rows[t] = static_cast<uint8_t>(rows);
+    cfg.colsb[t] = 64;
+  }
+  for (int t = 5; t < 8; ++t) {  // B [16 k-pairs, 16 columns x 2] bfloat16
+    cfg.rows[t] = kRows;
+    cfg.colsb[t] = 64;
+  }
+  // GCC 12 does not count ldtilecfg as reading cfg, and drops the stores
+  // above without this barrier.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+// tile [rows][NV * 16] (float32) = a [rows, K] (row stride lda) times panel
+// (K / 2 k-pair rows of NV * 16 columns), with the configuration for `rows`
+// loaded.
+template <int NV>
+__attribute__((target("amx-tile,amx-bf16"))) inline void product(const Bf16* a, int64_t lda,
+                                                                  const Bf16* panel, int64_t K,
+                                                                  float* tile) {
+  constexpr int64_t kPairRow = NV * kLanes * 2;  // bfloat16 of a k-pair row of the panel
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  if constexpr (NV > 3) _tile_zero(3);
+  for (int64_t k = 0; k < K; k += kDepth) {
+    const Bf16* b = panel + k / 2 * kPairRow;
+    _tile_loadd(4, a + k, lda * 2);
+    _tile_loadd(5, b, kPairRow * 2);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b + 2 * kLanes, kPairRow * 2);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, b + 4 * kLanes, kPairRow * 2);
+    _tile_dpbf16ps(2, 4, 7);
+    if constexpr (NV > 3) {
+      _tile_loadd(5, b + 6 * kLanes, kPairRow * 2);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  constexpr int64_t ldt = NV * kLanes * 4;  // bytes per tile row
+  _tile_stored(0, tile, ldt);
+  _tile_stored(1, tile + kLanes, ldt);
+  _tile_stored(2, tile + 2 * kLanes, ldt);
+  if constexpr (NV > 3) _tile_stored(3, tile + 3 * kLanes, ldt);
+}
+
+// run_panels (panel_gemm.h) on AMX tiles: panels [p0, p1) over rows a [M, K],
+// each row block of up to 16 into epi(tile, NV * 16, m0, mr, p). Panels
+// outermost, so that each is read from memory once per step however many
+// row blocks run over it (a thread's share of W_hh is 4 MB at H = 1024:
+// more than its L2). A last block of fewer rows runs on a copy padded with
+// zeros to 16, so that one configuration serves every block.
+template <int NV, typename Epi>
+__attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t p1,
+                                                             int64_t M, int64_t K,
+                                                             const Bf16* a, int64_t lda,
+                                                             const Bf16* packed,
+                                                             const Epi& epi) {
+  static_assert(NV == 3 || NV == 4, "three or four column groups of 16");
+  constexpr int64_t W = NV * kLanes;
+  alignas(64) float tile[kRows * W];
+  const int64_t full = M / kRows * kRows;
+  thread_local std::vector<Bf16> last;  // the last block's rows, padded
+  if (full < M) {
+    last.assign(static_cast<size_t>(kRows * K), Bf16(0.0f));
+    for (int64_t m = full; m < M; ++m) {
+      std::copy(a + m * lda, a + m * lda + K, last.begin() + (m - full) * K);
+    }
+  }
+  configure(kRows);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      const int mr = static_cast<int>(std::min(kRows, M - m0));
+      epi.prefetch(m0, mr, p);
+      if (m0 < full) {
+        product<NV>(a + m0 * lda, lda, packed + p * K * W, K, tile);
+      } else {
+        product<NV>(last.data(), K, packed + p * K * W, K, tile);
+      }
+      epi(tile, W, m0, mr, p);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace amx
+
+// The forward drivers' Gemm (fused_loop.h) on AMX: Bf16Gemm's panels.
+struct AmxGemm {
+  using V = Vec16;
+  using S = Bf16;
+  using Packed = Bf16;
+  static Tensor pack_gates(const Tensor& w, int64_t G) { return Bf16Gemm::pack_gates(w, G); }
+  template <int NV, typename Epi>
+  static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const Bf16* a, int64_t lda,
+                  const Bf16* packed, const Epi& epi) {
+    amx::run_panels<NV>(p0, p1, M, K, a, lda, packed, epi);
+  }
+};
+
 // The input projection's panels: 64 columns (4 vectors) of B = w^T, w [N, K],
 // k in pairs: packed[q][k / 2][c][k % 2] = w[64 q + c][k] (0 beyond N). A k
 // pair is one 32-bit unit, so each 16 columns are a 16 x 16 transpose of units.
@@ -111,6 +243,11 @@ struct StoreBf16Epi {
 // each 32-bit unit the pair of rows k, k + 1 at one column.
 struct Bf16ColumnPanels {
   using Mma = MmaBf16;
+  template <typename Epi>
+  static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const Bf16* a, int64_t lda,
+                  const Bf16* packed, const Epi& epi) {
+    run_panels<Vec16, Vec16::kColumnNV, Mma>(p0, p1, M, K, a, lda, 1, packed, epi);
+  }
   static Tensor pack(const Tensor& w) {
     const int64_t K = w.size(0), N = w.size(1), Q = ceil_div(N, kLinearPanel);
     Tensor packed = empty_for_steps({Q, K, kLinearPanel}, w.options());
@@ -133,6 +270,18 @@ struct Bf16ColumnPanels {
     });
     return packed;
   }
+};
+
+// The backward's product on AMX tiles (Note [AMX tiles for the step
+// product]): the same column panels, four groups of 16 columns each.
+struct AmxColumnPanels {
+  using Mma = MmaBf16;
+  template <typename Epi>
+  static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const Bf16* a, int64_t lda,
+                  const Bf16* packed, const Epi& epi) {
+    amx::run_panels<Vec16::kColumnNV>(p0, p1, M, K, a, lda, packed, epi);
+  }
+  static Tensor pack(const Tensor& w) { return Bf16ColumnPanels::pack(w); }
 };
 
 // Rows per block: a block of x stays in L2 while each thread runs its panels
@@ -169,31 +318,41 @@ Tensor linear_fused_bf16(const Tensor& x, const Tensor& w, const c10::optional<T
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes) {
+    const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes, bool amx) {
+  if (amx) {
+    return lstm_forward_steps<AmxGemm>(x_proj, h0, c0, w_hh, b_hh, reverse, train, batch_sizes);
+  }
   return lstm_forward_steps<Bf16Gemm>(x_proj, h0, c0, w_hh, b_hh, reverse, train, batch_sizes);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fused_bf16(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh,
-    bool reverse) {
-  return lstm_backward_steps<Vec16, Bf16, Bf16ColumnPanels>(
-      grad_output, grad_h_n, grad_c_n, Tensor(), gates, cells, Tensor(), c0, w_hh, reverse, false,
-      false);
+    bool reverse, bool amx) {
+  const auto run = [&](auto cols) {
+    return lstm_backward_steps<Vec16, Bf16, decltype(cols)>(
+        grad_output, grad_h_n, grad_c_n, Tensor(), gates, cells, Tensor(), c0, w_hh, reverse,
+        false, false);
+  };
+  return amx ? run(AmxColumnPanels()) : run(Bf16ColumnPanels());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_fused_bf16(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& output, const Tensor& gates,
-    const Tensor& h0, const Tensor& w_hh, bool reverse) {
-  return gru_backward_steps<Vec16, Bf16, Bf16ColumnPanels>(grad_output, grad_h_n, output, gates,
+    const Tensor& h0, const Tensor& w_hh, bool reverse, bool amx) {
+  const auto run = [&](auto cols) {
+    return gru_backward_steps<Vec16, Bf16, decltype(cols)>(grad_output, grad_h_n, output, gates,
                                                           h0, w_hh, reverse, false, false);
+  };
+  return amx ? run(AmxColumnPanels()) : run(Bf16ColumnPanels());
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_forward_fused_bf16(const Tensor& x_proj,
                                                           const Tensor& h0, const Tensor& w_hh,
                                                           const Tensor& b_hh, bool reverse,
                                                           bool train,
-                                                          c10::IntArrayRef batch_sizes) {
+                                                          c10::IntArrayRef batch_sizes, bool amx) {
+  if (amx) return gru_forward_steps<AmxGemm>(x_proj, h0, w_hh, b_hh, reverse, train, batch_sizes);
   return gru_forward_steps<Bf16Gemm>(x_proj, h0, w_hh, b_hh, reverse, train, batch_sizes);
 }
 

@@ -63,6 +63,24 @@ inline void store_v(S* p, V v, typename V::Mask m) {
   }
 }
 
+// Note [streaming the saved gates]
+// What a training forward saves (gates, cell states: tens of MB, read again
+// only by the backward, after the whole sequence) is written past the caches
+// where a vector fills a cache line, so that it does not evict the step's
+// panels of W_hh from L2; run_steps fences the streaming stores before its
+// threads join. On the 2-core Xeon with AMX (interleaved, float32 training,
+// T=100 B=64 H=512): LSTM 1%, GRU 4% faster; at B=16 H=256, even.
+template <typename V, typename S>
+inline void store_saved(S* p, V v, typename V::Mask m) {
+  if constexpr (std::is_same_v<S, typename V::T> && sizeof(typename V::Reg) == 64) {
+    if (m == V::mask(V::kLanes) && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+      V::stream(p, v.v);
+      return;
+    }
+  }
+  store_v<V>(p, v, m);
+}
+
 // Note [one parallel region per sequence]
 // A fork/join per time step costs tens of microseconds when idle OpenMP
 // threads sleep (OMP_WAIT_POLICY=PASSIVE), as much as a whole small step. So
@@ -77,6 +95,7 @@ void run_steps(int64_t steps, int64_t P, const Body& body) {
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), P);
   if (nt <= 1 || at::in_parallel_region()) {
     for (int64_t s = 0; s < steps; ++s) body(s, 0, P);
+    _mm_sfence();  // Note [streaming the saved gates]
     return;
   }
   SpinBarrier barrier(static_cast<int>(nt));
@@ -91,6 +110,7 @@ void run_steps(int64_t steps, int64_t P, const Body& body) {
         body(s, p0, p1);
         barrier.wait();
       }
+      _mm_sfence();
     }
   }
 }
@@ -181,11 +201,11 @@ struct LstmForwardEpi {
       if (h_state) store_v<V>(h_state + b * H + u0, h_new, m);
       if (gates) {
         S* gb = gates + b * 4 * H + u0;
-        store_v<V>(gb, i, m);
-        store_v<V>(gb + H, f, m);
-        store_v<V>(gb + 2 * H, g, m);
-        store_v<V>(gb + 3 * H, o, m);
-        store_v<V>(cells + b * H + u0, c_new, m);
+        store_saved<V>(gb, i, m);
+        store_saved<V>(gb + H, f, m);
+        store_saved<V>(gb + 2 * H, g, m);
+        store_saved<V>(gb + 3 * H, o, m);
+        store_saved<V>(cells + b * H + u0, c_new, m);
       }
     }
   }
@@ -220,10 +240,10 @@ struct GruForwardEpi {
       if (h_state) store_v<V>(h_state + b * H + u0, h_new, m);
       if (gates) {
         S* gb = gates + b * kGruSaved * H + u0;
-        store_v<V>(gb, rr, m);
-        store_v<V>(gb + H, z, m);
-        store_v<V>(gb + 2 * H, nn, m);
-        store_v<V>(gb + 3 * H, hn, m);
+        store_saved<V>(gb, rr, m);
+        store_saved<V>(gb + H, z, m);
+        store_saved<V>(gb + 2 * H, nn, m);
+        store_saved<V>(gb + 3 * H, hn, m);
       }
     }
   }

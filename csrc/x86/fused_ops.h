@@ -444,6 +444,11 @@ std::pair<Tensor, Tensor> recurrent_weight_grads(const Tensor& dg, const Tensor&
 template <typename V>
 struct ColumnPanels {
   using Mma = MmaVec<V>;
+  template <typename Epi>
+  static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const Elem<V>* a, int64_t lda,
+                  const Elem<V>* packed, const Epi& epi) {
+    run_panels<V, V::kColumnNV, Mma>(p0, p1, M, K, a, lda, 1, packed, epi);
+  }
   static Tensor pack(const Tensor& w) { return pack_column_panels<V>(w); }
 };
 
@@ -456,7 +461,7 @@ void backward_product(int64_t p0, int64_t p1, int64_t B, int64_t G, int64_t H, c
   if constexpr (std::is_same_v<S, Elem<V>>) {
     if (in_place) return product_in_place<V>(p0, p1, B, G, a, G, wp, H, H, epi);
   }
-  run_panels<V, V::kColumnNV, typename Cols::Mma>(p0, p1, B, G, a, G, 1, wp, epi);
+  Cols::run(p0, p1, B, G, a, G, wp, epi);
 }
 
 // The backward time loops, for the float types (S = V's element type, with

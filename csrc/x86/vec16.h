@@ -41,6 +41,7 @@ struct Vec16 {
   static Reg loadu(const float* p) { return _mm512_loadu_ps(p); }
   static void storeu(float* p, Reg r) { _mm512_storeu_ps(p, r); }
   static Reg set1(float x) { return _mm512_set1_ps(x); }
+  static void stream(float* p, Reg r) { _mm512_stream_ps(p, r); }  // 64-byte aligned p
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static T sum(Reg r) { return _mm512_reduce_add_ps(r); }
 };

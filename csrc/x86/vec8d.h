@@ -40,6 +40,7 @@ struct Vec8d {
   static Reg loadu(const double* p) { return _mm512_loadu_pd(p); }
   static void storeu(double* p, Reg r) { _mm512_storeu_pd(p, r); }
   static Reg set1(double x) { return _mm512_set1_pd(x); }
+  static void stream(double* p, Reg r) { _mm512_stream_pd(p, r); }  // 64-byte aligned p
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_pd(a, b, c); }
   static T sum(Reg r) { return _mm512_reduce_add_pd(r); }
 };
