@@ -100,11 +100,11 @@ struct alignas(64) TileConfig {
 
 __attribute__((target("amx-tile"))) inline void configure(int rows) {
   TileConfig cfg;
-  for (int t = 0; t < 5; ++t) {  // C0..C3 [rows, 16] float32, A [rows, 32] bfloat16
+  for (int t = 0; t < 6; ++t) {  // C0..C3 [rows, 16] float32, A [rows, 32] bfloat16
     cfg.rows[t] = static_cast<uint8_t>(rows);
     cfg.colsb[t] = 64;
   }
-  for (int t = 5; t < 8; ++t) {  // B [16 k-pairs, 16 columns x 2] bfloat16
+  for (int t = 6; t < 8; ++t) {  // B [16 k-pairs, 16 columns x 2] bfloat16
     cfg.rows[t] = kRows;
     cfg.colsb[t] = 64;
   }
@@ -147,8 +147,45 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void product(const Bf16* a, 
   if constexpr (NV > 3) _tile_stored(3, tile + 3 * kLanes, ldt);
 }
 
+// Two row blocks at once, four column groups (NV = 4) in two halves: C0..C3
+// the sums of rows a0, a1 for groups 2h, 2h + 1, A in 4 and 5, B in 6 and 7.
+// Each k step loads four tiles for four tdpbf16ps (one row block: five).
+// The LSTM forward (bfloat16 inference, T=100 B=64 H=512, 2-core Xeon with
+// AMX, interleaved): 7% faster; at H=1024, 4%.
+__attribute__((target("amx-tile,amx-bf16"))) inline void product_pair(const Bf16* a0,
+                                                                      const Bf16* a1,
+                                                                      int64_t lda,
+                                                                      const Bf16* panel,
+                                                                      int64_t K, float* tile0,
+                                                                      float* tile1) {
+  constexpr int64_t kPairRow = 4 * kLanes * 2;
+  constexpr int64_t ldt = 4 * kLanes * 4;
+  for (int h = 0; h < 2; ++h) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K; k += kDepth) {
+      const Bf16* b = panel + k / 2 * kPairRow + 4 * h * kLanes;
+      _tile_loadd(4, a0 + k, lda * 2);
+      _tile_loadd(6, b, kPairRow * 2);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, b + 2 * kLanes, kPairRow * 2);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(5, a1 + k, lda * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, tile0 + 2 * h * kLanes, ldt);
+    _tile_stored(1, tile0 + (2 * h + 1) * kLanes, ldt);
+    _tile_stored(2, tile1 + 2 * h * kLanes, ldt);
+    _tile_stored(3, tile1 + (2 * h + 1) * kLanes, ldt);
+  }
+}
+
 // run_panels (panel_gemm.h) on AMX tiles: panels [p0, p1) over rows a [M, K],
-// each row block of up to 16 into epi(tile, NV * 16, m0, mr, p). Panels
+// each row block of up to 16 (with four column groups, pairs of full blocks:
+// product_pair) into epi(tile, NV * 16, m0, mr, p). Panels
 // outermost, so that each is read from memory once per step however many
 // row blocks run over it (a thread's share of W_hh is 4 MB at H = 1024:
 // more than its L2). A last block of fewer rows runs on a copy padded with
@@ -161,7 +198,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t
                                                              const Epi& epi) {
   static_assert(NV == 3 || NV == 4, "three or four column groups of 16");
   constexpr int64_t W = NV * kLanes;
-  alignas(64) float tile[kRows * W];
+  alignas(64) float tile[2 * kRows * W];
   const int64_t full = M / kRows * kRows;
   thread_local std::vector<Bf16> last;  // the last block's rows, padded
   if (full < M) {
@@ -174,6 +211,16 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       const int mr = static_cast<int>(std::min(kRows, M - m0));
+      if constexpr (NV == 4) {
+        if (m0 + 2 * kRows <= full) {
+          epi.prefetch(m0, 2 * kRows, p);
+          product_pair(a + m0 * lda, a + (m0 + kRows) * lda, lda, packed + p * K * W, K, tile,
+                       tile + kRows * W);
+          epi(tile, W, m0, 2 * kRows, p);
+          m0 += kRows;
+          continue;
+        }
+      }
       epi.prefetch(m0, mr, p);
       if (m0 < full) {
         product<NV>(a + m0 * lda, lda, packed + p * K * W, K, tile);
