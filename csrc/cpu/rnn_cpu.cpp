@@ -62,13 +62,14 @@ bool bf16_kernels_run() {
 #endif
 }
 
+#ifdef FUSEDRNN_X86
 // Whether the AMX path is in force (cpu_isa.h): the bfloat16 step products
-// on AMX tiles where H allows (amx_steps), and the large bfloat16 GEMMs
-// (projection, weight gradients) ATen's, which run oneDNN's AMX kernels.
+// on AMX tiles where H allows (amx_steps: Note [AMX tiles for the step
+// product] in x86/amx_tiles.h), and the large bfloat16 GEMMs (projection,
+// weight gradients) ATen's, which run oneDNN's AMX kernels.
 bool amx_runs() { return cpu_isa() == CpuIsa::kAmx; }
 bool amx_steps(int64_t H) { return H % 32 == 0 && amx_runs(); }
 
-#ifdef FUSEDRNN_X86
 // The bfloat16 kernels: no projection, an even hidden size (k-pairs).
 bool fused_bf16_ok(const at::Tensor& x_proj, bool proj, int64_t H) {
   return x_proj.scalar_type() == at::kBFloat16 && !proj && H % 2 == 0 && bf16_kernels_run();

@@ -9,8 +9,10 @@
 // while h_{t-1} is broadcast two values at a time. Accumulation, the gate math
 // (gates.h, through the epilogues of fused_loop.h) and the cell state are
 // float32; h, the saved gates and the gate gradients are rounded to bfloat16
-// once, as torch.nn stores them. Entered only after has_avx512_bf16() (rnn_cpu.cpp); compiled
-// like fused_avx512.cpp (Note [ISA translation units] in fused_ops.h).
+// once, as torch.nn stores them. Where the CPU has AMX, the step products run
+// on AMX tiles from the same panels instead (amx_tiles.h). Entered only after
+// has_avx512_bf16() (rnn_cpu.cpp); compiled like fused_avx512.cpp (Note [ISA
+// translation units] in fused_ops.h).
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
 
 #include <algorithm>
