@@ -44,7 +44,7 @@ def run(module, x, dtype):
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])
 def test_half_types_within_torch_error(isa, kind, dtype, H, bidirectional, monkeypatch):
     """bfloat16: the fused bfloat16 forward and backward (even H, AVX512-BF16,
-    avx512 and amx, whose step products take AMX tiles for H = 32) or the
+    avx512 and amx, whose step products take AMX tiles) or the
     fused float32 ones; float16: the fused float32 path
     (Note [half types on the fused float32 path]); generic: the generic loop."""
     force_cpu_isa(monkeypatch, isa)
@@ -59,22 +59,25 @@ def test_half_types_within_torch_error(isa, kind, dtype, H, bidirectional, monke
 
 
 BF16_STEP_SHAPES = [(9, 13, 130), (1, 3, 66), (12, 1, 2), (7, 37, 96), (1, 5, 64), (6, 1, 32),
-                    (4, 16, 64)]
+                    (4, 16, 64), (5, 33, 48)]
 
 
 @pytest.mark.parametrize("isa", isa_params(("amx", "avx512")))
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("T, B, H", BF16_STEP_SHAPES,
                          ids=["ragged-panel", "one-step", "one-row", "tiles-ragged",
-                              "tiles-one-step", "tiles-one-row", "tiles-one-block"])
+                              "tiles-one-step", "tiles-one-row", "tiles-one-block",
+                              "tiles-padded-depth"])
 def test_bfloat16_backward_within_torch_error(isa, kind, T, B, H, monkeypatch):
     """The bfloat16 forward and backward (Note [the bfloat16 backward] in
     csrc/cpu/rnn_cpu.cpp; the float32 path where the CPU has no AVX512-BF16):
     a last column panel of two units, a single step, a single row; both
-    directions. H a multiple of 32 takes AMX tiles under amx (Note [AMX tiles
-    for the step product]): two row blocks and a last one of 5 rows, three
-    forward panels (one thread has two) and a half-empty backward column
-    panel; one step; one row; one full block."""
+    directions. Under amx the step products take AMX tiles (Note [AMX tiles
+    for the step product]), their depth padded where H is not a multiple of
+    32; with H = 96, two row blocks and a last one of 5 rows, three forward
+    panels (one thread has two) and a half-empty backward column panel; one
+    step; one row; one full block; with H = 48, two blocks and a last of one
+    row, at a padded depth."""
     force_cpu_isa(monkeypatch, isa)
     ref = getattr(nn, kind)(H, H, bidirectional=True).double()
     ours = fusedrnn.from_torch(ref)
@@ -199,7 +202,7 @@ def test_packed_layer_matches_float64_reference(isa, kind, lengths, H, reverse, 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])
 def test_packed_bfloat16_within_torch_error(isa, kind, bidirectional, monkeypatch):
     """Packed bfloat16 (the fused bfloat16 forward where AVX512-BF16 runs, under
-    avx512 and amx: AMX tiles for H = 32, steps of 6 down to 1 rows), outputs
+    avx512 and amx: AMX tiles, steps of 6 down to 1 rows), outputs
     and gradients within 4x torch.nn's own bfloat16 error."""
     force_cpu_isa(monkeypatch, isa)
     ref64 = getattr(nn, kind)(24, 32, bidirectional=bidirectional).double()

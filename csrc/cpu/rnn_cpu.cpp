@@ -63,12 +63,11 @@ bool bf16_kernels_run() {
 }
 
 #ifdef FUSEDRNN_X86
-// Whether the AMX path is in force (cpu_isa.h): the bfloat16 step products
-// on AMX tiles where H allows (amx_steps: Note [AMX tiles for the step
-// product] in x86/amx_tiles.h), and the large bfloat16 GEMMs (projection,
-// weight gradients) ATen's, which run oneDNN's AMX kernels.
+// Whether the AMX path is in force (cpu_isa.h): the bfloat16 kernels' step
+// products on AMX tiles (Note [AMX tiles for the step product] in
+// x86/amx_tiles.h), and the large bfloat16 GEMMs (projection, weight
+// gradients) ATen's, which run oneDNN's AMX kernels.
 bool amx_runs() { return cpu_isa() == CpuIsa::kAmx; }
-bool amx_steps(int64_t H) { return H % 32 == 0 && amx_runs(); }
 
 // The bfloat16 kernels: no projection, an even hidden size (k-pairs).
 bool fused_bf16_ok(const at::Tensor& x_proj, bool proj, int64_t H) {
@@ -163,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const int64_t G = kLstmGates * std::get<1>(checked);
     return cpu::lstm_forward_fused_bf16(x_proj, h0, c0, w_hh,
                                         detail::defined_or_zeros(b_hh, G, x_proj), reverse, train,
-                                        sizes, amx_steps(std::get<1>(checked)));
+                                        sizes, amx_runs());
   }
 #endif
   if (const auto* ops = fused_via_f32_for(x_proj, packed, proj)) {
@@ -198,7 +197,7 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     const auto dt = grad_output.scalar_type();  // Note [the bfloat16 backward]
     auto [dx, dh0, dc0, dw, dw_hr, db] = cpu::lstm_backward_fused_bf16(
         grad_output, f32(grad_h_n), f32(grad_c_n), gates, cells, f32(c0), w_hh, reverse,
-        amx_steps(w_hh.size(1)));
+        amx_runs());
     std::tie(dw, db) = recurrent_weight_grads_bf16(dx, output, h0, reverse, has_bias);
     return {dx, dh0.to(dt), dc0.to(dt), dw.to(dt), dw_hr, db.to(dt)};
   }
@@ -241,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cpu(
     const int64_t G = kGruGates * std::get<1>(checked);
     return cpu::gru_forward_fused_bf16(x_proj, h0, w_hh,
                                        detail::defined_or_zeros(b_hh, G, x_proj), reverse, train,
-                                       sizes, amx_steps(std::get<1>(checked)));
+                                       sizes, amx_runs());
   }
 #endif
   const auto* ops = fused_via_f32_for(x_proj, packed, false);
@@ -281,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_cpu(
     const int64_t T = grad_output.size(0), B = grad_output.size(1);
     auto [dx, dh0, dw, db, dhh] =
         cpu::gru_backward_fused_bf16(grad_output, f32(grad_h_n), output, gates, h0, w_hh, reverse,
-                                     amx_steps(w_hh.size(1)));
+                                     amx_runs());
     std::tie(dw, db) =
         recurrent_weight_grads_bf16(dhh.view({T, B, -1}), output, h0, reverse, has_bias);
     return {dx, dh0.to(dt), dw.to(dt), db.to(dt)};

@@ -5,8 +5,11 @@
 
 #include <immintrin.h>
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include <c10/util/BFloat16.h>
@@ -29,7 +32,10 @@ namespace {
 //
 // Every tile is 16 rows of 64 bytes: C0..C3 the sums of the panel's NV (3 or
 // 4) column groups of 16 (the LSTM's i, f, g, o of 16 units), A and B in the
-// other four (product, product_pair); K a multiple of 32. The configuration
+// other four (product, product_pair). The depth is padded to a multiple of
+// 32 (depth): the panels with rows of zeros (pack_deep), A by a zero-padded
+// copy of its rows (a NaN or inf past a row's end would make 0 * NaN). The
+// configuration
 // is thread state that other libraries change too, so each call loads it and
 // releases the tiles when done.
 namespace amx {
@@ -39,6 +45,22 @@ constexpr int64_t kLanes = 16;  // float32 columns of a tile row
 
 constexpr int64_t kRows = 16;   // rows of a tile
 constexpr int64_t kDepth = 32;  // k of one tdpbf16ps
+
+// K rounded up to whole tdpbf16ps.
+inline int64_t depth(int64_t K) { return (K + kDepth - 1) / kDepth * kDepth; }
+
+// pack(w') for w' = w [K, ...] with zero rows up to depth(K) (dim: w's k
+// dimension, 0 or 1): packings that take k from w's shape get the padded depth.
+template <typename Pack>
+Tensor pack_deep(const Tensor& w, int64_t dim, const Pack& pack) {
+  const int64_t K = w.size(dim);
+  if (depth(K) == K) return pack(w);
+  std::vector<int64_t> sizes = w.sizes().vec();
+  sizes[dim] = depth(K);
+  Tensor padded = at::zeros(sizes, w.options());
+  padded.narrow(dim, 0, K).copy_(w);
+  return pack(padded);
+}
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -126,13 +148,14 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void product_pair(const Bf16
   }
 }
 
-// run_panels (panel_gemm.h) on AMX tiles: panels [p0, p1) over rows a [M, K],
-// each row block of up to 16 (with four column groups, pairs of full blocks:
-// product_pair) into epi(tile, NV * 16, m0, mr, p). Panels
-// outermost, so that each is read from memory once per step however many
-// row blocks run over it (a thread's share of W_hh is 4 MB at H = 1024:
-// more than its L2). A last block of fewer rows runs on a copy padded with
-// zeros to 16, so that one configuration serves every block.
+// run_panels (panel_gemm.h) on AMX tiles: panels [p0, p1) (packed to
+// depth(K) rows by pack_deep) over rows a [M, K], each row block of up to 16
+// (with four column groups, pairs of full blocks: product_pair) into
+// epi(tile, NV * 16, m0, mr, p). Panels outermost, so that each is read from
+// memory once per step however many row blocks run over it (a thread's share
+// of W_hh is 4 MB at H = 1024: more than its L2). A last block of fewer rows
+// runs on a copy padded with zeros to 16, so that one configuration serves
+// every block; where K is not a multiple of 32, all rows do.
 template <int NV, typename Epi>
 __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t p1,
                                                              int64_t M, int64_t K,
@@ -142,34 +165,39 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t
   static_assert(NV == 3 || NV == 4, "three or four column groups of 16");
   constexpr int64_t W = NV * kLanes;
   alignas(64) float tile[2 * kRows * W];
-  const int64_t full = M / kRows * kRows;
-  thread_local std::vector<Bf16> last;  // the last block's rows, padded
+  const int64_t KD = depth(K);
+  // Rows read in place: the full blocks where K needs no padding.
+  const int64_t full = KD == K ? M / kRows * kRows : 0;
+  thread_local std::vector<Bf16> padded;  // rows full.. to a multiple of 16, depth KD
   if (full < M) {
-    last.assign(static_cast<size_t>(kRows * K), Bf16(0.0f));
+    const int64_t rows = (M - full + kRows - 1) / kRows * kRows;
+    padded.assign(static_cast<size_t>(rows * KD), Bf16(0.0f));
     for (int64_t m = full; m < M; ++m) {
-      std::copy(a + m * lda, a + m * lda + K, last.begin() + (m - full) * K);
+      std::copy(a + m * lda, a + m * lda + K, padded.begin() + (m - full) * KD);
     }
   }
+  // Row m0's block, and its row stride.
+  const auto rows_at = [&](int64_t m0) {
+    return m0 < full ? std::make_pair(a + m0 * lda, lda)
+                     : std::make_pair(padded.data() + (m0 - full) * KD, KD);
+  };
   configure();
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       const int mr = static_cast<int>(std::min(kRows, M - m0));
+      const Bf16* panel = packed + p * KD * W;
+      const auto [rows, ld] = rows_at(m0);
       if constexpr (NV == 4) {
-        if (m0 + 2 * kRows <= full) {
+        if (m0 + 2 * kRows <= M) {  // two full blocks
           epi.prefetch(m0, 2 * kRows, p);
-          product_pair(a + m0 * lda, a + (m0 + kRows) * lda, lda, packed + p * K * W, K, tile,
-                       tile + kRows * W);
+          product_pair(rows, rows_at(m0 + kRows).first, ld, panel, KD, tile, tile + kRows * W);
           epi(tile, W, m0, 2 * kRows, p);
           m0 += kRows;
           continue;
         }
       }
       epi.prefetch(m0, mr, p);
-      if (m0 < full) {
-        product<NV>(a + m0 * lda, lda, packed + p * K * W, K, tile);
-      } else {
-        product<NV>(last.data(), K, packed + p * K * W, K, tile);
-      }
+      product<NV>(rows, ld, panel, KD, tile);
       epi(tile, W, m0, mr, p);
     }
   }

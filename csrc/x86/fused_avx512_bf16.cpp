@@ -79,7 +79,9 @@ struct AmxGemm {
   using V = Vec16;
   using S = Bf16;
   using Packed = Bf16;
-  static Tensor pack_gates(const Tensor& w, int64_t G) { return Bf16Gemm::pack_gates(w, G); }
+  static Tensor pack_gates(const Tensor& w, int64_t G) {
+    return amx::pack_deep(w, 1, [G](const Tensor& wd) { return Bf16Gemm::pack_gates(wd, G); });
+  }
   template <int NV, typename Epi>
   static void run(int64_t p0, int64_t p1, int64_t M, int64_t K, const Bf16* a, int64_t lda,
                   const Bf16* packed, const Epi& epi) {
@@ -167,7 +169,7 @@ struct AmxColumnPanels {
                   const Bf16* packed, const Epi& epi) {
     amx::run_panels<Vec16::kColumnNV>(p0, p1, M, K, a, lda, packed, epi);
   }
-  static Tensor pack(const Tensor& w) { return Bf16ColumnPanels::pack(w); }
+  static Tensor pack(const Tensor& w) { return amx::pack_deep(w, 0, Bf16ColumnPanels::pack); }
 };
 
 // Rows per block: a block of x stays in L2 while each thread runs its panels
