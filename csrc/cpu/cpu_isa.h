@@ -3,8 +3,9 @@
 //
 // Note [choosing the CPU path]
 // By default the widest fused path this CPU and this build have: AMX (AVX-512
-// with AMX-BF16 tiles, which only the bfloat16 step products use: Note [AMX
-// tiles for the step product] in x86/amx_tiles.h), else AVX-512
+// with AMX-BF16 tiles, which only bfloat16 uses: the step products on them,
+// Note [AMX tiles for the step product] in x86/amx_tiles.h, and the large
+// products on oneDNN's, rnn_cpu.cpp), else AVX-512
 // (F, VL, DQ, BW), else AVX2 with FMA, else the generic loop (also on builds
 // without the x86 path: Note [x86-only fused path] in rnn_cpu.cpp).
 // FUSEDRNN_CPU_ISA=amx|avx512|avx2|generic forces one, so that one machine

@@ -75,14 +75,15 @@ bool fused_bf16_ok(const at::Tensor& x_proj, bool proj, int64_t H) {
 }
 
 // (dW_hh, db_hh) in float32 from bfloat16 dG [T, B, G], output [T, B, H] and
-// h0 [B, H] (x86/fused.h's weight_grad_bf16).
+// h0 [B, H]: x86/fused.h's weight_grad_bf16, or with AMX oneDNN's matmul over
+// h_{t-1} gathered in dG's row order (the pairing of recurrent_grad_rows).
 std::pair<at::Tensor, at::Tensor> recurrent_weight_grads_bf16(const at::Tensor& dg,
                                                              const at::Tensor& output,
                                                              const at::Tensor& h0, bool reverse,
                                                              bool has_bias) {
   const at::Tensor d = dg.contiguous(), out = output.contiguous(), h = h0.contiguous();
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2), G = d.size(2);
-  if (amx_runs()) {  // one ATen GEMM (oneDNN's, on AMX) over h_{t-1} gathered
+  if (amx_runs()) {
     const at::Tensor d2 = d.view({T * B, G});
     const at::Tensor prev = T == 1 ? h
                           : reverse ? at::cat({out.view({T * B, H}).narrow(0, B, (T - 1) * B), h})
