@@ -81,11 +81,13 @@ __attribute__((target("amx-tile"))) inline void configure() {
 }
 
 // tile [16][NV * 16] (float32) = a [16, K] (row stride lda) times panel
-// (K / 2 k-pair rows of NV * 16 columns): A in 4, B in 5..7 in turn.
-template <int NV>
+// (K / 2 k-pair rows of NV * 16 columns): A in 4, B in 5..7 in turn;
+// between() after each k step (Note [the epilogue beside the tiles]).
+template <int NV, typename Between>
 __attribute__((target("amx-tile,amx-bf16"))) inline void product(const Bf16* a, int64_t lda,
                                                                   const Bf16* panel, int64_t K,
-                                                                  float* tile) {
+                                                                  float* tile,
+                                                                  const Between& between) {
   constexpr int64_t kPairRow = NV * kLanes * 2;  // bfloat16 of a k-pair row of the panel
   _tile_zero(0);
   _tile_zero(1);
@@ -104,6 +106,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void product(const Bf16* a, 
       _tile_loadd(5, b + 6 * kLanes, kPairRow * 2);
       _tile_dpbf16ps(3, 4, 5);
     }
+    between();
   }
   constexpr int64_t ldt = NV * kLanes * 4;  // bytes per tile row
   _tile_stored(0, tile, ldt);
@@ -117,12 +120,14 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void product(const Bf16* a, 
 // Each k step loads four tiles for four tdpbf16ps (one row block: five).
 // The LSTM forward (bfloat16 inference, T=100 B=64 H=512, 2-core Xeon with
 // AMX, interleaved): 7% faster; at H=1024, 4%.
+template <typename Between>
 __attribute__((target("amx-tile,amx-bf16"))) inline void product_pair(const Bf16* a0,
                                                                       const Bf16* a1,
                                                                       int64_t lda,
                                                                       const Bf16* panel,
                                                                       int64_t K, float* tile0,
-                                                                      float* tile1) {
+                                                                      float* tile1,
+                                                                      const Between& between) {
   constexpr int64_t kPairRow = 4 * kLanes * 2;
   constexpr int64_t ldt = 4 * kLanes * 4;
   for (int h = 0; h < 2; ++h) {
@@ -140,6 +145,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void product_pair(const Bf16
       _tile_loadd(5, a1 + k, lda * 2);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
+      between();
     }
     _tile_stored(0, tile0 + 2 * h * kLanes, ldt);
     _tile_stored(1, tile0 + (2 * h + 1) * kLanes, ldt);
@@ -148,6 +154,39 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void product_pair(const Bf16
   }
 }
 
+// Note [the epilogue beside the tiles]
+// tdpbf16ps runs on the AMX unit while the vector units wait, and a block's
+// gate math then ran while the tiles waited. So each block's epilogue runs
+// while the next block's tiles multiply: its rows spread over the k steps of
+// the next product (between()), the rest after it, the two blocks' tiles in
+// alternating buffers. Nothing a product reads is written by an epilogue of
+// the same step: the product reads h_{t-1} (backward: dG of the step after),
+// the epilogues write step t's rows. Interleaved in one process, bfloat16,
+// the 2-core Xeon with AMX, T=100 B=64 I=H=512: LSTM inference 21.8 -> 18.8
+// ms, GRU 19.0 -> 15.8 ms; training 2-5% (LSTM) and 7% (GRU) faster; LSTM
+// inference at B=16 11%, at T=25 B=64 H=1024 8% faster.
+template <typename Epi>
+struct PendingRows {  // the rows of a finished block whose epilogue has not run
+  const Epi& epi;
+  int64_t steps;  // k steps of one product
+  const float* tile = nullptr;
+  int64_t ldt = 0, m0 = 0, p = 0;
+  int rows = 0, done = 0, per_step = 1;
+  void one() {  // after a k step
+    for (int i = 0; i < per_step && done < rows; ++i, ++done) {
+      epi(tile + done * ldt, ldt, m0 + done, 1, p);
+    }
+  }
+  void finish() {
+    while (done < rows) one();
+  }
+  void hand_over(const float* t, int64_t ld, int64_t m, int n, int64_t panel) {
+    finish();
+    tile = t, ldt = ld, m0 = m, p = panel, rows = n, done = 0;
+    per_step = static_cast<int>((n + steps - 1) / steps);
+  }
+};
+
 // run_panels (panel_gemm.h) on AMX tiles: panels [p0, p1) (packed to
 // depth(K) rows by pack_deep) over rows a [M, K], each row block of up to 16
 // (with four column groups, pairs of full blocks: product_pair) into
@@ -155,7 +194,9 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void product_pair(const Bf16
 // memory once per step however many row blocks run over it (a thread's share
 // of W_hh is 4 MB at H = 1024: more than its L2). A last block of fewer rows
 // runs on a copy padded with zeros to 16, so that one configuration serves
-// every block; where K is not a multiple of 32, all rows do.
+// every block; where K is not a multiple of 32, all rows do. Each block's
+// epilogue runs during the next block's product (Note [the epilogue beside
+// the tiles]).
 template <int NV, typename Epi>
 __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t p1,
                                                              int64_t M, int64_t K,
@@ -164,7 +205,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t
                                                              const Epi& epi) {
   static_assert(NV == 3 || NV == 4, "three or four column groups of 16");
   constexpr int64_t W = NV * kLanes;
-  alignas(64) float tile[2 * kRows * W];
+  alignas(64) float tiles[2][2 * kRows * W];
   const int64_t KD = depth(K);
   // Rows read in place: the full blocks where K needs no padding.
   const int64_t full = KD == K ? M / kRows * kRows : 0;
@@ -181,26 +222,35 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t
     return m0 < full ? std::make_pair(a + m0 * lda, lda)
                      : std::make_pair(padded.data() + (m0 - full) * KD, KD);
   };
+  // k steps of a product: a pair of blocks has twice one block's.
+  const int64_t steps = (NV == 4 && M >= 2 * kRows ? 2 : 1) * KD / kDepth;
+  PendingRows<Epi> pending{epi, steps};
+  const auto between = [&pending] { pending.one(); };
+  int cur = 0;
   configure();
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       const int mr = static_cast<int>(std::min(kRows, M - m0));
       const Bf16* panel = packed + p * KD * W;
       const auto [rows, ld] = rows_at(m0);
+      float* tile = tiles[cur];
+      cur ^= 1;
       if constexpr (NV == 4) {
         if (m0 + 2 * kRows <= M) {  // two full blocks
           epi.prefetch(m0, 2 * kRows, p);
-          product_pair(rows, rows_at(m0 + kRows).first, ld, panel, KD, tile, tile + kRows * W);
-          epi(tile, W, m0, 2 * kRows, p);
+          product_pair(rows, rows_at(m0 + kRows).first, ld, panel, KD, tile, tile + kRows * W,
+                       between);
+          pending.hand_over(tile, W, m0, 2 * kRows, p);
           m0 += kRows;
           continue;
         }
       }
       epi.prefetch(m0, mr, p);
-      product<NV>(rows, ld, panel, KD, tile);
-      epi(tile, W, m0, mr, p);
+      product<NV>(rows, ld, panel, KD, tile, between);
+      pending.hand_over(tile, W, m0, mr, p);
     }
   }
+  pending.finish();
   _tile_release();
 }
 
