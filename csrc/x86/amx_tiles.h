@@ -196,7 +196,8 @@ struct PendingRows {  // the rows of a finished block whose epilogue has not run
 // runs on a copy padded with zeros to 16, so that one configuration serves
 // every block; where K is not a multiple of 32, all rows do. Each block's
 // epilogue runs during the next block's product (Note [the epilogue beside
-// the tiles]).
+// the tiles]); the panels go in alternating order (Note [panels in
+// alternating order] in panel_gemm.h).
 template <int NV, typename Epi>
 __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t p1,
                                                              int64_t M, int64_t K,
@@ -227,8 +228,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t
   PendingRows<Epi> pending{epi, steps};
   const auto between = [&pending] { pending.one(); };
   int cur = 0;
+  const bool reverse = panels_in_reverse();  // Note [panels in alternating order]
   configure();
-  for (int64_t p = p0; p < p1; ++p) {
+  for (int64_t i = p0; i < p1; ++i) {
+    const int64_t p = reverse ? p0 + p1 - 1 - i : i;
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       const int mr = static_cast<int>(std::min(kRows, M - m0));
       const Bf16* panel = packed + p * KD * W;

@@ -155,15 +155,35 @@ inline void prefetch_rows(const T* rows, int G, int64_t H, int64_t m0, int mr, i
     }
   }
 }
+// Note [panels in alternating order]
+// A step reads all of a thread's panels of W_hh, and at H = 512 in float32
+// (2 MB a thread on two cores) they fill its L2: taken in the same order every
+// step, each panel had left L2 by the time the next step came back to it. So
+// each call on a thread runs its panels in the opposite order to the call
+// before, and a step starts with the panels the one before ended with, still
+// in L2. The order changes no result: each panel's tiles are its own. 2-core
+// Xeon with AMX, interleaved: the float32 LSTM forward op at T=100 B=16 H=512
+// 17.5 -> 15.5 ms (training, the module: 92.1 -> 86.6 ms), at B=1 H=256
+// (training) 5.93 -> 5.38 ms; at B=64 and at H=1024, within 3%; bfloat16 on
+// AMX tiles (amx::run_panels) at T=25 B=16 H=1024 8.7 -> 7.7 ms.
+inline bool panels_in_reverse() {
+  thread_local bool reverse = false;
+  reverse = !reverse;
+  return reverse;
+}
+
 template <typename V, int NV, typename Mma = MmaVec<V>, typename Epi>
 void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma::A* a,
                 int64_t sam, int64_t sak, const typename Mma::Packed* packed, const Epi& epi) {
   constexpr int MR = V::rows_per_tile(NV);
   constexpr int64_t W = NV * V::kLanes;
   constexpr int64_t kDepthBlock = depth_block<V, NV, Mma>();
+  const bool reverse = panels_in_reverse();  // Note [panels in alternating order]
+  const auto panel_at = [=](int64_t i) { return reverse ? p0 + p1 - 1 - i : i; };
   if (K <= kDepthBlock || M <= MR) {  // one row block: nothing to reuse across
     alignas(64) typename V::T tile[MR * W];
-    for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t i = p0; i < p1; ++i) {
+      const int64_t p = panel_at(i);
       const auto* panel = packed + p * K * W;
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
@@ -176,7 +196,8 @@ void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma
   }
   thread_local std::vector<typename V::T> sums;
   sums.resize(static_cast<size_t>(M * W));
-  for (int64_t p = p0; p < p1; ++p) {
+  for (int64_t i = p0; i < p1; ++i) {
+    const int64_t p = panel_at(i);
     const auto* panel = packed + p * K * W;
     for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) {
       const int64_t kc = std::min(kDepthBlock, K - k0);
