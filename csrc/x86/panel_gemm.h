@@ -155,6 +155,7 @@ inline void prefetch_rows(const T* rows, int G, int64_t H, int64_t m0, int mr, i
     }
   }
 }
+
 // Note [panels in alternating order]
 // A step reads all of a thread's panels of W_hh, and at H = 512 in float32
 // (2 MB a thread on two cores) they fill its L2: taken in the same order every
