@@ -132,6 +132,7 @@ def parse_args(argv):
                         f"results under {report.RESULTS_DIR.parent.name}/"
                         f"{report.RESULTS_DIR.name}) after the run")
     args = p.parse_args(argv)
+    args.command = report.shown_argv(sys.argv[1:] if argv is None else argv)  # as recorded
     args.set = "smoke" if args.smoke else "full" if args.full else \
         "cudnn-persistent" if args.cudnn_persistent else \
         "persistent" if args.persistent else "packed" if args.packed else "quick"
@@ -282,7 +283,7 @@ def run_device(device, args, cfgs):
     path = report.result_path(args.out_dir, tag, args.label, env["variant"], report.timestamp())
     doc = {
         "schema": report.SCHEMA_VERSION, "kind": "bench", "device": device, "set": args.label,
-        "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "argv": args.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "complete": False,
         "env": env,
         "load_average_start": environment.load_average(),
@@ -351,7 +352,7 @@ def run_cpu_set(args, side):
     path = report.result_path(args.out_dir, f"{side.KIND}-cpu", label, env["variant"],
                               report.timestamp())
     doc = {"schema": report.SCHEMA_VERSION, "kind": side.KIND, "device": "cpu",
-           "set": label, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "set": label, "argv": args.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "complete": False, "env": env, "load_average_start": environment.load_average(),
            "timing": {"method": "as the main set (timing.py): interleaved rounds, medians",
                       "rounds": rounds, "min_run_time_s": min_run_time, **side.TIMING_DOC},

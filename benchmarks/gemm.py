@@ -515,7 +515,7 @@ def main(argv=None):
         raise SystemExit(f"fusedrnn's CPU path: {str(exc).splitlines()[0]}") from exc
     started = time.time()
     doc = {"schema": report.SCHEMA_VERSION, "kind": "gemm", "device": "cpu", "set": args.label,
-           "argv": sys.argv[1:] if argv is None else list(argv),
+           "argv": report.shown_argv(sys.argv[1:] if argv is None else argv),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": False, "env": env,
            "load_average_start": environment.load_average(),
            "fusedrnn_gemm": env["fusedrnn_cpu_path"]["isa"] in FUSEDRNN_GEMM_PATHS,

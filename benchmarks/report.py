@@ -177,8 +177,9 @@ def title(doc, markdown=False):
 
 
 def shown_argv(argv):
-    """argv without --out-dir: where the results went changes nothing measured,
-    and it names a directory of the machine that ran it."""
+    """argv without --out-dir, as the results record and show it: where they
+    went changes nothing measured, and it names a directory of the machine
+    that ran it."""
     out, skip = [], False
     for a in argv:
         if skip:

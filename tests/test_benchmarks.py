@@ -235,6 +235,7 @@ def test_gemm_run_writes_a_labelled_result_and_markdown(tmp_path):
     (path,) = tmp_path.glob("gemm-cpu*-custom-*.json")  # cpu-avx2-... under a forced path
     doc = json.loads(path.read_text())
     assert doc["kind"] == "gemm" and doc["complete"]
+    assert doc["argv"] == argv[:-2]  # without the output directory
     assert doc["env"]["runtime_variables"] == environment.runtime_variables()
     assert doc["backend_check"]["ok"], doc["backend_check"]
     assert {r["product"] for r in doc["rows"]} == {p.key for p in gemm.PRODUCTS}
@@ -256,6 +257,7 @@ def test_regularisers_set_runs_and_renders(tmp_path):
     (path,) = tmp_path.glob("regularisers-cpu-custom-*.json")
     doc = json.loads(path.read_text())
     assert doc["kind"] == "regularisers" and doc["complete"]
+    assert doc["argv"] == argv[:-2]  # the command as run, without the output directory
     assert len(doc["rows"]) == 2 * len(regularisers.VARIANTS) * 2
     for row in doc["rows"]:
         assert row["status"] == "ok" and row["parity"]["passed"], row
