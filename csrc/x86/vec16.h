@@ -67,7 +67,7 @@ inline Vec16 exp_(Vec16 x) {
   for (int k = 4; k >= 0; --k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(math::kExpPoly[k]));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
   // Note [Saturated exp] in gates.h: y * 2^n, rounded once: inf past the
-  // top, subnormal, then 0, past the bottom.
+  // top, exp(kExpMin) past the bottom.
   return _mm512_scalef_ps(y, n);
 }
 
