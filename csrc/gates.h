@@ -41,12 +41,13 @@ namespace math {
 // both give exactly 1 (1 + 1.6e-38 rounds to 1), so a saturated gate is
 // exactly 0 or 1, its derivative exactly 0, and 0 * inf gives NaN where
 // torch.nn's does. A subnormal result would cost a microcode assist on x86
-// (about 250 cycles a vector against 12): the LSTM forward with saturated
-// gates (T=100 B=16 H=512, inputs times 100, 2-core Xeon) took 73.9 ms
-// against 25.4 ms on ordinary inputs. Clamping x to [kExpMin, kExpMax] (NaN
-// passes) keeps inf out of the reduction, and past the top the result is inf
-// already, so no lane needs a select: y * 2^n rounds once, as AVX-512's
-// scalef does, and 2^n is two normal factors (y * 2^h is exact).
+// (about 250 cycles a vector against 12): the GRU forward with saturated
+// gates (T=100 B=16 H=512, inputs times 100, 2-core Xeon) took 23 ms with
+// exp going to 0, 19.5 ms with it stopping, as on ordinary inputs. Clamping
+// x to [kExpMin, kExpMax] (NaN passes) keeps inf out of the reduction, and
+// past the top the result is inf already, so no lane needs a select: y * 2^n
+// rounds once, as AVX-512's scalef does, and 2^n is two normal factors
+// (y * 2^h is exact).
 constexpr float kExpMax = 89.0f;   // exp(88.73) overflows float
 constexpr float kExpMin = -87.0f;  // exp(-87) = 1.6e-38, normal (from -87.34 on)
 constexpr float kLog2e = 1.44269504088896341f;
