@@ -228,10 +228,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_panels(int64_t p0, int64_t
   PendingRows<Epi> pending{epi, steps};
   const auto between = [&pending] { pending.one(); };
   int cur = 0;
-  const bool reverse = panels_in_reverse();  // Note [panels in alternating order]
+  const PanelOrder panel_at = panel_order(p0, p1);  // Note [panels in alternating order]
   configure();
   for (int64_t i = p0; i < p1; ++i) {
-    const int64_t p = reverse ? p0 + p1 - 1 - i : i;
+    const int64_t p = panel_at(i);
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       const int mr = static_cast<int>(std::min(kRows, M - m0));
       const Bf16* panel = packed + p * KD * W;

@@ -146,8 +146,8 @@ extern const FusedF64 kFusedAvx512F64;  // the same, float64
 extern const FusedF32 kFusedAvx2;       // fused_avx2.cpp: AVX2 and FMA
 
 // The bfloat16 forwards (fused_avx512_bf16.cpp): H even, AVX512-BF16; amx:
-// the step products on AMX tiles (Note [AMX tiles for the
-// step product]). The same for the backward loops below.
+// the step products on AMX tiles (Note [AMX tiles for the step product]).
+// The same for the backward loops below.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fused_bf16(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& b_hh, bool reverse, bool train, c10::IntArrayRef batch_sizes, bool amx);
