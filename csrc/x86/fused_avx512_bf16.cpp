@@ -61,9 +61,9 @@ inline void mma_tile_bf16(const Bf16* a, int64_t sam, int64_t sak, const Bf16* p
 struct MmaBf16 {
   using A = Bf16;
   using Packed = Bf16;
-  template <int MR, int NV>
+  template <int MR, int NV>  // takes no lines ahead (Note [the next slice into L2])
   static void rows(int mr, const Bf16* a, int64_t sam, int64_t sak, const Bf16* panel,
-                   int64_t K, float* tile, bool accumulate) {
+                   int64_t K, float* tile, bool accumulate, int64_t = 0, Ahead = {}) {
     if constexpr (MR > 1) {
       if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate);
     }
