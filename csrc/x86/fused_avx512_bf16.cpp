@@ -35,10 +35,11 @@ constexpr int kLanes = Vec16::kLanes;
 // pair (r, k), (r, k + 1) of A (k even) is at a[r * sam + k * sak]; K even.
 template <int MR, int NV>
 inline void mma_tile_bf16(const Bf16* a, int64_t sam, int64_t sak, const Bf16* panel, int64_t K,
-                          float* tile, bool accumulate) {
+                          float* tile, bool accumulate, Ahead ahead = {}) {
   __m512 acc[MR][NV];
   load_acc<Vec16, MR, NV>(acc, tile, accumulate);
   for (int64_t k = 0; k < K; k += 2) {
+    if (k / 2 < ahead.lines) _mm_prefetch(ahead.at + k * 32, _MM_HINT_T1);
     __m512bh w[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
@@ -61,13 +62,14 @@ inline void mma_tile_bf16(const Bf16* a, int64_t sam, int64_t sak, const Bf16* p
 struct MmaBf16 {
   using A = Bf16;
   using Packed = Bf16;
-  template <int MR, int NV>  // takes no lines ahead (Note [the next slice into L2])
+  static constexpr int kStepsPerLine = 2;  // a k pair a line ahead
+  template <int MR, int NV>
   static void rows(int mr, const Bf16* a, int64_t sam, int64_t sak, const Bf16* panel,
-                   int64_t K, float* tile, bool accumulate, int64_t = 0, Ahead = {}) {
+                   int64_t K, float* tile, bool accumulate, int64_t = 0, Ahead ahead = {}) {
     if constexpr (MR > 1) {
-      if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate);
+      if (mr < MR) return rows<MR - 1, NV>(mr, a, sam, sak, panel, K, tile, accumulate, 0, ahead);
     }
-    mma_tile_bf16<MR, NV>(a, sam, sak, panel, K, tile, accumulate);
+    mma_tile_bf16<MR, NV>(a, sam, sak, panel, K, tile, accumulate, ahead);
   }
 };
 
