@@ -265,12 +265,12 @@ def test_float64_takes_the_fused_path_where_one_applies(kind, monkeypatch):
 # (M, K, N): one row, tails of both vector widths, several row blocks (M > 192),
 # K deeper than one pass over a panel; the dot products of a few rows (one and
 # several blocks of rows, N not a multiple of the rows of w read together), w
-# in place for up to 64 rows with K >= 1024 (panels of a^T one to four vectors
-# wide, one or several of them) and the panels packed one at a time (M <= 192;
-# x86/dot_gemm.h, fused_ops.h).
+# in place for up to 64 rows with K >= 256 (panels of a^T one to four vectors
+# wide, one or several of them; K deeper than a pass or not) and the panels
+# packed one at a time (M <= 192; x86/dot_gemm.h, fused_ops.h).
 LINEAR_SHAPES = [(1, 17, 5), (3, 40, 9), (7, 33, 70), (12, 100, 130), (200, 17, 33),
                  (400, 9, 16), (13, 2100, 20), (20, 1030, 37), (40, 1024, 9), (50, 1024, 20),
-                 (100, 600, 70)]
+                 (30, 300, 50), (64, 256, 70), (100, 600, 70), (20, 200, 40)]
 
 
 @pytest.mark.parametrize("isa", isa_params())

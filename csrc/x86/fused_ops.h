@@ -335,17 +335,21 @@ void product_in_place(int64_t p0, int64_t p1, int64_t M, int64_t K, const Elem<V
 }
 
 // Note [w in place for a few rows]
-// y = a w^T for more rows of a than dot_gemm takes, up to 64, and deep rows
-// of w (K >= 1024: w from memory) runs as y^T = w a^T: the rows of w are the
-// tile's broadcast operand, read where they are, and only a is packed
-// (transposed), into panels of NV vectors, as wide as the rows of a. Packing
-// w cost as much as the product here, even panel by panel (Note [packing
-// panel by panel]): with AVX-512, w
-// [4096, 1024], a [64, 1024]: 1.24 against 1.49 ms (oneDNN's matmul 1.48 ms);
-// a [32, 1024]: 0.65 against 0.99 ms; a [16, 1024]: 0.46 against 0.57 ms.
-// With shallower w (K = 256, 512) or more rows, the two came out even or
-// panel by panel ahead.
-constexpr int64_t kInPlaceMinDepth = 1024;
+// y = a w^T for more rows of a than dot_gemm takes, up to 64, and rows of w
+// at least 256 deep runs as y^T = w a^T: the rows of w are the tile's
+// broadcast operand, read where they are, and only a is packed (transposed),
+// into panels of NV vectors, as wide as the rows of a. Packing w cost as much
+// as the product here, even panel by panel (Note [packing panel by panel]):
+// on the 2-core AMD EPYC with AVX-512, w [4096, 1024], a [64, 1024]: 1.24
+// against 1.49 ms (oneDNN's matmul 1.48 ms); a [32, 1024]: 0.65 against 0.99
+// ms; a [16, 1024]: 0.46 against 0.57 ms; with K = 256 and 512 the two came
+// out about even there. On the 2-core Xeon with AMX, interleaved, in place
+// against panel by panel at K = 512 (w [2048, 512]): a [64, 512] 475 against
+// 568 us (oneDNN 560 us), [32, 512] 273 against 395 us, [16, 512] 186 against
+// 267 us; at K = 256 (w [1024, 256]): a [16, 256] 44 against 66 us, [32,
+// 256] 67 against 98 us, [64, 256] even; the AVX2 kernels there 9-38%
+// faster in place. So K >= 256.
+constexpr int64_t kInPlaceMinDepth = 256;
 constexpr int64_t kInPlaceMaxRows = 64;
 
 template <typename V, int NV>
