@@ -182,6 +182,28 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
     return to_out(layer_in), ((h_n, _caster(c_dtype)(torch.stack(c_n))) if lstm else h_n)
 
 
+def plain_cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True):
+    """cell() without regularisers where it has nothing to plan: no autocast,
+    every tensor of input's dtype and device, a batch. The same ops, without
+    the checks and casts that cost a cell at batch 1 as much as its ops (Note
+    [a plain cell's short way]). Returns None where cell() must run."""
+    dev, dtype = input.device, input.dtype
+    if (dev.type not in ("cpu", "cuda") or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(dev.type) or input.size(0) == 0):
+        return None
+    for t in states:  # the weights' devices, as cell()'s, are the ops' to check
+        if t.dtype != dtype or t.device != dev:
+            return None
+    for t in (w_ih, w_hh, b_ih, b_hh):
+        if t is not None and t.dtype != dtype:
+            return None
+    lstm = mode == "LSTM"
+    x_proj = _ops.linear(input, w_ih, b_ih).unsqueeze(0)
+    res = _layer(lstm, x_proj, states[0], states[-1] if lstm else None, w_hh, None, b_hh, None,
+                 False, reset_after)
+    return (res[1], res[2]) if lstm else (res[1],)
+
+
 def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True,
          options=regularised.Options(), ln_weights=None, training=False):
     """One step of LSTMCell or GRUCell: input [B, I], states (h [B, H],) or (h, c).

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import regularised
-from .functional import cell, check_devices, rnn_layers
+from .functional import cell, check_devices, plain_cell, rnn_layers
 from .scripting import ScriptedCell, ScriptedRNN, refuse_regularised
 
 
@@ -268,6 +268,18 @@ class _CellOptions(_Regularisable):
 
     def _cell(self, mode, input, states):
         lstm = mode == "LSTM"  # an LSTMCell has no reset_after (a failed getattr is slow)
+        # Note [a plain cell's short way]
+        # At batch 1 H=256 a cell's two ops took 40 us and the call 81 us on a
+        # 2-core Xeon (torch.nn.LSTMCell: 54 us): most of the rest planned
+        # dtypes, autocast and regularisers that a plain call does not use.
+        # Interleaved, inference: LSTMCell 105 -> 86 us at B=1 H=256, 1103 ->
+        # 916 us at B=1 H=1024, GRUCell 88 -> 69 us; training 1-4% faster.
+        opts = self.__dict__
+        if not any(opts.get(name) for name in regularised.OPTIONS):
+            out = plain_cell(mode, input, states, self.weight_ih, self.weight_hh, self.bias_ih,
+                             self.bias_hh, lstm or getattr(self, "reset_after", True))
+            if out is not None:
+                return out
         return cell(mode, input, states, self.weight_ih, self.weight_hh, self.bias_ih,
                     self.bias_hh, lstm or getattr(self, "reset_after", True),
                     regularised.options(self),

@@ -408,6 +408,23 @@ def test_cell_matches_loop_model(kind, kw, batched, training, masks):
     _assert_matches(m, got, want, leaves)
 
 
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+def test_cell_option_set_later_takes_effect(kind):
+    """A plain cell's call takes a short way past the regularisers; an option set
+    on the cell after construction still counts: zoneout in eval mode gives its
+    expectation p h_prev + (1 - p) h~ (and leaves c as it was)."""
+    m = getattr(fusedrnn, kind)(I, H, dtype=F64).eval()
+    lstm = kind == "LSTMCell"
+    x, h, c = (torch.randn(B, n, dtype=F64) for n in (I, H, H))
+    plain = m(x, (h, c)) if lstm else (m(x, h),)
+    m.zoneout = 0.25
+    zoned = m(x, (h, c)) if lstm else (m(x, h),)
+    assert torch.allclose(zoned[0], 0.25 * h + 0.75 * plain[0], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(zoned[0], plain[0])
+    if lstm:  # the regularised kernels: the same c to rounding
+        assert torch.allclose(zoned[1], plain[1], rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ the masks' statistics
 def _five_sigma(p, n):
     return 5 * math.sqrt(p * (1 - p) / n)
