@@ -268,6 +268,7 @@ class _CellOptions(_Regularisable):
 
     def _cell(self, mode, input, states):
         lstm = mode == "LSTM"  # an LSTMCell has no reset_after (a failed getattr is slow)
+        reset_after = lstm or getattr(self, "reset_after", True)
         # Note [a plain cell's short way]
         # At batch 1 H=256 a cell's two ops took 40 us and the call 81 us on a
         # 2-core Xeon (torch.nn.LSTMCell: 54 us): most of the rest planned
@@ -277,12 +278,11 @@ class _CellOptions(_Regularisable):
         opts = self.__dict__
         if not any(opts.get(name) for name in regularised.OPTIONS):
             out = plain_cell(mode, input, states, self.weight_ih, self.weight_hh, self.bias_ih,
-                             self.bias_hh, lstm or getattr(self, "reset_after", True))
+                             self.bias_hh, reset_after)
             if out is not None:
                 return out
         return cell(mode, input, states, self.weight_ih, self.weight_hh, self.bias_ih,
-                    self.bias_hh, lstm or getattr(self, "reset_after", True),
-                    regularised.options(self),
+                    self.bias_hh, reset_after, regularised.options(self),
                     regularised.ln_weights(self, lstm, True), self.training)
 
 
