@@ -109,6 +109,7 @@ Tensor pack_pair_panels(const Tensor& w) {
 // y[m][64 q + c] = bfloat16(tile + bias), rows N apart: the projection's
 // output, rounded once.
 struct StoreBf16Epi {
+  static constexpr bool kStoresRows = true;  // Note [a panel's stores after its products]
   int64_t N;
   const Bf16* bias;  // [N] or null
   Bf16* y;           // [M, N]

@@ -232,6 +232,8 @@ struct StoreEpi {
 // GEMM output, rows ldy apart.
 template <typename V>
 struct StoreRowsEpi {
+  // AVX-512's 64-byte vectors: Note [a panel's stores after its products].
+  static constexpr bool kStoresRows = sizeof(typename V::Reg) == 64;
   int64_t N, ldy;
   const Elem<V>* bias;  // [N] or null
   Elem<V>* y;           // [M, ldy]

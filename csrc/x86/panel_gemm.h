@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 
@@ -214,6 +215,27 @@ inline PanelOrder panel_order(int64_t p0, int64_t p1) {
 // faster bfloat16 forward ops there (forced with FUSEDRNN_CPU_ISA=avx512).
 // On AMX tiles (amx::run_panels) the same prefetch gained nothing at B=64
 // and cost 7-20% at B=16, so the tiles take no lines.
+//
+// Note [a panel's stores after its products]
+// A plain product's epilogue only stores the tile's rows (the input
+// projection's output: tens of MB, so rows not in cache). Run after each
+// tile, those stores held up the next tile's product (the likely cause:
+// the store misses keep the L1's fill buffers that the panel's loads from
+// L2 need); run over all of a panel's rows after its products, they do not.
+// Such an epilogue sets kStoresRows, and run_panels keeps its tiles in the
+// sums buffer until the panel is done. 2-core Xeon with AMX, float32,
+// interleaved: linear at [1600, 256] x [768, 256]^T 7-10% faster, at [6400,
+// 512] x [2048, 512]^T 8-10%, at [100, 256] x [1024, 256]^T 3% (K > 512
+// took this way already); the regularised layers' step products 0-5%;
+// float64 3-5%, bfloat16 on vdpbf16ps 0-2%. On AVX2's kernels it was 4-10%
+// slower, so there, as in the recurrent steps (gate math on rows they read:
+// 7% slower to 4% faster), a tile's epilogue runs right after it.
+template <typename Epi, typename = void>
+struct StoresRows : std::false_type {};
+template <typename Epi>
+struct StoresRows<Epi, std::void_t<decltype(Epi::kStoresRows)>>
+    : std::bool_constant<Epi::kStoresRows> {};
+
 template <typename V, int NV, typename Mma = MmaVec<V>, typename Epi>
 void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma::A* a,
                 int64_t sam, int64_t sak, const typename Mma::Packed* packed, const Epi& epi) {
@@ -231,7 +253,10 @@ void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma
     return {reinterpret_cast<const char*>(packed + (p * K + next_k0) * W),
             std::min(kDepthBlock, K - next_k0) * W / kLineValues};
   };
-  if (K <= kDepthBlock || M <= MR) {  // one depth block, or one row block: no sums
+  // Note [a panel's stores after its products]
+  constexpr bool kStoresAfter = StoresRows<Epi>::value;
+  // One depth block, or one row block: no sums.
+  if ((K <= kDepthBlock && !kStoresAfter) || M <= MR) {
     alignas(64) typename V::T tile[MR * W];
     for (int64_t i = p0; i < p1; ++i) {
       const int64_t p = panel_at(i);
