@@ -128,6 +128,60 @@ def _layer(lstm, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes, reverse, reset_a
                           reset_after=reset_after, reg=reg)
 
 
+def _stack(lstm, layer_in, num_layers, dropout, training, dirs, one):
+    """The layers' loop: dropout between layers in training, and per layer and
+    direction k, one(k, its input, reverse) -> (output, h_n[, c_n]). Returns
+    the last layer's output (directions concatenated), the h_n and the c_n."""
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        if layer > 0 and dropout > 0 and training:
+            layer_in = F.dropout(layer_in, dropout, True)
+        outs = []
+        for d in range(dirs):
+            res = one(layer * dirs + d, layer_in, d == 1)
+            outs.append(res[0])
+            h_n.append(res[1])
+            if lstm:
+                c_n.append(res[2])
+        layer_in = outs[0] if dirs == 1 else torch.cat(outs, dim=-1)
+    return layer_in, h_n, c_n
+
+
+def _plain_layers(lstm, data, h0, c0, weights, num_layers, dropout, training, dirs,
+                  reset_after):
+    """rnn_layers() for a padded stack without regularisers where it has nothing
+    to plan: no autocast, every state and weight of data's dtype, the states on
+    its device, a batch. The same ops in the same order, without the dtype and
+    regulariser planning.
+
+    Note [a plain stack's short way]
+    A layer called on a short input (one step at a time, as in a decoder or an
+    agent's loop) is mostly Python: LSTM(8, 8) on one step took 113 us, its two
+    ops 33 us (2-core Xeon). Interleaved, inference, one step, two runs: LSTM(8,
+    8) 115 -> 95 and 144 -> 134 us (torch.nn 89 and 114 us), GRU(8, 8) 90 -> 75
+    and 123 -> 107 us (torch.nn 46 and 71 us); at H=256 3-13% faster; at T=100
+    within the noise. Returns None where rnn_layers must plan."""
+    dev, dtype = data.device, data.dtype
+    if (dev.type not in ("cpu", "cuda") or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(dev.type) or data.numel() == 0):
+        return None
+    for t in (h0, c0):
+        if t is not None and (t.dtype != dtype or t.device != dev):
+            return None
+    for ws in weights:  # their devices, as rnn_layers', are the ops' to check
+        for t in ws:
+            if t is not None and t.dtype != dtype:
+                return None
+
+    def one(k, layer_in, reverse):
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+        return _layer(lstm, _ops.linear(layer_in, w_ih, b_ih), h0[k], c0[k] if lstm else None,
+                      w_hh, w_hr, b_hh, None, reverse, reset_after)
+
+    out, h_n, c_n = _stack(lstm, data, num_layers, dropout, training, dirs, one)
+    return out, ((torch.stack(h_n), torch.stack(c_n)) if lstm else torch.stack(h_n))
+
+
 def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, training,
                bidirectional, reset_after=True, options=regularised.Options(), ln_weights=None):
     """Runs the stack.
@@ -144,6 +198,11 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
     lstm = mode == "LSTM"
     dirs = 2 if bidirectional else 1
     h0, c0 = hx if lstm else (hx, None)
+    if batch_sizes is None and ln_weights is None and not regularised.any_on(options):
+        res = _plain_layers(lstm, data, h0, c0, weights, num_layers, dropout, training, dirs,
+                            reset_after)
+        if res is not None:
+            return res
     if batch_sizes is not None and not torch.compiler.is_compiling():
         # torch.nn takes steps of no rows at the end (the ops do not): they change nothing.
         batch_sizes = batch_sizes[:int(torch.count_nonzero(batch_sizes))]
@@ -155,31 +214,23 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
     compute, out_dtype, c_dtype = plan_dtypes(mode, data, matmul_states, state_name, state,
                                               weights[0][0], fused, ac, proj)
     cast = _caster(compute)
-    h_n, c_n = [], []
+
+    def one(k, layer_in, reverse):
+        w_ih, w_hh, b_ih, b_hh, w_hr = (cast(w) for w in weights[k])
+        ln = None if ln_weights is None else [cast(w) for w in ln_weights[k]]
+        w_hh = regularised.drop_weight(w_hh, options.weight_drop, training)
+        x_proj = regularised.project(layer_in, w_ih, b_ih, ln)
+        reg = regularised.layer_reg(options, training, x_proj, h0[k], c0[k] if lstm else None,
+                                    ln, b_ih)
+        return _layer(lstm, x_proj, h0[k], c0[k] if lstm else None, w_hh, w_hr, b_hh,
+                      batch_sizes, reverse, reset_after, reg)
+
     with _autocast_off(data.device.type, ac):
-        layer_in, h0, c0 = cast(data), cast(h0), cast(c0)
-        for layer in range(num_layers):
-            if layer > 0 and dropout > 0 and training:
-                layer_in = F.dropout(layer_in, dropout, True)
-            outs = []
-            for d in range(dirs):
-                k = layer * dirs + d
-                w_ih, w_hh, b_ih, b_hh, w_hr = (cast(w) for w in weights[k])
-                ln = None if ln_weights is None else [cast(w) for w in ln_weights[k]]
-                w_hh = regularised.drop_weight(w_hh, options.weight_drop, training)
-                x_proj = regularised.project(layer_in, w_ih, b_ih, ln)
-                reg = regularised.layer_reg(options, training, x_proj, h0[k],
-                                            c0[k] if lstm else None, ln, b_ih)
-                res = _layer(lstm, x_proj, h0[k], c0[k] if lstm else None, w_hh, w_hr, b_hh,
-                             batch_sizes, d == 1, reset_after, reg)
-                outs.append(res[0])
-                h_n.append(res[1])
-                if lstm:
-                    c_n.append(res[2])
-            layer_in = outs[0] if dirs == 1 else torch.cat(outs, dim=-1)
+        h0, c0 = cast(h0), cast(c0)
+        out, h_n, c_n = _stack(lstm, cast(data), num_layers, dropout, training, dirs, one)
     to_out = _caster(out_dtype)
     h_n = to_out(torch.stack(h_n))
-    return to_out(layer_in), ((h_n, _caster(c_dtype)(torch.stack(c_n))) if lstm else h_n)
+    return to_out(out), ((h_n, _caster(c_dtype)(torch.stack(c_n))) if lstm else h_n)
 
 
 def plain_cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True):
