@@ -197,6 +197,39 @@ def test_no_grad_and_inference_mode(device, kind, kw, mode):
         assert rel_err(g, w.detach()) < F64_TOL
 
 
+# ------------------------------------------------------------------ the plain stack's short way
+@pytest.mark.parametrize("kind,kw", MODULES)
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
+def test_short_way_is_bitwise_the_planned_path(kind, kw, hx_given, monkeypatch):
+    """Note [a plain stack's short way]: taken for a plain padded call, and the same
+    outputs and gradients, bit for bit, as the planned path, dropout masks included."""
+    from fusedrnn import functional
+    _, ours = twins(kind, "cpu", torch.float32, dropout=0.3, **kw)
+    ours.train()
+    leaves = rnn_inputs(ours, "padded", hx_given, "cpu", torch.float32)
+    taken = []
+    short = functional._plain_layers
+
+    def counted(*args):
+        res = short(*args)
+        taken.append(res is not None)
+        return res
+
+    results = []
+    for way in (counted, lambda *args: None):
+        monkeypatch.setattr(functional, "_plain_layers", way)
+        call = fresh_leaves(leaves)
+        torch.manual_seed(7)
+        results.append(outputs_and_grads(ours, rnn_call_args(ours, "padded", call), call))
+    assert taken == [True]
+    (_, outs_a, grads_a, _), (_, outs_b, grads_b, _) = results
+    for a, b in zip(outs_a, outs_b):
+        assert torch.equal(a, b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
 # ------------------------------------------------------------------ eval-mode backward
 @pytest.mark.parametrize("kind,kw", ALL_KINDS)
 def test_backward_after_eval_mode_forward(device, kind, kw):
