@@ -147,6 +147,25 @@ def _stack(lstm, layer_in, num_layers, dropout, training, dirs, one):
     return layer_in, h_n, c_n
 
 
+def _nothing_to_plan(x, states, weights):
+    """Whether a call on input x has no dtype or autocast planning to do (the
+    short ways of plain_cell and _plain_layers): eager, on the CPU or CUDA, no
+    autocast on x's device, every state (None: absent) of x's dtype and on its
+    device, every weight (None: absent) of x's dtype. The weights' devices are
+    the ops' to check, as for the planned path."""
+    dev, dtype = x.device, x.dtype
+    if (dev.type not in ("cpu", "cuda") or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(dev.type)):
+        return False
+    for t in states:
+        if t is not None and (t.dtype != dtype or t.device != dev):
+            return False
+    for t in weights:
+        if t is not None and t.dtype != dtype:
+            return False
+    return True
+
+
 def _plain_layers(lstm, data, h0, c0, weights, num_layers, dropout, training, dirs,
                   reset_after):
     """rnn_layers() for a padded stack without regularisers where it has nothing
@@ -161,17 +180,9 @@ def _plain_layers(lstm, data, h0, c0, weights, num_layers, dropout, training, di
     8) 115 -> 95 and 144 -> 134 us (torch.nn 89 and 114 us), GRU(8, 8) 90 -> 75
     and 123 -> 107 us (torch.nn 46 and 71 us); at H=256 3-13% faster; at T=100
     within the noise. Returns None where rnn_layers must plan."""
-    dev, dtype = data.device, data.dtype
-    if (dev.type not in ("cpu", "cuda") or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled(dev.type) or data.numel() == 0):
+    if data.numel() == 0 or not _nothing_to_plan(data, (h0, c0),
+                                                  (t for ws in weights for t in ws)):
         return None
-    for t in (h0, c0):
-        if t is not None and (t.dtype != dtype or t.device != dev):
-            return None
-    for ws in weights:  # their devices, as rnn_layers', are the ops' to check
-        for t in ws:
-            if t is not None and t.dtype != dtype:
-                return None
 
     def one(k, layer_in, reverse):
         w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
@@ -238,16 +249,8 @@ def plain_cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True):
     every tensor of input's dtype and device, a batch. The same ops, without
     the checks and casts that cost a cell at batch 1 as much as its ops (Note
     [a plain cell's short way]). Returns None where cell() must run."""
-    dev, dtype = input.device, input.dtype
-    if (dev.type not in ("cpu", "cuda") or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled(dev.type) or input.size(0) == 0):
+    if input.size(0) == 0 or not _nothing_to_plan(input, states, (w_ih, w_hh, b_ih, b_hh)):
         return None
-    for t in states:  # the weights' devices, as cell()'s, are the ops' to check
-        if t.dtype != dtype or t.device != dev:
-            return None
-    for t in (w_ih, w_hh, b_ih, b_hh):
-        if t is not None and t.dtype != dtype:
-            return None
     lstm = mode == "LSTM"
     x_proj = _ops.linear(input, w_ih, b_ih).unsqueeze(0)
     res = _layer(lstm, x_proj, states[0], states[-1] if lstm else None, w_hh, None, b_hh, None,
