@@ -155,9 +155,10 @@ def check_layer_against_float64(kind, T, B, H, reverse, bias, dtype=torch.float3
 # whole vectors of 8 lanes only (8, 24), batches that are not a multiple of any
 # tile's rows, a backward panel cut in depth on AVX-512 (4H > 512 at H=129); one
 # step of a few rows (dot products, x86/dot_gemm.h: one block of rows, two, and
-# more rows than they take, on AVX-512; on AVX2 fewer rows).
+# more rows than they take, on AVX-512; on AVX2 fewer rows); one step of more
+# rows, panel by panel (13 rows of 21) and with W_hh in place (20 of 256).
 SHAPES = [(1, 1, 5), (1, 3, 8), (1, 8, 17), (1, 13, 21), (9, 1, 24), (7, 7, 17), (4, 13, 70),
-          (3, 6, 129)]
+          (3, 6, 129), (1, 20, 256)]
 
 
 @pytest.mark.parametrize("isa", isa_params())
@@ -169,6 +170,35 @@ SHAPES = [(1, 1, 5), (1, 3, 8), (1, 8, 17), (1, 13, 21), (9, 1, 24), (7, 7, 17),
 def test_layer_matches_float64_reference(isa, kind, T, B, H, reverse, bias, dtype, monkeypatch):
     force_cpu_isa(monkeypatch, isa)
     check_layer_against_float64(kind, T, B, H, reverse, bias, dtype)
+
+
+# One step of more rows than the dot products take (Note [a single step with w
+# in place], Note [a single step panel by panel] in csrc/x86): W_hh in place
+# (20 rows of 256 and 32 of 259: one and two vectors of a^T, a ragged last
+# panel; 33 rows of 1024), panel by panel (40 rows of 64, 70 of 300).
+SINGLE_STEPS = [(20, 256), (32, 259), (33, 1024), (40, 64), (70, 300)]
+
+
+@pytest.mark.parametrize("isa", isa_params(FUSED_ISAS))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("B,H", SINGLE_STEPS, ids=[f"B{b}-H{h}" for b, h in SINGLE_STEPS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_single_step_is_bitwise_the_first_of_two(isa, kind, B, H, dtype, monkeypatch):
+    """A single step's ways sum each recurrent term over k in the order of the
+    step loop over packed panels, so a layer called on one step gives the first
+    step of the same layer on two bit for bit: h (and the gates saved for
+    backward, through the gradient of x_proj)."""
+    force_cpu_isa(monkeypatch, isa)
+    d = layer_inputs(kind, False, "cpu", dtype, T=2, B=B, H=H)
+    x2 = d["x_proj"].requires_grad_(True)
+    x1 = x2.detach()[:1].requires_grad_(True)
+    out2 = run_layer(kind, dict(d, x_proj=x2), False, fusedrnn)[0]
+    out1 = run_layer(kind, dict(d, x_proj=x1), False, fusedrnn)[0]
+    assert torch.equal(out1[0], out2[0])
+    g = torch.randn_like(out1)
+    (g1,) = torch.autograd.grad(out1, x1, g)
+    (g2,) = torch.autograd.grad(out2, x2, torch.cat([g, torch.zeros_like(g)]))
+    assert torch.equal(g1[0], g2[0])
 
 
 # Packed batches (Note [packed input on the fused forward]): rows ending at

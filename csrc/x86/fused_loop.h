@@ -115,47 +115,49 @@ void run_steps(int64_t steps, int64_t P, const Body& body) {
   }
 }
 
-// Forward panels of w [G*H, K], L = V::kLanes hidden units with all their
+// Forward panel p of w [G*H, K], L = V::kLanes hidden units with all their
 // gates each, k in groups of KP (1, or 2 for the bfloat16 pairs; K a multiple
-// of KP):
-//   packed[p][k / KP][g * L + j][k % KP] = w[g * H + L p + j][k]
+// of KP), zeros past H:
+//   panel[k / KP][g * L + j][k % KP] = w[g * H + L p + j][k]
 template <typename V, typename S, int KP>
-Tensor pack_gate_panels(const Tensor& w, int64_t G) {
+void pack_gate_panel(const S* w, int64_t H, int64_t K, int64_t G, int64_t p, S* panel) {
   constexpr int64_t kLanes = V::kLanes;
-  const int64_t H = w.size(0) / G, K = w.size(1), P = ceil_div(H, kLanes);
   const int64_t width = G * kGateNV * kLanes;
-  const S* src = w.data_ptr<S>();
+  const int rows = static_cast<int>(std::min<int64_t>(kLanes, H - p * kLanes));
   if constexpr (sizeof(S) * KP == 4 && kLanes == 16) {
     // AVX-512, float32 or bfloat16 pairs: a k group is one 32-bit unit, and
     // each gate's 16 units of a panel are 16 consecutive rows of w, so the
     // panel is a 16 x 16 transpose of 32-bit units (transpose16.h) per gate.
     const int64_t KU = K / KP;  // units per row
-    Tensor packed = empty_for_steps({P, K, width}, w.options());
-    const float* src_u = reinterpret_cast<const float*>(src);
-    float* dst_u = reinterpret_cast<float*>(packed.data_ptr<S>());
-    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int rows = static_cast<int>(std::min<int64_t>(kLanes, H - p * kLanes));
-        for (int64_t g = 0; g < G; ++g) {
-          pack_rows_into_panel<kLanes>(src_u + (g * H + p * kLanes) * KU, KU, rows,
-                                       dst_u + p * KU * width, width, g * kLanes);
+    const float* src = reinterpret_cast<const float*>(w);
+    float* dst = reinterpret_cast<float*>(panel);
+    for (int64_t g = 0; g < G; ++g) {
+      pack_rows_into_panel<kLanes>(src + (g * H + p * kLanes) * KU, KU, rows, dst, width,
+                                   g * kLanes);
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const S* row = j < rows ? w + (g * H + p * kLanes + j) * K : nullptr;
+        const int64_t c = g * kLanes + j;
+        for (int64_t k = 0; k < K; ++k) {
+          panel[(k / KP) * KP * width + c * KP + k % KP] = row ? row[k] : S(0);
         }
       }
-    });
-    return packed;
+    }
   }
-  Tensor packed = at::zeros({P, K, width}, w.options());
+}
+
+// All forward panels of w [G*H, K]: packed[p] is pack_gate_panel's panel p.
+template <typename V, typename S, int KP>
+Tensor pack_gate_panels(const Tensor& w, int64_t G) {
+  const int64_t H = w.size(0) / G, K = w.size(1), P = ceil_div(H, V::kLanes);
+  const int64_t width = G * kGateNV * V::kLanes, size = K * width;
+  Tensor packed = empty_for_steps({P, K, width}, w.options());
+  const S* src = w.data_ptr<S>();
   S* dst = packed.data_ptr<S>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t j = 0; j < kLanes && p * kLanes + j < H; ++j) {
-          const S* row = src + (g * H + p * kLanes + j) * K;
-          const int64_t c = g * kLanes + j;
-          for (int64_t k = 0; k < K; ++k) {
-            dst[p * K * width + (k / KP) * KP * width + c * KP + k % KP] = row[k];
-          }
-        }
+    for (int64_t p = p0; p < p1; ++p) pack_gate_panel<V, S, KP>(src, H, K, G, p, dst + p * size);
   });
   return packed;
 }
@@ -213,6 +215,7 @@ struct LstmForwardEpi {
 
 template <typename V, typename S>
 struct GruForwardEpi {
+  using E = typename V::T;
   int64_t H;
   const S *x, *bias, *h_prev;  // [B, 3H], [3H], [B, H]
   S* h;                        // [B, H] h_t
@@ -325,7 +328,70 @@ struct PanelGemm {
                   const Packed* packed, const Epi& epi) {
     run_panels<V, NV, Mma>(p0, p1, M, K, a, lda, 1, packed, epi);
   }
+  // Note [a single step panel by panel]: float32 and float64 (bfloat16's
+  // k pairs and AMX tiles pack W_hh whole).
+  static constexpr bool kPanelByPanel = KP == 1 && std::is_same_v<S, typename V::T>;
+  static void pack_gate(const S* w, int64_t H, int64_t G, int64_t p, Packed* panel) {
+    pack_gate_panel<V, S, KP>(w, H, H, G, p, panel);
+  }
 };
+
+// An epilogue of panel p handed to run_panels as panel 0 of a single packed
+// panel.
+template <typename Epi>
+struct PanelAt {
+  const Epi& epi;
+  int64_t p;
+  void prefetch(int64_t m0, int mr, int64_t) const { epi.prefetch(m0, mr, p); }
+  void operator()(const typename Epi::E* rec, int64_t ldr, int64_t m0, int mr, int64_t) const {
+    epi(rec, ldr, m0, mr, p);
+  }
+};
+
+template <typename Gemm, typename = void>
+struct PanelByPanel : std::false_type {};
+template <typename Gemm>
+struct PanelByPanel<Gemm, std::void_t<decltype(Gemm::kPanelByPanel)>>
+    : std::bool_constant<Gemm::kPanelByPanel> {};
+
+// Note [a single step panel by panel]
+// A single step with more rows than dot_gemm's reads each panel of W_hh once,
+// so packing all of W_hh first (a copy of it through memory, in a parallel
+// region of its own) only adds traffic: each thread packs one panel at a
+// time into a buffer that stays in cache and runs all B rows over it, as
+// gemm_panelwise does for the projection. 2-core Xeon with AMX, float32, the
+// forward op at T=1, interleaved, panel by panel / all packed first: LSTM
+// B=64 H=256 249 / 271 us, B=128 H=256 410 / 424 us, GRU B=48 H=300 174 / 204
+// us, B=256 H=256 509 / 516 us; LSTM B=64 H=512 (training) 938 / 924 us.
+// Rows a [B, H], w [G*H, H]; panels to epi (Gemm::run's). Returns whether it
+// ran.
+template <typename Gemm, int NV, typename Epi>
+bool single_step_panelwise(int64_t B, int64_t H, int64_t G,
+                           const typename Gemm::S* a, const typename Gemm::S* w, const Epi& epi) {
+  if constexpr (!PanelByPanel<Gemm>::value) {
+    return false;
+  } else {
+    constexpr int64_t L = Gemm::V::kLanes;
+    const int64_t P = ceil_div(H, L);
+    at::parallel_for(0, P, ceil_div(P, at::get_num_threads()), [&](int64_t p0, int64_t p1) {
+      thread_local std::vector<typename Gemm::Packed> panel;
+      panel.resize(static_cast<size_t>(H * G * kGateNV * L));
+      for (int64_t p = p0; p < p1; ++p) {
+        Gemm::pack_gate(w, H, G, p, panel.data());
+        Gemm::template run<NV>(0, 1, B, H, a, H, panel.data(), PanelAt<Epi>{epi, p});
+      }
+    });
+    return true;
+  }
+}
+
+// Where the forward tiles' layout (panel p: gate g's units L p.. at g L)
+// holds gate pre-activation n of G*H (gate n / H, unit n % H).
+template <int64_t L>
+inline int64_t tile_column(int64_t n, int64_t H, int64_t G) {
+  const int64_t g = n / H, u = n % H;
+  return u / L * G * L + g * L + u % L;
+}
 
 // Note [a single step without packing]
 // A cell is a layer of one step, for which packing W_hh into gate panels
@@ -337,26 +403,46 @@ struct PanelGemm {
 // nn.LSTMCell 50 us); H=1024, the module 1.31 -> 0.50 ms (nn.LSTMCell
 // 1.47 ms). Returns whether it ran.
 template <typename V, typename S, typename Epi>
-bool single_step_unpacked(int64_t T, int64_t B, int64_t H, int64_t G, const S* a, const S* w,
+bool single_step_unpacked(int64_t B, int64_t H, int64_t G, const S* a, const S* w,
                           const Epi& epi) {
   using E = typename V::T;
   if constexpr (!std::is_same_v<S, E>) {
     return false;
   } else {
-    if (T != 1 || B > dot_max_rows<V>()) return false;
+    if (B > dot_max_rows<V>()) return false;
     constexpr int64_t L = V::kLanes;
     const int64_t P = ceil_div(H, L), ld = P * G * L;
     std::vector<E> rec(static_cast<size_t>(B * ld));
     E* r = rec.data();
     dot_gemm<V>(B, G * H, H, a, H, w, nullptr, [r, H, G, ld](int64_t m, int64_t n) -> E& {
-      const int64_t g = n / H, u = n % H;
-      return r[m * ld + u / L * G * L + g * L + u % L];
+      return r[m * ld + tile_column<L>(n, H, G)];
     });
     at::parallel_for(0, P, ceil_div(P, at::get_num_threads()), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) epi(r + p * G * L, ld, 0, B, p);
     });
     return true;
   }
+}
+
+template <typename Gemm, typename = void>
+struct StepsInPlace : std::false_type {};
+template <typename Gemm>
+struct StepsInPlace<Gemm, std::void_t<decltype(&Gemm::template step_in_place<int>)>>
+    : std::true_type {};
+
+// A single step (T = 1) without packing all of W_hh, by the first way that
+// takes it: dot products (a few rows), Gemm::step_in_place where Gemm has
+// one (fused_ops.h), panel by panel. Rows a [B, H], w [G*H, H], tiles to epi
+// as Gemm::run's. Returns whether it ran.
+template <typename Gemm, int NV, typename Epi>
+bool single_step(int64_t T, int64_t B, int64_t H, int64_t G, const typename Gemm::S* a,
+                 const typename Gemm::S* w, const Epi& epi) {
+  if (T != 1) return false;
+  if (single_step_unpacked<typename Gemm::V>(B, H, G, a, w, epi)) return true;
+  if constexpr (StepsInPlace<Gemm>::value) {
+    if (Gemm::step_in_place(B, H, G, a, w, epi)) return true;
+  }
+  return single_step_panelwise<Gemm, NV>(B, H, G, a, w, epi);
 }
 
 // ------------------------------------------------------------------ forward drivers
@@ -399,7 +485,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_steps(
                                 gp ? gp + f * 4 * H : nullptr, clp ? clp + f * H : nullptr,
                                 states.write(s)};
   };
-  if (!single_step_unpacked<V>(T, B, H, kLstmGates, h0p, w.data_ptr<S>(), epi_at(0))) {
+  if (!single_step<Gemm, kLstmGates * kGateNV>(T, sr.rows[0], H, kLstmGates, states.read(0),
+                                                w.data_ptr<S>(), epi_at(0))) {
     const Tensor pw = Gemm::pack_gates(w, kLstmGates);
     const auto* wp = pw.data_ptr<typename Gemm::Packed>();
     run_steps(T, ceil_div(H, V::kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
@@ -439,7 +526,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_steps(const Tensor& x_proj, const
     return GruForwardEpi<V, S>{H, xp + f * 3 * H, bp, states.read(s), o + f * H,
                                gp ? gp + f * kGruSaved * H : nullptr, states.write(s)};
   };
-  if (!single_step_unpacked<V>(T, B, H, kGruGates, h0p, w.data_ptr<S>(), epi_at(0))) {
+  if (!single_step<Gemm, kGruGates * kGateNV>(T, sr.rows[0], H, kGruGates, states.read(0),
+                                               w.data_ptr<S>(), epi_at(0))) {
     const Tensor pw = Gemm::pack_gates(w, kGruGates);
     const auto* wp = pw.data_ptr<typename Gemm::Packed>();
     run_steps(T, ceil_div(H, V::kLanes), [&](int64_t s, int64_t p0, int64_t p1) {
