@@ -1,7 +1,7 @@
 """The `--cells` set of benchmarks/bench.py: fusedrnn.LSTMCell/GRUCell against
 torch.nn.LSTMCell/GRUCell, on the CPU in float32.
 
-    python -m benchmarks.bench --cells            # B in {1, 64}, I=H in {256, 1024}
+    python -m benchmarks.bench --cells            # B in {1, 16, 64}, I=H in {256, 1024}
     python -m benchmarks.bench --cells --smoke    # B=1 I=H=256, very short timing
 
 A cell call is one step, so a Python loop over a decoder's steps makes one
@@ -29,7 +29,7 @@ from benchmarks import cases, configs, report, timing
 
 KIND = "cells"
 SUMMARY = "speed-up = torch.nn / fusedrnn"
-CONFIGS = [configs.Config(1, B, H, H, ("cells",)) for B in (1, 64) for H in (256, 1024)]
+CONFIGS = [configs.Config(1, B, H, H, ("cells",)) for B in (1, 16, 64) for H in (256, 1024)]
 SMOKE_CONFIGS = CONFIGS[:1]
 MODELS = {"LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell}
 PRECISION = configs.PRECISIONS["float32"]
