@@ -89,6 +89,11 @@ struct AmxGemm {
                   const Bf16* packed, const Epi& epi) {
     amx::run_panels<NV>(p0, p1, M, K, a, lda, packed, epi);
   }
+  // A single step packs W_hh whole, as Bf16Gemm's (the driver's single_step).
+  template <int NV, typename Epi>
+  static bool single_step(int64_t, int64_t, int64_t, const Bf16*, const Bf16*, const Epi&) {
+    return false;
+  }
 };
 
 // The input projection's panels: 64 columns (4 vectors) of B = w^T, w [N, K],

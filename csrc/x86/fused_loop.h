@@ -215,7 +215,6 @@ struct LstmForwardEpi {
 
 template <typename V, typename S>
 struct GruForwardEpi {
-  using E = typename V::T;
   int64_t H;
   const S *x, *bias, *h_prev;  // [B, 3H], [3H], [B, H]
   S* h;                        // [B, H] h_t
@@ -328,11 +327,11 @@ struct PanelGemm {
                   const Packed* packed, const Epi& epi) {
     run_panels<V, NV, Mma>(p0, p1, M, K, a, lda, 1, packed, epi);
   }
-  // Note [a single step panel by panel]: float32 and float64 (bfloat16's
-  // k pairs and AMX tiles pack W_hh whole).
-  static constexpr bool kPanelByPanel = KP == 1 && std::is_same_v<S, typename V::T>;
-  static void pack_gate(const S* w, int64_t H, int64_t G, int64_t p, Packed* panel) {
-    pack_gate_panel<V, S, KP>(w, H, H, G, p, panel);
+  // A single step packs W_hh whole here (bfloat16's k pairs); fused_ops.h's
+  // VecGemm, float32 and float64, has other ways (the driver's single_step).
+  template <int NV, typename Epi>
+  static bool single_step(int64_t, int64_t, int64_t, const S*, const S*, const Epi&) {
+    return false;
   }
 };
 
@@ -343,16 +342,11 @@ struct PanelAt {
   const Epi& epi;
   int64_t p;
   void prefetch(int64_t m0, int mr, int64_t) const { epi.prefetch(m0, mr, p); }
-  void operator()(const typename Epi::E* rec, int64_t ldr, int64_t m0, int mr, int64_t) const {
+  template <typename R>
+  void operator()(const R* rec, int64_t ldr, int64_t m0, int mr, int64_t) const {
     epi(rec, ldr, m0, mr, p);
   }
 };
-
-template <typename Gemm, typename = void>
-struct PanelByPanel : std::false_type {};
-template <typename Gemm>
-struct PanelByPanel<Gemm, std::void_t<decltype(Gemm::kPanelByPanel)>>
-    : std::bool_constant<Gemm::kPanelByPanel> {};
 
 // Note [a single step panel by panel]
 // A single step with more rows than dot_gemm's reads each panel of W_hh once,
@@ -363,26 +357,22 @@ struct PanelByPanel<Gemm, std::void_t<decltype(Gemm::kPanelByPanel)>>
 // forward op at T=1, interleaved, panel by panel / all packed first: LSTM
 // B=64 H=256 249 / 271 us, B=128 H=256 410 / 424 us, GRU B=48 H=300 174 / 204
 // us, B=256 H=256 509 / 516 us; LSTM B=64 H=512 (training) 938 / 924 us.
-// Rows a [B, H], w [G*H, H]; panels to epi (Gemm::run's). Returns whether it
-// ran.
+// Rows a [B, H], w [G*H, H] (V's element type); panels to epi (Gemm::run's).
 template <typename Gemm, int NV, typename Epi>
-bool single_step_panelwise(int64_t B, int64_t H, int64_t G,
-                           const typename Gemm::S* a, const typename Gemm::S* w, const Epi& epi) {
-  if constexpr (!PanelByPanel<Gemm>::value) {
-    return false;
-  } else {
-    constexpr int64_t L = Gemm::V::kLanes;
-    const int64_t P = ceil_div(H, L);
-    at::parallel_for(0, P, ceil_div(P, at::get_num_threads()), [&](int64_t p0, int64_t p1) {
-      thread_local std::vector<typename Gemm::Packed> panel;
-      panel.resize(static_cast<size_t>(H * G * kGateNV * L));
-      for (int64_t p = p0; p < p1; ++p) {
-        Gemm::pack_gate(w, H, G, p, panel.data());
-        Gemm::template run<NV>(0, 1, B, H, a, H, panel.data(), PanelAt<Epi>{epi, p});
-      }
-    });
-    return true;
-  }
+void step_panel_by_panel(int64_t B, int64_t H, int64_t G, const typename Gemm::S* a,
+                         const typename Gemm::S* w, const Epi& epi) {
+  using V = typename Gemm::V;
+  using S = typename Gemm::S;
+  constexpr int64_t L = V::kLanes;
+  const int64_t P = ceil_div(H, L);
+  at::parallel_for(0, P, ceil_div(P, at::get_num_threads()), [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<S> panel;
+    panel.resize(static_cast<size_t>(H * G * kGateNV * L));
+    for (int64_t p = p0; p < p1; ++p) {
+      pack_gate_panel<V, S, 1>(w, H, H, G, p, panel.data());
+      Gemm::template run<NV>(0, 1, B, H, a, H, panel.data(), PanelAt<Epi>{epi, p});
+    }
+  });
 }
 
 // Where the forward tiles' layout (panel p: gate g's units L p.. at g L)
@@ -391,6 +381,17 @@ template <int64_t L>
 inline int64_t tile_column(int64_t n, int64_t H, int64_t G) {
   const int64_t g = n / H, u = n % H;
   return u / L * G * L + g * L + u % L;
+}
+
+// The forward epilogues of all panels, in parallel, over recurrent terms rec
+// [B, P G L] already in the tiles' layout (tile_column).
+template <typename V, typename Epi>
+void epilogues_over(const typename V::T* rec, int64_t B, int64_t H, int64_t G, const Epi& epi) {
+  constexpr int64_t L = V::kLanes;
+  const int64_t P = ceil_div(H, L), ld = P * G * L;
+  at::parallel_for(0, P, ceil_div(P, at::get_num_threads()), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) epi(rec + p * G * L, ld, 0, B, p);
+  });
 }
 
 // Note [a single step without packing]
@@ -411,38 +412,27 @@ bool single_step_unpacked(int64_t B, int64_t H, int64_t G, const S* a, const S* 
   } else {
     if (B > dot_max_rows<V>()) return false;
     constexpr int64_t L = V::kLanes;
-    const int64_t P = ceil_div(H, L), ld = P * G * L;
+    const int64_t ld = ceil_div(H, L) * G * L;
     std::vector<E> rec(static_cast<size_t>(B * ld));
     E* r = rec.data();
     dot_gemm<V>(B, G * H, H, a, H, w, nullptr, [r, H, G, ld](int64_t m, int64_t n) -> E& {
       return r[m * ld + tile_column<L>(n, H, G)];
     });
-    at::parallel_for(0, P, ceil_div(P, at::get_num_threads()), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) epi(r + p * G * L, ld, 0, B, p);
-    });
+    epilogues_over<V>(r, B, H, G, epi);
     return true;
   }
 }
 
-template <typename Gemm, typename = void>
-struct StepsInPlace : std::false_type {};
-template <typename Gemm>
-struct StepsInPlace<Gemm, std::void_t<decltype(&Gemm::template step_in_place<int>)>>
-    : std::true_type {};
-
-// A single step (T = 1) without packing all of W_hh, by the first way that
-// takes it: dot products (a few rows), Gemm::step_in_place where Gemm has
-// one (fused_ops.h), panel by panel. Rows a [B, H], w [G*H, H], tiles to epi
-// as Gemm::run's. Returns whether it ran.
+// A single step (T = 1) without packing all of W_hh, where a way takes it:
+// dot products for a few rows, else Gemm::single_step<NV> (VecGemm's, in
+// fused_ops.h: W_hh in place or panel by panel; the bfloat16 Gemms' none). Rows a [B, H], w
+// [G*H, H], tiles to epi as Gemm::run's. Returns whether it ran.
 template <typename Gemm, int NV, typename Epi>
 bool single_step(int64_t T, int64_t B, int64_t H, int64_t G, const typename Gemm::S* a,
                  const typename Gemm::S* w, const Epi& epi) {
   if (T != 1) return false;
   if (single_step_unpacked<typename Gemm::V>(B, H, G, a, w, epi)) return true;
-  if constexpr (StepsInPlace<Gemm>::value) {
-    if (Gemm::step_in_place(B, H, G, a, w, epi)) return true;
-  }
-  return single_step_panelwise<Gemm, NV>(B, H, G, a, w, epi);
+  return Gemm::template single_step<NV>(B, H, G, a, w, epi);
 }
 
 // ------------------------------------------------------------------ forward drivers

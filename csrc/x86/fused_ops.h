@@ -441,23 +441,22 @@ constexpr int64_t kStepInPlaceDeep = 1024;
 
 template <typename V>
 struct VecGemm : PanelGemm<V, Elem<V>, MmaVec<V>, 1> {
-  template <typename Epi>
-  static bool step_in_place(int64_t B, int64_t H, int64_t G, const Elem<V>* a,
-                            const Elem<V>* w, const Epi& epi) {
+  template <int NV, typename Epi>
+  static bool single_step(int64_t B, int64_t H, int64_t G, const Elem<V>* a, const Elem<V>* w,
+                          const Epi& epi) {
     if (H < kInPlaceMinDepth ||
         B > (H >= kStepInPlaceDeep ? kStepInPlaceDeepRows : kStepInPlaceRows)) {
-      return false;
+      step_panel_by_panel<VecGemm, NV>(B, H, G, a, w, epi);
+      return true;
     }
     constexpr int64_t L = V::kLanes;
-    const int64_t P = ceil_div(H, L), ld = P * G * L;
-    const Tensor rec =
-        empty_for_steps({B, ld}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Elem<V>>::value));
+    const int64_t ld = ceil_div(H, L) * G * L;
+    const Tensor rec = empty_for_steps(
+        {B, ld}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Elem<V>>::value));
     Elem<V>* r = rec.data_ptr<Elem<V>>();
     w_in_place<V>(B, G * H, H, a, w, nullptr, r, ld,
                   [H, G](int64_t n) { return tile_column<L>(n, H, G); });
-    at::parallel_for(0, P, ceil_div(P, at::get_num_threads()), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) epi(r + p * G * L, ld, 0, B, p);
-    });
+    epilogues_over<V>(r, B, H, G, epi);
     return true;
   }
 };
