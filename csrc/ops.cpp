@@ -1,5 +1,6 @@
 // Op schemas. Kernels register per device in cpu/ and cuda/; fake kernels and
-// autograd are registered in Python (fusedrnn/_ops.py).
+// autograd are registered in Python (fusedrnn/_ops.py), autograd behind the
+// C++ kernel of autograd_kernel.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -7,10 +8,19 @@
 
 #include "persistent/layout.h"
 
+namespace fusedrnn {
+PyObject* set_autograd_kernel(PyObject*, PyObject* args);  // autograd_kernel.cpp
+}
+
 extern "C" {
 // `import fusedrnn._C` loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"_set_autograd_kernel", fusedrnn::set_autograd_kernel, METH_VARARGS,
+       "_set_autograd_kernel(name, fn): fn(keyset, *args), the Python autograd kernel of "
+       "fusedrnn::name, where an input needs grad"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }
@@ -51,6 +61,14 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def(
       "gru_forward(Tensor x_proj, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? batch_sizes, "
       "bool reverse, bool reset_after, bool train) -> (Tensor, Tensor, Tensor)");
+  // A plain cell: linear, then one step of lstm_forward / gru_forward
+  // (cell_ops.cpp). input [B, I], hx and cx [B, H]; returns (h', c') / h'.
+  m.def(
+      "lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> (Tensor, Tensor)");
+  m.def(
+      "gru_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "bool reset_after) -> Tensor");
   // x [..., K] w[N, K]^T + b: the input projection of all steps at once.
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   // Returns (d_input, d_weight, d_bias); each [0] when not asked for.

@@ -29,11 +29,15 @@ from torch._C import _functorch
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
+from . import _C
 
-def register_autograd(qualname, backward, setup_context, lib):
+
+def register_autograd(qualname, backward, setup_context):
     """Registers backward(ctx, *grads) and setup_context(ctx, inputs, output) as
-    the Autograd kernel of the op `qualname` (no keyword-only arguments), in
-    `lib` (a torch.library.Library of the op's namespace)."""
+    the autograd of the op `qualname` (no keyword-only arguments): the Python
+    kernel below, behind the C++ Autograd kernel that redispatches itself where
+    nothing needs grad (Note [Autograd kernel in C++ where nothing needs grad]
+    in csrc/autograd_kernel.cpp)."""
     op = torch._library.utils.lookup_op(qualname)
 
     def redispatch(keyset, args):
@@ -63,13 +67,11 @@ def register_autograd(qualname, backward, setup_context, lib):
     fn = type(f"{op._opname}_autograd", (torch.autograd.function._SingleLevelFunction,),
               {"forward": staticmethod(forward), "backward": staticmethod(grads)})
 
-    def kernel(keyset, *args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            with enable_single_level_autograd_function():
-                return fn.apply(*args, keyset)
-        return redispatch(keyset, args)
+    def kernel(keyset, *args):  # called where grad mode is on and an input requires grad
+        with enable_single_level_autograd_function():
+            return fn.apply(*args, keyset)
 
-    lib.impl(qualname.split("::")[1], kernel, "Autograd", with_keyset=True)
+    _C._set_autograd_kernel(qualname.split("::")[1], kernel)
 
 
 def _tracked_below(t, level):

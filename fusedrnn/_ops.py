@@ -21,7 +21,6 @@ from ._autograd import graph_needed, register_autograd
 from .regularisers import active
 
 ops = torch.ops.fusedrnn
-_lib = torch.library.Library("fusedrnn", "FRAGMENT")  # our Autograd and vmap kernels
 
 LSTM_GATES = 4
 GRU_GATES = 3
@@ -202,10 +201,10 @@ def _refuse_backward(name):
 
 
 for _name in ("lstm_backward", "gru_backward", "linear_backward"):
-    register_autograd(f"fusedrnn::{_name}", _refuse_backward(_name), _refuse_setup_context, _lib)
+    register_autograd(f"fusedrnn::{_name}", _refuse_backward(_name), _refuse_setup_context)
 
-register_autograd("fusedrnn::lstm_forward", _lstm_backward, _lstm_setup_context, _lib)
-register_autograd("fusedrnn::gru_forward", _gru_backward, _gru_setup_context, _lib)
+register_autograd("fusedrnn::lstm_forward", _lstm_backward, _lstm_setup_context)
+register_autograd("fusedrnn::gru_forward", _gru_backward, _gru_setup_context)
 
 
 def needs_grad(*tensors):
@@ -278,7 +277,7 @@ def _linear_backward(ctx, grad):
             db if need_b and ctx.has_bias else None)
 
 
-register_autograd("fusedrnn::linear", _linear_backward, _linear_setup_context, _lib)
+register_autograd("fusedrnn::linear", _linear_backward, _linear_setup_context)
 
 
 def linear(input, weight, bias=None):

@@ -27,7 +27,7 @@ import math
 import torch
 
 from ._autograd import graph_needed, register_autograd
-from ._ops import (GRU_GATES, GRU_SAVED, LSTM_GATES, _acc_dtype, _lib, _or_zeros,
+from ._ops import (GRU_GATES, GRU_SAVED, LSTM_GATES, _acc_dtype, _or_zeros,
                    _reference_grads, _refuse_backward, _refuse_setup_context, needs_grad, ops)
 from ._vmap import _loop
 from .regularisers import LayerReg
@@ -183,9 +183,9 @@ def _gru_reg_backward(ctx, grad_out, grad_h_n, *_grad_saved):
 
 
 for _name in ("lstm_reg_backward", "gru_reg_backward"):
-    register_autograd(f"fusedrnn::{_name}", _refuse_backward(_name), _refuse_setup_context, _lib)
-register_autograd("fusedrnn::lstm_reg_forward", _lstm_reg_backward, _lstm_reg_setup_context, _lib)
-register_autograd("fusedrnn::gru_reg_forward", _gru_reg_backward, _gru_reg_setup_context, _lib)
+    register_autograd(f"fusedrnn::{_name}", _refuse_backward(_name), _refuse_setup_context)
+register_autograd("fusedrnn::lstm_reg_forward", _lstm_reg_backward, _lstm_reg_setup_context)
+register_autograd("fusedrnn::gru_reg_forward", _gru_reg_backward, _gru_reg_setup_context)
 
 
 def _looped(op):

@@ -149,7 +149,7 @@ def _stack(lstm, layer_in, num_layers, dropout, training, dirs, one):
 
 def _nothing_to_plan(x, states, weights):
     """Whether a call on input x has no dtype or autocast planning to do (the
-    short ways of plain_cell and _plain_layers): eager, on the CPU or CUDA, no
+    short way of _plain_layers): eager, on the CPU or CUDA, no
     autocast on x's device, every state (None: absent) of x's dtype and on its
     device, every weight (None: absent) of x's dtype. The weights' devices are
     the ops' to check, as for the planned path."""
@@ -242,20 +242,6 @@ def rnn_layers(mode, data, batch_sizes, hx, weights, num_layers, dropout, traini
     to_out = _caster(out_dtype)
     h_n = to_out(torch.stack(h_n))
     return to_out(out), ((h_n, _caster(c_dtype)(torch.stack(c_n))) if lstm else h_n)
-
-
-def plain_cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True):
-    """cell() without regularisers where it has nothing to plan: no autocast,
-    every tensor of input's dtype and device, a batch. The same ops, without
-    the checks and casts that cost a cell at batch 1 as much as its ops (Note
-    [a plain cell's short way]). Returns None where cell() must run."""
-    if input.size(0) == 0 or not _nothing_to_plan(input, states, (w_ih, w_hh, b_ih, b_hh)):
-        return None
-    lstm = mode == "LSTM"
-    x_proj = _ops.linear(input, w_ih, b_ih).unsqueeze(0)
-    res = _layer(lstm, x_proj, states[0], states[-1] if lstm else None, w_hh, None, b_hh, None,
-                 False, reset_after)
-    return (res[1], res[2]) if lstm else (res[1],)
 
 
 def cell(mode, input, states, w_ih, w_hh, b_ih, b_hh, reset_after=True,

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import regularised
-from .functional import cell, check_devices, plain_cell, rnn_layers
+from . import _ops, regularised
+from .functional import cell, check_devices, rnn_layers
 from .scripting import ScriptedCell, ScriptedRNN, refuse_regularised
 
 
@@ -267,23 +267,72 @@ class _CellOptions(_Regularisable):
         regularised.configure(self, lstm, True, layer_norm, zoneout, zoneout_cell)
 
     def _cell(self, mode, input, states):
-        lstm = mode == "LSTM"  # an LSTMCell has no reset_after (a failed getattr is slow)
+        lstm = mode == "LSTM"
         reset_after = lstm or getattr(self, "reset_after", True)
-        # Note [a plain cell's short way]
-        # At batch 1 H=256 a cell's two ops took 40 us and the call 81 us on a
-        # 2-core Xeon (torch.nn.LSTMCell: 54 us): most of the rest planned
-        # dtypes, autocast and regularisers that a plain call does not use.
-        # Interleaved, inference: LSTMCell 105 -> 86 us at B=1 H=256, 1103 ->
-        # 916 us at B=1 H=1024, GRUCell 88 -> 69 us; training 1-4% faster.
-        opts = self.__dict__
-        if not any(opts.get(name) for name in regularised.OPTIONS):
-            out = plain_cell(mode, input, states, self.weight_ih, self.weight_hh, self.bias_ih,
-                             self.bias_hh, reset_after)
-            if out is not None:
-                return out
         return cell(mode, input, states, self.weight_ih, self.weight_hh, self.bias_ih,
                     self.bias_hh, reset_after, regularised.options(self),
                     regularised.ln_weights(self, lstm, True), self.training)
+
+    def _plain(self, lstm, input, hx):
+        """The call in one op (Note [a plain cell's short way]) where it has
+        nothing to check, plan or reshape: no regulariser, a batch with both
+        states, every shape as the ops want it, every tensor of input's dtype,
+        the states on its device, eager, no autocast. None where forward's
+        full path must run (it raises as torch.nn does)."""
+        # Note [a plain cell's short way]
+        # At batch 1 H=256 on a 2-core Xeon, a plain LSTMCell call spent as long
+        # in Python as in its op: dtype, autocast and regulariser planning it
+        # does not use, torch.nn's shape checks as a dozen size() calls, and
+        # torch.device objects built to compare devices. Here each check is one
+        # cheap read, and every case they do not cover takes the full path.
+        opts = self.__dict__
+        if hx is None:
+            return None
+        for name in regularised.OPTIONS:
+            if opts.get(name):
+                return None
+        if lstm:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h, c = hx
+        else:
+            h = c = hx
+        if not (isinstance(h, Tensor) and isinstance(c, Tensor)):
+            return None
+        shape = input.shape
+        if len(shape) != 2 or shape[0] == 0 or shape[1] != opts["input_size"]:
+            return None
+        state = (shape[0], opts["hidden_size"])
+        if state[1] == 0 or h.shape != state or c.shape != state:  # empty: _layer's way
+            return None
+        if input.is_cpu:  # devices compared without building torch.device objects
+            if not (h.is_cpu and c.is_cpu) or torch.is_autocast_enabled("cpu"):
+                return None
+        elif (not (input.is_cuda and h.is_cuda and c.is_cuda)
+              or not h.get_device() == c.get_device() == input.get_device()
+              or torch.is_autocast_enabled("cuda")):
+            return None
+        dtype = input.dtype
+        if torch.compiler.is_compiling() or h.dtype != dtype or c.dtype != dtype:
+            return None
+        weights = [_tensor(self, name) for name in _CELL_WEIGHTS]
+        for w in weights:
+            if w is not None and w.dtype != dtype:
+                return None
+        if lstm:  # Note [a plain cell in one call] (csrc/cell_ops.cpp)
+            return _ops.ops.lstm_cell(input, h, c, *weights)
+        return _ops.ops.gru_cell(input, h, *weights, opts.get("reset_after", True))
+
+
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _tensor(module, name):
+    """getattr(module, name) for a parameter, read from the parameters' dict
+    where it is there (nn.Module.__getattr__ is the slow way to it); a
+    parametrization or pruning moves the name out of that dict."""
+    p = module._parameters.get(name)
+    return p if p is not None else getattr(module, name)
 
 
 class LSTMCell(_CellOptions, nn.LSTMCell, ScriptedCell):
@@ -300,6 +349,9 @@ class LSTMCell(_CellOptions, nn.LSTMCell, ScriptedCell):
                 hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if torch.jit.is_scripting():  # resolved when compiled; Note [TorchScript]
             return self._scripted_lstm_cell(input, hx)
+        out = self._plain(True, input, hx)
+        if out is not None:
+            return out
         input, states, batched = _cell_inputs(self, "LSTMCell", input, hx, 2)
         h, c = self._cell("LSTM", input, states)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
@@ -321,6 +373,9 @@ class GRUCell(_CellOptions, nn.GRUCell, ScriptedCell):
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         if torch.jit.is_scripting():  # resolved when compiled; Note [TorchScript]
             return self._scripted_gru_cell(input, hx)
+        out = self._plain(False, input, hx)
+        if out is not None:
+            return out
         input, states, batched = _cell_inputs(self, "GRUCell", input, hx, 1)
         (h,) = self._cell("GRU", input, states)
         return h if batched else h.squeeze(0)

@@ -357,3 +357,30 @@ def test_parametrized_weights_evaluated_as_in_torch_nn(kind):
             res.append([out, *torch.autograd.grad(out.square().sum(), [x, *m.parameters()])])
         for a, e in zip(res[1], res[0]):
             assert rel_err(a, e) <= F64_TOL
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+def test_parametrized_cell_weights_evaluated_as_in_torch_nn(kind):
+    """The cells' short way reads parameters from the module's dict of them;
+    weights moved out of it by a parametrization or pruning are evaluated as
+    torch.nn's cells evaluate them: outputs and every gradient, float64, over
+    several training steps."""
+    from torch.nn.utils import parametrizations, prune
+    theirs = getattr(nn, kind)(I, H).double()
+    ours = fusedrnn.from_torch(theirs)
+    for m in (theirs, ours):
+        parametrizations.weight_norm(m, name="weight_hh")
+        parametrizations.spectral_norm(m, name="weight_ih")
+        prune.l1_unstructured(m, name="bias_ih", amount=0.3)
+    ours.load_state_dict(theirs.state_dict())
+    for _ in range(3):
+        x = torch.randn(B, I, dtype=torch.float64, requires_grad=True)
+        hx = [torch.randn(B, H, dtype=torch.float64) for _ in range(2 if kind == "LSTMCell" else 1)]
+        res = []
+        for m in (theirs, ours):
+            out = m(x, tuple(hx) if kind == "LSTMCell" else hx[0])
+            out = out if isinstance(out, tuple) else (out,)
+            loss = sum(o.square().sum() for o in out)
+            res.append([*out, *torch.autograd.grad(loss, [x, *m.parameters()])])
+        for a, e in zip(res[1], res[0]):
+            assert rel_err(a, e) <= F64_TOL

@@ -364,3 +364,86 @@ def test_linear_opcheck(device):
     torch.library.opcheck(ops.linear, (x, w, None))
     g = torch.randn(5, 3, 20, device=device)
     torch.library.opcheck(ops.linear_backward, (g, x.detach(), w.detach(), True, True, True))
+
+
+# ------------------------------------------------------------------ cell ops, autograd kernel
+def cell_op_inputs(kind, device, dtype, bias=True, requires_grad=False):
+    """input, states, weights of one plain cell step, small odd sizes."""
+    G = 4 if kind == "lstm" else 3
+    t = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=requires_grad)  # noqa: E731
+    states = (t(B, H), t(B, H)) if kind == "lstm" else (t(B, H),)
+    weights = (t(G * H, 17), t(G * H, H), t(G * H) if bias else None, t(G * H) if bias else None)
+    return t(B, 17), states, weights
+
+
+def cell_op(kind, x, states, weights, reset_after=True):
+    if kind == "lstm":
+        return ops.lstm_cell(x, *states, *weights)
+    return (ops.gru_cell(x, *states, *weights, reset_after),)
+
+
+def cell_by_layer_ops(kind, x, states, weights, reset_after=True):
+    w_ih, w_hh, b_ih, b_hh = weights
+    x_proj = ops.linear(x, w_ih, b_ih).unsqueeze(0)
+    train = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_proj, *states, w_hh, b_hh))
+    if kind == "lstm":
+        return ops.lstm_forward(x_proj, *states, w_hh, None, b_hh, None, False, train)[1:3]
+    return ops.gru_forward(x_proj, *states, w_hh, b_hh, None, False, reset_after, train)[1:2]
+
+
+@pytest.mark.parametrize("kind,reset_after", [("lstm", True), ("gru", True), ("gru", False)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_op_is_the_layer_ops_of_one_step(device, kind, reset_after, bias):
+    """lstm_cell / gru_cell: bit for bit linear then one step of the layer op,
+    float32, values and gradients; float64 against the reference."""
+    x, states, weights = cell_op_inputs(kind, device, torch.float32, bias, requires_grad=True)
+    leaves = [t for t in (x, *states, *weights) if t is not None]
+    got = cell_op(kind, x, states, weights, reset_after)
+    want = cell_by_layer_ops(kind, x, states, weights, reset_after)
+    g = [torch.randn_like(t) for t in want]
+    for a, e, ga, ge in zip(got, want, torch.autograd.grad(got, leaves, g),
+                            torch.autograd.grad(want, leaves, g)):
+        assert torch.equal(a, e) and torch.equal(ga, ge)
+    x, states, weights = cell_op_inputs(kind, device, torch.float64, bias)
+    w_ih, w_hh, b_ih, b_hh = weights
+    xp = x @ w_ih.t() + (0 if b_ih is None else b_ih)
+    if kind == "lstm":
+        want = ref.lstm_cell(xp, *states, w_hh, b_hh)
+    else:
+        want = (ref.gru_cell(xp, states[0], w_hh, b_hh, reset_after),)
+    for a, e in zip(cell_op(kind, x, states, weights, reset_after), want):
+        assert rel_err(a, e) < 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cell_op_opcheck(device, kind):
+    for bias in (True, False):
+        x, states, weights = cell_op_inputs(kind, device, torch.float64, bias, requires_grad=True)
+        extra = () if kind == "lstm" else (True,)
+        op = ops.lstm_cell if kind == "lstm" else ops.gru_cell
+        torch.library.opcheck(op, (x, *states, *weights, *extra))
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_autograd_kernel_where_grad_is_and_is_not_needed(grad_mode):
+    """The C++ Autograd kernel: with grad mode off, or no input requiring
+    grad, results carry no graph; otherwise they do and backward runs; a bad
+    input raises the op's own error either way."""
+    d = layer_inputs("lstm", False, "cpu", torch.float64, requires_grad=True)
+    args = (d["x_proj"], d["h0"], d["c0"], d["w_hh"], None, d["b_hh"], None, False)
+    with torch.set_grad_enabled(grad_mode):
+        out = ops.lstm_forward(*args, grad_mode)[0]
+        plain = ops.lstm_forward(*(a.detach() if torch.is_tensor(a) else a for a in args),
+                                 False)[0]
+        with pytest.raises(RuntimeError, match="h0 must have shape"):
+            ops.lstm_forward(d["x_proj"], d["h0"][:-1], *args[2:], grad_mode)
+        with pytest.raises(RuntimeError, match=r"input \[..., K\] and weight \[N, K\]"):
+            ops.linear(d["x_proj"], d["w_hh"], None)
+    assert out.requires_grad == grad_mode and (out.grad_fn is not None) == grad_mode
+    assert not plain.requires_grad and torch.equal(out.detach(), plain)
+    if grad_mode:
+        (g,) = torch.autograd.grad(out.sum(), d["x_proj"])
+        want = ref.lstm_layer(d["x_proj"], d["h0"], d["c0"], d["w_hh"], b_hh=d["b_hh"])[0]
+        (e,) = torch.autograd.grad(want.sum(), d["x_proj"])
+        assert rel_err(g, e) < 1e-12

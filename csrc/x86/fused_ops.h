@@ -314,6 +314,14 @@ constexpr int in_place_rows() {
   return V::rows_per_tile(V::kColumnNV);
 }
 
+// Whether dY W of M rows, W read once, is ATen's mm (Note [short products by
+// ATen's mm] in weight_grad.h): one row, or more than a tile's up to
+// kMmGradRows.
+template <typename V>
+constexpr bool short_product_by_mm(int64_t M) {
+  return M == 1 || (M > in_place_rows<V>() && M <= kMmGradRows);
+}
+
 template <typename V, typename Epi>
 void product_in_place(int64_t p0, int64_t p1, int64_t M, int64_t K, const Elem<V>* a,
                       int64_t lda, const Elem<V>* b, int64_t ldb, int64_t N, const Epi& epi) {
@@ -529,10 +537,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_steps(
   const Steps st{T, reverse};
   const Tensor go = grad_output.contiguous(), gts = gates.contiguous(), cls = cells.contiguous();
   const Tensor c0c = c0.contiguous(), ghn = grad_h_n.contiguous(), w = w_hh.contiguous();
-  // One step of few rows (a cell): d_h0 from W_hh in place (Note [panels in
-  // place for one tile of rows]).
-  const bool in_place = std::is_same_v<S, E> && T == 1 && B <= in_place_rows<V>();
-  const Tensor packed = in_place ? w : Cols::pack(w);
+  // One step (a cell): d_h0 from W_hh in place for one tile of rows (Note
+  // [panels in place for one tile of rows]), else ATen's mm where that is
+  // faster (Note [short products by ATen's mm]).
+  const bool one_step = std::is_same_v<S, E> && T == 1;
+  const bool in_place = one_step && B <= in_place_rows<V>();
+  const bool by_mm = one_step && short_product_by_mm<V>(B);
+  const Tensor packed = in_place || by_mm ? w : Cols::pack(w);
   Tensor dg = empty_for_steps({T * B, G}, go.options());
   Tensor dc = grad_c_n.contiguous().clone();
   Tensor d_h0 = at::empty({B, H}, ghn.options());
@@ -550,7 +561,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_steps(
   // Steps in order: the pointwise backward of the last step (from grad_h_n),
   // T-1 fused GEMM + pointwise steps, then d_h0 = dG_0 W_hh.
   const StoreEpi<V> last{H, nullptr, d_h0.data_ptr<E>()};
-  run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
+  run_steps(by_mm ? 1 : T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
     if (k == 0) {
       epilogue_only<V>(p0, p1, B, ghn.data_ptr<E>(), H, kColumnPanel<V>, epi_at(T - 1));
       return;
@@ -563,6 +574,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_steps(
       backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, last);
     }
   });
+  if (by_mm) at::mm_out(d_h0, dg, w);
   const Tensor none = at::empty({0}, go.options());
   if constexpr (std::is_same_v<S, E>) {
     if (weight_grads) {
@@ -584,8 +596,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_steps(
   const Steps st{T, reverse};
   const Tensor go = grad_output.contiguous(), gts = gates.contiguous(), h0c = h0.contiguous();
   const Tensor out = output.contiguous(), w = w_hh.contiguous();
-  const bool in_place = std::is_same_v<S, E> && T == 1 && B <= in_place_rows<V>();  // as the LSTM's
-  const Tensor packed = in_place ? w : Cols::pack(w);
+  const bool one_step = std::is_same_v<S, E> && T == 1;  // as the LSTM's
+  const bool in_place = one_step && B <= in_place_rows<V>();
+  const bool by_mm = one_step && short_product_by_mm<V>(B);
+  const Tensor packed = in_place || by_mm ? w : Cols::pack(w);
   Tensor dx = empty_for_steps({T * B, G}, go.options());
   Tensor dhh = empty_for_steps({T * B, G}, go.options());
   Tensor dh = grad_h_n.contiguous().clone();
@@ -603,7 +617,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_steps(
   };
   // As for the LSTM: last step's pointwise, T-1 fused steps, then d_h0.
   const StoreEpi<V> last{H, dhp, d_h0.data_ptr<E>()};
-  run_steps(T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
+  run_steps(by_mm ? 1 : T + 1, Q, [&](int64_t k, int64_t p0, int64_t p1) {
     if (k == 0) {
       epilogue_only<V>(p0, p1, B, nullptr, H, kColumnPanel<V>, epi_at(T - 1));
       return;
@@ -616,6 +630,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_steps(
       backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, last);
     }
   });
+  if (by_mm) at::addmm_out(d_h0, dh, dhh, w);  // last's sum: dh + dG_hh W_hh
   const Tensor none = at::empty({0}, go.options());
   if constexpr (std::is_same_v<S, E>) {
     if (weight_grads) {
@@ -677,6 +692,7 @@ template <typename V>
 Tensor linear_input_grad_fused(const Tensor& dy, const Tensor& w) {
   const int64_t M = dy.size(0), N = w.size(0), K = w.size(1);
   Tensor dx = empty_for_steps({M, K}, dy.options());
+  if (short_product_by_mm<V>(M)) return at::mm_out(dx, dy, w);
   const Elem<V>* wp = w.data_ptr<Elem<V>>();
   if (M <= in_place_rows<V>()) {  // Note [panels in place for one tile of rows]
     const StoreRowsEpi<V> epi{K, K, nullptr, dx.data_ptr<Elem<V>>(), false};
