@@ -96,23 +96,33 @@ void dot_rows_of(int mr, int64_t K, const typename V::T* a, int64_t lda, const t
   dot_rows_range<V, MR>(K, a, lda, w, bias, out, m0, n0, n1);
 }
 
+// out(m, n) for all M rows of a and n in [n0, n1), on the calling thread:
+// each group of rows of w run against every block of rows of a while it is
+// in L1.
+template <typename V, typename Out>
+void dot_columns(int64_t M, int64_t K, const typename V::T* a, int64_t lda,
+                 const typename V::T* w, const typename V::T* bias, const Out& out, int64_t n0,
+                 int64_t n1) {
+  constexpr int MR = dot_rows<V>();
+  for (int64_t g0 = n0; g0 < n1; g0 += kDotRowsOfW) {
+    const int64_t g1 = std::min(n1, g0 + kDotRowsOfW);
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+      dot_rows_of<V, MR>(mr, K, a + m0 * lda, lda, w, bias, out, m0, g0, g1);
+    }
+  }
+}
+
 // out(m, n) = (a [M, K] w [N, K]^T)[m][n] (+ bias[n]), out(m, n) a T&: the
-// rows of w shared out over the threads, each group of them run against every
-// block of rows of a while it is in L1.
+// rows of w shared out over the threads in groups (dot_columns).
 template <typename V, typename Out>
 void dot_gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t lda,
               const typename V::T* w, const typename V::T* bias, const Out& out) {
-  constexpr int MR = dot_rows<V>();
   const int64_t groups = (N + kDotRowsOfW - 1) / kDotRowsOfW;
   const int64_t grain = (groups + at::get_num_threads() - 1) / at::get_num_threads();
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t n0 = g * kDotRowsOfW, n1 = std::min(N, n0 + kDotRowsOfW);
-      for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-        dot_rows_of<V, MR>(mr, K, a + m0 * lda, lda, w, bias, out, m0, n0, n1);
-      }
-    }
+    dot_columns<V>(M, K, a, lda, w, bias, out, g0 * kDotRowsOfW,
+                   std::min(N, g1 * kDotRowsOfW));
   });
 }
 

@@ -415,10 +415,21 @@ bool single_step_unpacked(int64_t B, int64_t H, int64_t G, const S* a, const S* 
     const int64_t ld = ceil_div(H, L) * G * L;
     std::vector<E> rec(static_cast<size_t>(B * ld));
     E* r = rec.data();
-    dot_gemm<V>(B, G * H, H, a, H, w, nullptr, [r, H, G, ld](int64_t m, int64_t n) -> E& {
+    const auto rec_at = [r, H, G, ld](int64_t m, int64_t n) -> E& {
       return r[m * ld + tile_column<L>(n, H, G)];
+    };
+    // One parallel region: each thread's panels, their G gates' dot products,
+    // then their epilogues. Against two regions (all dot products, then all
+    // epilogues), 2-core Xeon, the forward op at B=1: H=16 12.9-13.0 -> 10.7-11.3
+    // us, H=256 28.1-28.4 -> 26.6-27.0 us; from 8 rows at H=1024 within 1%.
+    const int64_t P = ceil_div(H, L);
+    at::parallel_for(0, P, ceil_div(P, at::get_num_threads()), [&](int64_t p0, int64_t p1) {
+      const int64_t u0 = p0 * L, u1 = std::min(H, p1 * L);
+      for (int64_t g = 0; g < G; ++g) {
+        dot_columns<V>(B, H, a, H, w, nullptr, rec_at, g * H + u0, g * H + u1);
+      }
+      for (int64_t p = p0; p < p1; ++p) epi(r + p * G * L, ld, 0, B, p);
     });
-    epilogues_over<V>(r, B, H, G, epi);
     return true;
   }
 }
