@@ -32,10 +32,10 @@ Tensor projection(const Tensor& input, const Tensor& w_ih, const OptTensor& b_ih
 }
 
 // _ops.needs_grad's answer outside tracing (a traced graph records this op).
-bool needs_grad(std::initializer_list<const Tensor*> tensors) {
+bool needs_grad(std::initializer_list<Tensor> tensors) {
   if (!at::GradMode::is_enabled()) return false;
-  for (const Tensor* t : tensors) {
-    if (t->defined() && t->requires_grad()) return true;
+  for (const Tensor& t : tensors) {
+    if (t.defined() && t.requires_grad()) return true;
   }
   return false;
 }
@@ -49,8 +49,7 @@ std::tuple<Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& hx, cons
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
           const OptTensor&, const OptTensor&, bool, bool)>("fusedrnn::lstm_forward");
   const Tensor x_proj = projection(input, w_ih, b_ih);
-  const Tensor none;
-  const bool train = needs_grad({&x_proj, &hx, &cx, &w_hh, b_hh ? &*b_hh : &none});
+  const bool train = needs_grad({x_proj, hx, cx, w_hh, b_hh.value_or(Tensor())});
   auto res = forward.call(x_proj, hx, cx, w_hh, std::nullopt, b_hh, std::nullopt, false, train);
   return {std::get<1>(res), std::get<2>(res)};
 }
@@ -63,24 +62,22 @@ Tensor gru_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const
                                                   const OptTensor&, const OptTensor&, bool, bool,
                                                   bool)>("fusedrnn::gru_forward");
   const Tensor x_proj = projection(input, w_ih, b_ih);
-  const Tensor none;
-  const bool train = needs_grad({&x_proj, &hx, &w_hh, b_hh ? &*b_hh : &none});
+  const bool train = needs_grad({x_proj, hx, w_hh, b_hh.value_or(Tensor())});
   return std::get<1>(
       forward.call(x_proj, hx, w_hh, b_hh, std::nullopt, false, reset_after, train));
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fusedrnn, CompositeImplicitAutograd, m) {
+void impl_cells(torch::Library& m) {
   m.impl("lstm_cell", &lstm_cell);
   m.impl("gru_cell", &gru_cell);
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrnn, CompositeImplicitAutograd, m) { impl_cells(m); }
 
 // vmap decomposes them too, to the layer ops' batching rules (without this
 // it would loop over the mapped dimension).
-TORCH_LIBRARY_IMPL(fusedrnn, FuncTorchBatchedDecomposition, m) {
-  m.impl("lstm_cell", &lstm_cell);
-  m.impl("gru_cell", &gru_cell);
-}
+TORCH_LIBRARY_IMPL(fusedrnn, FuncTorchBatchedDecomposition, m) { impl_cells(m); }
 
 }  // namespace fusedrnn
