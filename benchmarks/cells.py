@@ -1,23 +1,25 @@
-"""The `--cells` set of benchmarks/bench.py: fusedrnn.LSTMCell/GRUCell against
-torch.nn.LSTMCell/GRUCell, on the CPU in float32.
+"""The `--cells` set of benchmarks/bench.py: one step a call, as a decoder's
+loop makes them: fusedrnn.LSTMCell/GRUCell against torch.nn.LSTMCell/GRUCell,
+and fusedrnn.LSTM/GRU called on one step against torch.nn.LSTM/GRU, on the CPU
+in float32.
 
     python -m benchmarks.bench --cells            # B in {1, 16, 64}, I=H in {256, 1024}
     python -m benchmarks.bench --cells --smoke    # B=1 I=H=256, very short timing
 
-A cell call is one step, so a Python loop over a decoder's steps makes one
-call per step: at small sizes what this measures is mostly a call's fixed cost
-(argument checks, dtype planning, autograd), at larger ones the two products.
-Per cell, size and mode, both twins are timed in the same process, interleaved
+At small sizes what this measures is mostly a call's fixed cost (argument
+checks, dtype planning, autograd), at larger ones the two products. Per model,
+size and mode, both twins are timed in the same process, interleaved
 (timing.py); speed-up = torch.nn / fusedrnn:
 
-    inference  one call under torch.inference_mode(), both cells in eval()
-    training   one call, then the backward of (h * w).sum() (LSTMCell: plus
+    inference  one call under torch.inference_mode(), both models in eval()
+    training   one call, then the backward of (h * w).sum() (LSTM: plus
                (c * w_c).sum()) for fixed random w: the gradients of the input,
                the state and every weight, set to None before each call
 
-Parity first (cases.py, Note [parity tolerance]): torch.nn's cell in float64
+Parity first (cases.py, Note [parity tolerance]): torch.nn's model in float64
 with the same weights and inputs is the oracle for h (c) and, in training,
-every gradient. Configs are written T=1 (`--config 1,B,I,H`); T is ignored.
+every gradient. Configs are written T=1 (`--config 1,B,I,H`); the layers run
+one step whatever T says.
 """
 import copy
 
@@ -31,10 +33,11 @@ KIND = "cells"
 SUMMARY = "speed-up = torch.nn / fusedrnn"
 CONFIGS = [configs.Config(1, B, H, H, ("cells",)) for B in (1, 16, 64) for H in (256, 1024)]
 SMOKE_CONFIGS = CONFIGS[:1]
-MODELS = {"LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell}
+MODELS = {"LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell, "LSTM": nn.LSTM, "GRU": nn.GRU}
 PRECISION = configs.PRECISIONS["float32"]
-NOTE = ("one call of the cell per timed call (one step), with the input's and the states' "
-        "gradients in training; speed-up = torch.nn / fusedrnn, medians of the same process")
+NOTE = ("one call per timed call (one step: a cell, or a layer on one step), with the input's "
+        "and the states' gradients in training; speed-up = torch.nn / fusedrnn, medians of the "
+        "same process")
 TIMING_DOC = {"speedup": "torch.nn median / fusedrnn median (same process)",
               "training": "one call, then backward of (h * w).sum() (+ (c * w_c).sum())",
               "inference": "torch.inference_mode(), cells in eval()"}
@@ -44,22 +47,27 @@ PARITY_DOC = {"oracle": "torch.nn's cell in float64, same weights and inputs",
 
 
 class CellCase:
-    """torch.nn's cell, its fusedrnn twin and the inputs of one row, drawn in
-    float32 from `seed`."""
+    """torch.nn's cell (or layer on one step), its fusedrnn twin and the inputs
+    of one row, drawn in float32 from `seed`."""
 
     def __init__(self, model, cfg, seed):
-        self.name, self.lstm = model, model == "LSTMCell"
+        self.name, self.lstm = model, model.startswith("LSTM")
+        self.layer = not model.endswith("Cell")
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.torch_mod = MODELS[model](cfg.I, cfg.H)
         self.fused_mod = fusedrnn.from_torch(self.torch_mod)
-        draw = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+        step = (1,) if self.layer else ()  # a layer's input and states: one step, one layer
+        draw = lambda *shape: torch.randn(*step, *shape, generator=gen)  # noqa: E731
         self.x = draw(cfg.B, cfg.I)
         self.states = [cases.H_STATE_SCALE * draw(cfg.B, cfg.H) for _ in range(1 + self.lstm)]
         self.weights = [draw(cfg.B, cfg.H) for _ in self.states]  # loss = sum (s * w).sum()
 
     def _call(self, mod, x, states):
+        """The new states, as a tuple."""
         out = mod(x, tuple(states) if self.lstm else states[0])
+        if self.layer:
+            out = out[1]
         return out if self.lstm else (out,)
 
     def step(self, which, mode):
@@ -113,8 +121,8 @@ class CellCase:
 def row_specs(models, cfgs, modes):
     """The set's rows, in order, as run_row's keyword arguments (models: LSTM,
     GRU, as for the other sets)."""
-    return [dict(model=m + "Cell", config=c, mode=mode)
-            for m in models for c in cfgs for mode in modes]
+    return [dict(model=name, config=c, mode=mode)
+            for m in models for name in (m + "Cell", m) for c in cfgs for mode in modes]
 
 
 def run_row(model, config, mode, seed, timing_args):

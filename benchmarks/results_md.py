@@ -50,7 +50,8 @@ def section(path, doc, out):
     kind = doc.get("kind", "bench")
     env = doc["env"]
     what = {"gemm": "GEMM micro-benchmark", "regularisers": "fusedrnn's regularisers",
-            "cells": "fusedrnn's cells against torch.nn's"}.get(kind, "fusedrnn against torch.nn")
+            "cells": "fusedrnn's cells and one-step layers against torch.nn's"}.get(
+                kind, "fusedrnn against torch.nn")
     head = (f"## {what}: {doc['device'].upper()}, `{doc['set']}` set"
             + environment.variant_title(env))
     if kind == "gemm":

@@ -62,13 +62,24 @@ TORCH_LIBRARY(fusedrnn, m) {
       "gru_forward(Tensor x_proj, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? batch_sizes, "
       "bool reverse, bool reset_after, bool train) -> (Tensor, Tensor, Tensor)");
   // A plain cell: linear, then one step of lstm_forward / gru_forward
-  // (cell_ops.cpp). input [B, I], hx and cx [B, H]; returns (h', c') / h'.
+  // (plain_ops.cpp). input [B, I], hx and cx [B, H]; returns (h', c') / h'.
   m.def(
       "lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh) -> (Tensor, Tensor)");
   m.def(
       "gru_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "bool reset_after) -> Tensor");
+  // A plain stack (no projection, no dropout between layers): per layer and
+  // direction, linear then lstm_forward / gru_forward (plain_ops.cpp). input
+  // [T, B, I]; h0 (and c0) [L*D, B, H], zeros where absent; weights per layer
+  // and direction in torch's order, (w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh).
+  // Returns (output [T, B, D*H], h_n, c_n) / (output, h_n).
+  m.def(
+      "lstm_layers(Tensor input, Tensor? h0, Tensor? c0, Tensor[] weights, bool has_biases, "
+      "int num_layers, bool bidirectional) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gru_layers(Tensor input, Tensor? h0, Tensor[] weights, bool has_biases, int num_layers, "
+      "bool bidirectional, bool reset_after) -> (Tensor, Tensor)");
   // x [..., K] w[N, K]^T + b: the input projection of all steps at once.
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   // Returns (d_input, d_weight, d_bias); each [0] when not asked for.

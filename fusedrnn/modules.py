@@ -113,7 +113,71 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
         else:
             _check_size(hx, expected, "hidden")
 
+    def _plain(self, input, hx):
+        """The call in one op (Note [a plain stack in one call] in
+        csrc/plain_ops.cpp) where it has nothing to check, plan or reshape: no
+        regulariser, projection or dropout between layers, a padded batch of
+        steps, the states absent or of the expected shapes, every tensor of
+        input's dtype, the states on its device, eager, no autocast. None where
+        forward's full path must run (it raises as torch.nn does); the checks
+        are the cheap reads of Note [a plain cell's short way]."""
+        opts = self.__dict__
+        for name in regularised.OPTIONS:
+            if opts.get(name):
+                return None
+        layers, bidirectional = opts["num_layers"], opts["bidirectional"]
+        if opts["proj_size"] or (opts["dropout"] and opts["training"] and layers > 1):
+            return None
+        if not isinstance(input, Tensor):
+            return None
+        shape, hidden, batch_first = input.shape, opts["hidden_size"], opts["batch_first"]
+        if len(shape) != 3 or shape[2] != opts["input_size"] or 0 in shape or hidden == 0:
+            return None
+        lstm = opts["mode"] == "LSTM"
+        if hx is None:
+            states = ()
+        elif lstm:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            states = hx
+        else:
+            states = (hx,)
+        state = (layers * (2 if bidirectional else 1), shape[0 if batch_first else 1], hidden)
+        dtype = input.dtype
+        for s in states:
+            if not isinstance(s, Tensor) or s.shape != state or s.dtype != dtype:
+                return None
+        if input.is_cpu:  # devices compared without building torch.device objects
+            if not all(s.is_cpu for s in states) or torch.is_autocast_enabled("cpu"):
+                return None
+        elif (not input.is_cuda or torch.is_autocast_enabled("cuda")
+              or not all(s.is_cuda and s.get_device() == input.get_device() for s in states)):
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        # A parametrized or pruned weight is not in the dict: torch.nn.LSTM
+        # evaluates it more than once a call (_update_flat_weights), the full
+        # path as often.
+        params = self._parameters
+        weights = [params.get(name) for name in self._flat_weights_names]
+        for w in weights:
+            if w is None or w.dtype != dtype:
+                return None
+        data = input.transpose(0, 1) if batch_first else input
+        if lstm:
+            h0, c0 = states or (None, None)
+            out, h_n, c_n = _ops.ops.lstm_layers(data, h0, c0, weights, opts["bias"], layers,
+                                                 bidirectional)
+            hidden = (h_n, c_n)
+        else:
+            out, hidden = _ops.ops.gru_layers(data, hx, weights, opts["bias"], layers,
+                                              bidirectional, opts.get("reset_after", True))
+        return (out.transpose(0, 1) if batch_first else out), hidden
+
     def forward(self, input, hx=None):
+        plain = self._plain(input, hx)
+        if plain is not None:
+            return plain
         self._update_flat_weights()
         lstm = self.mode == "LSTM"
         name = self.mode
@@ -319,7 +383,7 @@ class _CellOptions(_Regularisable):
         for w in weights:
             if w is not None and w.dtype != dtype:
                 return None
-        if lstm:  # Note [a plain cell in one call] (csrc/cell_ops.cpp)
+        if lstm:  # Note [a plain cell in one call] (csrc/plain_ops.cpp)
             return _ops.ops.lstm_cell(input, h, c, *weights)
         return _ops.ops.gru_cell(input, h, *weights, opts.get("reset_after", True))
 

@@ -299,8 +299,8 @@ def test_packed_rows_run_packed_input_and_parity_sees_a_wrong_weight(model):
 
 
 def test_cells_set_runs_and_renders(tmp_path):
-    """--cells on a tiny size end to end: both cells, both modes, parity passed
-    and timed, and RESULTS.md renders it."""
+    """--cells on a tiny size end to end: both cells and both layers on one
+    step, both modes, parity passed and timed, and RESULTS.md renders it."""
     argv = ["--cells", "--config", "1,3,5,4", "--rounds", "1", "--min-run-time", "0.001",
             "--out-dir", str(tmp_path)]
     assert bench.main(argv) == 0
@@ -308,16 +308,17 @@ def test_cells_set_runs_and_renders(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["kind"] == "cells" and doc["complete"]
     assert [(r["model"], r["mode"]) for r in doc["rows"]] == [
-        (m, mode) for m in ("LSTMCell", "GRUCell") for mode in ("inference", "training")]
+        (m, mode) for m in ("LSTMCell", "LSTM", "GRUCell", "GRU")
+        for mode in ("inference", "training")]
     for row in doc["rows"]:
         assert row["status"] == "ok" and row["parity"]["passed"], row
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["fused_ms"])
     text = results_md.render([path], tmp_path / "RESULTS.md")
-    assert "fusedrnn's cells against torch.nn's: CPU, `custom` set" in text
-    assert text.count("| LSTMCell | B=3 I=5 H=4 |") == 2
+    assert "fusedrnn's cells and one-step layers against torch.nn's: CPU, `custom` set" in text
+    assert text.count("| LSTMCell | B=3 I=5 H=4 |") == 2 and text.count("| GRU | B=3 I=5 H=4 |") == 2
 
 
-@pytest.mark.parametrize("model", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("model", ["LSTMCell", "GRUCell", "LSTM", "GRU"])
 @pytest.mark.parametrize("mode", ["inference", "training"])
 def test_cells_parity_catches_a_wrong_cell(model, mode):
     """The oracle sees a weight off by 1e-3 relative (in the state in inference,
@@ -325,7 +326,8 @@ def test_cells_parity_catches_a_wrong_cell(model, mode):
     case = cells.CellCase(model, configs.Config(1, 3, 5, 4), seed=0)
     assert case.parity(mode)["passed"]
     with torch.no_grad():
-        case.fused_mod.weight_hh.mul_(1 + 1e-3)
+        getattr(case.fused_mod, "weight_hh" if model.endswith("Cell") else "weight_hh_l0").mul_(
+            1 + 1e-3)
     assert not case.parity(mode)["passed"]
 
 

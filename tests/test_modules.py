@@ -333,6 +333,56 @@ def test_one_op_per_layer_and_direction_and_no_time_loop(kind, layout):
     assert short == long
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_plain_stack_takes_one_op_and_the_rest_the_full_path(kind, monkeypatch):
+    """Note [a plain stack in one call]: a plain call is one op (lstm_layers /
+    gru_layers) and equals torch.nn's; every case it does not cover takes
+    rnn_layers (the full path), which raises torch.nn's errors."""
+    import fusedrnn.modules as modules
+    calls = []
+    real = modules.rnn_layers
+    monkeypatch.setattr(modules, "rnn_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lstm = kind == "LSTM"
+
+    def pair(**kw):
+        theirs = getattr(nn, kind)(I, H, **kw).double()
+        return theirs, fusedrnn.from_torch(theirs)
+
+    def states(n, dtype=torch.float64):
+        hx = [torch.randn(n, B, H, dtype=dtype) for _ in range(2 if lstm else 1)]
+        return tuple(hx) if lstm else hx[0]
+
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    plain = [(dict(), (x,)), (dict(num_layers=2, bidirectional=True), (x, states(4))),
+             (dict(batch_first=True, bias=False), (x,)),
+             (dict(num_layers=2, dropout=0.5), (x, states(2)))]  # eval: no dropout
+    for kw, args in plain:
+        theirs, ours = pair(**kw)
+        theirs.eval(), ours.eval()
+        got, want = ours(*args), theirs(*args)
+        assert not calls, kw
+        flat = lambda r: [r[0], *(r[1] if lstm else (r[1],))]  # noqa: E731
+        for a, e in zip(flat(got), flat(want)):
+            assert rel_err(a, e) < F64_TOL
+        g = [torch.randn_like(e) for e in flat(want)]
+        (a,), (e,) = torch.autograd.grad(flat(got), x, g), torch.autograd.grad(flat(want), x, g)
+        assert rel_err(a, e) < F64_TOL
+    packed = nn.utils.rnn.pack_padded_sequence(x, [T] * B)
+    full = [(dict(), (x[:, 0],)), (dict(), (packed,)), (dict(num_layers=2, dropout=0.5), (x,)),
+            (dict(zoneout=0.1) if lstm else dict(reset_after=False, zoneout=0.1), (x,))]
+    if lstm:
+        full.append((dict(proj_size=P), (x,)))
+    for kw, args in full:
+        ours = getattr(fusedrnn, kind)(I, H, **kw).double()
+        calls.clear()
+        ours(*args)
+        assert calls, kw
+    ours = getattr(fusedrnn, kind)(I, H).double()
+    for bad, msg in ((states(1, torch.float32), "dtype|expected"), (states(2), "Expected hidden")):
+        with pytest.raises(RuntimeError, match=msg):
+            ours(x, bad)
+
+
 # ------------------------------------------------------------------ parametrized weights
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_parametrized_weights_evaluated_as_in_torch_nn(kind):

@@ -425,6 +425,106 @@ def test_cell_op_opcheck(device, kind):
         torch.library.opcheck(op, (x, *states, *weights, *extra))
 
 
+def stack_op_inputs(kind, device, dtype, bias, layers, bidirectional, requires_grad=False):
+    """input [T, B, 17], states [L*D, B, H] and the flat weights (torch's order)
+    of a plain stack."""
+    G, D = (4 if kind == "lstm" else 3), (2 if bidirectional else 1)
+    t = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=requires_grad)  # noqa: E731
+    weights = []
+    for layer in range(layers):
+        for _ in range(D):
+            weights += [t(G * H, 17 if layer == 0 else D * H), t(G * H, H)]
+            weights += [t(G * H), t(G * H)] if bias else []
+    states = tuple(t(layers * D, B, H) for _ in range(2 if kind == "lstm" else 1))
+    return t(T, B, 17), states, weights
+
+
+def stack_op(kind, x, states, weights, bias, layers, bidirectional, reset_after=True):
+    if kind == "lstm":
+        return ops.lstm_layers(x, *states, weights, bias, layers, bidirectional)
+    return ops.gru_layers(x, *states, weights, bias, layers, bidirectional, reset_after)
+
+
+def stack_by_layer_ops(kind, x, states, weights, bias, layers, bidirectional, reset_after=True):
+    """The stack as functional.rnn_layers runs it: the op calls one by one."""
+    D, per = (2 if bidirectional else 1), (4 if bias else 2)
+    layer_in, finals = x, [[] for _ in states]
+    for layer in range(layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh = (weights[k * per:(k + 1) * per] + [None, None])[:4]
+            x_proj = ops.linear(layer_in, w_ih, b_ih)
+            s = [st[k] for st in states]
+            train = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x_proj, *s, w_hh, b_hh))
+            if kind == "lstm":
+                res = ops.lstm_forward(x_proj, *s, w_hh, None, b_hh, None, d == 1, train)
+            else:
+                res = ops.gru_forward(x_proj, *s, w_hh, b_hh, None, d == 1, reset_after, train)
+            outs.append(res[0])
+            for f, r in zip(finals, res[1:1 + len(states)]):
+                f.append(r)
+        layer_in = torch.cat(outs, -1) if D == 2 else outs[0]
+    return (layer_in, *(torch.stack(f) for f in finals))
+
+
+STACKS = [pytest.param(*a, id=f"{a[0]}-L{a[2]}-{'bi' if a[3] else 'uni'}")
+          for a in [("lstm", True, 1, False), ("lstm", True, 2, True), ("gru", True, 2, True),
+                    ("gru", False, 1, False)]]
+
+
+@pytest.mark.parametrize("kind,reset_after,layers,bidirectional", STACKS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_stack_op_is_the_layer_ops_in_turn(device, kind, reset_after, layers, bidirectional,
+                                           bias):
+    """lstm_layers / gru_layers: bit for bit the layer ops called layer by layer
+    and direction by direction, float32, values and gradients; absent states
+    are zeros."""
+    x, states, weights = stack_op_inputs(kind, device, torch.float32, bias, layers,
+                                         bidirectional, requires_grad=True)
+    args = (kind, x, states, weights, bias, layers, bidirectional, reset_after)
+    got, want = stack_op(*args), stack_by_layer_ops(*args)
+    leaves = [x, *states, *weights]
+    g = [torch.randn_like(t) for t in want]
+    for a, e, ga, ge in zip(got, want, torch.autograd.grad(got, leaves, g),
+                            torch.autograd.grad(want, leaves, g)):
+        assert torch.equal(a, e) and torch.equal(ga, ge)
+    with torch.no_grad():
+        zeros = tuple(torch.zeros_like(s) for s in states)
+        none = (None,) * len(states)
+        for a, e in zip(stack_op(kind, x, none, weights, bias, layers, bidirectional, reset_after),
+                        stack_by_layer_ops(kind, x, zeros, weights, bias, layers, bidirectional,
+                                           reset_after)):
+            assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stack_op_opcheck(device, kind):
+    for bias, layers, bidirectional in ((True, 2, True), (False, 1, False)):
+        x, states, weights = stack_op_inputs(kind, device, torch.float64, bias, layers,
+                                             bidirectional, requires_grad=True)
+        extra = () if kind == "lstm" else (True,)
+        op = ops.lstm_layers if kind == "lstm" else ops.gru_layers
+        torch.library.opcheck(op, (x, *states, weights, bias, layers, bidirectional, *extra))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_stack_input_is_rejected(kind):
+    x, states, weights = stack_op_inputs(kind, "cpu", torch.float32, True, 2, False)
+    name = f"fusedrnn::{kind}_layers"
+    with pytest.raises(RuntimeError, match=f"{name}: input must be 3-D"):
+        stack_op(kind, x[0], states, weights, True, 2, False)
+    with pytest.raises(RuntimeError, match=f"{name}: expected 8 weights, got 6"):
+        stack_op(kind, x, states, weights[:6], True, 2, False)
+    with pytest.raises(RuntimeError, match=f"{name}: expected 4 weights, got 8"):
+        stack_op(kind, x, states, weights, False, 2, False)
+    with pytest.raises(RuntimeError, match=rf"{name}: states must be \[2, {B}, {H}\]"):
+        stack_op(kind, x, tuple(s[:1] for s in states), weights, True, 2, False)
+    with pytest.raises(RuntimeError, match=f"{name}: num_layers must be at least 1"):
+        stack_op(kind, x, states, [], True, 0, False)
+
+
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
 def test_autograd_kernel_where_grad_is_and_is_not_needed(grad_mode):
     """The C++ Autograd kernel: with grad mode off, or no input requiring

@@ -574,7 +574,8 @@ def test_rate_zero_is_bitwise_the_plain_layer(kind, kw, training, monkeypatch):
         torch.randn(T, B, I, requires_grad=True)
     want = _outputs_and_grads(plain, x, 5)
     got = _outputs_and_grads(ours, x, 5)
-    assert regs and all(r is None for r in regs)
+    # No layer calls at all where both took the plain stack's one op.
+    assert all(r is None for r in regs)
     for a, b in zip(got[0] + list(got[1]), want[0] + list(want[1])):
         assert torch.equal(a, b)
 

@@ -1,0 +1,191 @@
+// Note [a plain cell in one call]
+// A plain LSTMCell or GRUCell is the projection and one step of the layer
+// ops, fusedrnn::linear then fusedrnn::lstm_forward / gru_forward with T = 1.
+// Called from Python, each op call cost its argument parsing, the wrapping of
+// five results and the Python between them: at batch 1 H=256 on a 2-core
+// Xeon the two ops took 56 us one after the other, the cell's Python 19 us
+// more. lstm_cell and gru_cell make the same two calls from C++, as a
+// CompositeImplicitAutograd kernel (and vmap's decomposition): autograd,
+// vmap and fake tensors see the two layer ops as before; tracing records
+// this one.
+//
+// Note [a plain stack in one call]
+// The same for LSTM and GRU: lstm_layers and gru_layers run the stack's
+// calls of linear and the layer op, layer by layer and direction by
+// direction, as functional.rnn_layers does, and concatenate and stack the
+// results. A layer called one step at a time (a decoder's loop) spent more
+// in Python than in its ops: GRU(256, 256) on one step of batch 1 took 160
+// us against torch.nn's 125 us on a 2-core Xeon, its two ops about 50 us.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fusedrnn {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+template <typename F>
+c10::TypedOperatorHandle<F> op_named(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
+}
+
+// x w_ih^T + b_ih; one_step: [B, I] as [1, B, G*H], a cell's one step.
+Tensor projection(const Tensor& input, const Tensor& w_ih, const OptTensor& b_ih,
+                  bool one_step = true) {
+  static const auto linear =
+      op_named<Tensor(const Tensor&, const Tensor&, const OptTensor&)>("fusedrnn::linear");
+  const Tensor x_proj = linear.call(input, w_ih, b_ih);
+  return one_step ? x_proj.unsqueeze(0) : x_proj;
+}
+
+const auto& lstm_forward_op() {
+  static const auto op =
+      op_named<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+          const OptTensor&, const OptTensor&, bool, bool)>("fusedrnn::lstm_forward");
+  return op;
+}
+
+const auto& gru_forward_op() {
+  static const auto op =
+      op_named<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                  const OptTensor&, const OptTensor&, bool, bool,
+                                                  bool)>("fusedrnn::gru_forward");
+  return op;
+}
+
+// _ops.needs_grad's answer outside tracing (a traced graph records this op).
+bool needs_grad(std::initializer_list<Tensor> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor& t : tensors) {
+    if (t.defined() && t.requires_grad()) return true;
+  }
+  return false;
+}
+
+// input [B, I], hx and cx [B, H] -> (h', c') [B, H].
+std::tuple<Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                     const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                     const OptTensor& b_hh) {
+  const Tensor x_proj = projection(input, w_ih, b_ih);
+  const bool train = needs_grad({x_proj, hx, cx, w_hh, b_hh.value_or(Tensor())});
+  auto res = lstm_forward_op().call(x_proj, hx, cx, w_hh, std::nullopt, b_hh, std::nullopt, false,
+                                    train);
+  return {std::get<1>(res), std::get<2>(res)};
+}
+
+// input [B, I], hx [B, H] -> h' [B, H].
+Tensor gru_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                const OptTensor& b_ih, const OptTensor& b_hh, bool reset_after) {
+  const Tensor x_proj = projection(input, w_ih, b_ih);
+  const bool train = needs_grad({x_proj, hx, w_hh, b_hh.value_or(Tensor())});
+  return std::get<1>(
+      gru_forward_op().call(x_proj, hx, w_hh, b_hh, std::nullopt, false, reset_after, train));
+}
+
+// The stacks' checks beyond the layer ops' own: input [T, B, I], the
+// weights' count, and states [L*D, B, H] (H from w_hh).
+void check_stack(const char* name, const Tensor& input, const OptTensor& h0, const OptTensor& c0,
+                 at::TensorList weights, int64_t per_layer, int64_t num_layers, int64_t dirs) {
+  TORCH_CHECK(input.dim() == 3, name, ": input must be 3-D [T, B, I], got ", input.dim(), "-D");
+  TORCH_CHECK(num_layers >= 1, name, ": num_layers must be at least 1, got ", num_layers);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == num_layers * dirs * per_layer, name,
+              ": expected ", num_layers * dirs * per_layer, " weights, got ", weights.size());
+  TORCH_CHECK(weights[1].dim() == 2, name, ": w_hh must be 2-D, got ", weights[1].dim(), "-D");
+  const std::vector<int64_t> want{num_layers * dirs, input.size(1), weights[1].size(1)};
+  for (const OptTensor& s : {h0, c0}) {
+    TORCH_CHECK(!s || s->sizes() == c10::IntArrayRef(want), name, ": states must be ",
+                c10::IntArrayRef(want), ", got ", s->sizes());
+  }
+}
+
+// State k of [L*D, B, H], or zeros like torch.nn's absent state.
+Tensor state_at(const OptTensor& s, int64_t k, const Tensor& input, const Tensor& w_hh) {
+  return s ? s->select(0, k) : at::zeros({input.size(1), w_hh.size(1)}, input.options());
+}
+
+// layer(k, layer_in, w, b_ih, b_hh, reverse) -> (output, h_n, c_n) of layer
+// and direction k; the stack's output and its h_n (and c_n) stacked.
+template <typename Layer>
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> run_stack(
+    const Tensor& input, at::TensorList weights, bool has_biases, int64_t num_layers,
+    int64_t dirs, const Layer& layer) {
+  const int64_t per = has_biases ? 4 : 2;
+  Tensor layer_in = input;
+  std::vector<Tensor> h_n, c_n;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    std::vector<Tensor> outs;
+    for (int64_t d = 0; d < dirs; ++d) {
+      const int64_t k = l * dirs + d;
+      const Tensor* w = weights.data() + k * per;
+      const OptTensor b_ih = has_biases ? OptTensor(w[2]) : std::nullopt;
+      const OptTensor b_hh = has_biases ? OptTensor(w[3]) : std::nullopt;
+      auto [out, h, c] = layer(k, projection(layer_in, w[0], b_ih, false), w[1], b_hh, d == 1);
+      outs.push_back(std::move(out));
+      h_n.push_back(std::move(h));
+      if (c.defined()) c_n.push_back(std::move(c));
+    }
+    layer_in = dirs == 1 ? outs[0] : at::cat(outs, -1);
+  }
+  return {layer_in, h_n, c_n};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_layers(const Tensor& input, const OptTensor& h0,
+                                               const OptTensor& c0, at::TensorList weights,
+                                               bool has_biases, int64_t num_layers,
+                                               bool bidirectional) {
+  const int64_t dirs = bidirectional ? 2 : 1;
+  check_stack("fusedrnn::lstm_layers", input, h0, c0, weights, has_biases ? 4 : 2, num_layers,
+              dirs);
+  const auto layer = [&](int64_t k, const Tensor& x_proj, const Tensor& w_hh,
+                         const OptTensor& b_hh, bool reverse) {
+    const Tensor h = state_at(h0, k, input, w_hh), c = state_at(c0, k, input, w_hh);
+    const bool train = needs_grad({x_proj, h, c, w_hh, b_hh.value_or(Tensor())});
+    auto r = lstm_forward_op().call(x_proj, h, c, w_hh, std::nullopt, b_hh, std::nullopt,
+                                    reverse, train);
+    return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r));
+  };
+  auto [out, h_n, c_n] = run_stack(input, weights, has_biases, num_layers, dirs, layer);
+  return {out, at::stack(h_n), at::stack(c_n)};
+}
+
+std::tuple<Tensor, Tensor> gru_layers(const Tensor& input, const OptTensor& h0,
+                                      at::TensorList weights, bool has_biases, int64_t num_layers,
+                                      bool bidirectional, bool reset_after) {
+  const int64_t dirs = bidirectional ? 2 : 1;
+  check_stack("fusedrnn::gru_layers", input, h0, std::nullopt, weights, has_biases ? 4 : 2,
+              num_layers, dirs);
+  const auto layer = [&](int64_t k, const Tensor& x_proj, const Tensor& w_hh,
+                         const OptTensor& b_hh, bool reverse) {
+    const Tensor h = state_at(h0, k, input, w_hh);
+    const bool train = needs_grad({x_proj, h, w_hh, b_hh.value_or(Tensor())});
+    auto r = gru_forward_op().call(x_proj, h, w_hh, b_hh, std::nullopt, reverse, reset_after,
+                                   train);
+    return std::make_tuple(std::get<0>(r), std::get<1>(r), Tensor());
+  };
+  auto [out, h_n, c_n] = run_stack(input, weights, has_biases, num_layers, dirs, layer);
+  return {out, at::stack(h_n)};
+}
+
+void impl_plain(torch::Library& m) {
+  m.impl("lstm_cell", &lstm_cell);
+  m.impl("gru_cell", &gru_cell);
+  m.impl("lstm_layers", &lstm_layers);
+  m.impl("gru_layers", &gru_layers);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedrnn, CompositeImplicitAutograd, m) { impl_plain(m); }
+
+// vmap decomposes them too, to the layer ops' batching rules (without this
+// it would loop over the mapped dimension).
+TORCH_LIBRARY_IMPL(fusedrnn, FuncTorchBatchedDecomposition, m) { impl_plain(m); }
+
+}  // namespace fusedrnn
