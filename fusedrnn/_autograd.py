@@ -26,7 +26,6 @@ torch.func's own examples do, for the fused one.
 """
 import torch
 from torch._C import _functorch
-from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from . import _C
@@ -39,10 +38,14 @@ def register_autograd(qualname, backward, setup_context):
     nothing needs grad (Note [Autograd kernel in C++ where nothing needs grad]
     in csrc/autograd_kernel.cpp)."""
     op = torch._library.utils.lookup_op(qualname)
+    # Looked up once: this runs on every gradient-tracking call.
+    below, after = torch._C._AutoDispatchBelowAutograd, torch._C._after_autograd_keyset
+    allowed = _functorch.get_single_level_autograd_function_allowed
+    allow = _functorch.set_single_level_autograd_function_allowed
 
     def redispatch(keyset, args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        with below():
+            return op.redispatch(keyset & after, *args)
 
     def forward(ctx, *args):
         keyset, args = args[-1], args[:-1]
@@ -68,8 +71,14 @@ def register_autograd(qualname, backward, setup_context):
               {"forward": staticmethod(forward), "backward": staticmethod(grads)})
 
     def kernel(keyset, *args):  # called where grad mode is on and an input requires grad
-        with enable_single_level_autograd_function():
+        # torch._functorch.utils.enable_single_level_autograd_function(),
+        # without a generator-based context manager's cost.
+        prev = allowed()
+        allow(True)
+        try:
             return fn.apply(*args, keyset)
+        finally:
+            allow(prev)
 
     _C._set_autograd_kernel(qualname.split("::")[1], kernel)
 
