@@ -115,12 +115,13 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
 
     def _plain(self, input, hx):
         """The call in one op (Note [a plain stack in one call] in
-        csrc/plain_ops.cpp) where it has nothing to check, plan or reshape: no
+        csrc/plain_ops.cpp) where it has nothing to check or plan: no
         regulariser, projection or dropout between layers, a padded batch of
-        steps, the states absent or of the expected shapes, every tensor of
-        input's dtype, the states on its device, eager, no autocast. None where
-        forward's full path must run (it raises as torch.nn does); the checks
-        are the cheap reads of Note [a plain cell's short way]."""
+        steps or one unbatched sequence, the states absent or of the expected
+        shapes, every tensor of input's dtype, the states on its device, eager,
+        no autocast. None where forward's full path must run (it raises as
+        torch.nn does); the checks are the cheap reads of Note [a plain cell's
+        short way]."""
         opts = self.__dict__
         for name in regularised.OPTIONS:
             if opts.get(name):
@@ -131,7 +132,9 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
         if not isinstance(input, Tensor):
             return None
         shape, hidden, batch_first = input.shape, opts["hidden_size"], opts["batch_first"]
-        if len(shape) != 3 or shape[2] != opts["input_size"] or 0 in shape or hidden == 0:
+        batched = len(shape) == 3
+        if (not batched and len(shape) != 2) or shape[-1] != opts["input_size"] or 0 in shape \
+                or hidden == 0:
             return None
         lstm = opts["mode"] == "LSTM"
         if hx is None:
@@ -142,7 +145,8 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
             states = hx
         else:
             states = (hx,)
-        state = (layers * (2 if bidirectional else 1), shape[0 if batch_first else 1], hidden)
+        state = (layers * (2 if bidirectional else 1),) \
+            + ((shape[0 if batch_first else 1],) if batched else ()) + (hidden,)
         dtype = input.dtype
         for s in states:
             if not isinstance(s, Tensor) or s.shape != state or s.dtype != dtype:
@@ -163,16 +167,25 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
         for w in weights:
             if w is None or w.dtype != dtype:
                 return None
-        data = input.transpose(0, 1) if batch_first else input
+        if batched:
+            data = input.transpose(0, 1) if batch_first else input
+        else:  # one sequence: a batch of one, time-major
+            data, states = input.unsqueeze(1), tuple(s.unsqueeze(1) for s in states)
         if lstm:
             h0, c0 = states or (None, None)
             out, h_n, c_n = _ops.ops.lstm_layers(data, h0, c0, weights, opts["bias"], layers,
                                                  bidirectional)
-            hidden = (h_n, c_n)
+            finals = (h_n, c_n)
         else:
-            out, hidden = _ops.ops.gru_layers(data, hx, weights, opts["bias"], layers,
-                                              bidirectional, opts.get("reset_after", True))
-        return (out.transpose(0, 1) if batch_first else out), hidden
+            out, h_n = _ops.ops.gru_layers(data, states[0] if states else None, weights,
+                                           opts["bias"], layers, bidirectional,
+                                           opts.get("reset_after", True))
+            finals = (h_n,)
+        if not batched:
+            out, finals = out.squeeze(1), tuple(f.squeeze(1) for f in finals)
+        elif batch_first:
+            out = out.transpose(0, 1)
+        return out, (finals if lstm else finals[0])
 
     def forward(self, input, hx=None):
         plain = self._plain(input, hx)
@@ -339,10 +352,11 @@ class _CellOptions(_Regularisable):
 
     def _plain(self, lstm, input, hx):
         """The call in one op (Note [a plain cell's short way]) where it has
-        nothing to check, plan or reshape: no regulariser, a batch with both
-        states, every shape as the ops want it, every tensor of input's dtype,
-        the states on its device, eager, no autocast. None where forward's
-        full path must run (it raises as torch.nn does)."""
+        nothing to check, plan or reshape: no regulariser, a batch with its
+        states (absent: torch.nn's zeros), every shape as the ops want it,
+        every tensor of input's dtype, the states on its device, eager, no
+        autocast. None where forward's full path must run (it raises as
+        torch.nn does)."""
         # Note [a plain cell's short way]
         # At batch 1 H=256 on a 2-core Xeon, a plain LSTMCell call spent as long
         # in Python as in its op: dtype, autocast and regulariser planning it
@@ -350,11 +364,16 @@ class _CellOptions(_Regularisable):
         # torch.device objects built to compare devices. Here each check is one
         # cheap read, and every case they do not cover takes the full path.
         opts = self.__dict__
-        if hx is None:
-            return None
         for name in regularised.OPTIONS:
             if opts.get(name):
                 return None
+        shape = input.shape
+        if len(shape) != 2 or shape[0] == 0 or shape[1] != opts["input_size"]:
+            return None
+        state = (shape[0], opts["hidden_size"])
+        if hx is None:  # torch.nn's zeros
+            hx = torch.zeros(state, dtype=input.dtype, device=input.device)
+            hx = (hx, hx) if lstm else hx
         if lstm:
             if type(hx) is not tuple or len(hx) != 2:
                 return None
@@ -363,10 +382,6 @@ class _CellOptions(_Regularisable):
             h = c = hx
         if not (isinstance(h, Tensor) and isinstance(c, Tensor)):
             return None
-        shape = input.shape
-        if len(shape) != 2 or shape[0] == 0 or shape[1] != opts["input_size"]:
-            return None
-        state = (shape[0], opts["hidden_size"])
         if state[1] == 0 or h.shape != state or c.shape != state:  # empty: _layer's way
             return None
         if input.is_cpu:  # devices compared without building torch.device objects

@@ -335,9 +335,10 @@ def test_one_op_per_layer_and_direction_and_no_time_loop(kind, layout):
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_plain_stack_takes_one_op_and_the_rest_the_full_path(kind, monkeypatch):
-    """Note [a plain stack in one call]: a plain call is one op (lstm_layers /
-    gru_layers) and equals torch.nn's; every case it does not cover takes
-    rnn_layers (the full path), which raises torch.nn's errors."""
+    """Note [a plain stack in one call]: a plain call, batched or one unbatched
+    sequence, is one op (lstm_layers / gru_layers) and equals torch.nn's; every
+    case it does not cover takes rnn_layers (the full path), which raises
+    torch.nn's errors."""
     import fusedrnn.modules as modules
     calls = []
     real = modules.rnn_layers
@@ -353,9 +354,11 @@ def test_plain_stack_takes_one_op_and_the_rest_the_full_path(kind, monkeypatch):
         return tuple(hx) if lstm else hx[0]
 
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    one = tuple(s[:, 0] for s in states(2)) if lstm else states(2)[:, 0]  # unbatched
     plain = [(dict(), (x,)), (dict(num_layers=2, bidirectional=True), (x, states(4))),
              (dict(batch_first=True, bias=False), (x,)),
-             (dict(num_layers=2, dropout=0.5), (x, states(2)))]  # eval: no dropout
+             (dict(num_layers=2, dropout=0.5), (x, states(2))),  # eval: no dropout
+             (dict(num_layers=2), (x[:, 0], one)), (dict(batch_first=True), (x[:, 0],))]
     for kw, args in plain:
         theirs, ours = pair(**kw)
         theirs.eval(), ours.eval()
@@ -368,7 +371,7 @@ def test_plain_stack_takes_one_op_and_the_rest_the_full_path(kind, monkeypatch):
         (a,), (e,) = torch.autograd.grad(flat(got), x, g), torch.autograd.grad(flat(want), x, g)
         assert rel_err(a, e) < F64_TOL
     packed = nn.utils.rnn.pack_padded_sequence(x, [T] * B)
-    full = [(dict(), (x[:, 0],)), (dict(), (packed,)), (dict(num_layers=2, dropout=0.5), (x,)),
+    full = [(dict(), (packed,)), (dict(num_layers=2, dropout=0.5), (x,)),
             (dict(zoneout=0.1) if lstm else dict(reset_after=False, zoneout=0.1), (x,))]
     if lstm:
         full.append((dict(proj_size=P), (x,)))
