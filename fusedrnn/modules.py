@@ -123,9 +123,8 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
         torch.nn does); the checks are the cheap reads of Note [a plain cell's
         short way]."""
         opts = self.__dict__
-        for name in regularised.OPTIONS:
-            if opts.get(name):
-                return None
+        if _regularised(opts):
+            return None
         layers, bidirectional = opts["num_layers"], opts["bidirectional"]
         if opts["proj_size"] or (opts["dropout"] and opts["training"] and layers > 1):
             return None
@@ -137,27 +136,12 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
                 or hidden == 0:
             return None
         lstm = opts["mode"] == "LSTM"
-        if hx is None:
-            states = ()
-        elif lstm:
-            if type(hx) is not tuple or len(hx) != 2:
-                return None
-            states = hx
-        else:
-            states = (hx,)
+        states = _states(lstm, hx)
+        if states is None:
+            return None
         state = (layers * (2 if bidirectional else 1),) \
             + ((shape[0 if batch_first else 1],) if batched else ()) + (hidden,)
-        dtype = input.dtype
-        for s in states:
-            if not isinstance(s, Tensor) or s.shape != state or s.dtype != dtype:
-                return None
-        if input.is_cpu:  # devices compared without building torch.device objects
-            if not all(s.is_cpu for s in states) or torch.is_autocast_enabled("cpu"):
-                return None
-        elif (not input.is_cuda or torch.is_autocast_enabled("cuda")
-              or not all(s.is_cuda and s.get_device() == input.get_device() for s in states)):
-            return None
-        if torch.compiler.is_compiling():
+        if not _plain_place(input, state, states):
             return None
         # A parametrized or pruned weight is not in the dict: torch.nn.LSTM
         # evaluates it more than once a call (_update_flat_weights), the full
@@ -165,7 +149,7 @@ class _FusedRNNBase(_Regularisable, nn.RNNBase, ScriptedRNN):
         params = self._parameters
         weights = [params.get(name) for name in self._flat_weights_names]
         for w in weights:
-            if w is None or w.dtype != dtype:
+            if w is None or w.dtype != input.dtype:
                 return None
         if batched:
             data = input.transpose(0, 1) if batch_first else input
@@ -364,46 +348,64 @@ class _CellOptions(_Regularisable):
         # torch.device objects built to compare devices. Here each check is one
         # cheap read, and every case they do not cover takes the full path.
         opts = self.__dict__
-        for name in regularised.OPTIONS:
-            if opts.get(name):
-                return None
+        if _regularised(opts):
+            return None
         shape = input.shape
         if len(shape) != 2 or shape[0] == 0 or shape[1] != opts["input_size"]:
             return None
         state = (shape[0], opts["hidden_size"])
-        if hx is None:  # torch.nn's zeros
-            hx = torch.zeros(state, dtype=input.dtype, device=input.device)
-            hx = (hx, hx) if lstm else hx
-        if lstm:
-            if type(hx) is not tuple or len(hx) != 2:
-                return None
-            h, c = hx
-        else:
-            h = c = hx
-        if not (isinstance(h, Tensor) and isinstance(c, Tensor)):
-            return None
-        if state[1] == 0 or h.shape != state or c.shape != state:  # empty: _layer's way
-            return None
-        if input.is_cpu:  # devices compared without building torch.device objects
-            if not (h.is_cpu and c.is_cpu) or torch.is_autocast_enabled("cpu"):
-                return None
-        elif (not (input.is_cuda and h.is_cuda and c.is_cuda)
-              or not h.get_device() == c.get_device() == input.get_device()
-              or torch.is_autocast_enabled("cuda")):
-            return None
-        dtype = input.dtype
-        if torch.compiler.is_compiling() or h.dtype != dtype or c.dtype != dtype:
+        states = _states(lstm, hx)
+        # hidden_size 0: the full path (_layer's way for empty results).
+        if states is None or state[1] == 0 or not _plain_place(input, state, states):
             return None
         weights = [_tensor(self, name) for name in _CELL_WEIGHTS]
         for w in weights:
-            if w is not None and w.dtype != dtype:
+            if w is not None and w.dtype != input.dtype:
                 return None
+        if not states:  # torch.nn's zeros
+            zeros = torch.zeros(state, dtype=input.dtype, device=input.device)
+            states = (zeros, zeros) if lstm else (zeros,)
         if lstm:  # Note [a plain cell in one call] (csrc/plain_ops.cpp)
-            return _ops.ops.lstm_cell(input, h, c, *weights)
-        return _ops.ops.gru_cell(input, h, *weights, opts.get("reset_after", True))
+            return _ops.ops.lstm_cell(input, *states, *weights)
+        return _ops.ops.gru_cell(input, *states, *weights, opts.get("reset_after", True))
 
 
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _regularised(opts):
+    """Whether any regulariser is on, from a module's __dict__."""
+    for name in regularised.OPTIONS:
+        if opts.get(name):
+            return True
+    return False
+
+
+def _states(lstm, hx):
+    """hx of a short way as a tuple of its states, () where absent; None where
+    its structure is not the plain one (the full path's to judge)."""
+    if hx is None:
+        return ()
+    if not lstm:
+        return (hx,)
+    return hx if type(hx) is tuple and len(hx) == 2 else None
+
+
+def _plain_place(input, state, states):
+    """The short ways' checks on the states (Note [a plain cell's short way]):
+    tensors of shape `state` and of input's dtype, on its device (compared
+    without building torch.device objects), no autocast there, eager."""
+    dtype = input.dtype
+    for s in states:
+        if not isinstance(s, Tensor) or s.shape != state or s.dtype != dtype:
+            return False
+    if input.is_cpu:
+        if torch.is_autocast_enabled("cpu") or not all(s.is_cpu for s in states):
+            return False
+    elif (not input.is_cuda or torch.is_autocast_enabled("cuda")
+          or not all(s.is_cuda and s.get_device() == input.get_device() for s in states)):
+        return False
+    return not torch.compiler.is_compiling()
 
 
 def _tensor(module, name):
