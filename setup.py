@@ -137,7 +137,8 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension, get_cxx_compiler
 
     use_cuda = want_cuda(torch.version.cuda, cuda_home)
-    sources = ["csrc/autograd_kernel.cpp", "csrc/ops.cpp", "csrc/plain_ops.cpp", "csrc/cpu/reg_cpu.cpp", "csrc/cpu/rnn_cpu.cpp",
+    sources = ["csrc/autograd_kernel.cpp", "csrc/layer_autograd.cpp", "csrc/ops.cpp",
+               "csrc/plain_ops.cpp", "csrc/cpu/reg_cpu.cpp", "csrc/cpu/rnn_cpu.cpp",
                "csrc/cpu/step_buffers.cpp", "csrc/persistent/emulate.cpp"]
     # x86-64 only, each for its instruction set, linked last: see Note [x86-only
     # fused path] and Note [ISA translation units].

@@ -13,6 +13,8 @@
 
 #include <string>
 
+#include "layer_autograd.h"
+
 namespace {
 
 bool any_requires_grad(const torch::jit::Stack& stack, size_t first) {
@@ -25,9 +27,13 @@ bool any_requires_grad(const torch::jit::Stack& stack, size_t first) {
 
 // The kernel of one op; `python` is the Python kernel, called as
 // python(keyset, *args), which returns the op's result (a tuple where it has
-// several). It lives as long as the process: the registration is never undone.
+// several); `node`, where the op has one, its C++ node, tried first (Note [a
+// layer's autograd in C++]). It lives as long as the process: the
+// registration is never undone.
 struct AutogradKernel final : c10::OperatorKernel {
-  explicit AutogradKernel(PyObject* fn) : python(fn) { Py_INCREF(python); }
+  AutogradKernel(PyObject* fn, fusedrnn::CppAutograd cpp) : python(fn), node(cpp) {
+    Py_INCREF(python);
+  }
 
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
                   torch::jit::Stack* stack) {
@@ -37,6 +43,7 @@ struct AutogradKernel final : c10::OperatorKernel {
       op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
       return;
     }
+    if (node && node(stack)) return;
     py::gil_scoped_acquire gil;
     py::tuple args(n_args + 1);
     args[0] = py::cast(ks);
@@ -59,6 +66,7 @@ struct AutogradKernel final : c10::OperatorKernel {
   }
 
   PyObject* python;
+  fusedrnn::CppAutograd node;
 };
 
 }  // namespace
@@ -76,7 +84,8 @@ PyObject* set_autograd_kernel(PyObject*, PyObject* args) {
   // Never destroyed: the registrations must outlive the interpreter's last call.
   static auto* lib = new torch::Library(torch::Library::IMPL, "fusedrnn",
                                         c10::DispatchKey::Autograd, __FILE__, __LINE__);
-  lib->impl(name, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutogradKernel>(fn)));
+  lib->impl(name, torch::CppFunction::makeFromBoxedFunctor(
+                      std::make_unique<AutogradKernel>(fn, cpp_autograd(name))));
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }

@@ -61,7 +61,18 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def(
       "gru_forward(Tensor x_proj, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? batch_sizes, "
       "bool reverse, bool reset_after, bool train) -> (Tensor, Tensor, Tensor)");
-  // A plain cell: linear, then one step of lstm_forward / gru_forward
+  // A layer with its input projection: linear, then lstm_forward /
+  // gru_forward, as one op with one autograd node (Note [a layer and its
+  // projection in one node], plain_ops.cpp). input [T, B, I]. Returns those
+  // of lstm_forward / gru_forward.
+  m.def(
+      "lstm_input_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, bool reverse, bool train) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gru_input_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, bool reverse, bool reset_after, bool train) -> (Tensor, Tensor, Tensor)");
+  // A plain cell: lstm_input_forward / gru_input_forward at T = 1
   // (plain_ops.cpp). input [B, I], hx and cx [B, H]; returns (h', c') / h'.
   m.def(
       "lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
@@ -70,7 +81,7 @@ TORCH_LIBRARY(fusedrnn, m) {
       "gru_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "bool reset_after) -> Tensor");
   // A plain stack (no projection, no dropout between layers): per layer and
-  // direction, linear then lstm_forward / gru_forward (plain_ops.cpp). input
+  // direction, lstm_input_forward / gru_input_forward (plain_ops.cpp). input
   // [T, B, I]; h0 (and c0) [L*D, B, H], zeros where absent; weights per layer
   // and direction in torch's order, (w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh).
   // Returns (output [T, B, D*H], h_n, c_n) / (output, h_n).

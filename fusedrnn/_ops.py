@@ -87,6 +87,18 @@ def _gru_backward_fake(grad_output, grad_h_n, output, gates, h0, w_hh, batch_siz
             w_hh.new_empty(w_hh.shape), w_hh.new_empty((G if has_bias else 0,)))
 
 
+@torch.library.register_fake("fusedrnn::lstm_input_forward")
+def _lstm_input_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train):
+    x_proj = input.new_empty((*input.shape[:-1], w_ih.shape[0]))
+    return _lstm_forward_fake(x_proj, h0, c0, w_hh, None, b_hh, None, reverse, train)
+
+
+@torch.library.register_fake("fusedrnn::gru_input_forward")
+def _gru_input_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, reverse, reset_after, train):
+    x_proj = input.new_empty((*input.shape[:-1], w_ih.shape[0]))
+    return _gru_forward_fake(x_proj, h0, w_hh, b_hh, None, reverse, reset_after, train)
+
+
 # ------------------------------------------------------------------ autograd
 # Note [Double backward]
 # The backward ops are not themselves differentiable. When autograd builds a
@@ -135,14 +147,18 @@ def _or_zeros(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
+def _check_trained(ctx, name):
+    if not ctx.train:
+        raise RuntimeError(
+            f"fusedrnn::{name} was called with train=False, so nothing was saved for "
+            "backward; call it with train=True when a gradient is needed")
+
+
 def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     out, gates, cells, x_proj, h0, c0, w_hh, w_hr, b_hh, batch_sizes = ctx.saved_tensors
     grad_out, grad_h_n, grad_c_n = (_or_zeros(g, t) for g, t in
                                     ((grad_out, out), (grad_h_n, h0), (grad_c_n, c0)))
-    if not ctx.train:
-        raise RuntimeError(
-            "fusedrnn::lstm_forward was called with train=False, so nothing was saved for "
-            "backward; call it with train=True when a gradient is needed")
+    _check_trained(ctx, "lstm_forward")
     inputs = (x_proj, h0, c0, w_hh, w_hr, b_hh)
     if graph_needed(grad_out, grad_h_n, grad_c_n, *inputs):
         from . import reference  # Note [Double backward]
@@ -170,10 +186,7 @@ def _gru_setup_context(ctx, inputs, output):
 def _gru_backward(ctx, grad_out, grad_h_n, _grad_gates):
     out, gates, x_proj, h0, w_hh, b_hh, batch_sizes = ctx.saved_tensors
     grad_out, grad_h_n = _or_zeros(grad_out, out), _or_zeros(grad_h_n, h0)
-    if not ctx.train:
-        raise RuntimeError(
-            "fusedrnn::gru_forward was called with train=False, so nothing was saved for "
-            "backward; call it with train=True when a gradient is needed")
+    _check_trained(ctx, "gru_forward")
     inputs = (x_proj, h0, w_hh, b_hh)
     if graph_needed(grad_out, grad_h_n, *inputs):
         from . import reference  # Note [Double backward]
@@ -260,9 +273,11 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _linear_backward(ctx, grad):
-    input, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad
+def _linear_grads(grad, input, weight, need_x, need_w, need_b):
+    """(d_input, d_weight, d_bias) of linear for the gradients asked for, None
+    for the others (need_b: a bias exists and needs one)."""
+    if not (need_x or need_w or need_b):
+        return None, None, None
     # Note [Double backward]: torch's differentiable ops; also for empty shapes,
     # where torch's ops give the zero (or bias) gradients.
     if graph_needed(grad, input, weight) or 0 in (grad.numel(), input.numel(), weight.numel()):
@@ -270,14 +285,100 @@ def _linear_backward(ctx, grad):
         g2, x2 = grad.flatten(0, -2), input.flatten(0, -2)
         return (grad @ weight if need_x else None,
                 (g2.to(acc).T @ x2.to(acc)).to(weight.dtype) if need_w else None,
-                g2.to(acc).sum(0).to(weight.dtype) if need_b and ctx.has_bias else None)
-    dx, dw, db = ops.linear_backward(grad, input, weight, need_x, need_w,
-                                     need_b and ctx.has_bias)
-    return (dx if need_x else None, dw if need_w else None,
-            db if need_b and ctx.has_bias else None)
+                g2.to(acc).sum(0).to(weight.dtype) if need_b else None)
+    dx, dw, db = ops.linear_backward(grad, input, weight, need_x, need_w, need_b)
+    return dx if need_x else None, dw if need_w else None, db if need_b else None
+
+
+def _linear_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    return _linear_grads(grad, input, weight, need_x, need_w, need_b and ctx.has_bias)
 
 
 register_autograd("fusedrnn::linear", _linear_backward, _linear_setup_context)
+
+
+# The layers with their projection (Note [a layer and its projection in one
+# node] in csrc/plain_ops.cpp): one node, the layer's backward op, then
+# linear's; under Note [Double backward], the reference layer on F.linear.
+# Where no torch.func transform is active the node is C++ (Note [a layer's
+# autograd in C++] in csrc/layer_autograd.cpp), which calls the two
+# *_reference_grads below for a graph.
+def _lstm_input_reference_grads(input, h0, c0, w_ih, w_hh, b_ih, b_hh, grads, needs, reverse):
+    from . import reference  # Note [Double backward]
+    return _reference_grads(
+        lambda x, h, c, wi, wh, bi, bh: reference.lstm_layer(
+            torch.nn.functional.linear(x, wi, bi), h, c, wh, None, bh, reverse=reverse),
+        (input, h0, c0, w_ih, w_hh, b_ih, b_hh), needs, grads)
+
+
+def _gru_input_reference_grads(input, h0, w_ih, w_hh, b_ih, b_hh, grads, needs, reverse,
+                               reset_after):
+    from . import reference  # Note [Double backward]
+    return _reference_grads(
+        lambda x, h, wi, wh, bi, bh: reference.gru_layer(
+            torch.nn.functional.linear(x, wi, bi), h, wh, bh, reverse=reverse,
+            reset_after=reset_after),
+        (input, h0, w_ih, w_hh, b_ih, b_hh), needs, grads)
+
+
+def _lstm_input_setup_context(ctx, inputs, output):
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train = inputs
+    out, _, _, gates, cells = output
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, out, gates, cells)
+    ctx.reverse, ctx.train = reverse, train
+    ctx.set_materialize_grads(False)  # as for lstm_forward
+
+
+def _lstm_input_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, out, gates, cells = ctx.saved_tensors
+    grad_out, grad_h_n, grad_c_n = (_or_zeros(g, t) for g, t in
+                                    ((grad_out, out), (grad_h_n, h0), (grad_c_n, c0)))
+    _check_trained(ctx, "lstm_input_forward")
+    inputs = (input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    needs = ctx.needs_input_grad[:7]
+    if graph_needed(grad_out, grad_h_n, grad_c_n, *inputs):
+        return (*_lstm_input_reference_grads(*inputs, (grad_out, grad_h_n, grad_c_n), needs,
+                                             ctx.reverse), None, None)
+    d_xp, d_h0, d_c0, d_w_hh, _, d_b_hh = ops.lstm_backward(
+        grad_out, grad_h_n, grad_c_n, out, gates, cells, h0, c0, w_hh, None, None, ctx.reverse,
+        b_hh is not None)
+    d_x, d_w_ih, d_b_ih = _linear_grads(d_xp, input, w_ih, needs[0], needs[3],
+                                        needs[5] and b_ih is not None)
+    return (d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh if b_hh is not None else None,
+            None, None)
+
+
+def _gru_input_setup_context(ctx, inputs, output):
+    input, h0, w_ih, w_hh, b_ih, b_hh, reverse, reset_after, train = inputs
+    out, _, gates = output
+    ctx.save_for_backward(input, h0, w_ih, w_hh, b_ih, b_hh, out, gates)
+    ctx.reverse, ctx.reset_after, ctx.train = reverse, reset_after, train
+    ctx.set_materialize_grads(False)
+
+
+def _gru_input_backward(ctx, grad_out, grad_h_n, _grad_gates):
+    input, h0, w_ih, w_hh, b_ih, b_hh, out, gates = ctx.saved_tensors
+    grad_out, grad_h_n = _or_zeros(grad_out, out), _or_zeros(grad_h_n, h0)
+    _check_trained(ctx, "gru_input_forward")
+    inputs = (input, h0, w_ih, w_hh, b_ih, b_hh)
+    needs = ctx.needs_input_grad[:6]
+    if graph_needed(grad_out, grad_h_n, *inputs):
+        return (*_gru_input_reference_grads(*inputs, (grad_out, grad_h_n), needs, ctx.reverse,
+                                            ctx.reset_after), None, None, None)
+    d_xp, d_h0, d_w_hh, d_b_hh = ops.gru_backward(
+        grad_out, grad_h_n, out, gates, h0, w_hh, None, ctx.reverse, ctx.reset_after,
+        b_hh is not None)
+    d_x, d_w_ih, d_b_ih = _linear_grads(d_xp, input, w_ih, needs[0], needs[2],
+                                        needs[4] and b_ih is not None)
+    return (d_x, d_h0, d_w_ih, d_w_hh, d_b_ih, d_b_hh if b_hh is not None else None,
+            None, None, None)
+
+
+register_autograd("fusedrnn::lstm_input_forward", _lstm_input_backward,
+                  _lstm_input_setup_context)
+register_autograd("fusedrnn::gru_input_forward", _gru_input_backward, _gru_input_setup_context)
 
 
 def linear(input, weight, bias=None):

@@ -312,7 +312,10 @@ def _count(fn):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_one_op_per_layer_and_direction_and_no_time_loop(kind, layout):
     ours = getattr(fusedrnn, kind)(I, H, num_layers=3, bidirectional=True)
-    fwd_op, bwd_op = f"fusedrnn.{kind.lower()}_forward", f"fusedrnn.{kind.lower()}_backward"
+    # A padded batch's layers are the layer ops with their projection (Note [a
+    # layer and its projection in one node]); packed input calls the layer ops.
+    forward = "input_forward" if layout == "padded" else "forward"
+    fwd_op, bwd_op = f"fusedrnn.{kind.lower()}_{forward}", f"fusedrnn.{kind.lower()}_backward"
 
     def ops_for(steps):
         inp = torch.randn(steps, B, I, requires_grad=True)

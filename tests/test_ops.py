@@ -525,6 +525,113 @@ def test_bad_stack_input_is_rejected(kind):
         stack_op(kind, x, states, [], True, 0, False)
 
 
+def input_forward(kind, x, states, weights, reverse, reset_after, train=True):
+    if kind == "lstm":
+        return ops.lstm_input_forward(x, *states, *weights, reverse, train)
+    return ops.gru_input_forward(x, *states, *weights, reverse, reset_after, train)
+
+
+def input_forward_by_layer_ops(kind, x, states, weights, reverse, reset_after):
+    w_ih, w_hh, b_ih, b_hh = weights
+    x_proj = ops.linear(x, w_ih, b_ih)
+    if kind == "lstm":
+        return ops.lstm_forward(x_proj, *states, w_hh, None, b_hh, None, reverse, True)
+    return ops.gru_forward(x_proj, *states, w_hh, b_hh, None, reverse, reset_after, True)
+
+
+def input_forward_inputs(kind, device, dtype, bias, grads=True):
+    """input [T, B, 17], states [B, H], (w_ih, w_hh, b_ih, b_hh); `grads`: the
+    names of those that require grad (True: all)."""
+    G = 4 if kind == "lstm" else 3
+    names = ["x", "h0"] + (["c0"] if kind == "lstm" else []) + ["w_ih", "w_hh", "b_ih", "b_hh"]
+    shapes = [(T, B, 17), (B, H), (B, H), (G * H, 17), (G * H, H), (G * H,), (G * H,)]
+    if kind != "lstm":
+        shapes.pop(2)
+    ts = {n: torch.randn(*sh, device=device, dtype=dtype,
+                         requires_grad=grads is True or n in grads)
+          for n, sh in zip(names, shapes)}
+    if not bias:
+        ts["b_ih"] = ts["b_hh"] = None
+    states = (ts["h0"], ts["c0"]) if kind == "lstm" else (ts["h0"],)
+    return ts["x"], states, [ts["w_ih"], ts["w_hh"], ts["b_ih"], ts["b_hh"]]
+
+
+@pytest.mark.parametrize("kind,reset_after", [("lstm", True), ("gru", True), ("gru", False)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("grads", [True, ("w_hh", "h0"), ("x", "b_ih")], ids=["all", "w_hh-h0",
+                                                                            "x-b_ih"])
+def test_input_forward_is_linear_then_the_layer_op(device, kind, reset_after, bias, reverse,
+                                                    grads):
+    """lstm_input_forward / gru_input_forward (Note [a layer and its projection
+    in one node]): bit for bit linear then the layer op, float32, values and
+    the gradients of whichever inputs require grad, through the one node
+    (C++ where no transform is active)."""
+    x, states, weights = input_forward_inputs(kind, device, torch.float32, bias, grads)
+    got = input_forward(kind, x, states, weights, reverse, reset_after)
+    want = input_forward_by_layer_ops(kind, x, states, weights, reverse, reset_after)
+    assert type(got[0].grad_fn).__name__ == "CppFunction"
+    n = 3 if kind == "lstm" else 2  # outputs with gradients
+    leaves = [t for t in (x, *states, *weights) if t is not None and t.requires_grad]
+    g = [torch.randn_like(t) for t in want[:n]]
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+    for ga, ge in zip(torch.autograd.grad(got[:n], leaves, g, retain_graph=True),
+                      torch.autograd.grad(want[:n], leaves, g, retain_graph=True)):
+        assert torch.equal(ga, ge)
+    # One output's gradient alone: the others are zeros.
+    ga = torch.autograd.grad(got[1], leaves, g[1])
+    ge = torch.autograd.grad(want[1], leaves, g[1])
+    assert all(torch.equal(a, e) for a, e in zip(ga, ge))
+
+
+@pytest.mark.parametrize("kind,reset_after", [("lstm", True), ("gru", False)])
+def test_input_forward_under_transforms_and_double_backward(kind, reset_after):
+    """The Python kernel under torch.func gives the C++ node's gradients; a
+    backward that builds a graph (create_graph) takes the reference's, whose
+    second derivatives pass gradgradcheck; float64."""
+    x, states, weights = input_forward_inputs(kind, "cpu", torch.float64, True)
+    args = (x, *states, *weights)
+    n = 3 if kind == "lstm" else 2
+
+    def loss(*a):
+        out = input_forward(kind, a[0], a[1:len(states) + 1], list(a[len(states) + 1:]), False,
+                            reset_after)
+        return sum((o * (i + 1)).sum() for i, o in enumerate(out[:n]))
+
+    eager = torch.autograd.grad(loss(*args), args)
+    detached = [a.detach() for a in args]
+    func = torch.func.grad(loss, argnums=tuple(range(len(args))))(*detached)
+    for a, e in zip(func, eager):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    small = [a.detach()[..., :3].contiguous() if a.dim() == 3 else a.detach() for a in args]
+    small[0] = small[0][:3, :2].contiguous().requires_grad_()  # x [3, 2, 3]
+    small[1:len(states) + 1] = [s[:2].contiguous().requires_grad_()
+                                for s in small[1:len(states) + 1]]
+    w_ih = small[len(states) + 1][:, :3].contiguous().requires_grad_()
+    small[len(states) + 1] = w_ih
+    small = [t.requires_grad_() if not t.requires_grad else t for t in small]
+    torch.autograd.gradgradcheck(loss, tuple(small))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_input_forward_without_train_refuses_backward(kind):
+    x, states, weights = input_forward_inputs(kind, "cpu", torch.float64, True)
+    out = input_forward(kind, x, states, weights, False, True, train=False)
+    with pytest.raises(RuntimeError, match=f"fusedrnn::{kind}_input_forward was called with "
+                                           "train=False"):
+        out[0].sum().backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_input_forward_opcheck(device, kind):
+    for bias in (True, False):
+        x, states, weights = input_forward_inputs(kind, device, torch.float64, bias)
+        extra = (False,) if kind == "lstm" else (False, True)
+        op = ops.lstm_input_forward if kind == "lstm" else ops.gru_input_forward
+        torch.library.opcheck(op, (x, *states, *weights, *extra, True))
+
+
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
 def test_autograd_kernel_where_grad_is_and_is_not_needed(grad_mode):
     """The C++ Autograd kernel: with grad mode off, or no input requiring
