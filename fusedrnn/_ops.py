@@ -243,6 +243,18 @@ def lstm_layer(x_proj, h0, c0, w_hh, w_hr=None, b_hh=None, batch_sizes=None, rev
     return out, h_n, c_n
 
 
+def input_layer(lstm, input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, reset_after=True):
+    """One plain layer and direction with its input projection, one op and one
+    autograd node (Note [a layer and its projection in one node] in
+    csrc/plain_ops.cpp): (output, h_n, c_n) or (output, h_n)."""
+    if lstm:
+        train = needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        return ops.lstm_input_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train)[:3]
+    train = needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh)
+    return ops.gru_input_forward(input, h0, w_ih, w_hh, b_ih, b_hh, reverse, reset_after,
+                                 train)[:2]
+
+
 def gru_layer(x_proj, h0, w_hh, b_hh=None, batch_sizes=None, reverse=False, reset_after=True,
               reg=None):
     """One GRU layer and direction. Returns (output, h_n). reg: as for lstm_layer."""

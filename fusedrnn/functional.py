@@ -186,8 +186,12 @@ def _plain_layers(lstm, data, h0, c0, weights, num_layers, dropout, training, di
 
     def one(k, layer_in, reverse):
         w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-        return _layer(lstm, _ops.linear(layer_in, w_ih, b_ih), h0[k], c0[k] if lstm else None,
-                      w_hh, w_hr, b_hh, None, reverse, reset_after)
+        c = c0[k] if lstm else None
+        if w_hr is None:  # Note [a layer and its projection in one node]
+            return _ops.input_layer(lstm, layer_in, h0[k], c, w_ih, w_hh, b_ih, b_hh, reverse,
+                                    reset_after)
+        return _layer(lstm, _ops.linear(layer_in, w_ih, b_ih), h0[k], c, w_hh, w_hr, b_hh, None,
+                      reverse, reset_after)
 
     out, h_n, c_n = _stack(lstm, data, num_layers, dropout, training, dirs, one)
     return out, ((torch.stack(h_n), torch.stack(c_n)) if lstm else torch.stack(h_n))
