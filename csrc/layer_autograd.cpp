@@ -22,6 +22,7 @@
 #include <string>
 #include <tuple>
 
+#include "checks.h"
 #include "layer_autograd.h"
 
 namespace fusedrnn {
@@ -46,10 +47,6 @@ bool any_requires_grad(std::initializer_list<Tensor> ts) {
 
 Tensor or_zeros(const Tensor& grad, const Tensor& like) {
   return grad.defined() ? grad : at::zeros_like(like);
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
 }
 
 // _ops._linear_grads: linear's gradients for those asked for; undefined for
