@@ -22,7 +22,6 @@
 #include <string>
 #include <tuple>
 
-#include "checks.h"
 #include "layer_autograd.h"
 
 namespace fusedrnn {
@@ -50,18 +49,11 @@ Tensor or_zeros(const Tensor& grad, const Tensor& like) {
 }
 
 // _ops._linear_grads: linear's gradients for those asked for; undefined for
-// the others. Empty shapes take torch's ops, which give zeros.
+// the others.
 std::tuple<Tensor, Tensor, Tensor> linear_grads(const Tensor& grad, const Tensor& input,
                                                 const Tensor& weight, bool need_x, bool need_w,
                                                 bool need_b) {
   if (!(need_x || need_w || need_b)) return {};
-  if (grad.sym_numel() == 0 || input.sym_numel() == 0 || weight.sym_numel() == 0) {
-    const auto acc = acc_dtype(input.scalar_type());
-    const Tensor g2 = grad.flatten(0, -2), x2 = input.flatten(0, -2);
-    return {need_x ? at::matmul(grad, weight) : Tensor(),
-            need_w ? g2.to(acc).t().mm(x2.to(acc)).to(weight.scalar_type()) : Tensor(),
-            need_b ? g2.to(acc).sum(0).to(weight.scalar_type()) : Tensor()};
-  }
   static const auto op = op_named<std::tuple<Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, bool, bool, bool)>("fusedrnn::linear_backward");
   auto [dx, dw, db] = op.call(grad, input, weight, need_x, need_w, need_b);

@@ -290,9 +290,8 @@ def _linear_grads(grad, input, weight, need_x, need_w, need_b):
     for the others (need_b: a bias exists and needs one)."""
     if not (need_x or need_w or need_b):
         return None, None, None
-    # Note [Double backward]: torch's differentiable ops; also for empty shapes,
-    # where torch's ops give the zero (or bias) gradients.
-    if graph_needed(grad, input, weight) or 0 in (grad.numel(), input.numel(), weight.numel()):
+    # Note [Double backward]: torch's differentiable ops.
+    if graph_needed(grad, input, weight):
         acc = _acc_dtype(input.dtype)
         g2, x2 = grad.flatten(0, -2), input.flatten(0, -2)
         return (grad @ weight if need_x else None,

@@ -1,6 +1,7 @@
 // CPU pointwise steps and the CPU registration of the ops. Rows are split
 // across threads; each thread runs the per-unit glue of steps.h over its rows.
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <string>
@@ -388,9 +389,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
     bool weight_grad, bool bias_grad) {
   const NoAutocast no_autocast;
   check_linear_backward(grad, input, weight, "fusedrnn::linear_backward");
-  const at::Tensor g2 = grad.reshape({-1, grad.size(-1)}).contiguous();
-  const at::Tensor x2 = input.reshape({-1, input.size(-1)});
+  // Rows counted, not inferred: reshape cannot infer them where a row is empty.
+  const int64_t rows = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
+  const at::Tensor g2 = grad.reshape({rows, grad.size(-1)}).contiguous();
+  const at::Tensor x2 = input.reshape({rows, input.size(-1)});
   const at::Tensor none = at::empty({0}, grad.options());
+  if (grad.numel() == 0 || input.numel() == 0 || weight.numel() == 0) {
+    // ATen's products: zero (or empty) gradients, and the bias's row sums.
+    return {input_grad ? at::mm(g2, weight).view(input.sizes()) : none,
+            weight_grad ? at::mm(g2.t(), x2) : none, bias_grad ? g2.sum(0) : none};
+  }
   at::Tensor dx = none, dw = none, db = none;
   if (input_grad) {
     const auto d = with_linear_ops(
