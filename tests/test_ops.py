@@ -333,6 +333,21 @@ def test_linear_matches_torch(device, dtype, shape, bias):
         assert rel_err(a, e) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(0, 8, 4), (5, 0, 4), (5, 8, 0)])
+def test_linear_backward_of_empty_products(device, dtype, M, N, K):
+    """linear_backward where a size is zero: torch's gradients (zeros, empty
+    ones, and the bias's row sums), not an error."""
+    g = torch.randn(2, M, N, device=device, dtype=dtype)
+    x = torch.randn(2, M, K, device=device, dtype=dtype)
+    w = torch.randn(N, K, device=device, dtype=dtype)
+    dx, dw, db = ops.linear_backward(g, x, w, True, True, True)
+    f = torch.float32
+    torch.testing.assert_close(dx, (g.to(f) @ w.to(f)).to(dtype))
+    torch.testing.assert_close(dw, (g.to(f).flatten(0, 1).T @ x.to(f).flatten(0, 1)).to(dtype))
+    torch.testing.assert_close(db, g.to(f).sum((0, 1)).to(dtype))
+
+
 def test_bad_linear_input_is_rejected_before_running(device):
     """Every operand of linear and linear_backward is checked first (the fused
     GEMMs read them by raw pointers): a clear error naming it."""
