@@ -236,6 +236,44 @@ template <typename Epi>
 struct StoresRows<Epi, std::void_t<decltype(Epi::kStoresRows)>>
     : std::bool_constant<Epi::kStoresRows> {};
 
+// Note [the last rows over half panels]
+// A step's last tile of 1-2 rows (B = 7, 8, 13, 14, ...: MR = 6) streams all
+// of the thread's panels again for a few FMAs a k step, and costs a third to
+// half of a full tile. So the last 7 or 8 rows run as one tile over each half
+// of the panel's vectors (8 x NV/2 accumulators), each half streamed once.
+// 2-core Xeon with AMX, float32, the LSTM forward op at T=100 H=256, per step,
+// two alternating pairs: B=6 27.2-28.5 -> 27.6-27.8 us, B=7 38.8-40.4 ->
+// 33.9-34.0, B=8 42.9-43.2 -> 39.6-40.6, B=13 66.6-67.3 -> 59.2-64.4, B=14
+// 70.1-72.9 -> 65.8-67.1. Tried and slower or no faster: a 12-row tile of
+// halves (B=12 as fast as two tiles of 6), tiles of even rows (B=7 as 4 + 3:
+// slower), panel slices sized for L1 (B=8 5-8%, B=12 and 16 none). Taken
+// where a panel is one depth block (the forward at H <= 512, the backward
+// where G*H is; the GRU's forward tiles, over 3 vectors, have 8 rows already)
+// and 8 x NV/2 accumulators fit the registers (not AVX2's 16).
+template <typename V, int NV, typename Mma>
+struct HalfTiles {
+  static constexpr int MR = V::rows_per_tile(NV);
+  static constexpr int kHalfRows = 8;
+  static constexpr bool kOn = std::is_same_v<Mma, MmaVec<V>> && NV % 2 == 0 &&
+                              kHalfRows > MR &&
+                              kHalfRows * (NV / 2) + NV / 2 + 1 <= V::kRegs;
+  static constexpr int kRows = kOn ? kHalfRows : MR;  // a tile's most rows
+  static bool takes(int64_t left) { return kOn && left > MR && left <= kHalfRows; }
+  // tile[mr][NV * lanes] = A[mr rows, K] * panel, half of the vectors at a time.
+  static void run(int mr, const typename V::T* a, int64_t sam, int64_t sak,
+                  const typename V::T* panel, int64_t K, typename V::T* tile) {
+    constexpr int64_t W = NV * V::kLanes, W2 = W / 2;
+    alignas(64) typename V::T half[kHalfRows * W2];
+    for (int h = 0; h < 2; ++h) {
+      MmaVec<V>::template rows<kHalfRows, NV / 2>(mr, a, sam, sak, panel + h * W2, K, half, false,
+                                                  W);
+      for (int r = 0; r < mr; ++r) {
+        std::copy(half + r * W2, half + (r + 1) * W2, tile + r * W + h * W2);
+      }
+    }
+  }
+};
+
 template <typename V, int NV, typename Mma = MmaVec<V>, typename Epi>
 void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma::A* a,
                 int64_t sam, int64_t sak, const typename Mma::Packed* packed, const Epi& epi) {
@@ -257,17 +295,25 @@ void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma
   constexpr bool kStoresAfter = StoresRows<Epi>::value;
   // One depth block, or one row block: no sums.
   if ((K <= kDepthBlock && !kStoresAfter) || M <= MR) {
-    alignas(64) typename V::T tile[MR * W];
+    alignas(64) typename V::T tile[HalfTiles<V, NV, Mma>::kRows * W];
     for (int64_t i = p0; i < p1; ++i) {
       const int64_t p = panel_at(i);
       const auto* panel = packed + p * K * W;
       Ahead ahead = slice_after(i, 0);
-      for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-        epi.prefetch(m0, mr, p);
-        Mma::template rows<MR, NV>(mr, a + m0 * sam, sam, sak, panel, K, tile, false, 0,
-                                   ahead.take(K / Mma::kStepsPerLine));
-        epi(tile, W, m0, mr, p);
+      for (int64_t m0 = 0, mr = 0; m0 < M; m0 += mr) {
+        mr = HalfTiles<V, NV, Mma>::takes(M - m0) ? M - m0 : std::min<int64_t>(MR, M - m0);
+        epi.prefetch(m0, static_cast<int>(mr), p);
+        if constexpr (HalfTiles<V, NV, Mma>::kOn) {
+          if (mr > MR) {
+            HalfTiles<V, NV, Mma>::run(static_cast<int>(mr), a + m0 * sam, sam, sak, panel, K,
+                                       tile);
+            epi(tile, W, m0, static_cast<int>(mr), p);
+            continue;
+          }
+        }
+        Mma::template rows<MR, NV>(static_cast<int>(mr), a + m0 * sam, sam, sak, panel, K, tile,
+                                   false, 0, ahead.take(K / Mma::kStepsPerLine));
+        epi(tile, W, m0, static_cast<int>(mr), p);
       }
     }
     return;
