@@ -259,16 +259,20 @@ struct HalfTiles {
                               kHalfRows * (NV / 2) + NV / 2 + 1 <= V::kRegs;
   static constexpr int kRows = kOn ? kHalfRows : MR;  // a tile's most rows
   static bool takes(int64_t left) { return kOn && left > MR && left <= kHalfRows; }
-  // tile[mr][NV * lanes] = A[mr rows, K] * panel, half of the vectors at a time.
-  static void run(int mr, const typename V::T* a, int64_t sam, int64_t sak,
-                  const typename V::T* panel, int64_t K, typename V::T* tile) {
-    constexpr int64_t W = NV * V::kLanes, W2 = W / 2;
-    alignas(64) typename V::T half[kHalfRows * W2];
-    for (int h = 0; h < 2; ++h) {
-      MmaVec<V>::template rows<kHalfRows, NV / 2>(mr, a, sam, sak, panel + h * W2, K, half, false,
-                                                  W);
-      for (int r = 0; r < mr; ++r) {
-        std::copy(half + r * W2, half + (r + 1) * W2, tile + r * W + h * W2);
+  // tile[mr][NV * lanes] = A[mr rows, K] * panel, half of the vectors at a
+  // time; only where takes(mr) (A and P are Mma's operand types).
+  template <typename A, typename P>
+  static void run(int mr, const A* a, int64_t sam, int64_t sak, const P* panel, int64_t K,
+                  typename V::T* tile) {
+    if constexpr (kOn) {
+      constexpr int64_t W = NV * V::kLanes, W2 = W / 2;
+      alignas(64) typename V::T half[kHalfRows * W2];
+      for (int h = 0; h < 2; ++h) {
+        MmaVec<V>::template rows<kHalfRows, NV / 2>(mr, a, sam, sak, panel + h * W2, K, half,
+                                                    false, W);
+        for (int r = 0; r < mr; ++r) {
+          std::copy(half + r * W2, half + (r + 1) * W2, tile + r * W + h * W2);
+        }
       }
     }
   }
@@ -295,25 +299,24 @@ void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma
   constexpr bool kStoresAfter = StoresRows<Epi>::value;
   // One depth block, or one row block: no sums.
   if ((K <= kDepthBlock && !kStoresAfter) || M <= MR) {
-    alignas(64) typename V::T tile[HalfTiles<V, NV, Mma>::kRows * W];
+    using Half = HalfTiles<V, NV, Mma>;  // Note [the last rows over half panels]
+    alignas(64) typename V::T tile[Half::kRows * W];
     for (int64_t i = p0; i < p1; ++i) {
       const int64_t p = panel_at(i);
       const auto* panel = packed + p * K * W;
       Ahead ahead = slice_after(i, 0);
-      for (int64_t m0 = 0, mr = 0; m0 < M; m0 += mr) {
-        mr = HalfTiles<V, NV, Mma>::takes(M - m0) ? M - m0 : std::min<int64_t>(MR, M - m0);
-        epi.prefetch(m0, static_cast<int>(mr), p);
-        if constexpr (HalfTiles<V, NV, Mma>::kOn) {
-          if (mr > MR) {
-            HalfTiles<V, NV, Mma>::run(static_cast<int>(mr), a + m0 * sam, sam, sak, panel, K,
-                                       tile);
-            epi(tile, W, m0, static_cast<int>(mr), p);
-            continue;
-          }
+      for (int64_t m0 = 0; m0 < M;) {
+        const int64_t left = M - m0;
+        const int mr = static_cast<int>(Half::takes(left) ? left : std::min<int64_t>(MR, left));
+        epi.prefetch(m0, mr, p);
+        if (mr > MR) {
+          Half::run(mr, a + m0 * sam, sam, sak, panel, K, tile);
+        } else {
+          Mma::template rows<MR, NV>(mr, a + m0 * sam, sam, sak, panel, K, tile, false, 0,
+                                     ahead.take(K / Mma::kStepsPerLine));
         }
-        Mma::template rows<MR, NV>(static_cast<int>(mr), a + m0 * sam, sam, sak, panel, K, tile,
-                                   false, 0, ahead.take(K / Mma::kStepsPerLine));
-        epi(tile, W, m0, static_cast<int>(mr), p);
+        epi(tile, W, m0, mr, p);
+        m0 += mr;
       }
     }
     return;
