@@ -157,9 +157,10 @@ def check_layer_against_float64(kind, T, B, H, reverse, bias, dtype=torch.float3
 # step of a few rows (dot products, x86/dot_gemm.h: one block of rows, two, and
 # more rows than they take, on AVX-512; on AVX2 fewer rows); one step of more
 # rows, panel by panel (13 rows of 21) and with W_hh in place (20 of 256); a
-# step's last 7 or 8 rows over half panels on AVX-512 (B = 7, 8, 13).
+# step's last 7 or 8 rows over half panels on AVX-512 (B = 7, 8, 13); steps of
+# one or two rows in partial sums over k, with a k left over (H = 17).
 SHAPES = [(1, 1, 5), (1, 3, 8), (1, 8, 17), (1, 13, 21), (9, 1, 24), (7, 7, 17), (4, 13, 70),
-          (3, 6, 129), (1, 20, 256), (5, 8, 40)]
+          (3, 6, 129), (1, 20, 256), (5, 8, 40), (6, 1, 17), (6, 2, 17)]
 
 
 @pytest.mark.parametrize("isa", isa_params())

@@ -278,6 +278,23 @@ def _autocast_leaves(kind, module, layout, x_dtype, h_dtype, device):
     return {k: v.to(x_dtype if k == "x" else h_dtype) for k, v in leaves.items()}
 
 
+# torch.nn's CPU LSTM on float32 input under bfloat16 autocast runs oneDNN's
+# bfloat16 RNN, which oneDNN cannot build on a CPU without AVX-512 (AVX2
+# only): torch.nn raises there, and there is no reference to compare with.
+ONEDNN_CANNOT_BUILD = "could not create a primitive descriptor for the LSTM"
+
+
+def torch_nn_or_skip(run):
+    """run() (a torch.nn call under autocast); skip where oneDNN cannot build it."""
+    try:
+        return run()
+    except RuntimeError as e:
+        if ONEDNN_CANNOT_BUILD not in str(e):
+            raise
+        pytest.skip("torch.nn's LSTM raises under bfloat16 autocast on this CPU "
+                    f"(oneDNN: {ONEDNN_CANNOT_BUILD}): nothing to compare with")
+
+
 def _autocast_run(module, kind, layout, leaves, weights=None, autocast=True):
     lv = fresh_leaves(leaves)
     args = _cell_args(lv) if kind.endswith("Cell") else rnn_call_args(module, layout, lv)
@@ -300,7 +317,7 @@ def test_autocast_bf16_dtypes_and_values(kind, kw, layout, x_dtype, h_dtype):
     own error under the same autocast."""
     ref, ours = twins(kind, "cpu", torch.float32, **kw)
     leaves = _autocast_leaves(kind, ref, layout, x_dtype, h_dtype, "cpu")
-    _, want, want_g, w = _autocast_run(ref, kind, layout, leaves)
+    _, want, want_g, w = torch_nn_or_skip(lambda: _autocast_run(ref, kind, layout, leaves))
     _, got, got_g, _ = _autocast_run(ours, kind, layout, leaves, weights=w)
     assert [o.dtype for o in got] == [o.dtype for o in want]
     ref64 = copy.deepcopy(ref).double()
@@ -330,10 +347,11 @@ def test_autocast_follows_torch_when_onednn_is_off(kind):
     """torch.nn's CPU LSTM leaves oneDNN (and so its result dtype) with the flag."""
     ref, ours = twins(kind, "cpu", torch.float32)
     x = torch.randn(T, B, I)
-    for enabled in (True, False):
+    for enabled in (False, True):
         with torch.backends.mkldnn.flags(enabled=enabled), \
                 torch.autocast("cpu", dtype=torch.bfloat16):
-            got, want = flat_outputs(ours(x)), flat_outputs(ref(x))
+            want = flat_outputs(torch_nn_or_skip(lambda: ref(x)))
+            got = flat_outputs(ours(x))
         assert [g.dtype for g in got] == [w.dtype for w in want]
 
 

@@ -338,8 +338,8 @@ void product_in_place(int64_t p0, int64_t p1, int64_t M, int64_t K, const Elem<V
       panel = tail.data();
       ldp = U;
     }
-    MmaVec<V>::template rows<MR, V::kColumnNV>(static_cast<int>(M), a, lda, 1, panel, K, tile,
-                                               false, ldp);
+    MmaVec<V>::template rows<MR, V::kColumnNV, true>(static_cast<int>(M), a, lda, 1, panel, K,
+                                                     tile, false, ldp);
     epi(tile, U, 0, static_cast<int>(M), p);
   }
 }

@@ -38,6 +38,9 @@ struct Vec8 {
   // Rows of a GEMM tile of nv vectors a row: 12 accumulators, which keep two
   // FMA pipes of latency 4-5 busy; panel_gemm.h fits the operands in the other 4.
   static constexpr int rows_per_tile(int nv) { return 12 / nv; }
+  // Fewest accumulators a tile product keeps (Note [partial sums for a tile
+  // of few accumulators] in panel_gemm.h): two FMA pipes of latency 4.
+  static constexpr int kMinChains = 8;
 
   __m256 v;
   Vec8() = default;

@@ -26,6 +26,9 @@ struct Vec8d {
   static constexpr int kColumnNV = 4;
   // Rows of a GEMM tile of nv vectors a row: at most 24 accumulators.
   static constexpr int rows_per_tile(int nv) { return nv >= 4 ? 6 : 8; }
+  // Fewest accumulators a tile product keeps (Note [partial sums for a tile
+  // of few accumulators] in panel_gemm.h): 4 take the L2's 64 bytes a cycle.
+  static constexpr int kMinChains = 4;
 
   __m512d v;
   Vec8d() = default;
