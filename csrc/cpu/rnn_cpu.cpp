@@ -459,7 +459,9 @@ const FusedF32* fused_f32() {
 }
 const FusedF64* fused_f64() {
 #ifdef FUSEDRNN_X86
-  if (avx512_path(cpu_isa())) return &kFusedAvx512F64;
+  const CpuIsa isa = cpu_isa();
+  if (avx512_path(isa)) return &kFusedAvx512F64;
+  if (isa == CpuIsa::kAvx2) return &kFusedAvx2F64;
 #else
   (void)cpu_isa();  // a bad knob raises here too
 #endif

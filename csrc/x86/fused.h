@@ -144,6 +144,7 @@ auto with_fused_ops(at::ScalarType dtype, const F& f)
 extern const FusedF32 kFusedAvx512;     // fused_avx512.cpp: AVX-512 F, VL, DQ, BW
 extern const FusedF64 kFusedAvx512F64;  // the same, float64
 extern const FusedF32 kFusedAvx2;       // fused_avx2.cpp: AVX2 and FMA
+extern const FusedF64 kFusedAvx2F64;    // the same, float64
 
 // The bfloat16 forwards (fused_avx512_bf16.cpp): H even, AVX512-BF16; amx:
 // the step products on AMX tiles (Note [AMX tiles for the step product]).
