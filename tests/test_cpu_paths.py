@@ -338,8 +338,9 @@ HALF_LINEAR_SHAPES = [(1, 2, 5), (7, 34, 70), (200, 16, 33), (13, 2100, 20), (9,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_linear_half_types_within_torch_error(isa, M, K, N, dtype, monkeypatch):
     """fusedrnn::linear in bfloat16 (the AVX512-BF16 GEMM on avx512 for even K,
-    ATen's elsewhere, oneDNN's on AMX under amx) and float16 (ATen's): values and gradients within a small
-    multiple of torch's own error at that dtype against float64."""
+    ATen's elsewhere, oneDNN's on AMX under amx) and float16 (ATen's), both on
+    the float32 GEMM under avx2: values and gradients within a small multiple of
+    torch's own error at that dtype against float64."""
     force_cpu_isa(monkeypatch, isa)
     leaves = [torch.randn(M, K, dtype=torch.float64), torch.randn(N, K, dtype=torch.float64),
               torch.randn(N, dtype=torch.float64)]
