@@ -73,6 +73,28 @@ constexpr float kTanhP[7] = {1.0f, 0.13085774f, 0.0031058898f, 1.1173529e-05f,
                              -2.0297295e-08f, 5.309517e-11f, -8.5621526e-14f};
 constexpr float kTanhQ[4] = {1.0f, 0.46419102f, 0.02450298f, 0.00025489012f};
 
+// Note [vector double activations]
+// x86/vec8d.h (AVX-512) and vec4d.h (AVX2) compute exp and tanh of doubles
+// with Cephes' rational approximations, within about 2 ulp of libm (which
+// the generic loop calls): exp(x) = 2^n exp(r), |r| <= ln2 / 2, exp(r) = 1 +
+// 2 r P(r^2) / (Q(r^2) - r P(r^2)); tanh(x) = x + x^3 P(x^2) / Q(x^2) for
+// |x| < kTanhSmallD, else sign(x) (1 - e) / (1 + e), e = exp(-2|x|).
+// Coefficients highest degree first; tanh's Q is monic (its 1 not stored).
+constexpr double kExpMaxD = 7.09782712893383996843e2;   // log(DBL_MAX)
+constexpr double kExpMinD = -7.08396418532264106224e2;  // log(2^-1022)
+constexpr double kLog2eD = 1.4426950408889634073599;
+constexpr double kLn2HiD = 6.93145751953125e-1;
+constexpr double kLn2LoD = 1.42860682030941723212e-6;
+constexpr double kExpPD[3] = {1.26177193074810590878e-4, 3.02994407707441961300e-2,
+                              9.99999999999999999910e-1};
+constexpr double kExpQD[4] = {3.00198505138664455042e-6, 2.52448340349684104192e-3,
+                              2.27265548208155028766e-1, 2.00000000000000000009e0};
+constexpr double kTanhSmallD = 0.625;
+constexpr double kTanhPD[3] = {-9.64399179425052238628e-1, -9.92877231001918586564e1,
+                               -1.61468768441708447952e3};
+constexpr double kTanhQD[3] = {1.12811678491632931402e2, 2.23548839060100448583e3,
+                               4.84406305325125486048e3};
+
 inline float pow2_bits(float k) {  // 2^k, k an integer in [-126, 127]
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float v;

@@ -3,14 +3,16 @@
 // gates.h, and the register operations of the GEMM (panel_gemm.h).
 //
 // Only for code compiled for AVX2 and FMA (Note [ISA translation units] in
-// fused_ops.h). exp_ and tanh_ compute what vec8d.h's do, lane for lane:
-// Cephes' rational approximations, with the same saturation and NaN
-// behaviour.
+// fused_ops.h). exp_ and tanh_ compute what vec8d.h's do, lane for lane
+// (Note [vector double activations] in gates.h), with the same saturation and
+// NaN behaviour.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+
+#include "../gates.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -78,27 +80,25 @@ inline __m256d pow2_bits(__m256d k) {
   return _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(e, _mm256_set1_epi64x(1023)), 52));
 }
 
-// vec8d.h's exp_: 2^n exp(r), |r| <= ln2 / 2, exp(r) = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)).
+// Note [vector double activations] in gates.h.
 inline Vec4d exp_(Vec4d x) {
-  constexpr double kMax = 7.09782712893383996843e2;   // log(DBL_MAX)
-  constexpr double kMin = -7.08396418532264106224e2;  // log(2^-1022)
+  constexpr double kMax = math::kExpMaxD, kMin = math::kExpMinD;
   // min/max return their second operand when either is NaN: x goes second so
   // that a NaN survives the clamp (and the result is NaN, as std::exp's).
   const __m256d xc =
       _mm256_max_pd(_mm256_set1_pd(kMin), _mm256_min_pd(_mm256_set1_pd(kMax), x.v));
   const __m256d n = _mm256_floor_pd(
-      _mm256_fmadd_pd(xc, _mm256_set1_pd(1.4426950408889634073599), _mm256_set1_pd(0.5)));
-  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93145751953125e-1), xc);
-  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.42860682030941723212e-6), r);
+      _mm256_fmadd_pd(xc, _mm256_set1_pd(math::kLog2eD), _mm256_set1_pd(0.5)));
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(math::kLn2HiD), xc);
+  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(math::kLn2LoD), r);
   const __m256d r2 = _mm256_mul_pd(r, r);
-  __m256d p = _mm256_set1_pd(1.26177193074810590878e-4);
-  p = _mm256_fmadd_pd(p, r2, _mm256_set1_pd(3.02994407707441961300e-2));
-  p = _mm256_fmadd_pd(p, r2, _mm256_set1_pd(9.99999999999999999910e-1));
+  __m256d p = _mm256_set1_pd(math::kExpPD[0]);
+#pragma GCC unroll 2
+  for (int k = 1; k < 3; ++k) p = _mm256_fmadd_pd(p, r2, _mm256_set1_pd(math::kExpPD[k]));
   p = _mm256_mul_pd(p, r);
-  __m256d q = _mm256_set1_pd(3.00198505138664455042e-6);
-  q = _mm256_fmadd_pd(q, r2, _mm256_set1_pd(2.52448340349684104192e-3));
-  q = _mm256_fmadd_pd(q, r2, _mm256_set1_pd(2.27265548208155028766e-1));
-  q = _mm256_fmadd_pd(q, r2, _mm256_set1_pd(2.00000000000000000009e0));
+  __m256d q = _mm256_set1_pd(math::kExpQD[0]);
+#pragma GCC unroll 3
+  for (int k = 1; k < 4; ++k) q = _mm256_fmadd_pd(q, r2, _mm256_set1_pd(math::kExpQD[k]));
   const __m256d y = _mm256_fmadd_pd(_mm256_set1_pd(2.0),
                                     _mm256_div_pd(p, _mm256_sub_pd(q, p)), _mm256_set1_pd(1.0));
   // y * 2^h * 2^(n - h), y * 2^h exact, so one rounding, as vec8d.h's scalef
@@ -113,18 +113,17 @@ inline Vec4d exp_(Vec4d x) {
   return _mm256_blendv_pd(e, _mm256_setzero_pd(), under);
 }
 
-// vec8d.h's tanh_: |x| < 0.625: x + x^3 P(x^2) / Q(x^2); else sign(x) (1 - e) / (1 + e),
-// e = exp(-2|x|).
+// Note [vector double activations] in gates.h.
 inline Vec4d tanh_(Vec4d x) {
   const __m256d sign = _mm256_set1_pd(-0.0);
   const __m256d a = _mm256_andnot_pd(sign, x.v);
   const __m256d x2 = _mm256_mul_pd(x.v, x.v);
-  __m256d p = _mm256_set1_pd(-9.64399179425052238628e-1);
-  p = _mm256_fmadd_pd(p, x2, _mm256_set1_pd(-9.92877231001918586564e1));
-  p = _mm256_fmadd_pd(p, x2, _mm256_set1_pd(-1.61468768441708447952e3));
-  __m256d q = _mm256_add_pd(x2, _mm256_set1_pd(1.12811678491632931402e2));
-  q = _mm256_fmadd_pd(q, x2, _mm256_set1_pd(2.23548839060100448583e3));
-  q = _mm256_fmadd_pd(q, x2, _mm256_set1_pd(4.84406305325125486048e3));
+  __m256d p = _mm256_set1_pd(math::kTanhPD[0]);
+#pragma GCC unroll 2
+  for (int k = 1; k < 3; ++k) p = _mm256_fmadd_pd(p, x2, _mm256_set1_pd(math::kTanhPD[k]));
+  __m256d q = _mm256_add_pd(x2, _mm256_set1_pd(math::kTanhQD[0]));
+#pragma GCC unroll 2
+  for (int k = 1; k < 3; ++k) q = _mm256_fmadd_pd(q, x2, _mm256_set1_pd(math::kTanhQD[k]));
   // The sign bit ORed back in keeps tanh(-0) = -0.
   const __m256d small = _mm256_or_pd(
       _mm256_fmadd_pd(_mm256_mul_pd(x.v, x2), _mm256_div_pd(p, q), x.v), _mm256_and_pd(sign, x.v));
@@ -132,7 +131,7 @@ inline Vec4d tanh_(Vec4d x) {
   const __m256d one = _mm256_set1_pd(1.0);
   const __m256d big_abs = _mm256_div_pd(_mm256_sub_pd(one, e), _mm256_add_pd(one, e));
   const __m256d big = _mm256_or_pd(big_abs, _mm256_and_pd(sign, x.v));
-  const __m256d is_small = _mm256_cmp_pd(a, _mm256_set1_pd(0.625), _CMP_LT_OQ);
+  const __m256d is_small = _mm256_cmp_pd(a, _mm256_set1_pd(math::kTanhSmallD), _CMP_LT_OQ);
   return _mm256_blendv_pd(big, small, is_small);
 }
 

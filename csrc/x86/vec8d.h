@@ -3,14 +3,15 @@
 // operations of the GEMM (panel_gemm.h).
 //
 // Only for code compiled for AVX-512 (Note [ISA translation units] in
-// fused_ops.h). exp_ and tanh_ are Cephes' double-precision rational
-// approximations (within about 2 ulp of libm, which the generic loop calls),
+// fused_ops.h). exp_ and tanh_: Note [vector double activations] in gates.h,
 // with the saturation and NaN behaviour of vec16.h's.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+
+#include "../gates.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -54,28 +55,26 @@ inline Vec8d operator*(Vec8d a, Vec8d b) { return _mm512_mul_pd(a.v, b.v); }
 inline Vec8d operator/(Vec8d a, Vec8d b) { return _mm512_div_pd(a.v, b.v); }
 inline Vec8d operator-(Vec8d a) { return _mm512_xor_pd(a.v, _mm512_set1_pd(-0.0)); }
 
-// exp(x) = 2^n exp(r), |r| <= ln2 / 2, with exp(r) = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)).
+// Note [vector double activations] in gates.h.
 inline Vec8d exp_(Vec8d x) {
-  constexpr double kMax = 7.09782712893383996843e2;   // log(DBL_MAX)
-  constexpr double kMin = -7.08396418532264106224e2;  // log(2^-1022)
+  constexpr double kMax = math::kExpMaxD, kMin = math::kExpMinD;
   // min/max return their second operand when either is NaN: x goes second so
   // that a NaN survives the clamp (and the result is NaN, as std::exp's).
   const __m512d xc =
       _mm512_max_pd(_mm512_set1_pd(kMin), _mm512_min_pd(_mm512_set1_pd(kMax), x.v));
   const __m512d n = _mm512_roundscale_pd(
-      _mm512_fmadd_pd(xc, _mm512_set1_pd(1.4426950408889634073599), _mm512_set1_pd(0.5)),
+      _mm512_fmadd_pd(xc, _mm512_set1_pd(math::kLog2eD), _mm512_set1_pd(0.5)),
       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93145751953125e-1), xc);
-  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.42860682030941723212e-6), r);
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(math::kLn2HiD), xc);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(math::kLn2LoD), r);
   const __m512d r2 = _mm512_mul_pd(r, r);
-  __m512d p = _mm512_set1_pd(1.26177193074810590878e-4);
-  p = _mm512_fmadd_pd(p, r2, _mm512_set1_pd(3.02994407707441961300e-2));
-  p = _mm512_fmadd_pd(p, r2, _mm512_set1_pd(9.99999999999999999910e-1));
+  __m512d p = _mm512_set1_pd(math::kExpPD[0]);
+#pragma GCC unroll 2
+  for (int k = 1; k < 3; ++k) p = _mm512_fmadd_pd(p, r2, _mm512_set1_pd(math::kExpPD[k]));
   p = _mm512_mul_pd(p, r);
-  __m512d q = _mm512_set1_pd(3.00198505138664455042e-6);
-  q = _mm512_fmadd_pd(q, r2, _mm512_set1_pd(2.52448340349684104192e-3));
-  q = _mm512_fmadd_pd(q, r2, _mm512_set1_pd(2.27265548208155028766e-1));
-  q = _mm512_fmadd_pd(q, r2, _mm512_set1_pd(2.00000000000000000009e0));
+  __m512d q = _mm512_set1_pd(math::kExpQD[0]);
+#pragma GCC unroll 3
+  for (int k = 1; k < 4; ++k) q = _mm512_fmadd_pd(q, r2, _mm512_set1_pd(math::kExpQD[k]));
   const __m512d y = _mm512_fmadd_pd(_mm512_set1_pd(2.0),
                                     _mm512_div_pd(p, _mm512_sub_pd(q, p)), _mm512_set1_pd(1.0));
   // Note [Saturated exp] in gates.h: inf past the top, 0 past the bottom.
@@ -86,17 +85,17 @@ inline Vec8d exp_(Vec8d x) {
   return _mm512_mask_blend_pd(under, e, _mm512_setzero_pd());
 }
 
-// |x| < 0.625: x + x^3 P(x^2) / Q(x^2); else sign(x) (1 - e) / (1 + e), e = exp(-2|x|).
+// Note [vector double activations] in gates.h.
 inline Vec8d tanh_(Vec8d x) {
   const __m512d sign = _mm512_set1_pd(-0.0);
   const __m512d a = _mm512_andnot_pd(sign, x.v);
   const __m512d x2 = _mm512_mul_pd(x.v, x.v);
-  __m512d p = _mm512_set1_pd(-9.64399179425052238628e-1);
-  p = _mm512_fmadd_pd(p, x2, _mm512_set1_pd(-9.92877231001918586564e1));
-  p = _mm512_fmadd_pd(p, x2, _mm512_set1_pd(-1.61468768441708447952e3));
-  __m512d q = _mm512_add_pd(x2, _mm512_set1_pd(1.12811678491632931402e2));
-  q = _mm512_fmadd_pd(q, x2, _mm512_set1_pd(2.23548839060100448583e3));
-  q = _mm512_fmadd_pd(q, x2, _mm512_set1_pd(4.84406305325125486048e3));
+  __m512d p = _mm512_set1_pd(math::kTanhPD[0]);
+#pragma GCC unroll 2
+  for (int k = 1; k < 3; ++k) p = _mm512_fmadd_pd(p, x2, _mm512_set1_pd(math::kTanhPD[k]));
+  __m512d q = _mm512_add_pd(x2, _mm512_set1_pd(math::kTanhQD[0]));
+#pragma GCC unroll 2
+  for (int k = 1; k < 3; ++k) q = _mm512_fmadd_pd(q, x2, _mm512_set1_pd(math::kTanhQD[k]));
   // The sign bit ORed back in keeps tanh(-0) = -0.
   const __m512d small = _mm512_or_pd(
       _mm512_fmadd_pd(_mm512_mul_pd(x.v, x2), _mm512_div_pd(p, q), x.v), _mm512_and_pd(sign, x.v));
@@ -104,7 +103,7 @@ inline Vec8d tanh_(Vec8d x) {
   const __m512d one = _mm512_set1_pd(1.0);
   const __m512d big_abs = _mm512_div_pd(_mm512_sub_pd(one, e), _mm512_add_pd(one, e));
   const __m512d big = _mm512_or_pd(big_abs, _mm512_and_pd(sign, x.v));
-  const __mmask8 is_small = _mm512_cmp_pd_mask(a, _mm512_set1_pd(0.625), _CMP_LT_OQ);
+  const __mmask8 is_small = _mm512_cmp_pd_mask(a, _mm512_set1_pd(math::kTanhSmallD), _CMP_LT_OQ);
   return _mm512_mask_blend_pd(is_small, big, small);
 }
 
