@@ -353,11 +353,11 @@ bool linear_bf16_ok(const at::Tensor& a, const at::Tensor& w, const OptTensor& b
 // gradients. So, as the recurrences (Note [half types on the fused float32
 // path]), a half-type projection and its gradients run on the float32
 // kernels there: operands converted exactly, sums in float32, each result
-// rounded once, as ATen's half-type matmuls round theirs.
-bool half_product_via_f32(const at::Tensor& a, const at::Tensor& w, const OptTensor& bias) {
+// rounded once, as ATen's half-type matmuls round theirs. a: an operand of a
+// checked product (all of one dtype and device).
+bool half_product_via_f32(const at::Tensor& a) {
   const auto dt = a.scalar_type();
   return a.device().is_cpu() && (dt == at::kBFloat16 || dt == at::kHalf) &&
-         w.scalar_type() == dt && !(bias.has_value() && bias->scalar_type() != dt) &&
          cpu_isa() == CpuIsa::kAvx2;
 }
 
@@ -368,7 +368,7 @@ at::Tensor linear_any(const at::Tensor& input, const at::Tensor& weight,
                       const OptTensor& bias) {
   const NoAutocast no_autocast;
   check_linear(input, weight, bias, "fusedrnn::linear");
-  if (half_product_via_f32(input, weight, bias)) {
+  if (half_product_via_f32(input)) {
     const OptTensor b = bias.has_value() ? OptTensor(f32(*bias)) : c10::nullopt;
     return linear_any(f32(input), f32(weight), b).to(input.scalar_type());
   }
@@ -410,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
     bool weight_grad, bool bias_grad) {
   const NoAutocast no_autocast;
   check_linear_backward(grad, input, weight, "fusedrnn::linear_backward");
-  if (half_product_via_f32(grad, weight, c10::nullopt) && input.scalar_type() == grad.scalar_type()) {
+  if (half_product_via_f32(grad)) {
     const auto dt = grad.scalar_type();  // Note [half-type products on the AVX2 path]
     const auto [dx, dw, db] = linear_backward_any(f32(grad), f32(input), f32(weight), input_grad,
                                                   weight_grad, bias_grad);
