@@ -357,6 +357,23 @@ def test_linear_half_types_within_torch_error(isa, M, K, N, dtype, monkeypatch):
         assert rel_err(o, w) <= 4 * rel_err(t, w) + 1e-6, (rel_err(o, w), rel_err(t, w))
 
 
+@pytest.mark.parametrize("isa", isa_params(BF16_ISAS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_linear_backward_one_gradient_as_both(isa, dtype, monkeypatch):
+    """fusedrnn::linear_backward asked for the input's gradient alone, or the
+    weight's and bias's alone, gives what it gives asked for all three, bit
+    for bit, and empty tensors of the dtype for the rest."""
+    force_cpu_isa(monkeypatch, isa)
+    g, x, w = (torch.randn(*s).to(dtype) for s in ((37, 24), (37, 18), (24, 18)))
+    both = torch.ops.fusedrnn.linear_backward(g, x, w, True, True, True)
+    dx_only = torch.ops.fusedrnn.linear_backward(g, x, w, True, False, False)
+    dw_only = torch.ops.fusedrnn.linear_backward(g, x, w, False, True, True)
+    assert torch.equal(dx_only[0], both[0])
+    assert torch.equal(dw_only[1], both[1]) and torch.equal(dw_only[2], both[2])
+    for t in (dx_only[1], dx_only[2], dw_only[0]):
+        assert t.numel() == 0 and t.dtype == dtype
+
+
 @pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["fwd", "bidir"])

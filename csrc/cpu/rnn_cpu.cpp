@@ -412,8 +412,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_any(
   check_linear_backward(grad, input, weight, "fusedrnn::linear_backward");
   if (half_product_via_f32(grad)) {
     const auto dt = grad.scalar_type();  // Note [half-type products on the AVX2 path]
-    const auto [dx, dw, db] = linear_backward_any(f32(grad), f32(input), f32(weight), input_grad,
-                                                  weight_grad, bias_grad);
+    // An operand no asked-for gradient reads gives only its shape.
+    const auto read_as_f32 = [](const at::Tensor& t, bool read) {
+      return read ? f32(t) : at::empty(t.sizes(), t.options().dtype(at::kFloat));
+    };
+    const auto [dx, dw, db] =
+        linear_backward_any(f32(grad), read_as_f32(input, weight_grad),
+                            read_as_f32(weight, input_grad), input_grad, weight_grad, bias_grad);
     return {dx.to(dt), dw.to(dt), db.to(dt)};
   }
   // Rows counted, not inferred: reshape cannot infer them where a row is empty.
