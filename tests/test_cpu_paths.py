@@ -270,6 +270,23 @@ def test_layer_panels_cut_in_depth(isa, kind, dtype, monkeypatch):
     check_layer_against_float64(kind, 2, 7, 1100, False, True, dtype)
 
 
+# Rows of dG one L1 set span (4 KiB) apart or a multiple of it: the LSTM's 4H
+# at H = 256, the GRU's 3H at H = 1024, in float32 and float64. With 7 or 8 rows
+# on a CPU whose L1 has 8 ways, the backward's product reads a padded copy of
+# them (Note [dG off one L1 set] in csrc/x86/fused_ops.h), forward and reverse.
+ONE_SET = [("lstm", 256), ("gru", 1024)]
+
+
+@pytest.mark.parametrize("isa", isa_params(("avx512", "avx2")))
+@pytest.mark.parametrize("kind,H", ONE_SET, ids=[f"{k}-H{h}" for k, h in ONE_SET])
+@pytest.mark.parametrize("B", [7, 8])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_backward_rows_one_set_apart(isa, kind, H, B, reverse, dtype, monkeypatch):
+    force_cpu_isa(monkeypatch, isa)
+    check_layer_against_float64(kind, 4, B, H, reverse, True, dtype)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_float64_takes_the_fused_path_where_one_applies(kind, monkeypatch):
     """On avx512, float64 input, padded or packed, runs the fused float64
