@@ -157,8 +157,9 @@ def check_layer_against_float64(kind, T, B, H, reverse, bias, dtype=torch.float3
 # step of a few rows (dot products, x86/dot_gemm.h: one block of rows, two, and
 # more rows than they take, on AVX-512; on AVX2 fewer rows); one step of more
 # rows, panel by panel (13 rows of 21) and with W_hh in place (20 of 256); a
-# step's last 7 or 8 rows over half panels on AVX-512 (B = 7, 8, 13); steps of
-# one or two rows in partial sums over k, with a k left over (H = 17).
+# step's last 7 or 8 rows over half panels on AVX-512, as two tiles of about 4
+# rows in AVX2's backward (B = 7, 8, 13); steps of one or two rows in partial
+# sums over k, with a k left over (H = 17).
 SHAPES = [(1, 1, 5), (1, 3, 8), (1, 8, 17), (1, 13, 21), (9, 1, 24), (7, 7, 17), (4, 13, 70),
           (3, 6, 129), (1, 20, 256), (5, 8, 40), (6, 1, 17), (6, 2, 17)]
 
@@ -268,23 +269,6 @@ def test_layer_panels_cut_in_depth(isa, kind, dtype, monkeypatch):
     (panel_gemm.h, depth_block) on every vector width, tiles summed in a buffer."""
     force_cpu_isa(monkeypatch, isa)
     check_layer_against_float64(kind, 2, 7, 1100, False, True, dtype)
-
-
-# Rows of dG one L1 set span (4 KiB) apart or a multiple of it: the LSTM's 4H
-# at H = 256, the GRU's 3H at H = 1024, in float32 and float64. With 7 or 8 rows
-# on a CPU whose L1 has 8 ways, the backward's product reads a padded copy of
-# them (Note [dG off one L1 set] in csrc/x86/fused_ops.h), forward and reverse.
-ONE_SET = [("lstm", 256), ("gru", 1024)]
-
-
-@pytest.mark.parametrize("isa", isa_params(("avx512", "avx2")))
-@pytest.mark.parametrize("kind,H", ONE_SET, ids=[f"{k}-H{h}" for k, h in ONE_SET])
-@pytest.mark.parametrize("B", [7, 8])
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_backward_rows_one_set_apart(isa, kind, H, B, reverse, dtype, monkeypatch):
-    force_cpu_isa(monkeypatch, isa)
-    check_layer_against_float64(kind, 4, B, H, reverse, True, dtype)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -38,10 +38,6 @@
 
 #include <ATen/Parallel.h>
 
-#ifdef __linux__
-#include <unistd.h>
-#endif
-
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -157,8 +153,6 @@ struct LstmBackwardEpi {
   const Elem<V> *cells, *c_prev;      // [B, H] each
   Elem<V>* dc;                        // [B, H] in/out
   S* dgates;                          // [B, 4H]
-  S* dg_copy;                         // [B, ld_copy] dG again, or null (Note [dG off one L1 set])
-  int64_t ld_copy;
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     const int64_t u0 = p * kColumnPanel<V>, n = std::min<int64_t>(kColumnPanel<V>, H - u0);
     prefetch_rows(gates, 4, H, m0, mr, u0, n, V::kLanes);
@@ -175,13 +169,11 @@ struct LstmBackwardEpi {
           V::load(c_prev + b * H + u, m),
           load_v<V>(grad_out + b * H + u, m) + V::load(rec + r * ldr + j, m),
           V::load(dc + b * H + u, m), di, df, dgg, d_o, dcp);
-      for (S* dg : {dgates + b * 4 * H + u, dg_copy ? dg_copy + b * ld_copy + u : nullptr}) {
-        if (!dg) continue;
-        store_v<V>(dg, di, m);
-        store_v<V>(dg + H, df, m);
-        store_v<V>(dg + 2 * H, dgg, m);
-        store_v<V>(dg + 3 * H, d_o, m);
-      }
+      S* dg = dgates + b * 4 * H + u;
+      store_v<V>(dg, di, m);
+      store_v<V>(dg + H, df, m);
+      store_v<V>(dg + 2 * H, dgg, m);
+      store_v<V>(dg + 3 * H, d_o, m);
       dcp.store(dc + b * H + u, m);
     });
   }
@@ -193,8 +185,6 @@ struct GruBackwardEpi {
   const S *grad_out, *gates, *h_prev;  // [B, H], [B, 4H], [B, H]
   Elem<V>* dh;                         // [B, H] dh * z of the step after, then of this one
   S *dx, *dhh;                         // [B, 3H] each
-  S* dhh_copy;                         // [B, ld_copy] dhh again, or null (Note [dG off one L1 set])
-  int64_t ld_copy;
   void prefetch(int64_t m0, int mr, int64_t p) const {  // Note [prefetching the epilogue's rows]
     const int64_t u0 = p * kColumnPanel<V>, n = std::min<int64_t>(kColumnPanel<V>, H - u0);
     prefetch_rows(gates, kGruSaved, H, m0, mr, u0, n, V::kLanes);
@@ -210,15 +200,13 @@ struct GruBackwardEpi {
                             load_v<V>(gs + 3 * H, m), load_v<V>(h_prev + b * H + u, m), d, dr, dz,
                             dn, dhn, dh_direct);
       S* dxb = dx + b * 3 * H + u;
+      S* dhhb = dhh + b * 3 * H + u;
       store_v<V>(dxb, dr, m);
+      store_v<V>(dhhb, dr, m);
       store_v<V>(dxb + H, dz, m);
+      store_v<V>(dhhb + H, dz, m);
       store_v<V>(dxb + 2 * H, dn, m);
-      for (S* dhhb : {dhh + b * 3 * H + u, dhh_copy ? dhh_copy + b * ld_copy + u : nullptr}) {
-        if (!dhhb) continue;
-        store_v<V>(dhhb, dr, m);
-        store_v<V>(dhhb + H, dz, m);
-        store_v<V>(dhhb + 2 * H, dhn, m);
-      }
+      store_v<V>(dhhb + 2 * H, dhn, m);
       dh_direct.store(dh + b * H + u, m);
     });
   }
@@ -527,70 +515,12 @@ struct ColumnPanels {
 // only: Note [panels in place for one tile of rows]).
 template <typename V, typename Cols, typename S, typename Epi>
 void backward_product(int64_t p0, int64_t p1, int64_t B, int64_t G, int64_t H, const S* a,
-                      int64_t lda, const typename Cols::Mma::Packed* wp, bool in_place,
-                      const Epi& epi) {
+                      const typename Cols::Mma::Packed* wp, bool in_place, const Epi& epi) {
   if constexpr (std::is_same_v<S, Elem<V>>) {
-    if (in_place) return product_in_place<V>(p0, p1, B, G, a, lda, wp, H, H, epi);
+    if (in_place) return product_in_place<V>(p0, p1, B, G, a, G, wp, H, H, epi);
   }
-  Cols::run(p0, p1, B, G, a, lda, wp, epi);
+  Cols::run(p0, p1, B, G, a, G, wp, epi);
 }
-
-// Note [dG off one L1 set]
-// Each k step of the backward's product broadcasts one value from each row
-// of its tile of dG_t, rows G values apart. Where that stride is a multiple
-// of the L1's set span (its size over its ways: 4 KiB on the CPUs measured;
-// the LSTM's G * 4 bytes at H = 256, 512, 1024), the tile's lines all fall in
-// one set, and a tile of 7 or 8 rows (B = 7, 8: Note [the last rows over
-// half panels]) fills an 8-way L1's set with the panel's lines still to
-// come: lines are evicted between their uses. There the epilogues also write
-// dG_t into one of two buffers whose rows are one line longer, and the next
-// step's product reads that copy; the step buffer dG stays as it was, for
-// the weight gradients and the caller. The order of summation is unchanged.
-// 2-core AMD EPYC without AVX-512 (32 KiB 8-way L1), the LSTM backward op at
-// T=100, the fastest of 60 calls alternating with the copy off: B=8 H=512
-// 21.9 -> 20.1 ms, B=8 H=256 5.74 -> 5.36 ms, B=7 H=512 25.4 -> 23.7 ms, B=8
-// H=1024 77.5 -> 75.9 ms; the GRU (G = 3H: one set from H = 1024) at B=8
-// H=1024 within the noise. At B=2, 4 and 16 the copy gained nothing (B=16
-// H=256 3% slower), and with 12 ways (the Xeons' 48 KiB L1) a tile of 8 rows
-// and the panel's line fit one set.
-struct L1Geometry {
-  int64_t ways = 0, set_span = 0;  // 0: unknown
-};
-inline L1Geometry l1_geometry() {
-  static const L1Geometry g = [] {
-    L1Geometry r;
-#ifdef __linux__
-    const long size = sysconf(_SC_LEVEL1_DCACHE_SIZE), ways = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
-    if (size > 0 && ways > 0) r = {ways, size / ways};
-#endif
-    return r;
-  }();
-  return g;
-}
-
-// Where step s of the backward's product reads its rows of dG (dG_hh for
-// the GRU): the step buffer dg [T*B, G], or the copies of Note [dG off one
-// L1 set], which step s's epilogues write (Cols: the product's panels).
-template <typename V, typename S, typename Cols>
-struct ProductRows {
-  S* dg;
-  int64_t B, G, ld = 0;  // ld: the copies' row stride; 0, no copies
-  Tensor copies;
-  ProductRows(S* dg_, int64_t T, int64_t B_, int64_t G_, const at::TensorOptions& options)
-      : dg(dg_), B(B_), G(G_) {
-    using Half = HalfTiles<V, V::kColumnNV, typename Cols::Mma>;
-    const int64_t tile_rows = Half::takes(B) ? B : std::min<int64_t>(B, Half::MR);
-    const L1Geometry l1 = l1_geometry();
-    const int64_t stride = G * static_cast<int64_t>(sizeof(S));
-    if (T > 1 && l1.ways > 0 && tile_rows + 1 >= l1.ways && stride % l1.set_span == 0) {
-      ld = G + 64 / static_cast<int64_t>(sizeof(S));
-      copies = at::empty({2 * B * ld}, options);
-    }
-  }
-  S* copy(int64_t s) const { return ld ? copies.data_ptr<S>() + s % 2 * B * ld : nullptr; }
-  const S* rows(int64_t s, int64_t t) const { return ld ? copy(s) : dg + t * B * G; }
-  int64_t lda() const { return ld ? ld : G; }
-};
 
 // The backward time loops, for the float types (S = V's element type, with
 // the weight gradients) and bfloat16 (S = BFloat16: the product on bfloat16
@@ -615,7 +545,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_steps(
   const bool by_mm = one_step && short_product_by_mm<V>(B);
   const Tensor packed = in_place || by_mm ? w : Cols::pack(w);
   Tensor dg = empty_for_steps({T * B, G}, go.options());
-  const ProductRows<V, S, Cols> rows(dg.data_ptr<S>(), T, B, G, go.options());
   Tensor dc = grad_c_n.contiguous().clone();
   Tensor d_h0 = at::empty({B, H}, ghn.options());
   const S *gop = go.data_ptr<S>(), *gtp = gts.data_ptr<S>();
@@ -626,8 +555,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_steps(
   auto epi_at = [&](int64_t s) {
     const int64_t t = st.time_at(s);
     const E* c_prev = s == 0 ? c0p : clp + st.time_at(s - 1) * B * H;
-    return LstmBackwardEpi<V, S>{H, gop + t * B * H, gtp + t * B * G, clp + t * B * H,
-                                 c_prev, dcp, dgp + t * B * G, rows.copy(s), rows.ld};
+    return LstmBackwardEpi<V, S>{H, gop + t * B * H, gtp + t * B * G, clp + t * B * H, c_prev,
+                                 dcp, dgp + t * B * G};
   };
   // Steps in order: the pointwise backward of the last step (from grad_h_n),
   // T-1 fused GEMM + pointwise steps, then d_h0 = dG_0 W_hh.
@@ -638,11 +567,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_steps(
       return;
     }
     const int64_t s = T - k;  // GEMM on dG of step s
-    const S* a = rows.rows(s, st.time_at(s));
+    const S* a = dgp + st.time_at(s) * B * G;
     if (s >= 1) {
-      backward_product<V, Cols>(p0, p1, B, G, H, a, rows.lda(), wp, in_place, epi_at(s - 1));
+      backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, epi_at(s - 1));
     } else {
-      backward_product<V, Cols>(p0, p1, B, G, H, a, rows.lda(), wp, in_place, last);
+      backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, last);
     }
   });
   if (by_mm) at::mm_out(d_h0, dg, w);
@@ -673,7 +602,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_steps(
   const Tensor packed = in_place || by_mm ? w : Cols::pack(w);
   Tensor dx = empty_for_steps({T * B, G}, go.options());
   Tensor dhh = empty_for_steps({T * B, G}, go.options());
-  const ProductRows<V, S, Cols> rows(dhh.data_ptr<S>(), T, B, G, go.options());
   Tensor dh = grad_h_n.contiguous().clone();
   Tensor d_h0 = at::empty({B, H}, dh.options());
   const S *gop = go.data_ptr<S>(), *gtp = gts.data_ptr<S>(), *op = out.data_ptr<S>();
@@ -685,7 +613,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_steps(
     const int64_t t = st.time_at(s);
     const S* h_prev = s == 0 ? h0p : op + st.time_at(s - 1) * B * H;
     return GruBackwardEpi<V, S>{H, gop + t * B * H, gtp + t * B * kGruSaved * H, h_prev, dhp,
-                                dxp + t * B * G, dhhp + t * B * G, rows.copy(s), rows.ld};
+                                dxp + t * B * G, dhhp + t * B * G};
   };
   // As for the LSTM: last step's pointwise, T-1 fused steps, then d_h0.
   const StoreEpi<V> last{H, dhp, d_h0.data_ptr<E>()};
@@ -695,11 +623,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_steps(
       return;
     }
     const int64_t s = T - k;
-    const S* a = rows.rows(s, st.time_at(s));
+    const S* a = dhhp + st.time_at(s) * B * G;
     if (s >= 1) {
-      backward_product<V, Cols>(p0, p1, B, G, H, a, rows.lda(), wp, in_place, epi_at(s - 1));
+      backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, epi_at(s - 1));
     } else {
-      backward_product<V, Cols>(p0, p1, B, G, H, a, rows.lda(), wp, in_place, last);
+      backward_product<V, Cols>(p0, p1, B, G, H, a, wp, in_place, last);
     }
   });
   if (by_mm) at::addmm_out(d_h0, dh, dhh, w);  // last's sum: dh + dG_hh W_hh

@@ -317,18 +317,37 @@ struct StoresRows<Epi, std::void_t<decltype(Epi::kStoresRows)>>
 // slower), panel slices sized for L1 (B=8 5-8%, B=12 and 16 none). Taken
 // where a panel is one depth block (the forward at H <= 512, the backward
 // where G*H is; the GRU's forward tiles, over 3 vectors, have 8 rows already)
-// and 8 x NV/2 accumulators fit the registers (not AVX2's 16).
+// and 8 x NV/2 accumulators fit the registers (not AVX2's 16 in the forward).
+//
+// Where a half is one vector (AVX2's backward and plain products: panels of 2
+// vectors), a k step of the half tile loads 8 broadcasts and a vector for 8
+// FMAs, more than the two load ports serve, and at the LSTM's rows of dG (4H
+// floats apart: one L1 set at H = 256, 512, 1024) its 8 lines and the panel's
+// overfill an 8-way L1 set. There the last 7 or 8 rows run as two tiles of 4
+// and 3-4 rows (6 loads for 8 FMAs, 8 accumulators). 2-core AMD EPYC without
+// AVX-512, the LSTM backward op at T=100, fastest of 60 calls alternating
+// with the half tiles, two runs: B=8 H=512 22.9-23.0 -> 19.8-20.4 ms, B=8
+// H=256 6.4-6.9 -> 5.6-6.5 ms, B=7 H=512 19.5 -> 17.9-18.1 ms.
 template <typename V, int NV, typename Mma>
 struct HalfTiles {
   static constexpr int MR = V::rows_per_tile(NV);
   static constexpr int kHalfRows = 8;
-  static constexpr bool kOn = std::is_same_v<Mma, MmaVec<V>> && NV % 2 == 0 &&
-                              kHalfRows > MR &&
-                              kHalfRows * (NV / 2) + NV / 2 + 1 <= V::kRegs;
+  static constexpr bool kFits = std::is_same_v<Mma, MmaVec<V>> && NV % 2 == 0 &&
+                                kHalfRows > MR &&
+                                kHalfRows * (NV / 2) + NV / 2 + 1 <= V::kRegs;
+  static constexpr bool kOn = kFits && NV / 2 > 1;
+  static constexpr bool kSplit = kFits && NV / 2 == 1;  // two tiles of half the rows instead
   static constexpr int kRows = kOn ? kHalfRows : MR;  // a tile's most rows
-  static bool takes(int64_t left) { return kOn && left > MR && left <= kHalfRows; }
+  // The rows of the next tile, with `left` rows left.
+  static int next_rows(int64_t left) {
+    if (left > MR && left <= kHalfRows) {
+      if (kOn) return static_cast<int>(left);
+      if (kSplit) return static_cast<int>((left + 1) / 2);
+    }
+    return static_cast<int>(std::min<int64_t>(MR, left));
+  }
   // tile[mr][NV * lanes] = A[mr rows, K] * panel, half of the vectors at a
-  // time; only where takes(mr) (A and P are Mma's operand types).
+  // time; only where next_rows gave mr > MR (A and P are Mma's operand types).
   template <typename A, typename P>
   static void run(int mr, const A* a, int64_t sam, int64_t sak, const P* panel, int64_t K,
                   typename V::T* tile) {
@@ -376,7 +395,7 @@ void run_panels(int64_t p0, int64_t p1, int64_t M, int64_t K, const typename Mma
       Ahead ahead = slice_after(i, 0);
       for (int64_t m0 = 0; m0 < M;) {
         const int64_t left = M - m0;
-        const int mr = static_cast<int>(Half::takes(left) ? left : std::min<int64_t>(MR, left));
+        const int mr = Half::next_rows(left);
         epi.prefetch(m0, mr, p);
         if (mr > MR) {
           Half::run(mr, a + m0 * sam, sam, sak, panel, K, tile);
