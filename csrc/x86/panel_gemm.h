@@ -325,9 +325,9 @@ struct StoresRows<Epi, std::void_t<decltype(Epi::kStoresRows)>>
 // floats apart: one L1 set at H = 256, 512, 1024) its 8 lines and the panel's
 // overfill an 8-way L1 set. There the last 7 or 8 rows run as two tiles of 4
 // and 3-4 rows (6 loads for 8 FMAs, 8 accumulators). 2-core AMD EPYC without
-// AVX-512, the LSTM backward op at T=100, fastest of 60 calls alternating
-// with the half tiles, two runs: B=8 H=512 22.9-23.0 -> 19.8-20.4 ms, B=8
-// H=256 6.4-6.9 -> 5.6-6.5 ms, B=7 H=512 19.5 -> 17.9-18.1 ms.
+// AVX-512, the LSTM backward op at T=100, fastest of 30 calls, three pairs of
+// processes alternating with the half tiles' build: B=8 H=512 22.5-23.0 ->
+// 18.8-19.0 ms, B=8 H=256 5.9 -> 5.2 ms, B=7 H=512 18.9 -> 17.3-17.6 ms.
 template <typename V, int NV, typename Mma>
 struct HalfTiles {
   static constexpr int MR = V::rows_per_tile(NV);
