@@ -28,7 +28,7 @@
 #include "dot_gemm.h"
 #include "../cpu/step_buffers.h"
 #include "panel_gemm.h"
-#include "transpose16.h"
+#include "transpose.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -124,10 +124,11 @@ void pack_gate_panel(const S* w, int64_t H, int64_t K, int64_t G, int64_t p, S* 
   constexpr int64_t kLanes = V::kLanes;
   const int64_t width = G * kGateNV * kLanes;
   const int rows = static_cast<int>(std::min<int64_t>(kLanes, H - p * kLanes));
-  if constexpr (sizeof(S) * KP == 4 && kLanes == 16) {
-    // AVX-512, float32 or bfloat16 pairs: a k group is one 32-bit unit, and
-    // each gate's 16 units of a panel are 16 consecutive rows of w, so the
-    // panel is a 16 x 16 transpose of 32-bit units (transpose16.h) per gate.
+  if constexpr (sizeof(S) * KP == 4 && (kLanes == 16 || kLanes == 8)) {
+    // float32 (AVX-512, AVX2) or bfloat16 pairs (AVX-512): a k group is one
+    // 32-bit unit, and each gate's L units of a panel are L consecutive rows
+    // of w, so the panel is an L x L transpose of 32-bit units (transpose.h)
+    // per gate.
     const int64_t KU = K / KP;  // units per row
     const float* src = reinterpret_cast<const float*>(w);
     float* dst = reinterpret_cast<float*>(panel);

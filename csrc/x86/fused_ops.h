@@ -66,9 +66,14 @@ void pack_column_panel(const Elem<V>* b, int64_t K, int64_t N, int64_t q, Elem<V
   constexpr int64_t U = kColumnPanel<V>;
   const int64_t n = std::min<int64_t>(U, N - q * U);
   for (int64_t k = 0; k < K; ++k) {
+    const Elem<V>* src = b + k * N + q * U;
     Elem<V>* row = panel + k * U;
-    std::copy(b + k * N + q * U, b + k * N + q * U + n, row);
-    std::fill(row + n, row + U, Elem<V>(0));
+    if (n == U) {  // whole vectors: std::copy was a call to memmove per row
+      for (int64_t j = 0; j < U; j += V::kLanes) V::storeu(row + j, V::loadu(src + j));
+    } else {
+      std::copy(src, src + n, row);
+      std::fill(row + n, row + U, Elem<V>(0));
+    }
   }
 }
 
@@ -76,7 +81,8 @@ void pack_column_panel(const Elem<V>* b, int64_t K, int64_t N, int64_t q, Elem<V
 // panel[k][c] = w[U p + c][k] (0 beyond N).
 template <typename V, int64_t U = kColumnPanel<V>>
 void pack_transposed_panel(const Elem<V>* w, int64_t N, int64_t K, int64_t p, Elem<V>* panel) {
-  if constexpr (std::is_same_v<Elem<V>, float> && V::kLanes == 16) {  // transpose16.h
+  if constexpr (std::is_same_v<Elem<V>, float> && (V::kLanes == 16 || V::kLanes == 8)) {
+    // transpose.h's blocks
     pack_units_panel<U, V::kLanes>(w, N, K, p, panel);
   } else {
     for (int64_t c = 0; c < U; ++c) {
