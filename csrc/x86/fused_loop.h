@@ -124,7 +124,7 @@ void pack_gate_panel(const S* w, int64_t H, int64_t K, int64_t G, int64_t p, S* 
   constexpr int64_t kLanes = V::kLanes;
   const int64_t width = G * kGateNV * kLanes;
   const int rows = static_cast<int>(std::min<int64_t>(kLanes, H - p * kLanes));
-  if constexpr (sizeof(S) * KP == 4 && (kLanes == 16 || kLanes == 8)) {
+  if constexpr (sizeof(S) * KP == 4 && has_transpose_block(kLanes)) {
     // float32 (AVX-512, AVX2) or bfloat16 pairs (AVX-512): a k group is one
     // 32-bit unit, and each gate's L units of a panel are L consecutive rows
     // of w, so the panel is an L x L transpose of 32-bit units (transpose.h)

@@ -81,8 +81,7 @@ void pack_column_panel(const Elem<V>* b, int64_t K, int64_t N, int64_t q, Elem<V
 // panel[k][c] = w[U p + c][k] (0 beyond N).
 template <typename V, int64_t U = kColumnPanel<V>>
 void pack_transposed_panel(const Elem<V>* w, int64_t N, int64_t K, int64_t p, Elem<V>* panel) {
-  if constexpr (std::is_same_v<Elem<V>, float> && (V::kLanes == 16 || V::kLanes == 8)) {
-    // transpose.h's blocks
+  if constexpr (std::is_same_v<Elem<V>, float> && has_transpose_block(V::kLanes)) {
     pack_units_panel<U, V::kLanes>(w, N, K, p, panel);
   } else {
     for (int64_t c = 0; c < U; ++c) {

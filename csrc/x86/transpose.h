@@ -83,6 +83,10 @@ void transpose8(const float* src, int64_t lds, int nrows, int nk, float* dst, in
   for (int k = 0; k < nk; ++k) _mm256_storeu_ps(dst + k * ldd, t[k]);
 }
 
+// Whether transpose_block has blocks of this many floats (the vectors of
+// AVX2 and AVX-512).
+constexpr bool has_transpose_block(int64_t lanes) { return lanes == 8 || lanes == 16; }
+
 // A Lanes x Lanes block by the transpose of the instruction set.
 template <int Lanes>
 void transpose_block(const float* src, int64_t lds, int nrows, int nk, float* dst, int64_t ldd) {
