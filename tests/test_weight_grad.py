@@ -31,6 +31,30 @@ def test_linear_weight_grad_matches_float64(K, M, N):
     assert rel_err(db, want_b) <= 1e-6
 
 
+@pytest.mark.parametrize("isa", isa_params(("avx512", "avx2")))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N", [130, 256, 577])
+def test_linear_weight_grad_both_layouts_of_dy(isa, dtype, N, monkeypatch):
+    """dY's block copied as rows (X up to 4 panels wide on AVX-512) and cut
+    into tiles (wider X, and AVX2), Note [dY's block as rows]: M = 389 ends
+    in a partial tile and a partial block of 192 columns, K = 300 in a
+    partial block of 128 rows; against float64, as the test above."""
+    force_cpu_isa(monkeypatch, isa)
+    K, M = 300, 389
+    g = torch.Generator().manual_seed(N)
+    dy = torch.randn(K, M, generator=g, dtype=dtype)
+    x = torch.randn(K, N, generator=g, dtype=dtype)
+    w = torch.randn(M, N, generator=g, dtype=dtype)
+    _, dw, db = ops.linear_backward(dy, x, w, False, True, True)
+    assert dw.dtype == db.dtype == dtype
+    # float32: within 4x torch's own float32 product of float64's; float64:
+    # against float64's own product, which sums in another order.
+    want_w, want_b = dy.double().T @ x.double(), dy.double().sum(0)
+    tol = 4 * rel_err(dy.T @ x, want_w) + 1e-6 if dtype == torch.float32 else 1e-13
+    assert rel_err(dw, want_w) <= tol
+    assert rel_err(db, want_b) <= (1e-6 if dtype == torch.float32 else 1e-13)
+
+
 def test_linear_weight_grad_of_strided_input():
     """A non-contiguous input (a batch-first view) gives the same gradient."""
     g = torch.Generator().manual_seed(3)

@@ -19,6 +19,24 @@
 // column sums db are taken during the same pack, in double. The sums run over
 // k in the same order whatever the thread count, so the results do not
 // depend on it.
+//
+// Note [dY's block as rows]
+// Where a block is 128 rows deep (AVX-512: 64-column panels) and X is at
+// most 4 panels wide, dY's block is not cut into tiles but copied as it is,
+// kBlockK rows of 192 columns, and a tile reads its 6 columns of every row in
+// place (mma_tile's k stride). The copy is a few vector moves a row where the
+// tiles took 192 scalar ones; the rows' stride is an odd number of cache
+// lines, so that a tile's 128 lines fall in every L1 set rather than in a
+// few. A tile's rows then span two to three times the lines of its packed
+// form, read again for every panel of X, so the gain shrinks as X widens
+// (the pack's cost per FMA goes as 1 / N). 2-core Xeon, float32, both
+// layouts alternating in one process, medians of 40, time as rows / as
+// tiles for dY [T*B, 4H], X [T*B, H]: H=128 B=16 0.89, H=256 at B=8, 16 and
+// 64 0.96, 0.95 and 0.97, H=384 0.99, H=512 at B=32 and 64 1.00-1.02 (T=100).
+// With AVX2's 16-column panels a block is 512 rows deep, a tile's column
+// strip no longer fits in L1 beside the panel slice, and the copy was
+// slower (1.78 -> 2.09 against ATen's mm, alternating processes): AVX2
+// keeps the tiles.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,6 +44,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -48,6 +67,13 @@ struct WeightGradTile {
   static constexpr int64_t kBlockK =
       32 * 1024 / (kW * static_cast<int64_t>(sizeof(In)));  // a 32 KiB panel slice
   static constexpr int64_t kBlockTiles = 192 / kMR;    // 192 columns of dY per block
+  // Note [dY's block as rows]: where (up to kRowsPanels panels of X), and the
+  // copied rows' stride (an odd number of cache lines).
+  static constexpr bool kRows = std::is_same_v<In, typename V::T> && kBlockK <= 128;
+  static constexpr int64_t kRowsPanels = 4;
+  static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(In));
+  static constexpr int64_t kLines = (kBlockTiles * kMR + kLine - 1) / kLine;
+  static constexpr int64_t kRowStride = (kLines % 2 == 0 ? kLines + 1 : kLines) * kLine;
 };
 
 // Row k of the concatenated segments: which segment, and the row within it.
@@ -219,17 +245,20 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
   const at::Tensor xp = pack_x<kW, KP>(rows, K, N, options.dtype(c10::CppTypeToScalarType<In>::value));
   const In* xpp = xp.data_ptr<In>();
   const int64_t Q = ceil_div(N, kW), tiles = ceil_div(M, kMR);
+  const bool as_rows = Tile::kRows && Q <= Tile::kRowsPanels;
   E* db_out = want_db ? db.data_ptr<E>() : nullptr;
   const int64_t grain = ceil_div(tiles, at::get_num_threads());
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     // Per thread, kept from call to call: fresh, their hundreds of KiB were
     // page-faulted in on every call (every element is written before it is
-    // read). dY's block as ap[tile][k / KP][kMR][k % KP].
+    // read). dY's block as ap[tile][k / KP][kMR][k % KP], or as rows
+    // ap[k][kRowStride] (Tile::kRows).
     thread_local std::vector<In> ap;
     thread_local std::vector<double> sums;
     // The block's accumulators: tile i, panel q at acc[(i * Q + q) * kMR * kW].
     thread_local std::vector<E> acc;
-    ap.resize(static_cast<size_t>(kBlockTiles * kBlockK * kMR));
+    ap.resize(static_cast<size_t>(as_rows ? kBlockK * Tile::kRowStride
+                                          : kBlockTiles * kBlockK * kMR));
     sums.resize(static_cast<size_t>(kBlockTiles * kMR));
     acc.resize(static_cast<size_t>(kBlockTiles * Q * kMR * kW));
     for (int64_t tb = t0; tb < t1; tb += kBlockTiles) {
@@ -244,7 +273,7 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
             for (int64_t c = 0; c < kMR; ++c) dst[c * KP] = In(0);
           }
         }
-        // Pack dY[k0:k0+kc, m0:m0+mc], zeros past mc.
+        // Pack dY[k0:k0+kc, m0:m0+mc], zeros past mc, as tiles or rows.
         rows.each(k0, std::min(k0 + kc, K), [&](int64_t k, int64_t r, const GradRowsOf<In>& s) {
           const In* y = s.dy + r * M + m0;
           if (r + 4 < s.rows) {
@@ -252,6 +281,12 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
           }
           for (int64_t c = 0; c < mc; ++c) sums[c] += static_cast<double>(y[c]);
           const int64_t kk = k - k0;
+          if (as_rows) {
+            In* dst = ap.data() + kk * Tile::kRowStride;
+            std::memcpy(dst, y, sizeof(In) * mc);
+            std::fill(dst + mc, dst + nt * kMR, In(0));
+            return;
+          }
           for (int64_t i = 0; i < nt; ++i) {
             In* dst = ap.data() + (i * kc + kk / KP * KP) * kMR + kk % KP;
             const int64_t n = std::min<int64_t>(kMR, mc - i * kMR);
@@ -263,8 +298,13 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
           const In* panel = xpp + (q * K2 + k0) * kW;
           for (int64_t i = 0; i < nt; ++i) {
             E* tile = acc.data() + (i * Q + q) * kMR * kW;
-            Mma::template rows<kMR, kNV>(kMR, ap.data() + i * kc * kMR, KP, kMR, panel, kc, tile,
-                                         k0 > 0);
+            if (as_rows) {
+              Mma::template rows<kMR, kNV>(kMR, ap.data() + i * kMR, 1, Tile::kRowStride, panel,
+                                           kc, tile, k0 > 0);
+            } else {
+              Mma::template rows<kMR, kNV>(kMR, ap.data() + i * kc * kMR, KP, kMR, panel, kc,
+                                           tile, k0 > 0);
+            }
           }
         }
       }
