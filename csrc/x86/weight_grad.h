@@ -246,6 +246,8 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
   const In* xpp = xp.data_ptr<In>();
   const int64_t Q = ceil_div(N, kW), tiles = ceil_div(M, kMR);
   const bool as_rows = Tile::kRows && Q <= Tile::kRowsPanels;
+  // A tile's strides in ap along its columns and along k.
+  const int64_t sam = as_rows ? 1 : KP, sak = as_rows ? Tile::kRowStride : kMR;
   E* db_out = want_db ? db.data_ptr<E>() : nullptr;
   const int64_t grain = ceil_div(tiles, at::get_num_threads());
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
@@ -298,13 +300,8 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
           const In* panel = xpp + (q * K2 + k0) * kW;
           for (int64_t i = 0; i < nt; ++i) {
             E* tile = acc.data() + (i * Q + q) * kMR * kW;
-            if (as_rows) {
-              Mma::template rows<kMR, kNV>(kMR, ap.data() + i * kMR, 1, Tile::kRowStride, panel,
-                                           kc, tile, k0 > 0);
-            } else {
-              Mma::template rows<kMR, kNV>(kMR, ap.data() + i * kc * kMR, KP, kMR, panel, kc,
-                                           tile, k0 > 0);
-            }
+            Mma::template rows<kMR, kNV>(kMR, ap.data() + i * (as_rows ? kMR : kc * kMR), sam,
+                                         sak, panel, kc, tile, k0 > 0);
           }
         }
       }
