@@ -3,7 +3,8 @@
 // training call of a plain cell, and of each layer and direction of a plain
 // stack) records a C++ autograd node here, where no torch.func transform is
 // active: its forward calls the op below autograd, and its backward the
-// layer's backward op and then linear_backward, from C++. The ops' Python
+// layer's backward op and then linear_backward (the LSTM's: both in one op,
+// lstm_input_backward), from C++. The ops' Python
 // autograd kernel (fusedrnn/_autograd.py) does the same through Python: an
 // argument conversion each way, autograd.Function.apply, a Python backward.
 // Under a transform the Python kernel runs (Note [Autograd under torch.func]),
@@ -118,17 +119,22 @@ struct LstmInputForward : torch::autograd::Function<LstmInputForward> {
       return r;
     }
     static const auto op =
-        op_named<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+        op_named<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-            const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-            const OptTensor&, bool, bool)>("fusedrnn::lstm_backward");
-    auto [d_xp, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh] =
-        op.call(g_out, g_h, g_c, out, gates, cells, h0, c0, w_hh, std::nullopt, std::nullopt,
-                reverse, b_hh.defined());
-    auto [d_x, d_w_ih, d_b_ih] =
-        linear_grads(d_xp, input, w_ih, ctx->needs_input_grad(0), ctx->needs_input_grad(3),
-                     b_ih.defined() && ctx->needs_input_grad(5));
-    return {d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, b_hh.defined() ? d_b_hh : Tensor(),
+            const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+            const Tensor&, bool, bool, bool, bool, bool)>("fusedrnn::lstm_input_backward");
+    const bool need_x = ctx->needs_input_grad(0), need_w_ih = ctx->needs_input_grad(3);
+    const bool need_b_ih = b_ih.defined() && ctx->needs_input_grad(5);
+    auto [d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh] =
+        op.call(g_out, g_h, g_c, input, out, gates, cells, h0, c0, w_ih, w_hh, reverse,
+                b_hh.defined(), need_x, need_w_ih, need_b_ih);
+    return {need_x ? d_x : Tensor(),
+            d_h0,
+            d_c0,
+            need_w_ih ? d_w_ih : Tensor(),
+            d_w_hh,
+            need_b_ih ? d_b_ih : Tensor(),
+            b_hh.defined() ? d_b_hh : Tensor(),
             Tensor()};
   }
 };

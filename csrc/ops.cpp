@@ -57,6 +57,15 @@ TORCH_LIBRARY(fusedrnn, m) {
       "Tensor gates, Tensor cells, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, "
       "Tensor? batch_sizes, bool reverse, bool has_bias) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The backward of lstm_input_forward (padded input): lstm_backward, then
+  // linear_backward's gradients of the input, W_ih and b_ih, those asked for
+  // (Note [one product for both weight gradients] in cpu/rnn_cpu.cpp). Returns
+  // (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh); [0] where not asked for.
+  m.def(
+      "lstm_input_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor output, Tensor gates, Tensor cells, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, bool reverse, bool has_bias, bool input_grad, bool w_ih_grad, "
+      "bool b_ih_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // x_proj [T, B, 3H] or packed [N, 3H]. Returns (output, h_n, gates).
   m.def(
       "gru_forward(Tensor x_proj, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? batch_sizes, "

@@ -21,9 +21,10 @@
 // Each layer and direction of a stack, and each cell call, is one op,
 // lstm_input_forward / gru_input_forward (linear, then the layer op), with
 // one autograd node whose backward runs the layer's backward op and then
-// linear_backward: C++ where no torch.func transform is active (Note [a
-// layer's autograd in C++] in layer_autograd.cpp), else the ops' Python
-// kernel. As two ops, a gradient-tracking call went through two Python
+// linear_backward (one op for the LSTM: Note [one product for both weight
+// gradients] in cpu/rnn_cpu.cpp): C++ where no torch.func transform is
+// active (Note [a layer's autograd in C++] in layer_autograd.cpp), else the
+// ops' Python kernel. As two ops, a gradient-tracking call went through two Python
 // autograd kernels and two Python backward nodes. Values and gradients are
 // the two ops' bit for bit.
 #include <ATen/ATen.h>
@@ -33,6 +34,8 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "plain_ops.h"
 
 namespace fusedrnn {
 namespace {
@@ -251,11 +254,36 @@ void impl_input_forward(torch::Library& m) {
 
 }  // namespace
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_input_backward_by_ops(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& input, const Tensor& output, const Tensor& gates, const Tensor& cells,
+    const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, bool reverse,
+    bool has_bias, bool input_grad, bool w_ih_grad, bool b_ih_grad) {
+  static const auto backward =
+      op_named<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+          const OptTensor&, bool, bool)>("fusedrnn::lstm_backward");
+  static const auto linear_backward =
+      op_named<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                  bool, bool, bool)>("fusedrnn::linear_backward");
+  auto [d_xp, d_h0, d_c0, d_w_hh, d_w_hr, d_b_hh] =
+      backward.call(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh,
+                    std::nullopt, std::nullopt, reverse, has_bias);
+  auto [d_x, d_w_ih, d_b_ih] =
+      linear_backward.call(d_xp, input, w_ih, input_grad, w_ih_grad, b_ih_grad);
+  return {d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh};
+}
+
 TORCH_LIBRARY_IMPL(fusedrnn, CompositeImplicitAutograd, m) { impl_plain(m); }
 
 // The layers with their projection: every device, and autograd through
-// their own kernel (fusedrnn/_ops.py).
-TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) { impl_input_forward(m); }
+// their own kernel (fusedrnn/_ops.py); the LSTM's backward as two ops where
+// the CPU's kernel (cpu/rnn_cpu.cpp) does not take it.
+TORCH_LIBRARY_IMPL(fusedrnn, CompositeExplicitAutograd, m) {
+  impl_input_forward(m);
+  m.impl("lstm_input_backward", &lstm_input_backward_by_ops);
+}
 
 // vmap decomposes them all, to the layer ops' batching rules (without this
 // it would loop over the mapped dimension).

@@ -93,6 +93,18 @@ def _lstm_input_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, tra
     return _lstm_forward_fake(x_proj, h0, c0, w_hh, None, b_hh, None, reverse, train)
 
 
+@torch.library.register_fake("fusedrnn::lstm_input_backward")
+def _lstm_input_backward_fake(grad_output, grad_h_n, grad_c_n, input, output, gates, cells, h0,
+                              c0, w_ih, w_hh, reverse, has_bias, input_grad, w_ih_grad,
+                              b_ih_grad):
+    d_xp, d_h0, d_c0, d_w_hh, _, d_b_hh = _lstm_backward_fake(
+        grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh, None, None, reverse,
+        has_bias)
+    d_x, d_w_ih, d_b_ih = _linear_backward_fake(d_xp, input, w_ih, input_grad, w_ih_grad,
+                                                b_ih_grad)
+    return d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+
 @torch.library.register_fake("fusedrnn::gru_input_forward")
 def _gru_input_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, reverse, reset_after, train):
     x_proj = input.new_empty((*input.shape[:-1], w_ih.shape[0]))

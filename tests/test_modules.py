@@ -313,9 +313,12 @@ def _count(fn):
 def test_one_op_per_layer_and_direction_and_no_time_loop(kind, layout):
     ours = getattr(fusedrnn, kind)(I, H, num_layers=3, bidirectional=True)
     # A padded batch's layers are the layer ops with their projection (Note [a
-    # layer and its projection in one node]); packed input calls the layer ops.
+    # layer and its projection in one node]), and an LSTM's backward one op
+    # (Note [one product for both weight gradients]); packed input calls the
+    # layer ops.
     forward = "input_forward" if layout == "padded" else "forward"
-    fwd_op, bwd_op = f"fusedrnn.{kind.lower()}_{forward}", f"fusedrnn.{kind.lower()}_backward"
+    backward = "input_backward" if layout == "padded" and kind == "LSTM" else "backward"
+    fwd_op, bwd_op = f"fusedrnn.{kind.lower()}_{forward}", f"fusedrnn.{kind.lower()}_{backward}"
 
     def ops_for(steps):
         inp = torch.randn(steps, B, I, requires_grad=True)

@@ -119,3 +119,50 @@ def test_linear_weight_grad_bfloat16(isa, K, M, N, monkeypatch):
     # One bfloat16 rounding of the float32 result: within one ulp (2^-8).
     assert rel_err(dw, want_w) <= 2 ** -7 and rel_err(db, want_b) <= 2 ** -7
     assert rel_err(dw, dy.double().T @ x.double()) <= 2 ** -8
+
+
+@pytest.mark.parametrize("isa", isa_params(("avx512", "avx2", "generic")))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_lstm_input_backward_is_the_two_ops(isa, dtype, reverse, bias, monkeypatch):
+    """Note [one product for both weight gradients]: lstm_input_backward's
+    gradients are lstm_backward's then linear_backward's, bit for bit, for
+    each choice of gradients asked for; at T*B = 200 rows dW_ih and dW_hh come
+    from one product over [x | h_{t-1}] (I = 100, H = 70: panels of 64 columns
+    straddle the two blocks), at 24 rows from ATen's mm. Also against float64
+    products that pair each row of dG with x and h_{t-1} directly."""
+    force_cpu_isa(monkeypatch, isa)
+    I, H = 100, 70
+    for T, B in ((40, 5), (3, 8)):
+        g = torch.Generator().manual_seed(T)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, dtype=dtype)
+
+        x, h0, c0 = randn(T, B, I), randn(B, H), randn(B, H)
+        w_ih, w_hh = randn(4 * H, I) / I ** 0.5, randn(4 * H, H) / H ** 0.5
+        b_ih, b_hh = (randn(4 * H), randn(4 * H)) if bias else (None, None)
+        out, _, _, gates, cells = ops.lstm_forward(ops.linear(x, w_ih, b_ih), h0, c0, w_hh, None,
+                                                   b_hh, None, reverse, True)
+        g_out, g_h, g_c = randn(T, B, H), randn(B, H), randn(B, H)
+        for asked in [(True, True, True), (False, True, False), (True, False, True),
+                      (False, False, False)]:
+            got = ops.lstm_input_backward(g_out, g_h, g_c, x, out, gates, cells, h0, c0, w_ih,
+                                          w_hh, reverse, bias, *asked)
+            d_xp, d_h0, d_c0, d_w_hh, _, d_b_hh = ops.lstm_backward(
+                g_out, g_h, g_c, out, gates, cells, h0, c0, w_hh, None, None, reverse, bias)
+            d_x, d_w_ih, d_b_ih = ops.linear_backward(d_xp, x, w_ih, *asked)
+            for a, e in zip(got, (d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh)):
+                assert a.dtype == e.dtype and torch.equal(a, e)
+            if all(asked):
+                both = got[3], got[4]
+        dg = d_xp.double().reshape(T * B, 4 * H)
+        prev = torch.cat([out[1:], h0[None]]) if reverse else torch.cat([h0[None], out[:-1]])
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert rel_err(both[0], dg.T @ x.double().reshape(T * B, I)) <= tol
+        assert rel_err(both[1], dg.T @ prev.double().reshape(T * B, H)) <= tol
+    torch.library.opcheck(ops.lstm_input_backward,
+                          (g_out, g_h, g_c, x, out, gates, cells, h0, c0, w_ih, w_hh, reverse,
+                           bias, True, True, True),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -22,25 +22,56 @@ using at::Tensor;
 
 // `rows` rows of dY [rows, M] and of X [rows, N], of element type T,
 // row-major and contiguous: one segment of the rows summed over in a weight
-// gradient.
+// gradient. Where x2 is set, X's rows are two blocks side by side: the first
+// n1 columns from x [rows, n1], the other N - n1 from x2 [rows, N - n1]
+// (Note [one product for both weight gradients] in rnn_cpu.cpp).
 template <typename T>
 struct GradRowsOf {
   const T* dy;
   const T* x;
   int64_t rows;
+  const T* x2 = nullptr;
+  int64_t n1 = 0;
 };
 using GradRows = GradRowsOf<float>;
 
+// Up to this many rows a weight gradient is ATen's mm (Note [short products
+// by ATen's mm] in weight_grad.h).
+constexpr int64_t kMmGradRows = 128;
+
 // The rows of dW_hh = sum over steps of dG_t^T h_{t-1}, read in place: dg
 // [T*B, G], out [T, B, H] and h0 [B, H], contiguous. Step t reads out[t-1]
-// (reverse: out[t+1]), the first step h0.
+// (reverse: out[t+1]), the first step h0. In dG's row order, as the input
+// projection's dW_ih sums, so that one product can form both
+// (layer_grad_rows).
 template <typename T>
 std::vector<GradRowsOf<T>> recurrent_grad_rows(const T* dg, const T* out, const T* h0,
                                                int64_t steps, int64_t B, int64_t H, int64_t G,
                                                bool reverse) {
   const int64_t BT = B * (steps - 1);
-  std::vector<GradRowsOf<T>> segs{{dg + (reverse ? BT : 0) * G, h0, B}};
-  if (steps > 1) segs.push_back({dg + (reverse ? 0 : B) * G, out + (reverse ? B : 0) * H, BT});
+  if (!reverse) {
+    std::vector<GradRowsOf<T>> segs{{dg, h0, B}};
+    if (steps > 1) segs.push_back({dg + B * G, out, BT});
+    return segs;
+  }
+  std::vector<GradRowsOf<T>> segs;
+  if (steps > 1) segs.push_back({dg, out + B * H, BT});
+  segs.push_back({dg + BT * G, h0, B});
+  return segs;
+}
+
+// The same rows with X = [x | h_{t-1}]: dW_ih and dW_hh side by side in one
+// product, x [T*B, I] contiguous.
+template <typename T>
+std::vector<GradRowsOf<T>> layer_grad_rows(const T* dg, const T* x, const T* out, const T* h0,
+                                           int64_t steps, int64_t B, int64_t I, int64_t H,
+                                           int64_t G, bool reverse) {
+  std::vector<GradRowsOf<T>> segs = recurrent_grad_rows(dg, out, h0, steps, B, H, G, reverse);
+  for (GradRowsOf<T>& s : segs) {
+    s.x2 = s.x;
+    s.x = x + (s.dy - dg) / G * I;
+    s.n1 = I;
+  }
   return segs;
 }
 
@@ -109,6 +140,11 @@ struct FusedOps {
   std::pair<Tensor, Tensor> (*weight_grad)(const std::vector<GradRowsOf<T>>& segs, int64_t M,
                                            int64_t N, bool want_db,
                                            const at::TensorOptions& options);
+  // The same over X in two blocks of columns (every segment's x2 set): dW's
+  // two blocks [M, n1] and [M, N - n1], each contiguous, then db.
+  std::tuple<Tensor, Tensor, Tensor> (*weight_grad_blocks)(
+      const std::vector<GradRowsOf<T>>& segs, int64_t M, int64_t N, bool want_db,
+      const at::TensorOptions& options);
   // A GEMM whose right operand is packed once for many calls (the regularised
   // ops' step products): pack_rhs(b [K, N]) -> [panels, K, panel width], then
   // gemm_packed(M, N, K, a, lda, panels, out, ldo, accumulate): out [M, N]

@@ -723,9 +723,10 @@ Tensor linear_input_grad_fused(const Tensor& dy, const Tensor& w) {
 // code of this unit runs before a CPU check has chosen it).
 template <typename V>
 constexpr FusedOps<Elem<V>> fused_ops() {
-  return {&lstm_forward_fused<V>, &lstm_backward_fused<V>, &gru_forward_fused<V>,
-          &gru_backward_fused<V>, &linear_fused<V>,        &linear_input_grad_fused<V>,
-          &weight_grad_fused<V>,  &pack_rhs_fused<V>,      &gemm_packed_fused<V>};
+  return {&lstm_forward_fused<V>,  &lstm_backward_fused<V>,       &gru_forward_fused<V>,
+          &gru_backward_fused<V>,  &linear_fused<V>,              &linear_input_grad_fused<V>,
+          &weight_grad_fused<V>,   &weight_grad_blocks<V>,        &pack_rhs_fused<V>,
+          &gemm_packed_fused<V>};
 }
 
 }  // namespace

@@ -37,6 +37,18 @@
 // strip no longer fits in L1 beside the panel slice, and the copy was
 // slower (1.78 -> 2.09 against ATen's mm, alternating processes): AVX2
 // keeps the tiles.
+//
+// Note [the next slice of X into L2]
+// Packed X (K x N floats: 1.6 MB at K = 1600, N = 256; 13 MB at K = 3200,
+// N = 1024) is read again for every block of dY's columns, so each panel
+// slice came from L3 while the block's first tile waited on it. As in the
+// step products (Note [the next slice into L2] in panel_gemm.h), the block's
+// tiles on a slice bring the next one (the next panel's, or the next block's
+// first) into L2, their shares of its lines spread evenly, one a k step.
+// 2-core Xeon with AMX, float32, in one process, alternating, medians of 25,
+// GFLOP/s before / after (MKL's sgemm on the same dY^T X): K=1600 M=1024
+// N=256 175-190 / 184-200 (207-225); K=6400 M=2048 N=512 184-194 / 214-236
+// (233-245); K=3200 M=4096 N=1024 178-217 / 191-246 (216-263).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -44,6 +56,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -101,15 +114,22 @@ at::Tensor pack_x(const RowIndex<E>& rows, int64_t K, int64_t N, const at::Tenso
   E* dst = packed.data_ptr<E>();
   at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
     rows.each(k0, k1, [&](int64_t k, int64_t r, const GradRowsOf<E>& s) {
-      const E* x = s.x + r * N;
+      // X's row: columns [0, n1) at xa, [n1, N) at xb.
+      const int64_t n1 = s.x2 ? s.n1 : N;
+      const E* xa = s.x + r * n1;
+      const E* xb = s.x2 ? s.x2 + r * (N - n1) : nullptr;
       for (int64_t q = 0; q < Q; ++q) {
-        const int64_t n = std::min(kW, N - q * kW);
+        const int64_t c0 = q * kW, n = std::min(kW, N - c0);
+        const int64_t na = std::clamp<int64_t>(n1 - c0, 0, n);  // of those from xa
         E* row = dst + (q * K2 + k / KP * KP) * kW + k % KP;
         if constexpr (KP == 1) {
-          std::copy(x + q * kW, x + q * kW + n, row);
+          std::copy(xa + c0, xa + c0 + na, row);
+          if (na < n) std::copy(xb + (c0 + na - n1), xb + (c0 + n - n1), row + na);
           std::fill(row + n, row + kW, E(0));
         } else {
-          for (int64_t c = 0; c < kW; ++c) row[c * KP] = c < n ? x[q * kW + c] : E(0);
+          for (int64_t c = 0; c < kW; ++c) {
+            row[c * KP] = c < na ? xa[c0 + c] : c < n ? xb[c0 + c - n1] : E(0);
+          }
         }
       }
     });
@@ -187,25 +207,30 @@ std::pair<at::Tensor, at::Tensor> weight_grad_few_rows(
 // single step's backward) of one row ([1, 4096] x [4096, 1024] 674 / 412 us)
 // and of more than one tile's rows up to 128 ([16, 1024] x [1024, 256] 90 /
 // 59 us, [128, 4096] x [4096, 1024] 5.24 / 3.91 ms); of 2-6 rows W in place
-// is faster. With AVX2 on both sides MKL's lead is larger. K rows of the
-// segments; one segment is read in place, several are gathered.
-constexpr int64_t kMmGradRows = 128;
+// is faster. With AVX2 on both sides MKL's lead is larger (kMmGradRows in
+// fused.h). K rows of the segments; one segment of one block of X is read in
+// place, more are gathered.
 
 template <typename E>
 std::pair<at::Tensor, at::Tensor> weight_grad_by_mm(const std::vector<GradRowsOf<E>>& segs,
                                                     int64_t K, int64_t M, int64_t N, bool want_db,
                                                     const at::TensorOptions& options) {
+  const auto blob = [&](const E* p, int64_t rows, int64_t cols) {
+    return at::from_blob(const_cast<E*>(p), {rows, cols}, options);
+  };
   at::Tensor dy, x;
-  if (segs.size() == 1) {
-    dy = at::from_blob(const_cast<E*>(segs[0].dy), {K, M}, options);
-    x = at::from_blob(const_cast<E*>(segs[0].x), {K, N}, options);
+  if (segs.size() == 1 && !segs[0].x2) {
+    dy = blob(segs[0].dy, K, M);
+    x = blob(segs[0].x, K, N);
   } else {
     dy = at::empty({K, M}, options);
     x = at::empty({K, N}, options);
     int64_t k = 0;
     for (const GradRowsOf<E>& s : segs) {
       std::memcpy(dy.data_ptr<E>() + k * M, s.dy, sizeof(E) * s.rows * M);
-      std::memcpy(x.data_ptr<E>() + k * N, s.x, sizeof(E) * s.rows * N);
+      const int64_t n1 = s.x2 ? s.n1 : N;
+      x.narrow(0, k, s.rows).narrow(1, 0, n1).copy_(blob(s.x, s.rows, n1));
+      if (s.x2) x.narrow(0, k, s.rows).narrow(1, n1, N - n1).copy_(blob(s.x2, s.rows, N - n1));
       k += s.rows;
     }
   }
@@ -214,14 +239,16 @@ std::pair<at::Tensor, at::Tensor> weight_grad_by_mm(const std::vector<GradRowsOf
   return {dw, want_db ? dy.sum(0) : at::empty({0}, options)};
 }
 
-// dW [M, N] = sum over the segments' rows of dY^T X, and db [M] (want_db;
-// else [0]) = the column sums of dY; dW and db of options' dtype. The tile
-// product Mma (panel_gemm.h's MmaVec; MmaBf16 for bfloat16 dY and X, k in
-// pairs: KP = 2) accumulates in V::T.
+// dW = sum over the segments' rows of dY^T X, and db [M] (want_db; else
+// [0]) = the column sums of dY; dW and db of options' dtype. dW comes as
+// [M, n1] and [M, N - n1] (its columns from the two blocks of X where the
+// segments' x2 is set; n1 = N, the second [M, 0], where it is not). The
+// tile product Mma (panel_gemm.h's MmaVec; MmaBf16 for bfloat16 dY and X, k
+// in pairs: KP = 2) accumulates in V::T.
 template <typename V, typename In = typename V::T, typename Mma = MmaVec<V>, int KP = 1>
-std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf<In>>& segs,
-                                                    int64_t M, int64_t N, bool want_db,
-                                                    const at::TensorOptions& options) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_blocks(
+    const std::vector<GradRowsOf<In>>& segs, int64_t M, int64_t N, bool want_db,
+    const at::TensorOptions& options) {
   using E = typename V::T;
   using Tile = WeightGradTile<V, In>;
   constexpr int kNV = Tile::kNV, kMR = Tile::kMR;
@@ -229,16 +256,23 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
   static_assert(kBlockK % KP == 0, "blocks of whole k groups");
   int64_t K = 0;
   for (const GradRowsOf<In>& s : segs) K += s.rows;
+  const int64_t n1 = !segs.empty() && segs[0].x2 ? segs[0].n1 : N;
   if constexpr (std::is_same_v<In, E>) {
-    if (K > 0 && K <= kFewGradRows) return weight_grad_few_rows<V>(segs, M, N, want_db, options);
-    if (K > 0 && K <= kMmGradRows) return weight_grad_by_mm(segs, K, M, N, want_db, options);
+    if (K > 0 && K <= kMmGradRows) {  // as one [M, N], cut
+      auto [w, b] = K <= kFewGradRows && n1 == N
+                        ? weight_grad_few_rows<V>(segs, M, N, want_db, options)
+                        : weight_grad_by_mm(segs, K, M, N, want_db, options);
+      if (n1 == N) return {w, at::empty({M, 0}, options), b};
+      return {w.narrow(1, 0, n1).contiguous(), w.narrow(1, n1, N - n1).contiguous(), b};
+    }
   }
-  at::Tensor dw = empty_for_steps({M, N}, options);
+  at::Tensor dw1 = empty_for_steps({M, n1}, options), dw2 = empty_for_steps({M, N - n1}, options);
   at::Tensor db = at::empty({want_db ? M : 0}, options);
   if (K == 0 || M == 0 || N == 0) {
-    dw.zero_();
+    dw1.zero_();
+    dw2.zero_();
     db.zero_();
-    return {dw, db};
+    return {dw1, dw2, db};
   }
   const RowIndex<In> rows{segs};
   const int64_t K2 = ceil_div(K, KP) * KP;
@@ -249,6 +283,14 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
   // A tile's strides in ap along its columns and along k.
   const int64_t sam = as_rows ? 1 : KP, sak = as_rows ? Tile::kRowStride : kMR;
   E* db_out = want_db ? db.data_ptr<E>() : nullptr;
+  // The slice of X after panel q's at depth k0 (kc deep): panel q + 1's at
+  // k0, or the next block's first.
+  const auto slice_after = [&](int64_t q, int64_t k0, int64_t kc) -> Ahead {
+    const int64_t nq = q + 1 < Q ? q + 1 : 0, nk0 = q + 1 < Q ? k0 : k0 + kc;
+    if (nk0 >= K2) return {};
+    return {reinterpret_cast<const char*>(xpp + (nq * K2 + nk0) * kW),
+            std::min(kBlockK, K2 - nk0) * kW * static_cast<int64_t>(sizeof(In)) / 64};
+  };
   const int64_t grain = ceil_div(tiles, at::get_num_threads());
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     // Per thread, kept from call to call: fresh, their hundreds of KiB were
@@ -298,29 +340,44 @@ std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf
         });
         for (int64_t q = 0; q < Q; ++q) {
           const In* panel = xpp + (q * K2 + k0) * kW;
+          // Note [the next slice of X into L2]
+          Ahead ahead = slice_after(q, k0, kc);
+          const int64_t share = std::min(ceil_div(ahead.lines, nt), kc / Mma::kStepsPerLine);
           for (int64_t i = 0; i < nt; ++i) {
             E* tile = acc.data() + (i * Q + q) * kMR * kW;
             Mma::template rows<kMR, kNV>(kMR, ap.data() + i * (as_rows ? kMR : kc * kMR), sam,
-                                         sak, panel, kc, tile, k0 > 0);
+                                         sak, panel, kc, tile, k0 > 0, 0, ahead.take(share));
           }
         }
       }
       if (db_out) {
         for (int64_t c = 0; c < mc; ++c) db_out[m0 + c] = static_cast<E>(sums[c]);
       }
-      // Tiles to rows of dW.
-      E* out = dw.data_ptr<E>();
+      // Tiles to rows of dW's blocks.
+      E *out1 = dw1.data_ptr<E>(), *out2 = dw2.data_ptr<E>();
       for (int64_t i = 0; i < nt; ++i) {
         for (int64_t r = 0; r < kMR && m0 + i * kMR + r < M; ++r) {
+          const int64_t m = m0 + i * kMR + r;
           for (int64_t q = 0; q < Q; ++q) {
             const E* src = acc.data() + (i * Q + q) * kMR * kW + r * kW;
-            const int64_t n = std::min(kW, N - q * kW);
-            std::copy(src, src + n, out + (m0 + i * kMR + r) * N + q * kW);
+            const int64_t c0 = q * kW, n = std::min(kW, N - c0);
+            const int64_t na = std::clamp<int64_t>(n1 - c0, 0, n);  // of those in dw1
+            std::copy(src, src + na, out1 + m * n1 + c0);
+            std::copy(src + na, src + n, out2 + m * (N - n1) + (c0 + na - n1));
           }
         }
       }
     }
   });
+  return {dw1, dw2, db};
+}
+
+// dW [M, N] and db of X in one block (no segment's x2 set).
+template <typename V, typename In = typename V::T, typename Mma = MmaVec<V>, int KP = 1>
+std::pair<at::Tensor, at::Tensor> weight_grad_fused(const std::vector<GradRowsOf<In>>& segs,
+                                                    int64_t M, int64_t N, bool want_db,
+                                                    const at::TensorOptions& options) {
+  auto [dw, unused, db] = weight_grad_blocks<V, In, Mma, KP>(segs, M, N, want_db, options);
   return {dw, db};
 }
 
