@@ -53,8 +53,11 @@ SMOKE_KEYS = [(100, 1, 256, 256)]
 # Square sizes for the peak (Note [peak]): all three operands fit in L2 or L3.
 PEAK_SIZES = {"smoke": (256,), "quick": (256, 384, 512), "full": (256, 384, 512),
               "custom": (256, 384, 512)}
-# Config of the backend check: the run's first config with this many steps.
-CHECK_T = 2
+# Config of the backend check: the run's first config with at least 2 steps
+# and more than MM_ROWS rows (T*B), up to which fusedrnn hands the gradients'
+# products to ATen's mm (Note [short products by ATen's mm] in
+# csrc/x86/weight_grad.h): fewer would check a path the timed shapes do not take.
+MM_ROWS = 128
 LIBRARIES = ("fusedrnn", "oneDNN", "MKL")
 # fusedrnn's own GEMM paths (FUSEDRNN_CPU_ISA; amx's float32 GEMM is avx512's);
 # on the generic CPU path (no AVX-512 nor AVX2, or forced) fusedrnn::linear
@@ -346,7 +349,8 @@ def _verbose_lines(text):
 
 
 def backend_check(model, cfg):
-    spec = json.dumps({"model": model, "config": [CHECK_T, cfg.B, cfg.I, cfg.H]})
+    steps = max(2, MM_ROWS // cfg.B + 1)
+    spec = json.dumps({"model": model, "config": [steps, cfg.B, cfg.I, cfg.H]})
     env = dict(os.environ, ONEDNN_VERBOSE="1", DNNL_VERBOSE="1", MKL_VERBOSE="1",
                PYTHONUNBUFFERED="1")
     code = f"import sys; from benchmarks import gemm; sys.exit(gemm.probe({spec!r}))"
@@ -358,7 +362,7 @@ def backend_check(model, cfg):
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
     seen = _verbose_lines(proc.stdout)
-    out = {"config": {"T": CHECK_T, "B": cfg.B, "I": cfg.I, "H": cfg.H}, "model": model,
+    out = {"config": {"T": steps, "B": cfg.B, "I": cfg.I, "H": cfg.H}, "model": model,
            "calls": {}}
     for (prod, lib), s in seen.items():
         want = {"oneDNN": bool(s["onednn"]) and not s["mkl"],
