@@ -45,12 +45,12 @@
 // step products (Note [the next slice into L2] in panel_gemm.h), the block's
 // tiles on a slice bring the next one (the next panel's, or the next block's
 // first) into L2, their shares of its lines spread evenly, one a k step.
-// 2-core Xeon with AMX, float32, in one process, alternating, medians of 25,
-// GFLOP/s before / after (MKL's sgemm on the same dY^T X): K=1600 M=1024
-// N=256 175-190 / 184-200 (207-225); K=6400 M=2048 N=512 184-194 / 214-236
-// (233-245); K=3200 M=4096 N=1024 178-217 / 191-246 (216-263). The AVX2
-// path on the same machine (FUSEDRNN_CPU_ISA=avx2): 2-3% faster at N=256 and
-// 512, 12% at K=3200 M=4096 N=1024, even at K=1600 M=2048 N=1024.
+// 2-core Xeon with AMX, float32, with and without in one process, in a new
+// random order each round, medians of 25, two runs, GFLOP/s without / with
+// (MKL's sgemm on the same dY^T X): K=1600 M=1024 N=256 188 / 194-197
+// (219-222); K=6400 M=2048 N=512 174-192 / 181-206 (202-235); K=3200 M=4096
+// N=1024 197-202 / 217-223 (245-251): 3-13% faster, still under MKL. The
+// AVX2 path there (FUSEDRNN_CPU_ISA=avx2): 2-5% faster.
 #pragma once
 
 #include <ATen/ATen.h>
