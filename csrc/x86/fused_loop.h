@@ -71,7 +71,7 @@ inline void store_v(S* p, V v, typename V::Mask m) {
 // threads join. On the 2-core Xeon with AMX (interleaved, float32 training,
 // T=100 B=64 H=512): LSTM 1%, GRU 4% faster; at B=16 H=256, even.
 template <typename V, typename S>
-inline void store_saved(S* p, V v, typename V::Mask m) {
+inline void store_past_caches(S* p, V v, typename V::Mask m) {
   if constexpr (std::is_same_v<S, typename V::T> && sizeof(typename V::Reg) == 64) {
     if (m == V::mask(V::kLanes) && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
       V::stream(p, v.v);
@@ -204,11 +204,11 @@ struct LstmForwardEpi {
       if (h_state) store_v<V>(h_state + b * H + u0, h_new, m);
       if (gates) {
         S* gb = gates + b * 4 * H + u0;
-        store_saved<V>(gb, i, m);
-        store_saved<V>(gb + H, f, m);
-        store_saved<V>(gb + 2 * H, g, m);
-        store_saved<V>(gb + 3 * H, o, m);
-        store_saved<V>(cells + b * H + u0, c_new, m);
+        store_past_caches<V>(gb, i, m);
+        store_past_caches<V>(gb + H, f, m);
+        store_past_caches<V>(gb + 2 * H, g, m);
+        store_past_caches<V>(gb + 3 * H, o, m);
+        store_past_caches<V>(cells + b * H + u0, c_new, m);
       }
     }
   }
@@ -243,10 +243,10 @@ struct GruForwardEpi {
       if (h_state) store_v<V>(h_state + b * H + u0, h_new, m);
       if (gates) {
         S* gb = gates + b * kGruSaved * H + u0;
-        store_saved<V>(gb, rr, m);
-        store_saved<V>(gb + H, z, m);
-        store_saved<V>(gb + 2 * H, nn, m);
-        store_saved<V>(gb + 3 * H, hn, m);
+        store_past_caches<V>(gb, rr, m);
+        store_past_caches<V>(gb + H, z, m);
+        store_past_caches<V>(gb + 2 * H, nn, m);
+        store_past_caches<V>(gb + 3 * H, hn, m);
       }
     }
   }
