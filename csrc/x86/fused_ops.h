@@ -244,6 +244,7 @@ struct StoreRowsEpi {
   const Elem<V>* bias;  // [N] or null
   Elem<V>* y;           // [M, ldy]
   bool accumulate;
+  bool stream = false;
   void prefetch(int64_t, int, int64_t) const {}
   void operator()(const Elem<V>* rec, int64_t ldr, int64_t m0, int mr, int64_t p) const {
     constexpr int64_t kUnitsPerPanel = kColumnPanel<V>, kLanes = V::kLanes;
@@ -263,7 +264,6 @@ struct StoreRowsEpi {
       }
     }
   }
-  bool stream = false;
 };
 
 // Rows per block of a large GEMM: a block of A stays in L2 while each

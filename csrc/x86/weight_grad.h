@@ -364,8 +364,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_blocks(
             const E* src = acc.data() + (i * Q + q) * kMR * kW + r * kW;
             const int64_t c0 = q * kW, n = std::min(kW, N - c0);
             const int64_t na = std::clamp<int64_t>(n1 - c0, 0, n);  // of those in dw1
-            std::copy(src, src + na, out1 + m * n1 + c0);
-            std::copy(src + na, src + n, out2 + m * (N - n1) + (c0 + na - n1));
+            if (na > 0) std::copy(src, src + na, out1 + m * n1 + c0);
+            if (na < n) std::copy(src + na, src + n, out2 + m * (N - n1) + (c0 + na - n1));
           }
         }
       }
