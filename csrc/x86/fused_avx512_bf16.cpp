@@ -33,9 +33,11 @@ constexpr int kLanes = Vec16::kLanes;
 
 // tile[MR][NV * 16] (+)= A[MR rows, K] * panel (k-pair layout above); the
 // pair (r, k), (r, k + 1) of A (k even) is at a[r * sam + k * sak]; K even.
+// noinline: Note [activations inlined] in gates.h.
 template <int MR, int NV>
-inline void mma_tile_bf16(const Bf16* a, int64_t sam, int64_t sak, const Bf16* panel, int64_t K,
-                          float* tile, bool accumulate, Ahead ahead = {}) {
+__attribute__((noinline)) void mma_tile_bf16(const Bf16* a, int64_t sam, int64_t sak,
+                                             const Bf16* panel, int64_t K, float* tile,
+                                             bool accumulate, Ahead ahead = {}) {
   __m512 acc[MR][NV];
   load_acc<Vec16, MR, NV>(acc, tile, accumulate);
   for (int64_t k = 0; k < K; k += 2) {

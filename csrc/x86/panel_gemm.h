@@ -139,9 +139,11 @@ inline void partial_sums_loop(typename V::Reg (&acc)[MR][NV], const E* a, int64_
 // ahead: lines to bring into L2 meanwhile, one a k step (Note [the next slice
 // into L2]). kOneTile: the product's only tile of rows (Note [partial sums for
 // a tile of few accumulators]).
+// noinline: Note [activations inlined] in gates.h.
 template <typename V, int MR, int NV, bool kOneTile = false, typename E = typename V::T>
-inline void mma_tile(const E* a, int64_t sam, int64_t sak, const E* panel, int64_t K, E* tile,
-                     bool accumulate, int64_t ldp = 0, Ahead ahead = {}) {
+__attribute__((noinline)) void mma_tile(const E* a, int64_t sam, int64_t sak, const E* panel,
+                                        int64_t K, E* tile, bool accumulate, int64_t ldp = 0,
+                                        Ahead ahead = {}) {
   using Reg = typename V::Reg;
   const int64_t lp = ldp ? ldp : NV * V::kLanes;
   Reg acc[MR][NV];
