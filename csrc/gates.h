@@ -14,7 +14,9 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FUSEDRNN_HOST_DEVICE __host__ __device__ __forceinline__
+#define FUSEDRNN_GATE_MATH FUSEDRNN_HOST_DEVICE
 #else
+#define FUSEDRNN_HOST_DEVICE inline
 // Note [activations inlined]
 // The gate math of a tile (three sigmoids and two tanh per LSTM unit) is a
 // few chains of dependent FMAs; only inlined into the epilogue do the
@@ -25,8 +27,9 @@
 // B=64 I=H=512, alternating processes: 38.6-42.7 -> 36.2-36.8 ms (gate
 // math 21% -> 15% of the products' samples); float32 unchanged. The tile
 // products stay calls (mma_tile in x86/panel_gemm.h), so that the hot loop's
-// code does not move with the inliner's budget.
-#define FUSEDRNN_HOST_DEVICE inline __attribute__((always_inline))
+// code does not move with the inliner's budget. Only this file's gate math
+// (and the vector exp_/tanh_ of x86/) is forced; other host code keeps inline.
+#define FUSEDRNN_GATE_MATH inline __attribute__((always_inline))
 #endif
 
 namespace fusedrnn {
@@ -135,26 +138,26 @@ inline float host_tanhf(float x) {
   return t > 1.0f ? 1.0f : (t < -1.0f ? -1.0f : t);  // NaN passes
 }
 
-FUSEDRNN_HOST_DEVICE float exp_(float x) {
+FUSEDRNN_GATE_MATH float exp_(float x) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return expf(x);
 #else
   return host_expf(x);
 #endif
 }
-FUSEDRNN_HOST_DEVICE double exp_(double x) { return exp(x); }
+FUSEDRNN_GATE_MATH double exp_(double x) { return exp(x); }
 
-FUSEDRNN_HOST_DEVICE float tanh_(float x) {
+FUSEDRNN_GATE_MATH float tanh_(float x) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return tanhf(x);
 #else
   return host_tanhf(x);
 #endif
 }
-FUSEDRNN_HOST_DEVICE double tanh_(double x) { return tanh(x); }
+FUSEDRNN_GATE_MATH double tanh_(double x) { return tanh(x); }
 
 template <typename acc_t>
-FUSEDRNN_HOST_DEVICE acc_t sigmoid(acc_t x) {
+FUSEDRNN_GATE_MATH acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + exp_(-x));
 }
 
@@ -164,7 +167,7 @@ FUSEDRNN_HOST_DEVICE acc_t sigmoid(acc_t x) {
 // Forward for one hidden unit: pre-activations in, activated gates, the new
 // cell state and the (unprojected) hidden output out.
 template <typename acc_t>
-FUSEDRNN_HOST_DEVICE void lstm_forward_point(
+FUSEDRNN_GATE_MATH void lstm_forward_point(
     acc_t i_pre, acc_t f_pre, acc_t g_pre, acc_t o_pre, acc_t c_prev,
     acc_t& i, acc_t& f, acc_t& g, acc_t& o, acc_t& c, acc_t& h) {
   using math::sigmoid;
@@ -181,7 +184,7 @@ FUSEDRNN_HOST_DEVICE void lstm_forward_point(
 // reaching c_t from step t+1 (or from c_n). Returns the pre-activation
 // gradients and the gradient for c_{t-1}.
 template <typename acc_t>
-FUSEDRNN_HOST_DEVICE void lstm_backward_point(
+FUSEDRNN_GATE_MATH void lstm_backward_point(
     acc_t i, acc_t f, acc_t g, acc_t o, acc_t c, acc_t c_prev, acc_t dh,
     acc_t dc, acc_t& di_pre, acc_t& df_pre, acc_t& dg_pre, acc_t& do_pre,
     acc_t& dc_prev) {
@@ -200,7 +203,7 @@ FUSEDRNN_HOST_DEVICE void lstm_backward_point(
 // For the classic form (reset before the matmul) the caller passes r = 1 and
 // hn = W_hn (r*h) + b_hn, so the same function serves both.
 template <typename acc_t>
-FUSEDRNN_HOST_DEVICE void gru_gates_point(acc_t xr, acc_t xz, acc_t hr,
+FUSEDRNN_GATE_MATH void gru_gates_point(acc_t xr, acc_t xz, acc_t hr,
                                           acc_t hz, acc_t& r, acc_t& z) {
   using math::sigmoid;
   r = sigmoid(xr + hr);
@@ -208,7 +211,7 @@ FUSEDRNN_HOST_DEVICE void gru_gates_point(acc_t xr, acc_t xz, acc_t hr,
 }
 
 template <typename acc_t>
-FUSEDRNN_HOST_DEVICE void gru_output_point(acc_t xn, acc_t hn, acc_t r,
+FUSEDRNN_GATE_MATH void gru_output_point(acc_t xn, acc_t hn, acc_t r,
                                            acc_t z, acc_t h_prev, acc_t& n,
                                            acc_t& h) {
   using math::tanh_;
@@ -219,7 +222,7 @@ FUSEDRNN_HOST_DEVICE void gru_output_point(acc_t xn, acc_t hn, acc_t r,
 // reset_after=false (classic form): hn already is W_hn (r*h) + b_hn, so r
 // does not enter n again.
 template <typename acc_t>
-FUSEDRNN_HOST_DEVICE void gru_forward_point(
+FUSEDRNN_GATE_MATH void gru_forward_point(
     acc_t xr, acc_t xz, acc_t xn, acc_t hr, acc_t hz, acc_t hn, acc_t h_prev,
     acc_t& r, acc_t& z, acc_t& n, acc_t& h, bool reset_after = true) {
   gru_gates_point(xr, xz, hr, hz, r, z);
@@ -228,7 +231,7 @@ FUSEDRNN_HOST_DEVICE void gru_forward_point(
 
 // Classic form, before the W_hn matmul: r * h_prev.
 template <typename acc_t>
-FUSEDRNN_HOST_DEVICE acc_t gru_reset_point(acc_t xr, acc_t hr, acc_t h_prev) {
+FUSEDRNN_GATE_MATH acc_t gru_reset_point(acc_t xr, acc_t hr, acc_t h_prev) {
   using math::sigmoid;
   return sigmoid(xr + hr) * h_prev;
 }
@@ -236,7 +239,7 @@ FUSEDRNN_HOST_DEVICE acc_t gru_reset_point(acc_t xr, acc_t hr, acc_t h_prev) {
 // Classic form, backward through r * h_prev given d(r h) = drh: the r
 // pre-activation gradient and the part of dh_{t-1} through r * h.
 template <typename acc_t>
-FUSEDRNN_HOST_DEVICE void gru_reset_backward_point(acc_t r, acc_t h_prev, acc_t drh,
+FUSEDRNN_GATE_MATH void gru_reset_backward_point(acc_t r, acc_t h_prev, acc_t drh,
                                                    acc_t& dr_pre, acc_t& dh_prev) {
   dr_pre = drh * h_prev * r * (acc_t(1) - r);
   dh_prev = drh * r;
@@ -249,7 +252,7 @@ FUSEDRNN_HOST_DEVICE void gru_reset_backward_point(acc_t r, acc_t h_prev, acc_t 
 // r = 1 (then dhn = dn_pre and dr_pre = 0) and finishes r with
 // gru_reset_backward_point once d(r h) = dhn W_hn is known.
 template <typename acc_t>
-FUSEDRNN_HOST_DEVICE void gru_backward_point(
+FUSEDRNN_GATE_MATH void gru_backward_point(
     acc_t r, acc_t z, acc_t n, acc_t hn, acc_t h_prev, acc_t dh,
     acc_t& dr_pre, acc_t& dz_pre, acc_t& dn_pre, acc_t& dhn,
     acc_t& dh_direct) {

@@ -55,7 +55,7 @@ inline Vec16 operator*(Vec16 a, Vec16 b) { return _mm512_mul_ps(a.v, b.v); }
 inline Vec16 operator/(Vec16 a, Vec16 b) { return _mm512_div_ps(a.v, b.v); }
 inline Vec16 operator-(Vec16 a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f)); }
 
-FUSEDRNN_HOST_DEVICE Vec16 exp_(Vec16 x) {
+FUSEDRNN_GATE_MATH Vec16 exp_(Vec16 x) {
   // min/max return their second operand when either is NaN: x goes second so
   // that a NaN survives the clamp (and the result is NaN, as std::exp's).
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(math::kExpMin),
@@ -74,7 +74,7 @@ FUSEDRNN_HOST_DEVICE Vec16 exp_(Vec16 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-FUSEDRNN_HOST_DEVICE Vec16 tanh_(Vec16 x) {  // Note [rational tanh] in gates.h
+FUSEDRNN_GATE_MATH Vec16 tanh_(Vec16 x) {  // Note [rational tanh] in gates.h
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-math::kTanhClamp),
                                   _mm512_min_ps(_mm512_set1_ps(math::kTanhClamp), x.v));  // NaN passes
   const __m512 s = _mm512_mul_ps(xc, xc);

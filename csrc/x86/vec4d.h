@@ -81,7 +81,7 @@ inline __m256d pow2_bits(__m256d k) {
 }
 
 // Note [vector double activations] in gates.h.
-FUSEDRNN_HOST_DEVICE Vec4d exp_(Vec4d x) {
+FUSEDRNN_GATE_MATH Vec4d exp_(Vec4d x) {
   constexpr double kMax = math::kExpMaxD, kMin = math::kExpMinD;
   // min/max return their second operand when either is NaN: x goes second so
   // that a NaN survives the clamp (and the result is NaN, as std::exp's).
@@ -114,7 +114,7 @@ FUSEDRNN_HOST_DEVICE Vec4d exp_(Vec4d x) {
 }
 
 // Note [vector double activations] in gates.h.
-FUSEDRNN_HOST_DEVICE Vec4d tanh_(Vec4d x) {
+FUSEDRNN_GATE_MATH Vec4d tanh_(Vec4d x) {
   const __m256d sign = _mm256_set1_pd(-0.0);
   const __m256d a = _mm256_andnot_pd(sign, x.v);
   const __m256d x2 = _mm256_mul_pd(x.v, x.v);

@@ -87,7 +87,7 @@ inline __m256 pow2_bits(__m256 k) {
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
 }
 
-FUSEDRNN_HOST_DEVICE Vec8 exp_(Vec8 x) {
+FUSEDRNN_GATE_MATH Vec8 exp_(Vec8 x) {
   // min/max return their second operand when either is NaN: x goes second so
   // that a NaN survives the clamp (and the result is NaN, as std::exp's).
   const __m256 xc = _mm256_max_ps(_mm256_set1_ps(math::kExpMin),
@@ -106,7 +106,7 @@ FUSEDRNN_HOST_DEVICE Vec8 exp_(Vec8 x) {
   return _mm256_mul_ps(_mm256_mul_ps(y, pow2_bits(h)), pow2_bits(_mm256_sub_ps(n, h)));
 }
 
-FUSEDRNN_HOST_DEVICE Vec8 tanh_(Vec8 x) {  // Note [rational tanh] in gates.h
+FUSEDRNN_GATE_MATH Vec8 tanh_(Vec8 x) {  // Note [rational tanh] in gates.h
   const __m256 xc = _mm256_max_ps(_mm256_set1_ps(-math::kTanhClamp),
                                   _mm256_min_ps(_mm256_set1_ps(math::kTanhClamp), x.v));  // NaN passes
   const __m256 s = _mm256_mul_ps(xc, xc);

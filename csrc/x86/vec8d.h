@@ -56,7 +56,7 @@ inline Vec8d operator/(Vec8d a, Vec8d b) { return _mm512_div_pd(a.v, b.v); }
 inline Vec8d operator-(Vec8d a) { return _mm512_xor_pd(a.v, _mm512_set1_pd(-0.0)); }
 
 // Note [vector double activations] in gates.h.
-FUSEDRNN_HOST_DEVICE Vec8d exp_(Vec8d x) {
+FUSEDRNN_GATE_MATH Vec8d exp_(Vec8d x) {
   constexpr double kMax = math::kExpMaxD, kMin = math::kExpMinD;
   // min/max return their second operand when either is NaN: x goes second so
   // that a NaN survives the clamp (and the result is NaN, as std::exp's).
@@ -86,7 +86,7 @@ FUSEDRNN_HOST_DEVICE Vec8d exp_(Vec8d x) {
 }
 
 // Note [vector double activations] in gates.h.
-FUSEDRNN_HOST_DEVICE Vec8d tanh_(Vec8d x) {
+FUSEDRNN_GATE_MATH Vec8d tanh_(Vec8d x) {
   const __m512d sign = _mm512_set1_pd(-0.0);
   const __m512d a = _mm512_andnot_pd(sign, x.v);
   const __m512d x2 = _mm512_mul_pd(x.v, x.v);
