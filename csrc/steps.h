@@ -96,13 +96,17 @@ struct GruBackwardStep {
 };
 
 // ------------------------------------------------------------------ per-unit glue
-// The recurrent term of gate g of unit j in row b, h_{t-1} W_hh^T + b_hh, read
-// from the step's hh [rows, G*H] and b_hh [G*H]. The persistent kernel reads
-// h_{t-1} W_hh^T from its accumulator in shared memory instead
-// (persistent/phases.h, RecurrentFromAcc); both give
+// What a forward step reads besides its own results, for unit j of row b: the
+// input projection, the recurrent term h_{t-1} W_hh^T + b_hh, and the state
+// entering the step (LSTM: c_{t-1}; GRU: h_{t-1}). Here from the step's x,
+// hh [rows, G*H], b_hh [G*H] and state [rows, H]; the persistent kernel reads
+// them from shared memory where it staged them (persistent/phases.h,
+// StepFromSmem). Both give
+//   input(b, j, g)   x_proj of gate g
 //   term(b, j, g)    the recurrent term (the GRU keeps it apart from x_proj's)
-//   pre(x, b, j, g)  the LSTM pre-activation x + term, summed as each path
-//                    always has: here (x + hh) + b_hh, so results stay bitwise.
+//   pre(b, j, g)     the LSTM pre-activation input + term, summed as each path
+//                    always has: here (x + hh) + b_hh, so results stay bitwise
+//   state(b, j)      the state entering the step, in acc_t.
 // Stores v... as gates 0, 1, ... of one unit, p pointing at gate 0: p[g * H].
 template <typename scalar_t, typename... acc_t>
 FUSEDRNN_HOST_DEVICE void store_gates(scalar_t* p, int64_t H, acc_t... v) {
@@ -110,30 +114,34 @@ FUSEDRNN_HOST_DEVICE void store_gates(scalar_t* p, int64_t H, acc_t... v) {
   ((p[g++ * H] = scalar_t(v)), ...);
 }
 
-template <int G, typename scalar_t, typename acc_t>
-struct RecurrentFromHh {
+template <int G, typename scalar_t, typename acc_t, typename state_t>
+struct StepFromHh {
+  const scalar_t* x;
   const scalar_t* hh;
   const scalar_t* b_hh;
+  const state_t* st;
   int64_t H;
+  FUSEDRNN_HOST_DEVICE acc_t input(int64_t b, int64_t j, int g) const {
+    return acc_t(x[b * G * H + g * H + j]);
+  }
   FUSEDRNN_HOST_DEVICE acc_t term(int64_t b, int64_t j, int g) const {
     const int64_t k = g * H + j;
     return acc_t(hh[b * G * H + k]) + acc_t(b_hh[k]);
   }
-  FUSEDRNN_HOST_DEVICE acc_t pre(acc_t x, int64_t b, int64_t j, int g) const {
+  FUSEDRNN_HOST_DEVICE acc_t pre(int64_t b, int64_t j, int g) const {
     const int64_t k = g * H + j;
-    return x + acc_t(hh[b * G * H + k]) + acc_t(b_hh[k]);
+    return acc_t(x[b * G * H + k]) + acc_t(hh[b * G * H + k]) + acc_t(b_hh[k]);
   }
+  FUSEDRNN_HOST_DEVICE acc_t state(int64_t b, int64_t j) const { return acc_t(st[b * H + j]); }
 };
 
-template <typename scalar_t, typename acc_t, typename Rec>
+template <typename scalar_t, typename acc_t, typename Src>
 FUSEDRNN_HOST_DEVICE void step_unit(const LstmForwardStep<scalar_t, acc_t>& a, int64_t b,
-                                    int64_t j, const Rec& rec) {
+                                    int64_t j, const Src& src) {
   const int64_t H = a.H, k = b * H + j;
-  const scalar_t* x = a.x + b * kLstmGates * H + j;
   acc_t i, f, g, o, c, h;
-  lstm_forward_point<acc_t>(rec.pre(acc_t(x[0]), b, j, 0), rec.pre(acc_t(x[H]), b, j, 1),
-                            rec.pre(acc_t(x[2 * H]), b, j, 2), rec.pre(acc_t(x[3 * H]), b, j, 3),
-                            a.c[k], i, f, g, o, c, h);
+  lstm_forward_point<acc_t>(src.pre(b, j, 0), src.pre(b, j, 1), src.pre(b, j, 2),
+                            src.pre(b, j, 3), src.state(b, j), i, f, g, o, c, h);
   a.c[k] = c;
   a.h[k] = scalar_t(h);
   if (a.out) a.out[k] = scalar_t(h);
@@ -146,7 +154,7 @@ FUSEDRNN_HOST_DEVICE void step_unit(const LstmForwardStep<scalar_t, acc_t>& a, i
 template <typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE void step_unit(const LstmForwardStep<scalar_t, acc_t>& a, int64_t b,
                                     int64_t j) {
-  step_unit(a, b, j, RecurrentFromHh<kLstmGates, scalar_t, acc_t>{a.hh, a.b_hh, a.H});
+  step_unit(a, b, j, StepFromHh<kLstmGates, scalar_t, acc_t, acc_t>{a.x, a.hh, a.b_hh, a.c, a.H});
 }
 
 template <typename scalar_t, typename acc_t>
@@ -163,15 +171,15 @@ FUSEDRNN_HOST_DEVICE void step_unit(const LstmBackwardStep<scalar_t, acc_t>& a, 
   a.dc[k] = dc_prev;
 }
 
-template <typename scalar_t, typename acc_t, typename Rec>
+template <typename scalar_t, typename acc_t, typename Src>
 FUSEDRNN_HOST_DEVICE void step_unit(const GruForwardStep<scalar_t, acc_t>& a, int64_t b,
-                                    int64_t j, const Rec& rec) {
+                                    int64_t j, const Src& src) {
   const int64_t H = a.H, k = b * H + j;
-  const scalar_t* x = a.x + b * kGruGates * H + j;
-  const acc_t hn = rec.term(b, j, 2);
+  const acc_t hn = src.term(b, j, 2);
   acc_t r, z, n, h;
-  gru_forward_point<acc_t>(acc_t(x[0]), acc_t(x[H]), acc_t(x[2 * H]), rec.term(b, j, 0),
-                           rec.term(b, j, 1), hn, acc_t(a.h[k]), r, z, n, h, a.reset_after);
+  gru_forward_point<acc_t>(src.input(b, j, 0), src.input(b, j, 1), src.input(b, j, 2),
+                           src.term(b, j, 0), src.term(b, j, 1), hn, src.state(b, j), r, z, n, h,
+                           a.reset_after);
   a.h[k] = scalar_t(h);
   a.out[k] = scalar_t(h);
   if (a.gates) store_gates(a.gates + b * kGruSaved * H + j, H, r, z, n, hn);
@@ -180,16 +188,16 @@ FUSEDRNN_HOST_DEVICE void step_unit(const GruForwardStep<scalar_t, acc_t>& a, in
 template <typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE void step_unit(const GruForwardStep<scalar_t, acc_t>& a, int64_t b,
                                     int64_t j) {
-  step_unit(a, b, j, RecurrentFromHh<kGruGates, scalar_t, acc_t>{a.hh, a.b_hh, a.H});
+  step_unit(a, b, j,
+            StepFromHh<kGruGates, scalar_t, acc_t, scalar_t>{a.x, a.hh, a.b_hh, a.h, a.H});
 }
 
 template <typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE void step_unit(const GruResetStep<scalar_t, acc_t>& a, int64_t b,
                                     int64_t j) {
-  const int64_t k = b * a.H + j;
-  const RecurrentFromHh<kGruGates, scalar_t, acc_t> rec{a.hh, a.b_hh, a.H};
-  a.rh[k] = scalar_t(gru_reset_point<acc_t>(acc_t(a.x[b * kGruGates * a.H + j]), rec.term(b, j, 0),
-                                            acc_t(a.h[k])));
+  const StepFromHh<kGruGates, scalar_t, acc_t, scalar_t> src{a.x, a.hh, a.b_hh, a.h, a.H};
+  a.rh[b * a.H + j] =
+      scalar_t(gru_reset_point<acc_t>(src.input(b, j, 0), src.term(b, j, 0), src.state(b, j)));
 }
 
 template <typename scalar_t, typename acc_t>

@@ -296,6 +296,52 @@ def test_strided_and_misaligned_h0(device, kind, layout):
         assert rel_err(g, w) < 1e-5
 
 
+# The forward's inputs staged at every copy width (Note [inputs staged with
+# the chunk] in csrc/persistent/phases.h): (dtype, H, max_blocks, offset) with
+# `units` = H / max_blocks per block, and x_proj starting `offset` elements
+# into its storage. The widths of x and of the state (LSTM c in the
+# accumulation dtype, GRU h) follow from units x element size and alignment.
+STAGING = [
+    pytest.param(torch.float64, 8, 4, 0, id="16-byte"),
+    pytest.param(torch.float32, 8, 4, 0, id="8-byte"),
+    pytest.param(torch.float32, 7, 7, 0, id="4-byte"),
+    pytest.param(torch.float32, 8, 2, 1, id="x-offset-4-byte"),
+    pytest.param(torch.bfloat16, 8, 4, 0, id="bf16-4-byte"),
+    pytest.param(torch.bfloat16, 7, 7, 0, id="bf16-by-element"),
+    pytest.param(torch.bfloat16, 8, 2, 1, id="bf16-x-offset-by-element"),
+]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def check_forward_matches_stepwise(kind, d, max_blocks, tol):
+    want = forward(kind, d, False, persistent=False)
+    got = forward(kind, d, False, persistent=True, max_blocks=max_blocks)
+    for g, w in zip(nonempty(got), nonempty(want)):
+        assert rel_err(g.double(), w.double()) < tol
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype,H,max_blocks,offset", STAGING)
+def test_inputs_staged_at_every_copy_width(device, kind, dtype, H, max_blocks, offset):
+    d = inputs(kind, device, dtype, T=4, B=5, H=H)
+    if offset:
+        x = d["x_proj"]
+        d["x_proj"] = torch.randn(x.numel() + offset, dtype=dtype, device=device)[offset:]
+        d["x_proj"] = d["x_proj"].view(x.shape)
+    check_forward_matches_stepwise(kind, d, max_blocks, TOL[dtype])
+
+
+@pytest.mark.parametrize("kind,H", [("lstm", 96), ("gru", 128)])
+def test_inputs_read_from_global_where_no_room(device, kind, H):
+    """One block holding all of W_hh: no room left for the step's inputs, which
+    the pointwise phase then reads from global memory."""
+    G = 4 if kind == "lstm" else 3
+    L = persistent_layout(H, 4, G, False, SIMT, 4, 4, 1, H100_SMEM)
+    assert L["bytes"] <= H100_SMEM and L["in_bytes"] == 0, L
+    check_forward_matches_stepwise(kind, inputs(kind, device, torch.float32, T=3, B=4, H=H), 1,
+                                   1e-5)
+
+
 @pytest.mark.parametrize("mode,elt,acc_elt", [(SIMT, 4, 4), (SIMT, 8, 8), (SIMT, 2, 4),
                                               (TENSOR_CORE, 4, 4), (TENSOR_CORE, 2, 4)],
                          ids=["fp32", "fp64", "half-simt", "tf32", "half-tc"])
@@ -336,6 +382,20 @@ def test_layout_invariants(mode, elt, acc_elt):
                         assert L["acc_off"] >= L["a_off"] + L["buffers"] * L["a_bytes"]
                         assert L["part_off"] >= L["acc_off"] + L["b_pad"] * L["ldacc"] * acc_elt
                         assert L["bytes"] > L["part_off"]
+                        # The step's inputs (forward only), last, where room was left.
+                        units, b_pad = L["units"], L["b_pad"]
+                        state_elt = acc_elt if G == 4 else elt
+                        x_bytes = -(-G * b_pad * units * elt // 128) * 128
+                        state_bytes = -(-b_pad * units * state_elt // 128) * 128
+                        in_bytes = x_bytes + state_bytes + -(-G * units * elt // 128) * 128
+                        if L["in_bytes"]:
+                            assert not backward and L["in_bytes"] == in_bytes
+                            assert L["x_off"] % 128 == 0 and L["x_off"] > L["part_off"]
+                            assert L["state_off"] == L["x_off"] + x_bytes
+                            assert L["bias_off"] == L["state_off"] + state_bytes
+                            assert L["bytes"] == L["x_off"] + in_bytes <= H100_SMEM
+                        else:
+                            assert backward or L["bytes"] + in_bytes > H100_SMEM
                         if max_chunk == 0 and L["bytes"] <= H100_SMEM and L["chunks"] > 1:
                             # A single chunk was tried first: it must not have fit.
                             whole = persistent_layout(H, B, G, backward, mode, elt, acc_elt,

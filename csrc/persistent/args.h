@@ -43,6 +43,7 @@ struct ForwardArgs {
   int64_t steps = 0, B = 0, H = 0;
   bool reverse = false;
   bool vec = false;                  // stage 16 bytes at a time: rows of out and h0 16-byte aligned
+  int x_copy = 0, state_copy = 0;    // bytes per copy staging x / the state: 16, 8, 4; 0: by element
   const int64_t* sizes = nullptr;    // [T] rows per step (batch_sizes); null: padded
   const int64_t* offsets = nullptr;  // [T] first row of each step; null: padded
   const scalar_t* w_hh = nullptr;    // [G*H, H]
@@ -55,6 +56,16 @@ struct ForwardArgs {
   scalar_t* gates = nullptr;         // [N, 4H] saved for backward, or null
   acc_t* cells = nullptr;            // [N, H] LSTM saved c_t, or null
 };
+
+// The state a forward step reads and writes per unit: the LSTM's c, the GRU's h.
+template <int G, typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE auto running_state(const ForwardArgs<scalar_t, acc_t>& a) {
+  if constexpr (G == kLstmGates) {
+    return a.c;
+  } else {
+    return a.h;
+  }
+}
 
 template <typename scalar_t, typename acc_t>
 struct BackwardArgs {

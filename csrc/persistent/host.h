@@ -83,6 +83,29 @@ inline bool vec_ok(int64_t row_elems, int64_t elt, std::initializer_list<const v
   return true;
 }
 
+// Bytes per asynchronous copy (ForwardArgs::x_copy, state_copy) for segments
+// of a block's `units` elements of `elt` bytes, starting at `base` plus
+// multiples of H and of units elements: the widest of 16, 8 and 4 bytes (one
+// element at least) that they all align to, or 0 (element by element).
+inline int copy_width(int64_t units, int64_t H, int64_t elt, const void* base) {
+  for (int w : {16, 8, 4}) {
+    if (w >= elt && units * elt % w == 0 && H * elt % w == 0 &&
+        reinterpret_cast<uintptr_t>(base) % w == 0) {
+      return w;
+    }
+  }
+  return 0;
+}
+
+// The forward's staging widths for the step's inputs (Note [inputs staged
+// with the chunk] in phases.h).
+template <int G, typename scalar_t, typename acc_t>
+void set_input_copies(ForwardArgs<scalar_t, acc_t>& a) {
+  const auto* state = running_state<G>(a);
+  a.x_copy = copy_width(a.L.units, a.H, sizeof(scalar_t), a.x);
+  a.state_copy = copy_width(a.L.units, a.H, sizeof(*state), state);
+}
+
 inline const int64_t* sizes_ptr(const Tensor& sched) {
   return sched.defined() ? sched.data_ptr<int64_t>() : nullptr;
 }
@@ -165,6 +188,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     a.gates = train ? gates.data_ptr<scalar_t>() : nullptr;
     a.cells = train ? cells.data_ptr<acc_t>() : nullptr;
     a.vec = vec_ok(H, sizeof(scalar_t), {a.out, a.h0});
+    set_input_copies<kLstmGates>(a);
     FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template forward<kLstmGates, kMode>(a, device); });
   });
   out = out.view(detail::with_last(x_proj.sizes(), H));
@@ -259,6 +283,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& x_proj, const Tenso
     a.h = h.data_ptr<scalar_t>();
     a.gates = train ? gates.data_ptr<scalar_t>() : nullptr;
     a.vec = vec_ok(H, sizeof(scalar_t), {a.out, a.h0});
+    set_input_copies<kGruGates>(a);
     FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template forward<kGruGates, kMode>(a, device); });
   });
   out = out.view(detail::with_last(x_proj.sizes(), H));

@@ -6,8 +6,10 @@
 //
 //   | W slice [n_pad][ldw] | A chunk [b_pad][lda] x buffers | acc [b_pad][ldacc] |
 //   | split-K partial sums: [kThreads][4][4] (SIMT) or [warps][16][16] (tensor cores) |
+//   | forward, where it fits: x [G][b_pad][units] | state [b_pad][units] | b_hh [G][units] |
 //
-// The W slice and the A chunks hold scalar_t; acc and the partial sums acc_t.
+// The W slice, the A chunks and x hold scalar_t; acc and the partial sums
+// acc_t; the state is the LSTM's c (acc_t) or the GRU's h (scalar_t).
 // Rows and columns past the valid ones are zero, so the tensor-core tiles
 // (16 x 16 x 8 tf32, 16 x 16 x 16 half/bf16) never need masking.
 #pragma once
@@ -64,6 +66,12 @@ struct Layout {
   int64_t a_bytes = 0;                        // one A chunk buffer, bytes
   int buffers = 1;       // 2: chunk c+1 is copied in while chunk c is multiplied
   int64_t part_off = 0;  // split-K partial sums
+  // Forward: the step's slice of x_proj and of the state entering it, staged
+  // with h_{t-1}, and the block's slice of b_hh, staged once, so that the
+  // pointwise phase waits on no load of its own (Note [inputs staged with
+  // the chunk] in phases.h). in_bytes 0: they are read from global memory
+  // there (no room left).
+  int64_t x_off = 0, state_off = 0, bias_off = 0, in_bytes = 0;
   int64_t bytes = 0;     // shared memory per block
   int mode = kSimt;
 };
@@ -154,6 +162,21 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
   L.acc_off = L.a_off + L.buffers * L.a_bytes;
   L.part_off = L.acc_off + round_up(L.b_pad * L.ldacc * acc_elt, kAlign);
   L.bytes = L.acc_off + fixed;
+  // The inputs go last, only into room the chunks left: they save one round
+  // trip per step, a narrower chunk would cost at least one.
+  if (!backward) {
+    const int64_t state_elt = G == kLstmGates ? acc_elt : elt;
+    const int64_t x_bytes = round_up(G * L.b_pad * u * elt, kAlign);
+    const int64_t state_bytes = round_up(L.b_pad * u * state_elt, kAlign);
+    const int64_t in_bytes = x_bytes + state_bytes + round_up(G * u * elt, kAlign);
+    if (L.bytes + in_bytes <= smem_limit) {
+      L.x_off = L.bytes;
+      L.state_off = L.x_off + x_bytes;
+      L.bias_off = L.state_off + state_bytes;
+      L.in_bytes = in_bytes;
+      L.bytes += in_bytes;
+    }
+  }
   return L;
 }
 

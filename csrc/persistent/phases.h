@@ -17,6 +17,15 @@
 //      h_t's slice to `out` (plus the state and what backward saves), through
 //      the per-unit glue of steps.h that the step-wise kernels share;
 //   3. meet every other block at one grid barrier.
+//
+// Note [inputs staged with the chunk]
+// What step 2 reads besides the product, the block's slice of the step's
+// x_proj and of the state entering it (c_{t-1}, or the GRU's h_{t-1}), is
+// known before the product is: its copies are issued right after the first
+// chunk's, as their own commit group, and land with it. The slice of b_hh is
+// staged once, with W_hh's. Read in step 2, each would be one more round trip
+// (from HBM for x_proj) on the chain of steps. Where the layout has no room
+// left for them (Layout::in_bytes 0), step 2 reads them from global memory.
 // Backward runs the same pattern in reverse order: the block holds the
 // columns j0..j0+units of W_hh (as rows, [units][G*H]), forms its slice of
 // dh_{t} = dgates_{t+1} W_hh from the pre-activation gradients every block
@@ -77,27 +86,44 @@ FUSEDRNN_HOST_DEVICE void gemm(const Layout& L, unsigned char* smem, int64_t row
 // The pointwise phases run the per-unit glue of steps.h (step_unit) over the
 // block's own units, on views of the kernel's buffers as step structs.
 
-// h_{t-1} W_hh^T + b_hh of gate g of unit j in row b, from the block's
-// accumulator acc[b][g*units + j - j0]: the interface of RecurrentFromHh
-// (steps.h), whose pre() sums x + (acc + b_hh) here, as this kernel always has.
-// A null b_hh (no bias) adds zero, so no zero-filled tensor is made per call.
-template <typename scalar_t, typename acc_t>
-struct RecurrentFromAcc {
+// What the forward pointwise phase reads besides its own results (the
+// interface of StepFromHh in steps.h): the recurrent term h_{t-1} W_hh^T +
+// b_hh of gate g of unit j in row b from the block's accumulator
+// acc[b][g*units + j - j0], and, where the layout has room (L.in_bytes), x,
+// the state and b_hh from where issue_inputs and load_forward_bias staged
+// them, else from global memory. pre() sums x + (acc + b_hh), as this kernel
+// always has. A null b_hh (no bias) adds zero, so no zero-filled tensor is
+// made per call.
+template <int G, typename scalar_t, typename acc_t, typename state_t>
+struct StepFromSmem {
   const acc_t* acc;
   const scalar_t* b_hh;
-  int64_t ldacc, units, j0, H;
+  const scalar_t* x;    // the step's rows of x_proj
+  const state_t* st;    // [B, H] running state
+  const scalar_t* xs;   // staged: [G][rows][units], or null
+  const state_t* sts;   // staged: [rows][units], or null
+  const scalar_t* bs;   // staged: [G][units], or null
+  int64_t ldacc, units, j0, H, rows;
+  FUSEDRNN_HOST_DEVICE acc_t input(int64_t b, int64_t j, int g) const {
+    return acc_t(xs ? xs[(g * rows + b) * units + (j - j0)] : x[b * G * H + g * H + j]);
+  }
   FUSEDRNN_HOST_DEVICE acc_t term(int64_t b, int64_t j, int g) const {
-    const acc_t bias = b_hh != nullptr ? acc_t(b_hh[g * H + j]) : acc_t(0);
+    const acc_t bias = bs           ? acc_t(bs[g * units + (j - j0)])
+                       : b_hh != nullptr ? acc_t(b_hh[g * H + j])
+                                         : acc_t(0);
     return acc[b * ldacc + g * units + (j - j0)] + bias;
   }
-  FUSEDRNN_HOST_DEVICE acc_t pre(acc_t x, int64_t b, int64_t j, int g) const {
-    return x + term(b, j, g);
+  FUSEDRNN_HOST_DEVICE acc_t pre(int64_t b, int64_t j, int g) const {
+    return input(b, j, g) + term(b, j, g);
+  }
+  FUSEDRNN_HOST_DEVICE acc_t state(int64_t b, int64_t j) const {
+    return acc_t(sts ? sts[b * units + (j - j0)] : st[b * H + j]);
   }
 };
 
 // Step st as the forward step struct of steps.h: rows of x, out and the
 // saved tensors from the step's first, the state [B, H] from row 0. hh and
-// b_hh stay null: the recurrent term comes from RecurrentFromAcc.
+// b_hh stay null: the recurrent term comes from StepFromSmem.
 template <int G, typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE auto forward_step(const ForwardArgs<scalar_t, acc_t>& a, const StepInfo& st) {
   const int64_t H = a.H;
@@ -170,9 +196,23 @@ FUSEDRNN_HOST_DEVICE void pointwise_forward(const ForwardArgs<scalar_t, acc_t>& 
   const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
   const int u32 = int(u);  // 32-bit: see gemm_simt
   const auto step = forward_step<G>(a, st);
-  const RecurrentFromAcc<scalar_t, acc_t> rec{smem_at<acc_t>(smem, L.acc_off), a.b_hh, L.ldacc,
-                                              L.units, j0, H};
-  for (int i = tid; i < int(st.rows * u); i += nt) step_unit(step, i / u32, j0 + i % u32, rec);
+  const auto* state = running_state<G>(a);
+  using state_t = std::remove_const_t<std::remove_pointer_t<decltype(state)>>;
+  const bool staged = L.in_bytes > 0;
+  const StepFromSmem<G, scalar_t, acc_t, state_t> src{
+      smem_at<acc_t>(smem, L.acc_off),
+      a.b_hh,
+      step.x,
+      state,
+      staged ? smem_at<scalar_t>(smem, L.x_off) : nullptr,
+      staged ? smem_at<state_t>(smem, L.state_off) : nullptr,
+      staged ? smem_at<scalar_t>(smem, L.bias_off) : nullptr,
+      L.ldacc,
+      L.units,
+      j0,
+      H,
+      st.rows};
+  for (int i = tid; i < int(st.rows * u); i += nt) step_unit(step, i / u32, j0 + i % u32, src);
 }
 
 // Row b of h_{t-1}: the output of the step before where b was active there,
@@ -198,7 +238,9 @@ FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<scalar_t, acc_t>& a, i
     const int64_t k0 = phase / 2 * a.L.kc;
     if (phase % 2 == 0) {
       stage_chunk<scalar_t, acc_t>(a.L, smem, st.rows, phase / 2,
-                                   PrevState<scalar_t, acc_t>{&a, st}, a.vec, tid, nt);
+                                   PrevState<scalar_t, acc_t>{&a, st}, a.vec, tid, nt, [&] {
+                                     if (a.L.in_bytes > 0) issue_inputs<G>(a, blk, smem, st, tid, nt);
+                                   });
     } else {
       gemm<kMode, scalar_t, acc_t>(a.L, smem, st.rows, k0, tid, nt);
     }
@@ -266,7 +308,8 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<scalar_t, acc_t>& a,
       reduce_split<scalar_t, acc_t>(a.L, smem, before.rows, tid, nt);
     } else if (phase % 2 == 0) {
       stage_chunk<scalar_t, acc_t>(a.L, smem, before.rows, phase / 2,
-                                   StepGrad<G, scalar_t, acc_t>{&a, before}, a.vec, tid, nt);
+                                   StepGrad<G, scalar_t, acc_t>{&a, before}, a.vec, tid, nt,
+                                   [] {});
     } else {
       gemm<kMode, scalar_t, acc_t>(a.L, smem, before.rows, phase / 2 * a.L.kc, tid, nt);
     }

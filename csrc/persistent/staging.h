@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "args.h"
 #include "layout.h"
@@ -43,8 +44,24 @@ FUSEDRNN_HOST_DEVICE elt_t load_coherent(const elt_t* p) {
 }
 
 // ------------------------------------------------------------------ weights
+// Where the layout stages the step's inputs (L.in_bytes), the block's slice of
+// b_hh as well, [G][units], zero without a bias: it is the same at every step.
+template <int G, typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void load_forward_bias(const ForwardArgs<scalar_t, acc_t>& a, int64_t blk,
+                                            unsigned char* smem, int tid, int nt) {
+  const Layout& L = a.L;
+  if (L.in_bytes == 0) return;
+  scalar_t* bias = smem_at<scalar_t>(smem, L.bias_off);
+  const int64_t j0 = blk * L.units;
+  const int u = int(min_(L.units, a.H - j0));
+  for (int i = tid; i < G * u; i += nt) {
+    const int g = i / u, jl = i - g * u;
+    bias[g * L.units + jl] = a.b_hh != nullptr ? a.b_hh[g * a.H + j0 + jl] : scalar_t(0.f);
+  }
+}
+
 // Forward slice: row g*units + jl = W_hh row g*H + j0 + jl. Row by row,
-// threads along the row (coalesced), no division per element.
+// threads along the row (coalesced), no division per element. Then b_hh's.
 template <int G, typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE void load_forward_weights(const ForwardArgs<scalar_t, acc_t>& a, int64_t blk,
                                                unsigned char* smem, int tid, int nt) {
@@ -59,6 +76,7 @@ FUSEDRNN_HOST_DEVICE void load_forward_weights(const ForwardArgs<scalar_t, acc_t
       w[n * L.ldw + k] = (valid && k < a.H) ? src[k] : scalar_t(0.f);
     }
   }
+  load_forward_bias<G>(a, blk, smem, tid, nt);
 }
 
 // Backward slice: row jl = W_hh column j0 + jl, over all G*H gate rows.
@@ -98,6 +116,18 @@ FUSEDRNN_HOST_DEVICE void copy16_async(void* dst, const void* src) {
   __pipeline_memcpy_async(dst, src, 16);
 #else
   std::memcpy(dst, src, 16);
+#endif
+}
+
+// The same for 4 or 8 bytes (cp.async.ca: through L1, for what no other block
+// writes during the launch).
+template <int kBytes>
+FUSEDRNN_HOST_DEVICE void copy_async(void* dst, const void* src) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
+#if defined(__CUDA_ARCH__)
+  __pipeline_memcpy_async(dst, src, kBytes);
+#else
+  std::memcpy(dst, src, kBytes);
 #endif
 }
 
@@ -158,14 +188,81 @@ FUSEDRNN_HOST_DEVICE void issue_chunk(const Layout& L, unsigned char* smem, int6
   async_commit();
 }
 
+// ------------------------------------------------------------------ inputs
+// Copies `segs` segments of `len` elements, segment i from src(i) to
+// dst + i * ld, kBytes at a time, asynchronously.
+// Indices are 32-bit here (a 64-bit division is a long subroutine on the GPU):
+// segs * len is at most a block's b_pad * G * units elements.
+template <int kBytes, typename elt_t, typename Src>
+FUSEDRNN_HOST_DEVICE void copy_segments_by(elt_t* dst, int ld, int segs, int len, const Src& src,
+                                           int tid, int nt) {
+  constexpr int V = kBytes / int(sizeof(elt_t));
+  const int per = len / V;
+  for (int i = tid; i < segs * per; i += nt) {
+    const int seg = i / per, e = (i - seg * per) * V;
+    copy_async<kBytes>(dst + seg * ld + e, src(seg) + e);
+  }
+}
+
+// The same, `bytes` (16, 8 or 4, and at least one element) at a time, where
+// the caller made sure that every segment start is aligned to `bytes` and
+// len * sizeof(elt_t) is a multiple of it; 0: element by element,
+// synchronously.
+template <typename elt_t, typename Src>
+FUSEDRNN_HOST_DEVICE void copy_segments(elt_t* dst, int ld, int segs, int len, const Src& src,
+                                        int bytes, int tid, int nt) {
+  if (bytes == 16) {
+    copy_segments_by<16>(dst, ld, segs, len, src, tid, nt);
+  } else if (bytes == 8) {
+    copy_segments_by<8>(dst, ld, segs, len, src, tid, nt);
+  } else if (bytes == 4) {
+    if constexpr (sizeof(elt_t) <= 4) copy_segments_by<4>(dst, ld, segs, len, src, tid, nt);
+  } else {
+    for (int i = tid; i < segs * len; i += nt) {
+      const int seg = i / len, e = i - seg * len;
+      dst[seg * ld + e] = src(seg)[e];
+    }
+  }
+}
+
+// Issues the copies of what step st's pointwise phase reads besides the
+// product, for the block's units [j0, j0 + u): x [G][rows][u] (row b, gate g
+// of the step's x_proj) and the state [rows][u] (LSTM c_{t-1}, GRU h_{t-1},
+// both last written by this block), as one commit group. Rows are those of
+// the step: the state's rows past them are not read.
+template <int G, typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void issue_inputs(const ForwardArgs<scalar_t, acc_t>& a, int64_t blk,
+                                       unsigned char* smem, const StepInfo& st, int tid, int nt) {
+  const Layout& L = a.L;
+  const int64_t H = a.H, j0 = blk * L.units;
+  const int u = int(min_(L.units, H - j0)), rows = int(st.rows), ld = int(L.units);
+  const scalar_t* x = a.x + st.off * G * H + j0;
+  // Segment g * rows + b: gate g of row b.
+  copy_segments(smem_at<scalar_t>(smem, L.x_off), ld, G * rows, u,
+                [&](int i) {
+                  const int g = i / rows, b = i - g * rows;
+                  return x + (int64_t(b) * G + g) * H;
+                },
+                a.x_copy, tid, nt);
+  const auto* state = running_state<G>(a);
+  using state_t = std::remove_const_t<std::remove_pointer_t<decltype(state)>>;
+  copy_segments(smem_at<state_t>(smem, L.state_off), ld, rows, u,
+                [&](int b) { return state + int64_t(b) * H + j0; }, a.state_copy, tid, nt);
+  async_commit();
+}
+
 // The staging phase of chunk c: makes chunk c land in its buffer (issuing it
 // here when it is the first, or with one buffer) and, with two buffers,
 // issues chunk c + 1 into the other, whose product (chunk c - 1) finished at
-// the last barrier; zeroes acc on the first chunk.
-template <typename scalar_t, typename acc_t, typename Src>
+// the last barrier; zeroes acc on the first chunk. At the first chunk,
+// issue_more() issues more copies (one commit group) after chunk 0's, which
+// land with it.
+template <typename scalar_t, typename acc_t, typename Src, typename More>
 FUSEDRNN_HOST_DEVICE void stage_chunk(const Layout& L, unsigned char* smem, int64_t rows, int64_t c,
-                                      const Src& src, bool vec, int tid, int nt) {
+                                      const Src& src, bool vec, int tid, int nt,
+                                      const More& issue_more) {
   if (c == 0 || L.buffers == 1) issue_chunk<scalar_t>(L, smem, rows, c * L.kc, src, vec, tid, nt);
+  if (c == 0) issue_more();
   const bool next = L.buffers == 2 && c + 1 < num_chunks(L);
   if (next) issue_chunk<scalar_t>(L, smem, rows, (c + 1) * L.kc, src, vec, tid, nt);
   async_wait(next ? 1 : 0);
