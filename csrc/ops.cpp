@@ -37,7 +37,7 @@ std::vector<int64_t> persistent_layout(int64_t hidden, int64_t batch, int64_t ga
                                max_blocks, smem_limit, max_chunk);
   return {L.blocks, L.units,   L.n,       L.n_pad,    L.k,    L.k_pad, L.kc,
           L.chunks, L.buffers, L.b_pad,   L.ldw,      L.lda,  L.ldacc, L.w_off,
-          L.a_off,  L.a_bytes, L.acc_off, L.part_off, L.x_off,  L.state_off, L.bias_off, L.in_bytes,
+          L.a_off,  L.a_bytes, L.acc_off, L.part_off, L.in_off[0], L.in_bytes,
           L.bytes};
 }
 

@@ -157,18 +157,49 @@ FUSEDRNN_HOST_DEVICE void step_unit(const LstmForwardStep<scalar_t, acc_t>& a, i
   step_unit(a, b, j, StepFromHh<kLstmGates, scalar_t, acc_t, acc_t>{a.x, a.hh, a.b_hh, a.c, a.H});
 }
 
+// What a backward step reads per unit besides the gradients it carries (dh,
+// dc): the saved gates, the LSTM's c_t, the state entering the step (LSTM
+// c_{t-1}, GRU h_{t-1}: from the step before where row b was active there,
+// else c0 / h0) and the gradient reaching h_t from outside. Here from the
+// step's buffers; the persistent kernel reads them from shared memory where
+// it staged them (persistent/phases.h, BackwardFromSmem). Both give, in acc_t,
+//   gate(b, j, g)   saved gate g
+//   cell(b, j)      c_t (LSTM)
+//   prev(b, j)      the state entering the step
+//   grad_h(b, j)    dL/dh_t from outside.
+template <typename scalar_t, typename acc_t>
+struct LstmBackwardFromStep {
+  const LstmBackwardStep<scalar_t, acc_t>& a;
+  FUSEDRNN_HOST_DEVICE acc_t gate(int64_t b, int64_t j, int g) const {
+    return acc_t(a.gates[b * kLstmGates * a.H + g * a.H + j]);
+  }
+  FUSEDRNN_HOST_DEVICE acc_t cell(int64_t b, int64_t j) const { return a.cells[b * a.H + j]; }
+  FUSEDRNN_HOST_DEVICE acc_t prev(int64_t b, int64_t j) const {
+    const int64_t k = b * a.H + j;
+    return b < a.prev_rows ? a.c_prev[k] : a.c0[k];
+  }
+  FUSEDRNN_HOST_DEVICE acc_t grad_h(int64_t b, int64_t j) const {
+    return acc_t(a.grad_h[b * a.H + j]);
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename Src>
+FUSEDRNN_HOST_DEVICE void step_unit(const LstmBackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j, const Src& src) {
+  const int64_t H = a.H, k = b * H + j;
+  const acc_t dh = src.grad_h(b, j) + (a.dh_rec ? a.dh_rec[k] : acc_t(0));
+  acc_t di, df, dg, d_o, dc_prev;
+  lstm_backward_point<acc_t>(src.gate(b, j, 0), src.gate(b, j, 1), src.gate(b, j, 2),
+                             src.gate(b, j, 3), src.cell(b, j), src.prev(b, j), dh, a.dc[k], di,
+                             df, dg, d_o, dc_prev);
+  store_gates(a.dgates + b * kLstmGates * H + j, H, di, df, dg, d_o);
+  a.dc[k] = dc_prev;
+}
+
 template <typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE void step_unit(const LstmBackwardStep<scalar_t, acc_t>& a, int64_t b,
                                     int64_t j) {
-  const int64_t H = a.H, k = b * H + j;
-  const scalar_t* gs = a.gates + b * kLstmGates * H + j;
-  const acc_t c_prev = b < a.prev_rows ? a.c_prev[k] : a.c0[k];
-  const acc_t dh = acc_t(a.grad_h[k]) + (a.dh_rec ? a.dh_rec[k] : acc_t(0));
-  acc_t di, df, dg, d_o, dc_prev;
-  lstm_backward_point<acc_t>(acc_t(gs[0]), acc_t(gs[H]), acc_t(gs[2 * H]), acc_t(gs[3 * H]),
-                             a.cells[k], c_prev, dh, a.dc[k], di, df, dg, d_o, dc_prev);
-  store_gates(a.dgates + b * kLstmGates * H + j, H, di, df, dg, d_o);
-  a.dc[k] = dc_prev;
+  step_unit(a, b, j, LstmBackwardFromStep<scalar_t, acc_t>{a});
 }
 
 template <typename scalar_t, typename acc_t, typename Src>
@@ -213,19 +244,39 @@ FUSEDRNN_HOST_DEVICE void step_unit(const GruResetBackwardStep<scalar_t, acc_t>&
 }
 
 template <typename scalar_t, typename acc_t>
+struct GruBackwardFromStep {
+  const GruBackwardStep<scalar_t, acc_t>& a;
+  FUSEDRNN_HOST_DEVICE acc_t gate(int64_t b, int64_t j, int g) const {
+    return acc_t(a.gates[b * kGruSaved * a.H + g * a.H + j]);
+  }
+  FUSEDRNN_HOST_DEVICE acc_t prev(int64_t b, int64_t j) const {
+    const int64_t k = b * a.H + j;
+    return acc_t(b < a.prev_rows ? a.h_prev[k] : a.h0[k]);
+  }
+  FUSEDRNN_HOST_DEVICE acc_t grad_h(int64_t b, int64_t j) const {
+    return acc_t(a.grad_h[b * a.H + j]);
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename Src>
 FUSEDRNN_HOST_DEVICE void step_unit(const GruBackwardStep<scalar_t, acc_t>& a, int64_t b,
-                                    int64_t j) {
+                                    int64_t j, const Src& src) {
   const int64_t H = a.H, k = b * H + j;
-  const scalar_t* gs = a.gates + b * kGruSaved * H + j;
-  const acc_t h_prev = acc_t(b < a.prev_rows ? a.h_prev[k] : a.h0[k]);
-  const acc_t r = a.reset_after ? acc_t(gs[0]) : acc_t(1);
+  const acc_t r = a.reset_after ? src.gate(b, j, 0) : acc_t(1);
   acc_t dr, dz, dn, dhn, dh_direct;
-  gru_backward_point<acc_t>(r, acc_t(gs[H]), acc_t(gs[2 * H]), acc_t(gs[3 * H]), h_prev,
-                            acc_t(a.grad_h[k]) + a.dh[k], dr, dz, dn, dhn, dh_direct);
+  gru_backward_point<acc_t>(r, src.gate(b, j, 1), src.gate(b, j, 2), src.gate(b, j, 3),
+                            src.prev(b, j), src.grad_h(b, j) + a.dh[k], dr, dz, dn, dhn,
+                            dh_direct);
   // d x_proj and d(h W_hh^T + b_hh) differ only in n: dn vs dhn = dn * r.
   store_gates(a.dx + b * kGruGates * H + j, H, dr, dz, dn);
   store_gates(a.dhh + b * kGruGates * H + j, H, dr, dz, dhn);
   a.dh[k] = dh_direct;
+}
+
+template <typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void step_unit(const GruBackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                    int64_t j) {
+  step_unit(a, b, j, GruBackwardFromStep<scalar_t, acc_t>{a});
 }
 
 }  // namespace fusedrnn

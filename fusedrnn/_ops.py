@@ -28,8 +28,7 @@ GRU_SAVED = 4  # r, z, n and W_hn h + b_hn
 # What ops._persistent_layout returns, in order (csrc/persistent/layout.h, Layout).
 PERSISTENT_LAYOUT_FIELDS = ("blocks", "units", "n", "n_pad", "k", "k_pad", "kc", "chunks",
                             "buffers", "b_pad", "ldw", "lda", "ldacc", "w_off", "a_off",
-                            "a_bytes", "acc_off", "part_off", "x_off", "state_off", "bias_off",
-                            "in_bytes",
+                            "a_bytes", "acc_off", "part_off", "in_off", "in_bytes",
                             "bytes")
 
 

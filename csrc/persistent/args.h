@@ -43,7 +43,7 @@ struct ForwardArgs {
   int64_t steps = 0, B = 0, H = 0;
   bool reverse = false;
   bool vec = false;                  // stage 16 bytes at a time: rows of out and h0 16-byte aligned
-  int x_copy = 0, state_copy = 0;    // bytes per copy staging x / the state: 16, 8, 4; 0: by element
+  int in_copy[kInPieces] = {};       // bytes per copy staging each InPiece: 16, 8, 4; 0: by element
   const int64_t* sizes = nullptr;    // [T] rows per step (batch_sizes); null: padded
   const int64_t* offsets = nullptr;  // [T] first row of each step; null: padded
   const scalar_t* w_hh = nullptr;    // [G*H, H]
@@ -73,6 +73,7 @@ struct BackwardArgs {
   int64_t steps = 0, B = 0, H = 0;
   bool reverse = false;
   bool vec = false;                  // stage 16 bytes at a time: rows of dg / dhh 16-byte aligned
+  int in_copy[kInPieces] = {};       // bytes per copy staging each InPiece: 16, 8, 4; 0: by element
   const int64_t* sizes = nullptr;    // [T], or null: padded
   const int64_t* offsets = nullptr;
   const scalar_t* w_hh = nullptr;      // [G*H, H]

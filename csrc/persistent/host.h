@@ -83,27 +83,40 @@ inline bool vec_ok(int64_t row_elems, int64_t elt, std::initializer_list<const v
   return true;
 }
 
-// Bytes per asynchronous copy (ForwardArgs::x_copy, state_copy) for segments
-// of a block's `units` elements of `elt` bytes, starting at `base` plus
-// multiples of H and of units elements: the widest of 16, 8 and 4 bytes (one
-// element at least) that they all align to, or 0 (element by element).
-inline int copy_width(int64_t units, int64_t H, int64_t elt, const void* base) {
+// Bytes per asynchronous copy (in_copy) for segments of a block's `units`
+// elements of `elt` bytes, starting at any of `bases` plus multiples of H and
+// of units elements: the widest of 16, 8 and 4 bytes (one element at least)
+// that they all align to, or 0 (element by element).
+inline int copy_width(int64_t units, int64_t H, int64_t elt,
+                      std::initializer_list<const void*> bases) {
   for (int w : {16, 8, 4}) {
-    if (w >= elt && units * elt % w == 0 && H * elt % w == 0 &&
-        reinterpret_cast<uintptr_t>(base) % w == 0) {
-      return w;
-    }
+    bool ok = w >= elt && units * elt % w == 0 && H * elt % w == 0;
+    for (const void* p : bases) ok = ok && reinterpret_cast<uintptr_t>(p) % w == 0;
+    if (ok) return w;
   }
   return 0;
 }
 
-// The forward's staging widths for the step's inputs (Note [inputs staged
+// The staging widths of the pointwise phase's inputs (Note [inputs staged
 // with the chunk] in phases.h).
 template <int G, typename scalar_t, typename acc_t>
 void set_input_copies(ForwardArgs<scalar_t, acc_t>& a) {
   const auto* state = running_state<G>(a);
-  a.x_copy = copy_width(a.L.units, a.H, sizeof(scalar_t), a.x);
-  a.state_copy = copy_width(a.L.units, a.H, sizeof(*state), state);
+  a.in_copy[kInX] = copy_width(a.L.units, a.H, sizeof(scalar_t), {a.x});
+  a.in_copy[kInState] = copy_width(a.L.units, a.H, sizeof(*state), {state});
+}
+
+template <int G, typename scalar_t, typename acc_t>
+void set_input_copies(BackwardArgs<scalar_t, acc_t>& a) {
+  const int64_t u = a.L.units, H = a.H, elt = sizeof(scalar_t);
+  a.in_copy[kInGates] = copy_width(u, H, elt, {a.gates});
+  a.in_copy[kInGrad] = copy_width(u, H, elt, {a.grad_out});
+  if constexpr (G == kLstmGates) {
+    a.in_copy[kInPrev] = copy_width(u, H, sizeof(acc_t), {a.cells, a.c0});
+    a.in_copy[kInCell] = copy_width(u, H, sizeof(acc_t), {a.cells});
+  } else {
+    a.in_copy[kInPrev] = copy_width(u, H, elt, {a.out, a.h0});
+  }
 }
 
 inline const int64_t* sizes_ptr(const Tensor& sched) {
@@ -237,6 +250,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
     a.dc = dc.data_ptr<acc_t>();
     a.dg = dg.data_ptr<scalar_t>();
     a.vec = vec_ok(kLstmGates * H, sizeof(scalar_t), {a.dg});
+    set_input_copies<kLstmGates>(a);
     FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template backward<kLstmGates, kMode>(a, device); });
   });
 
@@ -328,6 +342,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(
     a.dx = dx.data_ptr<scalar_t>();
     a.dhh = dhh.data_ptr<scalar_t>();
     a.vec = vec_ok(kGruGates * H, sizeof(scalar_t), {a.dhh});
+    set_input_copies<kGruGates>(a);
     FUSEDRNN_DISPATCH_MODE(mode, [&] { R::template backward<kGruGates, kMode>(a, device); });
   });
 

@@ -6,10 +6,10 @@
 //
 //   | W slice [n_pad][ldw] | A chunk [b_pad][lda] x buffers | acc [b_pad][ldacc] |
 //   | split-K partial sums: [kThreads][4][4] (SIMT) or [warps][16][16] (tensor cores) |
-//   | forward, where it fits: x [G][b_pad][units] | state [b_pad][units] | b_hh [G][units] |
+//   | where it fits, the pointwise phase's inputs: pieces [segs][units] (InPiece) |
 //
-// The W slice, the A chunks and x hold scalar_t; acc and the partial sums
-// acc_t; the state is the LSTM's c (acc_t) or the GRU's h (scalar_t).
+// The W slice and the A chunks hold scalar_t; acc and the partial sums
+// acc_t; the pieces each their tensor's type.
 // Rows and columns past the valid ones are zero, so the tensor-core tiles
 // (16 x 16 x 8 tf32, 16 x 16 x 16 half/bf16) never need masking.
 #pragma once
@@ -34,6 +34,17 @@ enum MathMode : int {
 constexpr int64_t kDeviceBlocks = 0;
 constexpr int64_t kWidestChunk = 0;
 constexpr int64_t kAutoMode = -1;
+
+// The pieces of the pointwise phase's inputs (Layout::in_off), each
+// [segs][units] with segments of b_pad rows (gate-major for G of them).
+// Forward: the step's x_proj [G][b_pad], the state entering it (LSTM c in
+// acc_t, GRU h) [b_pad], b_hh [G]. Backward: the saved gates [4][b_pad], the
+// state entering the step [b_pad], grad_h [b_pad], LSTM c_t (acc_t) [b_pad].
+enum InPiece : int {
+  kInX = 0, kInState = 1, kInBias = 2,
+  kInGates = 0, kInPrev = 1, kInGrad = 2, kInCell = 3,
+  kInPieces = 4
+};
 
 constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
@@ -66,15 +77,28 @@ struct Layout {
   int64_t a_bytes = 0;                        // one A chunk buffer, bytes
   int buffers = 1;       // 2: chunk c+1 is copied in while chunk c is multiplied
   int64_t part_off = 0;  // split-K partial sums
-  // Forward: the step's slice of x_proj and of the state entering it, staged
-  // with h_{t-1}, and the block's slice of b_hh, staged once, so that the
-  // pointwise phase waits on no load of its own (Note [inputs staged with
-  // the chunk] in phases.h). in_bytes 0: they are read from global memory
-  // there (no room left).
-  int64_t x_off = 0, state_off = 0, bias_off = 0, in_bytes = 0;
+  // The pointwise phase's inputs (InPiece), staged with the first chunk so
+  // that it waits on no load of its own (Note [inputs staged with the chunk]
+  // in phases.h). in_bytes 0: it reads them from global memory (no room left).
+  int64_t in_off[kInPieces] = {};
+  int64_t in_bytes = 0;
   int64_t bytes = 0;     // shared memory per block
   int mode = kSimt;
 };
+
+// Bytes of the first `n` input pieces (InPiece), each 128-byte aligned.
+inline int64_t in_piece_bytes(int G, bool backward, int64_t b_pad, int64_t units, int64_t elt,
+                              int64_t acc_elt, int n) {
+  const bool lstm = G == kLstmGates;
+  // Segments and element size of each piece; 0 segments: not used.
+  const int64_t saved = lstm ? kLstmGates : kGruSaved;
+  const int64_t segs[kInPieces] = {backward ? saved * b_pad : G * b_pad, b_pad,
+                                   backward ? b_pad : G, backward && lstm ? b_pad : 0};
+  const int64_t size[kInPieces] = {elt, lstm ? acc_elt : elt, elt, acc_elt};
+  int64_t bytes = 0;
+  for (int p = 0; p < n; ++p) bytes += round_up(segs[p] * units * size[p], kAlign);
+  return bytes;
+}
 
 // Splits H units over at most max_blocks blocks and lays out one block's
 // shared memory, staging the widest K chunk (at most max_chunk columns when
@@ -164,18 +188,13 @@ inline Layout make_layout(int64_t H, int64_t B, int G, bool backward, int mode, 
   L.bytes = L.acc_off + fixed;
   // The inputs go last, only into room the chunks left: they save one round
   // trip per step, a narrower chunk would cost at least one.
-  if (!backward) {
-    const int64_t state_elt = G == kLstmGates ? acc_elt : elt;
-    const int64_t x_bytes = round_up(G * L.b_pad * u * elt, kAlign);
-    const int64_t state_bytes = round_up(L.b_pad * u * state_elt, kAlign);
-    const int64_t in_bytes = x_bytes + state_bytes + round_up(G * u * elt, kAlign);
-    if (L.bytes + in_bytes <= smem_limit) {
-      L.x_off = L.bytes;
-      L.state_off = L.x_off + x_bytes;
-      L.bias_off = L.state_off + state_bytes;
-      L.in_bytes = in_bytes;
-      L.bytes += in_bytes;
+  const int64_t pieces = in_piece_bytes(G, backward, L.b_pad, u, elt, acc_elt, kInPieces);
+  if (L.bytes + pieces <= smem_limit) {
+    for (int p = 0; p < kInPieces; ++p) {
+      L.in_off[p] = L.bytes + in_piece_bytes(G, backward, L.b_pad, u, elt, acc_elt, p);
     }
+    L.in_bytes = pieces;
+    L.bytes += pieces;
   }
   return L;
 }

@@ -17,15 +17,6 @@
 //      h_t's slice to `out` (plus the state and what backward saves), through
 //      the per-unit glue of steps.h that the step-wise kernels share;
 //   3. meet every other block at one grid barrier.
-//
-// Note [inputs staged with the chunk]
-// What step 2 reads besides the product, the block's slice of the step's
-// x_proj and of the state entering it (c_{t-1}, or the GRU's h_{t-1}), is
-// known before the product is: its copies are issued right after the first
-// chunk's, as their own commit group, and land with it. The slice of b_hh is
-// staged once, with W_hh's. Read in step 2, each would be one more round trip
-// (from HBM for x_proj) on the chain of steps. Where the layout has no room
-// left for them (Layout::in_bytes 0), step 2 reads them from global memory.
 // Backward runs the same pattern in reverse order: the block holds the
 // columns j0..j0+units of W_hh (as rows, [units][G*H]), forms its slice of
 // dh_{t} = dgates_{t+1} W_hh from the pre-activation gradients every block
@@ -43,6 +34,20 @@
 // __syncthreads(); the emulator runs every thread of a phase in turn, block
 // by block, and the end of a step is the grid barrier. Both call the same
 // phase functions below.
+//
+// Note [inputs staged with the chunk]
+// What step 2 reads besides the product, the block's slice of the step's
+// x_proj and of the state entering it (c_{t-1}, or the GRU's h_{t-1}), is
+// known before the product is: its copies are issued right after the first
+// chunk's, as their own commit group, and land with it. The slice of b_hh is
+// staged once, with W_hh's. Read in step 2, each would be one more round trip
+// (from HBM for x_proj) on the chain of steps. The state is the block's own
+// units, written by the block itself, so 4- and 8-byte copies through L1 see
+// it. Backward the same for the saved gates, c_t, the state entering the
+// step and grad_h of the step whose pointwise phase follows the product (not
+// the first step handled, which has no product before it). Where the layout
+// has no room left for them (Layout::in_bytes 0), the pointwise phase reads
+// them from global memory.
 #pragma once
 
 #include <cstdint>
@@ -204,9 +209,9 @@ FUSEDRNN_HOST_DEVICE void pointwise_forward(const ForwardArgs<scalar_t, acc_t>& 
       a.b_hh,
       step.x,
       state,
-      staged ? smem_at<scalar_t>(smem, L.x_off) : nullptr,
-      staged ? smem_at<state_t>(smem, L.state_off) : nullptr,
-      staged ? smem_at<scalar_t>(smem, L.bias_off) : nullptr,
+      staged ? smem_at<scalar_t>(smem, L.in_off[kInX]) : nullptr,
+      staged ? smem_at<state_t>(smem, L.in_off[kInState]) : nullptr,
+      staged ? smem_at<scalar_t>(smem, L.in_off[kInBias]) : nullptr,
       L.ldacc,
       L.units,
       j0,
@@ -281,14 +286,55 @@ FUSEDRNN_HOST_DEVICE void carry_backward(const BackwardArgs<scalar_t, acc_t>& a,
   }
 }
 
+// What the backward pointwise phase reads besides the gradients it carries
+// (the interface of LstmBackwardFromStep / GruBackwardFromStep in steps.h):
+// from where issue_inputs staged it, or (gs null) from global memory through
+// `global`, the step's own reader.
+template <typename scalar_t, typename acc_t, typename prev_t, typename FromStep>
+struct BackwardFromSmem {
+  FromStep global;
+  const scalar_t* gs;     // saved gates [4][rows][units], or null
+  const prev_t* ps;       // the state entering the step [rows][units]
+  const scalar_t* grads;  // grad_h [rows][units]
+  const acc_t* cs;        // LSTM c_t [rows][units]
+  int64_t units, j0, rows;
+  FUSEDRNN_HOST_DEVICE acc_t gate(int64_t b, int64_t j, int g) const {
+    return gs ? acc_t(gs[(g * rows + b) * units + (j - j0)]) : global.gate(b, j, g);
+  }
+  FUSEDRNN_HOST_DEVICE acc_t cell(int64_t b, int64_t j) const {
+    return gs ? cs[b * units + (j - j0)] : global.cell(b, j);
+  }
+  FUSEDRNN_HOST_DEVICE acc_t prev(int64_t b, int64_t j) const {
+    return gs ? acc_t(ps[b * units + (j - j0)]) : global.prev(b, j);
+  }
+  FUSEDRNN_HOST_DEVICE acc_t grad_h(int64_t b, int64_t j) const {
+    return gs ? acc_t(grads[b * units + (j - j0)]) : global.grad_h(b, j);
+  }
+};
+
+// staged: issue_inputs ran for this step (with the first chunk of the
+// product before it; the first step handled has none).
 template <int G, typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE void pointwise_backward(const BackwardArgs<scalar_t, acc_t>& a, int64_t blk,
-                                             const StepInfo& st, int tid, int nt) {
+                                             unsigned char* smem, const StepInfo& st, bool staged,
+                                             int tid, int nt) {
   const Layout& L = a.L;
   const int64_t H = a.H, j0 = blk * L.units, u = min_(L.units, H - j0);
   const int u32 = int(u);
   const auto step = backward_step<G>(a, st);
-  for (int i = tid; i < int(st.rows * u); i += nt) step_unit(step, i / u32, j0 + i % u32);
+  using prev_t = std::conditional_t<G == kLstmGates, acc_t, scalar_t>;
+  using FromStep = std::conditional_t<G == kLstmGates, LstmBackwardFromStep<scalar_t, acc_t>,
+                                      GruBackwardFromStep<scalar_t, acc_t>>;
+  const BackwardFromSmem<scalar_t, acc_t, prev_t, FromStep> src{
+      FromStep{step},
+      staged ? smem_at<scalar_t>(smem, L.in_off[kInGates]) : nullptr,
+      smem_at<prev_t>(smem, L.in_off[kInPrev]),
+      smem_at<scalar_t>(smem, L.in_off[kInGrad]),
+      smem_at<acc_t>(smem, L.in_off[kInCell]),
+      L.units,
+      j0,
+      st.rows};
+  for (int i = tid; i < int(st.rows * u); i += nt) step_unit(step, i / u32, j0 + i % u32, src);
 }
 
 FUSEDRNN_HOST_DEVICE int64_t backward_phases(const Layout& L, int64_t i, int64_t steps) {
@@ -300,6 +346,12 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<scalar_t, acc_t>& a,
                                          unsigned char* smem, int64_t i, int64_t phase, int tid,
                                          int nt) {
   const int64_t nc = num_chunks(a.L);
+  // The step handled in this iteration, if any (Note [inputs staged with the
+  // chunk]: its inputs are staged with the first chunk of the product).
+  const bool handles = i < a.steps;
+  const bool staged = a.L.in_bytes > 0 && i > 0 && handles;
+  const StepInfo st =
+      step_info(a.sizes, a.offsets, a.steps, a.B, a.reverse, handles ? a.steps - 1 - i : 0);
   if (i > 0 && phase <= 2 * nc + 1) {
     const StepInfo before = step_info(a.sizes, a.offsets, a.steps, a.B, a.reverse, a.steps - i);
     if (phase == 2 * nc + 1) {
@@ -308,15 +360,15 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<scalar_t, acc_t>& a,
       reduce_split<scalar_t, acc_t>(a.L, smem, before.rows, tid, nt);
     } else if (phase % 2 == 0) {
       stage_chunk<scalar_t, acc_t>(a.L, smem, before.rows, phase / 2,
-                                   StepGrad<G, scalar_t, acc_t>{&a, before}, a.vec, tid, nt,
-                                   [] {});
+                                   StepGrad<G, scalar_t, acc_t>{&a, before}, a.vec, tid, nt, [&] {
+                                     if (staged) issue_inputs<G>(a, blk, smem, st, tid, nt);
+                                   });
     } else {
       gemm<kMode, scalar_t, acc_t>(a.L, smem, before.rows, phase / 2 * a.L.kc, tid, nt);
     }
     return;
   }
-  const StepInfo st = step_info(a.sizes, a.offsets, a.steps, a.B, a.reverse, a.steps - 1 - i);
-  pointwise_backward<G>(a, blk, st, tid, nt);
+  pointwise_backward<G>(a, blk, smem, st, staged, tid, nt);
 }
 
 }  // namespace persistent

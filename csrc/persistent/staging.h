@@ -51,7 +51,7 @@ FUSEDRNN_HOST_DEVICE void load_forward_bias(const ForwardArgs<scalar_t, acc_t>& 
                                             unsigned char* smem, int tid, int nt) {
   const Layout& L = a.L;
   if (L.in_bytes == 0) return;
-  scalar_t* bias = smem_at<scalar_t>(smem, L.bias_off);
+  scalar_t* bias = smem_at<scalar_t>(smem, L.in_off[kInBias]);
   const int64_t j0 = blk * L.units;
   const int u = int(min_(L.units, a.H - j0));
   for (int i = tid; i < G * u; i += nt) {
@@ -225,11 +225,11 @@ FUSEDRNN_HOST_DEVICE void copy_segments(elt_t* dst, int ld, int segs, int len, c
   }
 }
 
-// Issues the copies of what step st's pointwise phase reads besides the
-// product, for the block's units [j0, j0 + u): x [G][rows][u] (row b, gate g
-// of the step's x_proj) and the state [rows][u] (LSTM c_{t-1}, GRU h_{t-1},
-// both last written by this block), as one commit group. Rows are those of
-// the step: the state's rows past them are not read.
+// Issues the copies of what forward step st's pointwise phase reads besides
+// the product, for the block's units [j0, j0 + u): x [G][rows][u] (row b,
+// gate g of the step's x_proj) and the state [rows][u] (LSTM c_{t-1}, GRU
+// h_{t-1}, both last written by this block), as one commit group. Rows are
+// those of the step: the pieces' rows past them are not read.
 template <int G, typename scalar_t, typename acc_t>
 FUSEDRNN_HOST_DEVICE void issue_inputs(const ForwardArgs<scalar_t, acc_t>& a, int64_t blk,
                                        unsigned char* smem, const StepInfo& st, int tid, int nt) {
@@ -238,16 +238,58 @@ FUSEDRNN_HOST_DEVICE void issue_inputs(const ForwardArgs<scalar_t, acc_t>& a, in
   const int u = int(min_(L.units, H - j0)), rows = int(st.rows), ld = int(L.units);
   const scalar_t* x = a.x + st.off * G * H + j0;
   // Segment g * rows + b: gate g of row b.
-  copy_segments(smem_at<scalar_t>(smem, L.x_off), ld, G * rows, u,
+  copy_segments(smem_at<scalar_t>(smem, L.in_off[kInX]), ld, G * rows, u,
                 [&](int i) {
                   const int g = i / rows, b = i - g * rows;
                   return x + (int64_t(b) * G + g) * H;
                 },
-                a.x_copy, tid, nt);
+                a.in_copy[kInX], tid, nt);
   const auto* state = running_state<G>(a);
   using state_t = std::remove_const_t<std::remove_pointer_t<decltype(state)>>;
-  copy_segments(smem_at<state_t>(smem, L.state_off), ld, rows, u,
-                [&](int b) { return state + int64_t(b) * H + j0; }, a.state_copy, tid, nt);
+  copy_segments(smem_at<state_t>(smem, L.in_off[kInState]), ld, rows, u,
+                [&](int b) { return state + int64_t(b) * H + j0; }, a.in_copy[kInState], tid, nt);
+  async_commit();
+}
+
+// The same for backward step st: the saved gates [4][rows][u], the state
+// entering the step [rows][u] (LSTM c_{t-1}, GRU h_{t-1}: the step before's
+// row where it was active there, else c0 / h0), grad_h [rows][u] and the
+// LSTM's c_t [rows][u]. Nothing of it is written during the launch.
+template <int G, typename scalar_t, typename acc_t>
+FUSEDRNN_HOST_DEVICE void issue_inputs(const BackwardArgs<scalar_t, acc_t>& a, int64_t blk,
+                                       unsigned char* smem, const StepInfo& st, int tid, int nt) {
+  constexpr int Gs = G == kLstmGates ? kLstmGates : kGruSaved;
+  const Layout& L = a.L;
+  const int64_t H = a.H, j0 = blk * L.units;
+  const int u = int(min_(L.units, H - j0)), rows = int(st.rows), ld = int(L.units);
+  const scalar_t* gates = a.gates + st.off * Gs * H + j0;
+  copy_segments(smem_at<scalar_t>(smem, L.in_off[kInGates]), ld, Gs * rows, u,
+                [&](int i) {
+                  const int g = i / rows, b = i - g * rows;
+                  return gates + (int64_t(b) * Gs + g) * H;
+                },
+                a.in_copy[kInGates], tid, nt);
+  const scalar_t* grad = a.grad_out + st.off * H + j0;
+  copy_segments(smem_at<scalar_t>(smem, L.in_off[kInGrad]), ld, rows, u,
+                [&](int b) { return grad + int64_t(b) * H; }, a.in_copy[kInGrad], tid, nt);
+  if constexpr (G == kLstmGates) {
+    copy_segments(smem_at<acc_t>(smem, L.in_off[kInPrev]), ld, rows, u,
+                  [&](int b) {
+                    return b < st.prev_rows ? a.cells + (st.prev_off + b) * H + j0
+                                            : a.c0 + int64_t(b) * H + j0;
+                  },
+                  a.in_copy[kInPrev], tid, nt);
+    const acc_t* cells = a.cells + st.off * H + j0;
+    copy_segments(smem_at<acc_t>(smem, L.in_off[kInCell]), ld, rows, u,
+                  [&](int b) { return cells + int64_t(b) * H; }, a.in_copy[kInCell], tid, nt);
+  } else {
+    copy_segments(smem_at<scalar_t>(smem, L.in_off[kInPrev]), ld, rows, u,
+                  [&](int b) {
+                    return b < st.prev_rows ? a.out + (st.prev_off + b) * H + j0
+                                            : a.h0 + int64_t(b) * H + j0;
+                  },
+                  a.in_copy[kInPrev], tid, nt);
+  }
   async_commit();
 }
 
