@@ -242,8 +242,9 @@ lstm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
 // read and packed once, its column sums (db_ih = db_hh) taken once. The sums
 // run over the same rows in the same order and k blocks as the two products'
 // (recurrent_grad_rows in dG's row order), so the gradients are theirs bit
-// for bit. Where ATen's mm takes the products (up to kMmGradRows rows), or
-// no fused float path runs, the two ops run as they are. 2-core Xeon with
+// for bit. Where ATen's mm takes the products (up to mm_grad_rows() rows) or
+// they are sums of a few outer products (kFewGradRows), or no fused float
+// path runs, the two ops run as they are. 2-core Xeon with
 // AMX, float32, the backward of a layer (T=100 unless said) as one op and as
 // two, in one process, in a random order each round, two runs: I=H=256 B=8
 // 0.972 and 0.986 of the time, B=16 0.987 and 0.993; T=25 I=H=512 B=32 0.973
@@ -265,7 +266,8 @@ lstm_input_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_
   };
   const bool rows_3d = grad_output.dim() == 3 && input.dim() == 3;
   if (!w_ih_grad || !rows_3d || input.numel() == 0 || grad_output.numel() == 0 ||
-      grad_output.size(0) * grad_output.size(1) <= cpu::kMmGradRows) {
+      grad_output.size(0) * grad_output.size(1) <=
+          std::max(cpu::kFewGradRows, cpu::mm_grad_rows())) {
     return by_ops();
   }
   lstm_check_backward(grad_output, grad_h_n, grad_c_n, output, gates, cells, h0, c0, w_hh,

@@ -35,9 +35,24 @@ struct GradRowsOf {
 };
 using GradRows = GradRowsOf<float>;
 
-// Up to this many rows a weight gradient is ATen's mm (Note [short products
-// by ATen's mm] in weight_grad.h).
+// Up to this many rows a weight gradient (and dY W, W read once) is ATen's mm
+// on an Intel CPU (Note [short products by ATen's mm] in weight_grad.h).
 constexpr int64_t kMmGradRows = 128;
+
+// Up to this many rows a weight gradient is a sum of outer products (Note
+// [weight gradients of a few rows] in weight_grad.h), on every CPU.
+constexpr int64_t kFewGradRows = 8;
+
+// The rows up to which ATen's mm takes the short products here: kMmGradRows on
+// an Intel CPU, none elsewhere, where MKL does not run its AVX-512 kernels.
+inline int64_t mm_grad_rows() {
+#ifdef FUSEDRNN_X86
+  static const int64_t rows = __builtin_cpu_is("intel") ? kMmGradRows : 0;
+  return rows;
+#else
+  return kMmGradRows;
+#endif
+}
 
 // The rows of dW_hh = sum over steps of dG_t^T h_{t-1}, read in place: dg
 // [T*B, G], out [T, B, H] and h0 [B, H], contiguous. Step t reads out[t-1]

@@ -345,10 +345,10 @@ constexpr int in_place_rows() {
 
 // Whether dY W of M rows, W read once, is ATen's mm (Note [short products by
 // ATen's mm] in weight_grad.h): one row, or more than a tile's up to
-// kMmGradRows.
+// mm_grad_rows().
 template <typename V>
-constexpr bool short_product_by_mm(int64_t M) {
-  return M == 1 || (M > in_place_rows<V>() && M <= kMmGradRows);
+bool short_product_by_mm(int64_t M) {
+  return M == 1 || (M > in_place_rows<V>() && M <= mm_grad_rows());
 }
 
 template <typename V, typename Epi>

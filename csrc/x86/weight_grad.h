@@ -149,8 +149,8 @@ at::Tensor pack_x(const RowIndex<E>& rows, int64_t K, int64_t N, const at::Tenso
 // outer products and the GEMM's packing costs more than dW itself: at one
 // row, M = 3072, N = 1024, 0.50 ms against 0.22 ms for ATen's mm and 0.10 ms
 // for torch.outer. Here each thread writes its rows of dW once, each vector
-// of a row summed over the rows of X in order.
-constexpr int64_t kFewGradRows = 8;
+// of a row summed over the rows of X in order (up to kFewGradRows rows,
+// fused.h).
 
 template <typename V>
 std::pair<at::Tensor, at::Tensor> weight_grad_few_rows(
@@ -209,9 +209,16 @@ std::pair<at::Tensor, at::Tensor> weight_grad_few_rows(
 // single step's backward) of one row ([1, 4096] x [4096, 1024] 674 / 412 us)
 // and of more than one tile's rows up to 128 ([16, 1024] x [1024, 256] 90 /
 // 59 us, [128, 4096] x [4096, 1024] 5.24 / 3.91 ms); of 2-6 rows W in place
-// is faster. With AVX2 on both sides MKL's lead is larger (kMmGradRows in
-// fused.h). K rows of the segments; one segment of one block of X is read in
-// place, more are gathered.
+// is faster. With AVX2 on both sides MKL's lead is larger. That is MKL on an
+// Intel CPU: on AMD's it does not run its AVX-512 kernels, and ours were the
+// faster at every short product measured (2-core Zen 4, float32, interleaved,
+// shuffled, ours / ATen's): training steps at T=100 B=1, LSTM H=256, 512,
+// 1024 0.92, 0.90, 0.95, GRU H=256 0.94; a cell's training step at B=16, 64,
+// 128, LSTMCell H=256 0.87, 0.88, 0.91 and H=1024 0.85, 0.83, 0.85,
+// GRUCell H=256 0.91 (B=16), 0.95 (B=64); with AVX2 forced on our side
+// 0.95-1.06, even. So ATen's mm takes them on Intel CPUs only (mm_grad_rows
+// in fused.h). K rows of the segments; one segment of one block of X is read
+// in place, more are gathered.
 
 template <typename E>
 std::pair<at::Tensor, at::Tensor> weight_grad_by_mm(const std::vector<GradRowsOf<E>>& segs,
@@ -260,9 +267,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_blocks(
   for (const GradRowsOf<In>& s : segs) K += s.rows;
   const int64_t n1 = !segs.empty() && segs[0].x2 ? segs[0].n1 : N;
   if constexpr (std::is_same_v<In, E>) {
-    if (K > 0 && K <= kMmGradRows) {  // as one [M, N], cut
-      auto [w, b] = K <= kFewGradRows && n1 == N
-                        ? weight_grad_few_rows<V>(segs, M, N, want_db, options)
+    const bool few = K <= kFewGradRows && n1 == N;
+    if (K > 0 && (few || K <= mm_grad_rows())) {  // as one [M, N], cut
+      auto [w, b] = few ? weight_grad_few_rows<V>(segs, M, N, want_db, options)
                         : weight_grad_by_mm(segs, K, M, N, want_db, options);
       if (n1 == N) return {w, at::empty({M, 0}, options), b};
       return {w.narrow(1, 0, n1).contiguous(), w.narrow(1, n1, N - n1).contiguous(), b};
