@@ -225,6 +225,35 @@ FUSEDRNN_HOST_DEVICE void copy_segments(elt_t* dst, int ld, int segs, int len, c
   }
 }
 
+// Gate-major rows: segment g * rows + b of [n][rows][u] from row b, gate g of
+// a [rows][n * H] tensor whose block slice (row 0, gate 0) starts at src.
+template <typename elt_t>
+FUSEDRNN_HOST_DEVICE void copy_gate_rows(elt_t* dst, int ld, int n, int rows, int u,
+                                         const elt_t* src, int64_t H, int bytes, int tid,
+                                         int nt) {
+  copy_segments(dst, ld, n * rows, u,
+                [&](int i) {
+                  const int g = i / rows, b = i - g * rows;
+                  return src + (int64_t(b) * n + g) * H;
+                },
+                bytes, tid, nt);
+}
+
+// Plain rows: segment b of [rows][u] from row b of a [rows][H] tensor whose
+// block slice starts at src; from `first` instead (same layout) for rows at
+// or past `from_src` (the state entering a step: the step before's row where
+// it was active there, else the initial state's).
+template <typename elt_t>
+FUSEDRNN_HOST_DEVICE void copy_rows(elt_t* dst, int ld, int rows, int u, const elt_t* src,
+                                    int64_t H, int bytes, int tid, int nt,
+                                    int64_t from_src = -1, const elt_t* first = nullptr) {
+  copy_segments(dst, ld, rows, u,
+                [&](int b) {
+                  return (from_src < 0 || b < from_src ? src : first) + int64_t(b) * H;
+                },
+                bytes, tid, nt);
+}
+
 // Issues the copies of what forward step st's pointwise phase reads besides
 // the product, for the block's units [j0, j0 + u): x [G][rows][u] (row b,
 // gate g of the step's x_proj) and the state [rows][u] (LSTM c_{t-1}, GRU
@@ -236,18 +265,12 @@ FUSEDRNN_HOST_DEVICE void issue_inputs(const ForwardArgs<scalar_t, acc_t>& a, in
   const Layout& L = a.L;
   const int64_t H = a.H, j0 = blk * L.units;
   const int u = int(min_(L.units, H - j0)), rows = int(st.rows), ld = int(L.units);
-  const scalar_t* x = a.x + st.off * G * H + j0;
-  // Segment g * rows + b: gate g of row b.
-  copy_segments(smem_at<scalar_t>(smem, L.in_off[kInX]), ld, G * rows, u,
-                [&](int i) {
-                  const int g = i / rows, b = i - g * rows;
-                  return x + (int64_t(b) * G + g) * H;
-                },
-                a.in_copy[kInX], tid, nt);
+  copy_gate_rows(smem_at<scalar_t>(smem, L.in_off[kInX]), ld, G, rows, u,
+                 a.x + st.off * G * H + j0, H, a.in_copy[kInX], tid, nt);
   const auto* state = running_state<G>(a);
   using state_t = std::remove_const_t<std::remove_pointer_t<decltype(state)>>;
-  copy_segments(smem_at<state_t>(smem, L.in_off[kInState]), ld, rows, u,
-                [&](int b) { return state + int64_t(b) * H + j0; }, a.in_copy[kInState], tid, nt);
+  copy_rows(smem_at<state_t>(smem, L.in_off[kInState]), ld, rows, u,
+            static_cast<const state_t*>(state + j0), H, a.in_copy[kInState], tid, nt);
   async_commit();
 }
 
@@ -262,33 +285,20 @@ FUSEDRNN_HOST_DEVICE void issue_inputs(const BackwardArgs<scalar_t, acc_t>& a, i
   const Layout& L = a.L;
   const int64_t H = a.H, j0 = blk * L.units;
   const int u = int(min_(L.units, H - j0)), rows = int(st.rows), ld = int(L.units);
-  const scalar_t* gates = a.gates + st.off * Gs * H + j0;
-  copy_segments(smem_at<scalar_t>(smem, L.in_off[kInGates]), ld, Gs * rows, u,
-                [&](int i) {
-                  const int g = i / rows, b = i - g * rows;
-                  return gates + (int64_t(b) * Gs + g) * H;
-                },
-                a.in_copy[kInGates], tid, nt);
-  const scalar_t* grad = a.grad_out + st.off * H + j0;
-  copy_segments(smem_at<scalar_t>(smem, L.in_off[kInGrad]), ld, rows, u,
-                [&](int b) { return grad + int64_t(b) * H; }, a.in_copy[kInGrad], tid, nt);
+  copy_gate_rows(smem_at<scalar_t>(smem, L.in_off[kInGates]), ld, Gs, rows, u,
+                 a.gates + st.off * Gs * H + j0, H, a.in_copy[kInGates], tid, nt);
+  copy_rows(smem_at<scalar_t>(smem, L.in_off[kInGrad]), ld, rows, u,
+            a.grad_out + st.off * H + j0, H, a.in_copy[kInGrad], tid, nt);
   if constexpr (G == kLstmGates) {
-    copy_segments(smem_at<acc_t>(smem, L.in_off[kInPrev]), ld, rows, u,
-                  [&](int b) {
-                    return b < st.prev_rows ? a.cells + (st.prev_off + b) * H + j0
-                                            : a.c0 + int64_t(b) * H + j0;
-                  },
-                  a.in_copy[kInPrev], tid, nt);
-    const acc_t* cells = a.cells + st.off * H + j0;
-    copy_segments(smem_at<acc_t>(smem, L.in_off[kInCell]), ld, rows, u,
-                  [&](int b) { return cells + int64_t(b) * H; }, a.in_copy[kInCell], tid, nt);
+    copy_rows(smem_at<acc_t>(smem, L.in_off[kInPrev]), ld, rows, u,
+              a.cells + st.prev_off * H + j0, H, a.in_copy[kInPrev], tid, nt, st.prev_rows,
+              a.c0 + j0);
+    copy_rows(smem_at<acc_t>(smem, L.in_off[kInCell]), ld, rows, u, a.cells + st.off * H + j0,
+              H, a.in_copy[kInCell], tid, nt);
   } else {
-    copy_segments(smem_at<scalar_t>(smem, L.in_off[kInPrev]), ld, rows, u,
-                  [&](int b) {
-                    return b < st.prev_rows ? a.out + (st.prev_off + b) * H + j0
-                                            : a.h0 + int64_t(b) * H + j0;
-                  },
-                  a.in_copy[kInPrev], tid, nt);
+    copy_rows(smem_at<scalar_t>(smem, L.in_off[kInPrev]), ld, rows, u,
+              a.out + st.prev_off * H + j0, H, a.in_copy[kInPrev], tid, nt, st.prev_rows,
+              a.h0 + j0);
   }
   async_commit();
 }
