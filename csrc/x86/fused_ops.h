@@ -344,11 +344,12 @@ constexpr int in_place_rows() {
 }
 
 // Whether dY W of M rows, W read once, is ATen's mm (Note [short products by
-// ATen's mm] in weight_grad.h): one row, or more than a tile's up to
-// mm_grad_rows().
+// ATen's mm] in weight_grad.h): where ATen's mm takes the short products at
+// all (mm_grad_rows), one row, or more than a tile's up to mm_grad_rows().
 template <typename V>
 bool short_product_by_mm(int64_t M) {
-  return M == 1 || (M > in_place_rows<V>() && M <= mm_grad_rows());
+  const int64_t rows = mm_grad_rows();
+  return rows > 0 && (M == 1 || (M > in_place_rows<V>() && M <= rows));
 }
 
 template <typename V, typename Epi>

@@ -215,9 +215,10 @@ std::pair<at::Tensor, at::Tensor> weight_grad_few_rows(
 // shuffled, ours / ATen's): training steps at T=100 B=1, LSTM H=256, 512,
 // 1024 0.92, 0.90, 0.95, GRU H=256 0.94; a cell's training step at B=16, 64,
 // 128, LSTMCell H=256 0.87, 0.88, 0.91 and H=1024 0.85, 0.83, 0.85,
-// GRUCell H=256 0.91 (B=16), 0.95 (B=64); with AVX2 forced on our side
-// 0.95-1.06, even. So ATen's mm takes them on Intel CPUs only (mm_grad_rows
-// in fused.h). K rows of the segments; one segment of one block of X is read
+// GRUCell H=256 0.91 (B=16), 0.95 (B=64); at one row (B=1) LSTMCell H=256
+// 0.89, H=1024 1.00, GRUCell 0.85 and 0.90; with AVX2 forced on our side
+// 0.90-1.06. So ATen's mm takes them on Intel CPUs only (mm_grad_rows in
+// fused.h). K rows of the segments; one segment of one block of X is read
 // in place, more are gathered.
 
 template <typename E>
