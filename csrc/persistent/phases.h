@@ -242,10 +242,11 @@ FUSEDRNN_HOST_DEVICE void forward_phase(const ForwardArgs<scalar_t, acc_t>& a, i
   if (phase < 2 * num_chunks(a.L)) {
     const int64_t k0 = phase / 2 * a.L.kc;
     if (phase % 2 == 0) {
+      const auto issue_more = [&] {
+        if (a.L.in_bytes > 0) issue_inputs<G>(a, blk, smem, st, tid, nt);
+      };
       stage_chunk<scalar_t, acc_t>(a.L, smem, st.rows, phase / 2,
-                                   PrevState<scalar_t, acc_t>{&a, st}, a.vec, tid, nt, [&] {
-                                     if (a.L.in_bytes > 0) issue_inputs<G>(a, blk, smem, st, tid, nt);
-                                   });
+                                   PrevState<scalar_t, acc_t>{&a, st}, a.vec, tid, nt, issue_more);
     } else {
       gemm<kMode, scalar_t, acc_t>(a.L, smem, st.rows, k0, tid, nt);
     }
@@ -346,12 +347,13 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<scalar_t, acc_t>& a,
                                          unsigned char* smem, int64_t i, int64_t phase, int tid,
                                          int nt) {
   const int64_t nc = num_chunks(a.L);
-  // The step handled in this iteration, if any (Note [inputs staged with the
-  // chunk]: its inputs are staged with the first chunk of the product).
-  const bool handles = i < a.steps;
-  const bool staged = a.L.in_bytes > 0 && i > 0 && handles;
-  const StepInfo st =
-      step_info(a.sizes, a.offsets, a.steps, a.B, a.reverse, handles ? a.steps - 1 - i : 0);
+  // The step this iteration handles (i < T), read only where it is used: its
+  // inputs are staged with the first chunk of the product before it (Note
+  // [inputs staged with the chunk]), where there is a product.
+  const bool staged = a.L.in_bytes > 0 && i > 0 && i < a.steps;
+  const auto handled = [&] {
+    return step_info(a.sizes, a.offsets, a.steps, a.B, a.reverse, a.steps - 1 - i);
+  };
   if (i > 0 && phase <= 2 * nc + 1) {
     const StepInfo before = step_info(a.sizes, a.offsets, a.steps, a.B, a.reverse, a.steps - i);
     if (phase == 2 * nc + 1) {
@@ -359,16 +361,18 @@ FUSEDRNN_HOST_DEVICE void backward_phase(const BackwardArgs<scalar_t, acc_t>& a,
     } else if (phase == 2 * nc) {
       reduce_split<scalar_t, acc_t>(a.L, smem, before.rows, tid, nt);
     } else if (phase % 2 == 0) {
+      const auto issue_more = [&] {
+        if (staged) issue_inputs<G>(a, blk, smem, handled(), tid, nt);
+      };
       stage_chunk<scalar_t, acc_t>(a.L, smem, before.rows, phase / 2,
-                                   StepGrad<G, scalar_t, acc_t>{&a, before}, a.vec, tid, nt, [&] {
-                                     if (staged) issue_inputs<G>(a, blk, smem, st, tid, nt);
-                                   });
+                                   StepGrad<G, scalar_t, acc_t>{&a, before}, a.vec, tid, nt,
+                                   issue_more);
     } else {
       gemm<kMode, scalar_t, acc_t>(a.L, smem, before.rows, phase / 2 * a.L.kc, tid, nt);
     }
     return;
   }
-  pointwise_backward<G>(a, blk, smem, st, staged, tid, nt);
+  pointwise_backward<G>(a, blk, smem, handled(), staged, tid, nt);
 }
 
 }  // namespace persistent
